@@ -1,0 +1,58 @@
+"""The ``sdeflow`` command line: argparse subcommands that parse arguments and call the library.
+
+Each subcommand lives in a module of :mod:`sdeflow.commands` that defines
+``register(subparsers)``; the handler it sets with ``set_defaults(func=...)`` returns an exit
+status. Bad input anywhere ends in a one-line message on stderr and exit status 2, never a
+traceback: handlers raise :class:`CLIError` (or ``ValueError`` from the library) for that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = ("swissroll", "images", "conditional")
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="sdeflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"sdeflow.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"sdeflow.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError, FileNotFoundError, PermissionError) as err:
+        print(f"sdeflow {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sdeflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

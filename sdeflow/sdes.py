@@ -1,0 +1,250 @@
+r"""Forward (inference) SDEs with closed-form marginals.
+
+Every SDE here is linear,
+
+.. math::  dY_s = f(s)\,Y_s\,ds + g(s)\,dB_s,\qquad Y_0 = x,
+
+so its transition from the data is Gaussian, :math:`q(y_t\mid x) = N(m(t)\,x,\ v(t)\,I)` with
+:math:`m(t) = \exp\int_0^t f` (``mean_weight``) and :math:`v' = 2 f v + g^2,\ v(0) = 0` (``var``).
+The log signal-to-noise ratio :math:`\lambda(t) = \log m(t)^2 / v(t)` decreases from
+:math:`+\infty` at t = 0, and :math:`-\lambda'(t) = g(t)^2 / v(t)` for every linear SDE,
+which is what makes the importance density of time sampling closed form (see
+:mod:`sdeflow.time_sampling`).
+
+Times are tensors of shape (B,) (or scalars); results broadcast against y of shape (B, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+
+from .utils import append_dims, sum_except_batch
+
+__all__ = ["SDE", "VPSDE", "VESDE", "SubVPSDE"]
+
+
+def _positive(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
+    return value
+
+
+class SDE(ABC):
+    """A linear forward SDE :math:`dY = f(t) Y dt + g(t) dB` on [0, T].
+
+    Subclasses give the closed forms: ``f_coef``, ``g2``, ``mean_weight``, ``var``,
+    ``log_snr`` and its inverse ``t_from_log_snr``, and the prior variance.
+    """
+
+    def __init__(self, T: float = 1.0):
+        self.T = _positive("T", T)
+
+    # ---- closed forms each SDE provides -------------------------------------------------
+    @abstractmethod
+    def f_coef(self, t: torch.Tensor) -> torch.Tensor:
+        """The scalar f(t) of the drift f(t)·y."""
+
+    @abstractmethod
+    def g2(self, t: torch.Tensor) -> torch.Tensor:
+        """The squared diffusion coefficient g(t)²."""
+
+    @abstractmethod
+    def mean_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """m(t) = exp ∫₀ᵗ f(s) ds, so that E[y_t | x] = m(t)·x."""
+
+    @abstractmethod
+    def var(self, t: torch.Tensor) -> torch.Tensor:
+        """v(t), the variance of y_t given x (per dimension); v(0) = 0."""
+
+    @abstractmethod
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        """λ(t) = log(m(t)² / v(t)), computed without cancellation; +inf at t = 0."""
+
+    @abstractmethod
+    def t_from_log_snr(self, log_snr: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`log_snr`: the time t with λ(t) = log_snr."""
+
+    @property
+    @abstractmethod
+    def prior_var(self) -> float:
+        """Variance per dimension of the prior p_T = N(0, prior_var·I)."""
+
+    # ---- derived quantities --------------------------------------------------------------
+    def _t(self, t) -> torch.Tensor:
+        return torch.as_tensor(t, dtype=torch.get_default_dtype()) if not torch.is_tensor(t) else t
+
+    def std(self, t: torch.Tensor) -> torch.Tensor:
+        """√v(t), the standard deviation of y_t given x."""
+        return self.var(t).sqrt()
+
+    def f(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward drift f(t)·y, shape of y."""
+        return append_dims(self.f_coef(self._t(t)), y.ndim) * y
+
+    def g(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Diffusion coefficient g(t), shaped to broadcast against y: (B, 1, ..., 1)."""
+        return append_dims(self.g2(self._t(t)).sqrt(), y.ndim).to(y.dtype)
+
+    def sample(self, t: torch.Tensor, x0: torch.Tensor, return_noise: bool = False,
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
+        """Draw y_t = m(t)·x0 + √v(t)·ε with ε ~ N(0, I).
+
+        Returns y_t (shape of x0), or with ``return_noise=True`` the tuple
+        (y_t, ε, std, g) where std and g have shape (B, 1, ..., 1).
+        """
+        t = self._t(t)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        mean_weight = append_dims(self.mean_weight(t), x0.ndim).to(x0.dtype)
+        std = append_dims(self.std(t), x0.ndim).to(x0.dtype)
+        y = mean_weight * x0 + std * noise
+        if return_noise:
+            return y, noise, std, self.g(t, x0)
+        return y
+
+    def prior_sample(self, shape, generator: torch.Generator | None = None,
+                     device=None, dtype=None) -> torch.Tensor:
+        """Draw from p_T = N(0, prior_var·I)."""
+        z = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        return z * math.sqrt(self.prior_var)
+
+    def prior_log_prob(self, y: torch.Tensor) -> torch.Tensor:
+        """log p_T(y) = −D/2·log(2π σ²) − ‖y‖²/(2σ²), summed per example: (B, ...) -> (B,)."""
+        dim = y[0].numel()
+        return -0.5 * dim * math.log(2 * math.pi * self.prior_var) - 0.5 * sum_except_batch(y ** 2) / self.prior_var
+
+    def expected_prior_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """E_{q(y_T | x)}[log p_T(y_T)] in closed form:
+        −D/2·log(2π σ²) − (m(T)²‖x‖² + D·v(T)) / (2σ²), shape (B,).
+
+        The ELBO uses this instead of a one-sample estimate, removing that noise entirely.
+        """
+        dim = x[0].numel()
+        T = torch.tensor(self.T, dtype=torch.float64)
+        m2, v = float(self.mean_weight(T)) ** 2, float(self.var(T))
+        return (-0.5 * dim * math.log(2 * math.pi * self.prior_var)
+                - 0.5 * (m2 * sum_except_batch(x ** 2) + dim * v) / self.prior_var)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+class _LinearBetaSDE(SDE):
+    """Shared by VP and sub-VP: β(t) = β_min + (β_max − β_min)·t/T, B(t) = ∫₀ᵗ β."""
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0):
+        super().__init__(T)
+        self.beta_min = _positive("beta_min", beta_min)
+        self.beta_max = _positive("beta_max", beta_max)
+        if self.beta_max < self.beta_min:
+            raise ValueError(f"beta_max must be >= beta_min; got beta_min={beta_min}, beta_max={beta_max}")
+
+    def beta(self, t: torch.Tensor) -> torch.Tensor:
+        return self.beta_min + (self.beta_max - self.beta_min) * self._t(t) / self.T
+
+    def beta_integral(self, t: torch.Tensor) -> torch.Tensor:
+        """B(t) = β_min·t + (β_max − β_min)·t²/(2T)."""
+        t = self._t(t)
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t ** 2 / self.T
+
+    def t_from_beta_integral(self, B: torch.Tensor) -> torch.Tensor:
+        """Solve B(t) = B for t, in the cancellation-free form 2B / (β_min + √(β_min² + 2kB))."""
+        k = (self.beta_max - self.beta_min) / self.T
+        return 2 * B / (self.beta_min + torch.sqrt(self.beta_min ** 2 + 2 * k * B))
+
+    def f_coef(self, t):
+        return -0.5 * self.beta(t)
+
+    def mean_weight(self, t):
+        return torch.exp(-0.5 * self.beta_integral(t))
+
+    @property
+    def prior_var(self) -> float:
+        return 1.0
+
+
+class VPSDE(_LinearBetaSDE):
+    r"""Variance-preserving SDE (DDPM in continuous time):
+    :math:`dY = -\tfrac12\beta(t) Y dt + \sqrt{\beta(t)}\, dB`, with
+    :math:`m = e^{-B/2}`, :math:`v = 1 - e^{-B}`, :math:`\lambda = -\log(e^{B} - 1)`, prior N(0, I).
+    """
+
+    def g2(self, t):
+        return self.beta(t)
+
+    def var(self, t):
+        return -torch.expm1(-self.beta_integral(t))
+
+    def log_snr(self, t):
+        return -torch.log(torch.expm1(self.beta_integral(t)))
+
+    def t_from_log_snr(self, log_snr):
+        # e^B − 1 = e^{−λ}  ⇒  B = softplus(−λ)
+        return self.t_from_beta_integral(torch.nn.functional.softplus(-log_snr))
+
+
+class SubVPSDE(_LinearBetaSDE):
+    r"""Sub-VP SDE (Song et al. 2021): drift as VP, :math:`g^2 = \beta(t)(1 - e^{-2B(t)})`, so
+    :math:`m = e^{-B/2}`, :math:`v = (1 - e^{-B})^2`, :math:`\lambda = -2\log(2\sinh(B/2))`, prior N(0, I).
+    """
+
+    def g2(self, t):
+        return self.beta(t) * -torch.expm1(-2 * self.beta_integral(t))
+
+    def var(self, t):
+        return torch.expm1(-self.beta_integral(t)) ** 2
+
+    def log_snr(self, t):
+        return -2 * torch.log(2 * torch.sinh(0.5 * self.beta_integral(t)))
+
+    def t_from_log_snr(self, log_snr):
+        return self.t_from_beta_integral(2 * torch.asinh(0.5 * torch.exp(-0.5 * log_snr)))
+
+
+class VESDE(SDE):
+    r"""Variance-exploding SDE (SMLD in continuous time): σ(t) = σ_min·(σ_max/σ_min)^{t/T},
+    :math:`dY = \sqrt{d\sigma^2/dt}\, dB`, so :math:`m = 1`,
+    :math:`v = \sigma(t)^2 - \sigma_{min}^2` (exactly 0 at t = 0), and prior N(0, v(T)·I).
+    """
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, T: float = 1.0):
+        super().__init__(T)
+        self.sigma_min = _positive("sigma_min", sigma_min)
+        self.sigma_max = _positive("sigma_max", sigma_max)
+        if self.sigma_max <= self.sigma_min:
+            raise ValueError(f"sigma_max must be > sigma_min; got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        self._log_ratio = math.log(self.sigma_max / self.sigma_min)
+
+    def _rate(self) -> float:
+        # d/dt log σ(t)² = 2·log(σ_max/σ_min)/T
+        return 2 * self._log_ratio / self.T
+
+    def sigma(self, t):
+        return self.sigma_min * torch.exp(self._rate() * 0.5 * self._t(t))
+
+    def f_coef(self, t):
+        return torch.zeros_like(self._t(t))
+
+    def g2(self, t):
+        return self._rate() * self.sigma(t) ** 2
+
+    def mean_weight(self, t):
+        return torch.ones_like(self._t(t))
+
+    def var(self, t):
+        return self.sigma_min ** 2 * torch.expm1(self._rate() * self._t(t))
+
+    def log_snr(self, t):
+        return -torch.log(self.var(t))
+
+    def t_from_log_snr(self, log_snr):
+        return torch.log1p(torch.exp(-log_snr) / self.sigma_min ** 2) / self._rate()
+
+    @property
+    def prior_var(self) -> float:
+        return self.sigma_max ** 2 - self.sigma_min ** 2
