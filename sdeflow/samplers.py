@@ -28,14 +28,17 @@ SCHEDULES = ("uniform",)
 
 
 def time_grid(sde, n_steps: int, schedule: str = "uniform", t_min: float = 0.0,
-              device=None, dtype=None) -> torch.Tensor:
-    """Decreasing times T = t_0 > … > t_N = t_min, shape (n_steps + 1,)."""
+              t_start: float | None = None, device=None, dtype=None) -> torch.Tensor:
+    """Decreasing times t_start = t_0 > … > t_N = t_min (t_start defaults to T), shape (n_steps + 1,)."""
     check_choice("schedule", schedule, SCHEDULES)
     if int(n_steps) != n_steps or n_steps < 1:
         raise ValueError(f"n_steps must be a positive integer; got {n_steps!r}")
-    if not 0.0 <= t_min < sde.T:
-        raise ValueError(f"t_min must lie in [0, T={sde.T}); got {t_min}")
-    return torch.linspace(sde.T, t_min, int(n_steps) + 1, device=device, dtype=dtype)
+    t_start = sde.T if t_start is None else float(t_start)
+    if not 0.0 < t_start <= sde.T:
+        raise ValueError(f"t_start must lie in (0, T={sde.T}]; got {t_start}")
+    if not 0.0 <= t_min < t_start:
+        raise ValueError(f"t_min must lie in [0, t_start={t_start}); got {t_min}")
+    return torch.linspace(t_start, t_min, int(n_steps) + 1, device=device, dtype=dtype)
 
 
 def _noise(x: torch.Tensor, generator) -> torch.Tensor:
@@ -75,15 +78,19 @@ def _model_device_dtype(model, device, dtype):
 
 @torch.no_grad()
 def sample(model: PluginReverseSDE, shape, n_steps: int = 1000, lmbd: float = 0.0, method: str = "euler",
-           schedule: str | None = None, t_min: float | None = None, x_T: torch.Tensor | None = None,
+           schedule: str | None = None, t_min: float | None = None, t_start: float | None = None,
+           x_T: torch.Tensor | None = None,
+           project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
            generator: torch.Generator | None = None, device=None, dtype=None,
            return_trajectory: bool = False, return_info: bool = False,
            callback: Callable[[dict], None] | None = None):
     """Draw samples of shape ``shape`` by integrating the λ-family from T to ``t_min`` with ``method``
     (see ``METHODS``) on an ``n_steps`` grid (``schedule``).
 
-    Starts from ``x_T`` if given, else from the prior drawn with ``generator``. ``callback`` is
-    called after every step with {"i", "t", "x"}. Returns the samples; with ``return_trajectory``
+    Starts at time ``t_start`` (default T) from ``x_T`` if given, else from the prior drawn with
+    ``generator``. ``project(x, t_next)``, if given, replaces the state after every step (inpainting
+    re-imposes the observed values with it). ``callback`` is called after every step with
+    {"i", "t", "x"}. Returns the samples; with ``return_trajectory``
     also the states (n_steps + 1, *shape); with ``return_info`` also {"nfe": n}, in that order.
     """
     check_choice("method", method, tuple(METHODS))
@@ -92,7 +99,7 @@ def sample(model: PluginReverseSDE, shape, n_steps: int = 1000, lmbd: float = 0.
     device, dtype = _model_device_dtype(model, device, dtype)
     schedule = spec.default_schedule if schedule is None else schedule
     t_min = spec.default_t_min if t_min is None else t_min
-    ts = time_grid(model.sde, n_steps, schedule, t_min, device=device, dtype=dtype)
+    ts = time_grid(model.sde, n_steps, schedule, t_min, t_start, device=device, dtype=dtype)
     x = model.sde.prior_sample(shape, generator=generator, device=device, dtype=dtype) if x_T is None else x_T
     trajectory = [x] if return_trajectory else None
     nfe = 0
@@ -101,6 +108,8 @@ def sample(model: PluginReverseSDE, shape, n_steps: int = 1000, lmbd: float = 0.
         t_next = ts[i + 1].expand(x.shape[0])
         x, n = spec.step(model, x, t, t_next, lmbd, generator, i == len(ts) - 2)
         nfe += n
+        if project is not None:
+            x = project(x, t_next)
         if trajectory is not None:
             trajectory.append(x)
         if callback is not None:
