@@ -20,7 +20,7 @@ import torch
 from torchdiffeq import odeint
 
 from .model import ODE_METHODS, PluginReverseSDE, check_lmbd
-from .utils import check_choice
+from .utils import append_dims, check_choice
 
 __all__ = ["sample", "sample_ode", "time_grid", "METHODS", "SCHEDULES"]
 
@@ -46,7 +46,7 @@ def _noise(x: torch.Tensor, generator) -> torch.Tensor:
 
 
 def _euler_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last):
-    h = t - t_next
+    h = append_dims(t - t_next, x.ndim)
     x_next = x + model.mu(t, x, lmbd) * h
     if not last and lmbd < 1:
         x_next = x_next + model.sigma(t, x, lmbd) * h.sqrt() * _noise(x, generator)
