@@ -29,7 +29,19 @@ __all__ = ["PluginReverseSDE", "PARAMETERIZATIONS", "TIME_SAMPLINGS", "WEIGHTING
 PARAMETERIZATIONS = ("drift", "score", "noise")
 TIME_SAMPLINGS = ("uniform", "importance", "fitted")
 WEIGHTINGS = ("noise", "likelihood")
-ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "rk4", "midpoint", "euler")
+ADAPTIVE_ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+ODE_METHODS = ADAPTIVE_ODE_METHODS + ("rk4", "midpoint", "euler")
+
+
+def odeint_within(func, y0, t0: float, t1: float, *, rtol: float, atol: float, method: str):
+    """torchdiffeq's odeint from t0 to t1, returning the state at t1. Adaptive solvers are made to
+    land on t1 rather than step past it, since the SDE coefficients may be undefined beyond
+    [0, T] (v(t) < 0 for t < 0)."""
+    like = y0[0] if isinstance(y0, tuple) else y0
+    times = torch.tensor([t0, t1], dtype=like.dtype, device=like.device)
+    options = {"step_t": times[1:]} if method in ADAPTIVE_ODE_METHODS else None
+    out = odeint(func, y0, times, rtol=rtol, atol=atol, method=method, options=options)
+    return tuple(o[-1] for o in out) if isinstance(out, tuple) else out[-1]
 
 # The noise parameterization divides by std(t), which is 0 at t = 0 for VP/sub-VP/VE; the
 # network is never asked for that limit by the estimators (t = 0 has probability zero), but a
@@ -262,9 +274,9 @@ class PluginReverseSDE(nn.Module):
             v, div = _div.divergence(lambda z: velocity(t, z), y, method=divergence, noise=probe_noise)
             return v, div
 
-        times = torch.tensor([t_min, self.T], dtype=x.dtype, device=x.device)
         state0 = (x.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
         with torch.no_grad():
-            ys, div_integral = odeint(dynamics, state0, times, rtol=rtol, atol=atol, method=method)
-        logp = self.sde.prior_log_prob(ys[-1]) + div_integral[-1]
+            y_T, div_integral = odeint_within(dynamics, state0, t_min, self.T, rtol=rtol, atol=atol,
+                                              method=method)
+        logp = self.sde.prior_log_prob(y_T) + div_integral
         return (logp, {"nfe": nfe}) if return_info else logp

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torchdiffeq import odeint
-
-from .model import ODE_METHODS, PluginReverseSDE, check_lmbd
+from .model import ODE_METHODS, PluginReverseSDE, check_lmbd, odeint_within
 from .utils import append_dims, check_choice
 
 __all__ = ["sample", "sample_ode", "time_grid", "METHODS", "SCHEDULES"]
@@ -141,6 +139,5 @@ def sample_ode(model: PluginReverseSDE, shape, rtol: float = 1e-5, atol: float =
         nfe += 1
         return -model.mu(t.expand(y.shape[0]), y, lmbd=1.0)
 
-    times = torch.tensor([model.T, t_min], device=x.device, dtype=x.dtype)
-    x0 = odeint(velocity, x, times, rtol=rtol, atol=atol, method=method)[-1]
+    x0 = odeint_within(velocity, x, model.T, t_min, rtol=rtol, atol=atol, method=method)
     return (x0, {"nfe": nfe}) if return_info else x0
