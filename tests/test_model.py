@@ -1,0 +1,211 @@
+import math
+
+import pytest
+import torch
+from scipy import integrate
+
+import sdeflow
+from sdeflow.time_sampling import ImportanceTime
+from oracle_helpers import SDES, exact_model, expected_elbo, expected_ode_log_prob, gaussian
+
+PARAMETERIZATIONS = ["drift", "score", "noise"]
+
+
+def _repeat_estimates(estimate, x, repeats):
+    """Run ``estimate`` on x repeated; returns per-example (mean, standard error)."""
+    values = estimate(x.repeat(repeats, 1)).reshape(repeats, x.shape[0])
+    return values.mean(0), values.std(0) / math.sqrt(repeats)
+
+
+ELBO_OPTIONS = [
+    dict(time_sampling="uniform", probe="rademacher", divergence="hutchinson"),
+    dict(time_sampling="importance", probe="gaussian", divergence="hutchinson"),
+    dict(time_sampling="fitted", probe="rademacher", divergence="hutchinson"),
+    dict(time_sampling="importance", divergence="exact", n_slices=3),
+    dict(),  # the defaults
+]
+
+
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("options", ELBO_OPTIONS, ids=lambda o: "-".join(map(str, o.values())) or "defaults")
+def test_elbo_is_unbiased_for_the_exact_bound(name, options):
+    sde, data = SDES[name](), gaussian()
+    model = exact_model(sde, data, "drift")
+    x = data.sample(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    mean, se = _repeat_estimates(lambda xs: model.elbo(xs, generator=gen, **options), x, 3000)
+    assert ((mean - expected_elbo(sde, data, x)).abs() < 5 * se + 1e-3).all(), (mean, expected_elbo(sde, data, x), se)
+
+
+def test_elbo_gap_is_the_prior_mismatch_only():
+    """A wrong drift sign or a missing ∇·f term would shift the bound by tens of nats: it does not."""
+    sde, data = SDES["vp"](), gaussian()
+    x = data.sample(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gap = (data.log_prob(x) - expected_elbo(sde, data, x)).abs().max()
+    assert gap < 1e-3
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_parameterizations_give_the_same_elbo(name):
+    sde, data = SDES[name](), gaussian()
+    x = data.sample(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    values = [exact_model(sde, data, p).elbo(x, n_slices=2, time_sampling="importance",
+                                             generator=torch.Generator().manual_seed(5))
+              for p in PARAMETERIZATIONS]
+    torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(values[2], values[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("div", ["exact", "hutchinson"])
+def test_log_prob_ode_matches_the_exact_flow(name, div):
+    sde, data = SDES[name](), gaussian()
+    model = exact_model(sde, data, "score")
+    x = data.sample(8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    logp, info = model.log_prob_ode(x, divergence=div, return_info=True, generator=torch.Generator().manual_seed(1))
+    assert info["nfe"] > 0
+    # the Jacobian of a diagonal Gaussian's flow is diagonal, so even one Rademacher probe is exact
+    assert (logp - expected_ode_log_prob(sde, data, x)).abs().max() < 1e-3 * data.dim
+
+
+def _dsm_minimum_per_time(sde, data, t):
+    """min_s E‖std·s + ε‖²/2 = ½ Σ_i m²s_i² / (m²s_i² + v), attained at the exact score."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    m2, v = sde.mean_weight(t) ** 2, sde.var(t)
+    return 0.5 * (m2 * data.stds[0] ** 2 / (m2 * data.stds[0] ** 2 + v)).sum()
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_dsm_attains_its_known_minimum_at_the_exact_score(name):
+    sde, data = SDES[name](), gaussian()
+    gen = torch.Generator().manual_seed(0)
+    x = data.sample(40000, generator=gen, dtype=torch.float64)
+    t = torch.full((40000,), 0.2, dtype=torch.float64)
+    exact = exact_model(sde, data, "noise").dsm(x, t=t, generator=torch.Generator().manual_seed(1))
+    assert abs(exact.mean() - _dsm_minimum_per_time(sde, data, 0.2)) < 5 * exact.std() / 200
+
+    class Perturbed(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, y, t):
+            return 1.2 * self.net(y, t)
+
+    worse = sdeflow.PluginReverseSDE(sde, Perturbed(exact_model(sde, data, "noise").net), "noise").double()
+    # With the same noise draws, scaling the exact score by 1.2 costs exactly ½·0.2²·E‖std·s‖²
+    # = 0.02·Σ v/(m²s² + v) (the cross term vanishes at the optimum).
+    excess = worse.dsm(x, t=t, generator=torch.Generator().manual_seed(1)) - exact
+    m2, v = sde.mean_weight(t[0]) ** 2, sde.var(t[0])
+    expected = 0.02 * (v / (m2 * data.stds[0] ** 2 + v)).sum()
+    assert abs(excess.mean() - expected) < 5 * excess.std() / 200 and expected > 0
+
+
+@pytest.mark.parametrize("weighting", ["noise", "likelihood"])
+@pytest.mark.parametrize("time_sampling", ["uniform", "importance", "fitted"])
+def test_dsm_estimates_the_same_objective_under_every_proposal(weighting, time_sampling):
+    sde, data = SDES["vp"](), gaussian()
+    model = exact_model(sde, data, "score")
+    importance = ImportanceTime(sde)
+    weight = (lambda t: 1.0) if weighting == "noise" else (
+        lambda t: sde.T * float(importance.unnormalized(torch.tensor(t, dtype=torch.float64))))
+    objective = integrate.quad(lambda t: weight(t) * float(_dsm_minimum_per_time(sde, data, t)), 0, sde.T,
+                               points=[importance.t_eps], limit=200)[0] / sde.T
+    gen = torch.Generator().manual_seed(1)
+    x = data.sample(60000, generator=gen, dtype=torch.float64)
+    if time_sampling == "fitted":
+        model.time_proposal = sdeflow.FittedTime.fit(lambda t: torch.ones_like(t)[:, None], sde, n_bins=8,
+                                                     dtype=torch.float64)
+    loss = model.dsm(x, time_sampling=time_sampling, weighting=weighting, generator=gen)
+    assert abs(loss.mean().item() - objective) < 5 * loss.std().item() / math.sqrt(len(loss))
+
+
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_generative_coefficients_are_finite_at_both_ends(name, parameterization, dtype):
+    sde, data = SDES[name](), gaussian()
+    model = exact_model(sde, data, parameterization).to(dtype)
+    y = torch.randn(2, data.dim, dtype=dtype)
+    for t in (0.0, sde.T):
+        for lmbd in (0.0, 0.5, 1.0):
+            assert torch.isfinite(model.mu(t, y, lmbd)).all()
+            assert torch.isfinite(model.sigma(t, y, lmbd)).all()
+            assert model.mu(t, y, lmbd).dtype == dtype
+
+
+def test_lambda_family_interpolates_between_sde_and_ode():
+    sde, data = SDES["vp"](), gaussian()
+    model = exact_model(sde, data, "drift")
+    y, t = torch.randn(5, 3, dtype=torch.float64), torch.full((5,), 0.4, dtype=torch.float64)
+    g, a, f = sde.g(t, y), model.drift(y, t), sde.f(t, y)
+    torch.testing.assert_close(model.mu(t, y, 0.0), g * a - f)
+    torch.testing.assert_close(model.mu(t, y, 1.0), 0.5 * g * a - f)
+    torch.testing.assert_close(model.sigma(t, y, 1.0), torch.zeros_like(g))
+    torch.testing.assert_close(model.sigma(t, y, 0.5), math.sqrt(0.5) * g)
+
+
+class TinyConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, y, t):
+        return self.conv(y) * t[:, None, None, None]
+
+
+def test_any_batch_size_and_training_through_the_losses():
+    model = sdeflow.PluginReverseSDE(sdeflow.VPSDE(), TinyConvNet())
+    x = torch.rand(1, 3, 4, 4)
+    for loss in (model.dsm(x, time_sampling="importance"), -model.elbo(x, time_sampling="importance")):
+        assert loss.shape == (1,)
+        model.zero_grad()
+        loss.sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.elbo(x).shape == (1,)  # the default fits a proposal on this one image
+
+
+def test_bad_input_raises_value_errors_naming_the_argument():
+    sde, data = SDES["vp"](), gaussian()
+    model = exact_model(sde, data)
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="lmbd"):
+        model.mu(0.5, x, lmbd=1.5)
+    with pytest.raises(ValueError, match="lmbd"):
+        model.sigma(0.5, x, lmbd=-0.1)
+    with pytest.raises(ValueError, match="parameterization"):
+        sdeflow.PluginReverseSDE(sde, model.net, "velocity")
+    with pytest.raises(ValueError, match="time_sampling"):
+        model.elbo(x, time_sampling="sobol")
+    with pytest.raises(ValueError, match="time_sampling"):
+        model.dsm(x, time_sampling="sobol")
+    with pytest.raises(ValueError, match="probe"):
+        model.elbo(x, probe="uniform")
+    with pytest.raises(ValueError, match="divergence"):
+        model.elbo(x, divergence="approx")
+    with pytest.raises(ValueError, match="n_slices"):
+        model.elbo(x, n_slices=0)
+    with pytest.raises(ValueError, match="weighting"):
+        model.dsm(x, weighting="snr")
+    with pytest.raises(ValueError, match="x"):
+        model.elbo(torch.tensor([[0.0, float("nan"), 1.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="net must return"):
+        sdeflow.PluginReverseSDE(sde, lambda_net(lambda y, t: y[:, :2])).dsm(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="sde"):
+        sdeflow.PluginReverseSDE("vp", model.net)
+
+
+def lambda_net(fn):
+    class Net(torch.nn.Module):
+        def forward(self, y, t):
+            return fn(y, t)
+    return Net()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_runs_on_cuda():
+    sde, data = SDES["vp"](), gaussian()
+    model = exact_model(sde, data).cuda()
+    x = data.sample(8, dtype=torch.float64).cuda()
+    assert model.elbo(x, time_sampling="importance").is_cuda
+    assert model.log_prob_ode(x).is_cuda

@@ -1,0 +1,107 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, stats
+
+from sdeflow.time_sampling import FittedTime, ImportanceTime, UniformTime
+from oracle_helpers import SDES
+
+
+def _proposals(sde):
+    fitted = FittedTime.fit(lambda t: torch.exp(-((t - 0.3) / 0.05) ** 2)[:, None] + 0.01, sde, n_bins=16,
+                            n_per_bin=4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return {"uniform": UniformTime(sde.T), "importance": ImportanceTime(sde), "fitted": fitted}
+
+
+def _integral(f, sde, breaks):
+    """Integrate f over [0, T] in float64, splitting at the points where it has kinks."""
+    points = sorted({0.0, *[float(b) for b in breaks], sde.T})
+    return sum(integrate.quad(f, a, b, limit=200)[0] for a, b in zip(points[:-1], points[1:]))
+
+
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("kind", ["uniform", "importance", "fitted"])
+def test_density_integrates_to_one_and_sampler_matches_cdf(name, kind):
+    sde = SDES[name]()
+    proposal = _proposals(sde)[kind]
+    density = lambda t: float(proposal.density(torch.tensor([t], dtype=torch.float64)))
+    breaks = proposal.edges.tolist() if kind == "fitted" else [getattr(proposal, "t_eps", 0.5)]
+    assert _integral(density, sde, breaks) == pytest.approx(1.0, abs=1e-6)
+
+    t, q = proposal.sample(20000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert (t > 0).all() and (t <= sde.T).all()
+    torch.testing.assert_close(q, proposal.density(t))
+    assert stats.kstest(t.numpy(), lambda s: _cdf(proposal, s)).pvalue > 0.01
+
+
+def _cdf(proposal, s):
+    """The CDF in closed form: t/T, ImportanceTime.cdf (checked against quadrature below), or the
+    piecewise-linear CDF of a histogram."""
+    s = torch.as_tensor(s, dtype=torch.float64)
+    if isinstance(proposal, UniformTime):
+        out = s / proposal.T
+    elif isinstance(proposal, ImportanceTime):
+        out = proposal.cdf(s)
+    else:
+        edges, cum = proposal.edges, torch.cat([torch.zeros(1, dtype=torch.float64), proposal.probs.cumsum(0)])
+        out = torch.from_numpy(np.interp(s.numpy(), edges.numpy(), cum.numpy()))
+    return out.numpy()
+
+
+def _integral_between(f, a, b, breaks):
+    points = [a, *breaks, b]
+    return sum(integrate.quad(f, u, v, limit=100)[0] for u, v in zip(points[:-1], points[1:]) if v > u)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_importance_cdf_is_exact(name):
+    sde = SDES[name]()
+    proposal = ImportanceTime(sde)
+    t = torch.tensor([0.0, proposal.t_eps / 2, proposal.t_eps, 0.1, 0.5, sde.T], dtype=torch.float64)
+    cdf = proposal.cdf(t)
+    assert cdf[0] == 0 and cdf[-1] == pytest.approx(1.0, abs=1e-12)
+    numeric = [_integral_between(lambda s: float(proposal.density(torch.tensor([s], dtype=torch.float64))),
+                                 0.0, float(p), [proposal.t_eps] if p > proposal.t_eps else []) for p in t]
+    torch.testing.assert_close(cdf, torch.tensor(numeric, dtype=torch.float64), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(proposal._inverse_cdf(cdf[1:]), t[1:], rtol=1e-7, atol=1e-9)
+
+
+def test_importance_is_uniform_in_log_snr():
+    """Above t_ε, q ∝ g²/v = −λ', so λ(t) of the draws is uniform."""
+    sde = SDES["vp"]()
+    proposal = ImportanceTime(sde)
+    t, _ = proposal.sample(20000, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    lam = sde.log_snr(t[t > proposal.t_eps])
+    lo, hi = float(sde.log_snr(torch.tensor(sde.T, dtype=torch.float64))), float(sde.log_snr(torch.tensor(proposal.t_eps, dtype=torch.float64)))
+    assert stats.kstest(lam.numpy(), stats.uniform(lo, hi - lo).cdf).pvalue > 0.01
+
+
+@pytest.mark.parametrize("kind", ["uniform", "importance", "fitted"])
+def test_weighted_estimate_is_unbiased(kind):
+    """E_q[h(t)/q(t)] = ∫ h for an integrand with a known integral."""
+    sde = SDES["vp"]()
+    proposal = _proposals(sde)[kind]
+    t, q = proposal.sample(400000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    h = torch.exp(-((t - 0.3) / 0.05) ** 2)
+    exact = 0.05 * math.sqrt(math.pi) * 0.5 * (math.erf(0.7 / 0.05) + math.erf(0.3 / 0.05))
+    est = h / q
+    assert abs(est.mean().item() - exact) < 4 * est.std().item() / math.sqrt(len(est))
+
+
+def test_fitted_proposal_follows_the_integrand():
+    sde = SDES["vp"]()
+    fitted = _proposals(sde)["fitted"]
+    near, far = fitted.density(torch.tensor([0.3, 0.8], dtype=torch.float64))
+    assert near > 20 * far
+
+
+def test_fitted_rejects_bad_arguments():
+    edges = torch.tensor([0.0, 0.5, 1.0])
+    with pytest.raises(ValueError, match="probs"):
+        FittedTime(edges, torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="edges"):
+        FittedTime(torch.tensor([0.1, 0.5, 1.0]), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="t_eps"):
+        ImportanceTime(SDES["vp"](), t_eps=2.0)
