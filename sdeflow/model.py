@@ -143,7 +143,7 @@ class PluginReverseSDE(nn.Module):
     @torch.no_grad()
     def fit_time_proposal(self, x: torch.Tensor, *, n_bins: int = 48, max_examples: int = 32,
                           probe: str = "rademacher", divergence: str = "hutchinson",
-                          defensive: float = 0.1, chunk_size: int = 512,
+                          defensive: float = 0.02, chunk_size: int = 512,
                           generator: torch.Generator | None = None) -> FittedTime:
         """Fit ``self.time_proposal`` ∝ √E[h(t)²] to the ELBO integrand h of this model on a pilot
         batch (at most ``max_examples`` of x; one draw of t per bin and example). Costs

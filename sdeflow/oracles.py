@@ -17,7 +17,7 @@ from torch import nn
 from .sdes import SDE
 from .utils import append_dims
 
-__all__ = ["GaussianMixture", "ExactScoreNet"]
+__all__ = ["GaussianMixture", "ExactScoreNet", "FullCovarianceGaussian"]
 
 
 class GaussianMixture:
@@ -89,3 +89,99 @@ class ExactScoreNet(nn.Module):
         elif self.parameterization == "noise":
             s = -s * var.sqrt()[:, None]
         return s.to(y.dtype)
+
+
+class FullCovarianceGaussian:
+    r"""A correlated Gaussian N(μ, Σ) in D dimensions (full covariance) with every quantity a
+    conditional-generation test needs in closed form. ``mean``: (D,); ``cov``: (D, D), symmetric
+    positive definite.
+
+    Under a linear SDE with q(y_t|x) = N(m x, v I) the marginal is
+    :math:`p_t = N(m\mu,\ m^2\Sigma + vI)`, so the score is
+    :math:`\nabla\log p_t(y) = -(m^2\Sigma + vI)^{-1}(y - m\mu)`. The conditional of the
+    coordinates ``~observed`` given the ``observed`` ones, and the posterior of x given a
+    linear-Gaussian observation y = A x + σ_n ε, are Gaussian too (:meth:`conditional`,
+    :meth:`posterior`). ``score`` has the signature of :meth:`GaussianMixture.score`, so
+    ``ExactScoreNet(sde, FullCovarianceGaussian(...))`` is the exact network.
+    """
+
+    def __init__(self, mean, cov):
+        self.mean = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
+        self.cov = torch.as_tensor(cov, dtype=torch.float64)
+        d = self.mean.shape[0]
+        if self.cov.shape != (d, d):
+            raise ValueError(f"cov must have shape ({d}, {d}) to match mean; got {tuple(self.cov.shape)}")
+        if not torch.allclose(self.cov, self.cov.T, atol=1e-10):
+            raise ValueError("cov must be symmetric")
+        # Cholesky fails (and says so) when cov is not positive definite.
+        try:
+            self._chol = torch.linalg.cholesky(self.cov)
+        except RuntimeError as err:
+            raise ValueError(f"cov must be positive definite: {err}") from None
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
+        """x = μ + L z with Σ = L Lᵀ, z ~ N(0, I): (n, D)."""
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return (self.mean + z @ self._chol.T).to(dtype)
+
+    def _marginal(self, mean_weight, var):
+        """Per-example mean (B, D) and covariance (B, D, D) of p_t (B = number of times given)."""
+        mean_weight = torch.as_tensor(mean_weight, dtype=torch.float64).reshape(-1)
+        var = torch.as_tensor(var, dtype=torch.float64).reshape(-1)
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        cov = mean_weight[:, None, None] ** 2 * self.cov + var[:, None, None] * eye
+        return mean_weight[:, None] * self.mean, cov
+
+    def log_prob(self, y: torch.Tensor, mean_weight=1.0, var=0.0) -> torch.Tensor:
+        """log N(y; m μ, m²Σ + vI): (B, D) -> (B,) float64."""
+        mu, cov = self._marginal(mean_weight, var)
+        dist = torch.distributions.MultivariateNormal(mu, covariance_matrix=cov)
+        return dist.log_prob(y.double())
+
+    def score(self, y: torch.Tensor, mean_weight=1.0, var=0.0) -> torch.Tensor:
+        """−(m²Σ + vI)⁻¹(y − m μ): (B, D) float64 (differentiable in y)."""
+        mean_weight = torch.as_tensor(mean_weight, dtype=torch.float64).reshape(-1)
+        var = torch.as_tensor(var, dtype=torch.float64).reshape(-1)
+        # A sampler asks for one time per batch: invert once per distinct (m, v), not per example.
+        params, index = torch.unique(torch.stack([mean_weight, var], dim=1), dim=0, return_inverse=True)
+        mu, cov = self._marginal(params[:, 0], params[:, 1])
+        precision = torch.linalg.inv(cov)
+        diff = y.double() - mu[index]
+        if params.shape[0] == 1:
+            return -diff @ precision[0]
+        return -(precision[index] @ diff.unsqueeze(-1)).squeeze(-1)
+
+    def conditional(self, observed, x_observed: torch.Tensor):
+        r"""Law of the unobserved coordinates given the observed ones:
+        :math:`N(\mu_u + \Sigma_{uo}\Sigma_{oo}^{-1}(x_o - \mu_o),\ \Sigma_{uu} - \Sigma_{uo}\Sigma_{oo}^{-1}\Sigma_{ou})`.
+
+        ``observed``: bool (D,); ``x_observed``: the observed values, (n_observed,).
+        Returns the mean (n_missing,) and covariance (n_missing, n_missing), float64.
+        """
+        observed = torch.as_tensor(observed, dtype=torch.bool).reshape(-1)
+        missing = ~observed
+        x_o = torch.as_tensor(x_observed, dtype=torch.float64).reshape(-1)
+        s_oo = self.cov[observed][:, observed]
+        s_uo = self.cov[missing][:, observed]
+        gain = torch.linalg.solve(s_oo, s_uo.T).T
+        mean = self.mean[missing] + gain @ (x_o - self.mean[observed])
+        cov = self.cov[missing][:, missing] - gain @ s_uo.T
+        return mean, 0.5 * (cov + cov.T)
+
+    def posterior(self, A: torch.Tensor, y: torch.Tensor, noise_std: float):
+        r"""Law of x given y = A x + σ_n ε, ε ~ N(0, I): with K = AΣAᵀ + σ_n² I,
+        :math:`N(\mu + \Sigma A^T K^{-1}(y - A\mu),\ \Sigma - \Sigma A^T K^{-1} A \Sigma)`.
+
+        ``A``: (M, D); ``y``: (M,). Returns mean (D,) and covariance (D, D), float64.
+        """
+        A = torch.as_tensor(A, dtype=torch.float64)
+        y = torch.as_tensor(y, dtype=torch.float64).reshape(-1)
+        K = A @ self.cov @ A.T + noise_std ** 2 * torch.eye(A.shape[0], dtype=torch.float64)
+        gain = torch.linalg.solve(K, A @ self.cov).T  # Σ Aᵀ K⁻¹, (D, M)
+        mean = self.mean + gain @ (y - A @ self.mean)
+        cov = self.cov - gain @ A @ self.cov
+        return mean, 0.5 * (cov + cov.T)

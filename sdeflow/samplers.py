@@ -1,49 +1,167 @@
 r"""Samplers: plain functions that integrate the generative λ-family of a model from t = T to t_min.
 
-``sample`` runs a fixed-step method on a time grid; ``sample_ode`` solves the probability-flow
-ODE adaptively with torchdiffeq. Both hand back the number of network evaluations (NFE).
+``sample`` runs a fixed-step method (``METHODS``) on a time grid (``time_grid``, ``SCHEDULES``);
+``sample_ode`` solves the probability-flow ODE with a torchdiffeq solver. Both hand back the number
+of network evaluations (NFE) with ``return_info=True``, and both take a ``generator`` so that a seed
+reproduces a batch exactly.
 
-Euler–Maruyama (``method="euler"``), for a grid T = t_0 > t_1 > … > t_N = t_min and h_i = t_i − t_{i+1}:
+Notation. The forward SDE has marginals :math:`q(y_t\mid x) = N(\alpha_t x, \sigma_t^2 I)` with
+:math:`\alpha_t` = ``sde.mean_weight(t)``, :math:`\sigma_t` = ``sde.std(t)``; the half log-SNR is
+:math:`\ell_t = \log(\alpha_t/\sigma_t)` = ``sde.log_snr(t) / 2`` (increasing as t decreases), the
+"VE-equivalent" noise level :math:`\tilde\sigma_t = \sigma_t/\alpha_t = e^{-\ell_t}` and the scaled
+state :math:`\tilde x = x/\alpha_t`. The network's noise prediction is :math:`\hat\varepsilon = -\sigma_t s`
+and its data prediction :math:`\hat x_0 = (x - \sigma_t\hat\varepsilon)/\alpha_t`. For every linear SDE
+(VP, sub-VP, VE) the λ-family
+:math:`dX = [(1-\tfrac\lambda2) g^2 s - f X]\,d\tau + \sqrt{1-\lambda}\,g\,d\bar B` becomes, in these
+coordinates (using :math:`g^2 = -2\sigma_t^2\,d\ell_t/dt` and :math:`f = d\log\alpha_t/dt`),
 
-.. math::  x_{i+1} = x_i + \mu_\lambda(t_i, x_i)\, h_i + \sigma_\lambda(t_i)\sqrt{h_i}\, z_i,
+.. math::  d\tilde x = (2-\lambda)\,\hat\varepsilon\, d\tilde\sigma + \sqrt{1-\lambda}\; d\tilde W,
+           \qquad \operatorname{Var}(d\tilde W) = -d(\tilde\sigma^2),
 
-with no noise on the last step, so samples end at the denoised mean. Strong order ½ (λ < 1),
-order 1 for the ODE (λ = 1); one network evaluation per step; any λ ∈ [0, 1].
+so the probability-flow ODE (λ = 1) is :math:`d\tilde x/d\tilde\sigma = \hat\varepsilon` (Karras et al.
+2022) and DDIM's η is :math:`\sqrt{1-\lambda}` (Song et al. 2021, in the continuous-time limit).
+
+Methods (see ``METHODS`` for each one's order, NFE per step, λ and defaults); on a grid
+:math:`T = t_0 > t_1 > \dots > t_N = t_{min}`:
+
+* ``"euler"``: Euler–Maruyama of the λ-family,
+  :math:`x_{i+1} = x_i + \mu_\lambda(t_i, x_i)\,h_i + \sigma_\lambda(t_i)\sqrt{h_i}\,z_i`, h_i = t_i − t_{i+1}.
+* ``"heun"``: Heun's method in (x̃, σ̃) (Karras et al. 2022, Alg. 1), with the same Brownian
+  increment in predictor and corrector for λ < 1; an Euler step when σ̃_{i+1} = 0.
+* ``"ddim"``: DDIM (Song, Meng & Ermon 2021) with η = √(1 − λ), for any linear SDE:
+  :math:`x_{i+1} = \alpha_{i+1}\hat x_0 + \sqrt{\sigma_{i+1}^2 - s_i^2}\,\hat\varepsilon + s_i z`,
+  :math:`s_i = \eta\,\sigma_{i+1}\sqrt{1 - e^{2(\ell_i - \ell_{i+1})}}` (η = 1: the exact posterior
+  q(x_{t_{i+1}} | x_{t_i}, x̂_0)).
+* ``"dpm2"``, ``"dpm3"``: DPM-Solver-2 and -3, single-step exponential integrators of the
+  probability-flow ODE in log-SNR (Lu et al. 2022, Algorithms 1 and 2), from the exact solution
+  :math:`x_t = \frac{\alpha_t}{\alpha_s}x_s - \alpha_t\int_{\ell_s}^{\ell_t} e^{-\ell}\hat\varepsilon\, d\ell`.
+* ``"dpm++2m"``: multistep DPM-Solver++(2M) (Lu et al. 2022b), data prediction, one NFE a step.
+* ``"pc"``: predictor–corrector sampling, Algorithm 1 of Song et al. (2021): **predictor first**
+  (an Euler–Maruyama step of the λ-family from t_i to t_{i+1}), **then** ``n_corrector`` Langevin
+  steps at t_{i+1}.
+
+Every stochastic method adds no noise on its last step, so samples end at the step's conditional
+mean (the Langevin corrector, an MCMC move at t_min, keeps its noise).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from .model import ODE_METHODS, PluginReverseSDE, check_lmbd, odeint_within
+from torchdiffeq import odeint
+
+from .model import ADAPTIVE_ODE_METHODS, ODE_METHODS, PluginReverseSDE, check_lmbd, odeint_within
 from .utils import append_dims, check_choice
 
-__all__ = ["sample", "sample_ode", "time_grid", "METHODS", "SCHEDULES"]
+__all__ = ["sample", "sample_ode", "time_grid", "METHODS", "SCHEDULES", "Method"]
 
-SCHEDULES = ("uniform",)
+SCHEDULES = ("uniform", "quadratic", "logsnr", "karras")
+# Schedules that place points by log-SNR, infinite at t = 0.
+_SCHEDULES_NEEDING_POSITIVE_T_MIN = ("logsnr", "karras")
+
+
+# ---- time grids --------------------------------------------------------------------------------
+def _check_n_steps(n_steps) -> int:
+    if isinstance(n_steps, bool) or int(n_steps) != n_steps or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive integer; got {n_steps!r}")
+    return int(n_steps)
 
 
 def time_grid(sde, n_steps: int, schedule: str = "uniform", t_min: float = 0.0,
-              t_start: float | None = None, device=None, dtype=None) -> torch.Tensor:
-    """Decreasing times t_start = t_0 > … > t_N = t_min (t_start defaults to T), shape (n_steps + 1,)."""
+              t_start: float | None = None, device=None, dtype=None, rho: float = 7.0) -> torch.Tensor:
+    r"""Decreasing times t_start = t_0 > … > t_N = t_min (t_start defaults to T), shape (n_steps + 1,).
+
+    With u_i = i/N:
+
+    * ``"uniform"``: :math:`t_i = t_0 + u_i (t_{min} - t_0)`;
+    * ``"quadratic"``: :math:`t_i = t_{min} + (t_0 - t_{min})(1 - u_i)^2` (DDIM's; short steps near the data);
+    * ``"logsnr"``: uniform in the log-SNR λ(t) (DPM-Solver's), :math:`t_i = λ^{-1}(λ_0 + u_i(λ_N - λ_0))`;
+    * ``"karras"``: Karras et al. (2022), uniform in :math:`\tilde\sigma^{1/\rho}` with
+      :math:`\tilde\sigma = \sigma_t/\alpha_t = e^{-λ/2}`,
+      :math:`\tilde\sigma_i = (\tilde\sigma_0^{1/\rho} + u_i(\tilde\sigma_N^{1/\rho} - \tilde\sigma_0^{1/\rho}))^\rho`.
+
+    "logsnr" and "karras" need t_min > 0 (λ(0) = +∞).
+    """
     check_choice("schedule", schedule, SCHEDULES)
-    if int(n_steps) != n_steps or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive integer; got {n_steps!r}")
+    n_steps = _check_n_steps(n_steps)
     t_start = sde.T if t_start is None else float(t_start)
     if not 0.0 < t_start <= sde.T:
         raise ValueError(f"t_start must lie in (0, T={sde.T}]; got {t_start}")
-    if not 0.0 <= t_min < t_start:
+    t_min = float(t_min)
+    if schedule in _SCHEDULES_NEEDING_POSITIVE_T_MIN:
+        if not 0.0 < t_min < t_start:
+            raise ValueError(f"schedule {schedule!r} needs t_min in (0, t_start={t_start}) "
+                             f"(the log-SNR is infinite at t = 0); got t_min={t_min}")
+    elif not 0.0 <= t_min < t_start:
         raise ValueError(f"t_min must lie in [0, t_start={t_start}); got {t_min}")
-    return torch.linspace(t_start, t_min, int(n_steps) + 1, device=device, dtype=dtype)
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho must be a positive number; got {rho!r}")
+    u = torch.linspace(0.0, 1.0, n_steps + 1, dtype=torch.float64)
+    ends = torch.tensor([t_start, t_min], dtype=torch.float64)
+    if schedule == "uniform":
+        ts = t_start + u * (t_min - t_start)
+    elif schedule == "quadratic":
+        ts = t_min + (t_start - t_min) * (1 - u) ** 2
+    elif schedule == "logsnr":
+        lam_start, lam_end = sde.log_snr(ends)
+        ts = sde.t_from_log_snr(lam_start + u * (lam_end - lam_start))
+    else:
+        sigma_start, sigma_end = torch.exp(-0.5 * sde.log_snr(ends))
+        sigmas = (sigma_start ** (1 / rho) + u * (sigma_end ** (1 / rho) - sigma_start ** (1 / rho))) ** rho
+        ts = sde.t_from_log_snr(-2 * torch.log(sigmas))
+    # The inverse maps round; pin the ends exactly and keep the grid strictly decreasing.
+    ts[0], ts[-1] = t_start, t_min
+    ts = ts.to(device=device, dtype=dtype)
+    if not bool((ts[1:] < ts[:-1]).all()):
+        raise ValueError(f"n_steps={n_steps} is too many for schedule {schedule!r} on [{t_min}, {t_start}] "
+                         f"in {ts.dtype}: the grid is not strictly decreasing")
+    return ts
 
 
+# ---- shared pieces -----------------------------------------------------------------------------
 def _noise(x: torch.Tensor, generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _euler_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last):
+@dataclass(frozen=True)
+class _Coefs:
+    """α_t, σ_t, ℓ_t = log(α_t/σ_t) and σ̃_t = σ_t/α_t at a time t of shape (B,), in float64,
+    shaped (B, 1, ..., 1) to broadcast against the state."""
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    half_log_snr: torch.Tensor
+    sigma_tilde: torch.Tensor
+
+
+def _coefs(sde, t: torch.Tensor, ndim: int) -> _Coefs:
+    t64 = t.double()
+    half_log_snr = append_dims(0.5 * sde.log_snr(t64), ndim)
+    return _Coefs(alpha=append_dims(sde.mean_weight(t64), ndim), sigma=append_dims(sde.std(t64), ndim),
+                  half_log_snr=half_log_snr, sigma_tilde=torch.exp(-half_log_snr))
+
+
+def _t_from_half_log_snr(sde, half_log_snr: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return sde.t_from_log_snr(2 * half_log_snr.reshape(-1)).to(like.dtype)
+
+
+def _noise_prediction(model: PluginReverseSDE, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """ε̂ = −σ_t·s(x, t), whatever the network's parameterization. Shape of x."""
+    return -append_dims(model.sde.std(t), x.ndim).to(x.dtype) * model.score(x, t)
+
+
+def _lin(*terms) -> torch.Tensor:
+    """Σ coefficient·tensor with float64 coefficients cast to the tensors' dtype."""
+    out = 0
+    for coef, value in terms:
+        out = out + coef.to(value.dtype) * value
+    return out
+
+
+# ---- methods: step(model, x, t, t_next, lmbd, generator, last, state) -> (x_next, nfe) -----------
+def _euler_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, state):
     h = append_dims(t - t_next, x.ndim)
     x_next = x + model.mu(t, x, lmbd) * h
     if not last and lmbd < 1:
@@ -51,20 +169,176 @@ def _euler_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last):
     return x_next, 1
 
 
+def _heun_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, state):
+    sde = model.sde
+    c, c_next = _coefs(sde, t, x.ndim), _coefs(sde, t_next, x.ndim)
+    x_tilde = x / c.alpha.to(x.dtype)
+    d_sigma = c_next.sigma_tilde - c.sigma_tilde
+    drift_factor = 2.0 - lmbd
+    eps = _noise_prediction(model, x, t)
+    if last or lmbd == 1:
+        increment = torch.zeros_like(x)
+    else:
+        # Exact variance of ∫ dW̃ over the step: σ̃_i² − σ̃_{i+1}².
+        noise_std = math.sqrt(1 - lmbd) * (c.sigma_tilde ** 2 - c_next.sigma_tilde ** 2).sqrt()
+        increment = noise_std.to(x.dtype) * _noise(x, generator)
+    x_tilde_euler = x_tilde + _lin((drift_factor * d_sigma, eps)) + increment
+    if bool((c_next.sigma_tilde == 0).all()):
+        # At σ̃ = 0 (t = 0) ε̂ is 0/0; Karras et al. take an Euler step there.
+        return x_tilde_euler * c_next.alpha.to(x.dtype), 1
+    eps_next = _noise_prediction(model, x_tilde_euler * c_next.alpha.to(x.dtype), t_next)
+    x_tilde_next = x_tilde + _lin((0.5 * drift_factor * d_sigma, eps + eps_next)) + increment
+    return x_tilde_next * c_next.alpha.to(x.dtype), 2
+
+
+def _ddim_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, state):
+    c, c_next = _coefs(model.sde, t, x.ndim), _coefs(model.sde, t_next, x.ndim)
+    eps = _noise_prediction(model, x, t)
+    x0_hat = (x - c.sigma.to(x.dtype) * eps) / c.alpha.to(x.dtype)
+    eta = math.sqrt(1 - lmbd)
+    # s² = η² σ_{i+1}² (1 − SNR_i/SNR_{i+1}); at t_next = 0, σ_{i+1} = 0 and so is s.
+    noise_var = eta ** 2 * c_next.sigma ** 2 * -torch.expm1(2 * (c.half_log_snr - c_next.half_log_snr))
+    noise_var = torch.where(c_next.sigma > 0, noise_var, torch.zeros_like(noise_var))
+    x_next = _lin((c_next.alpha, x0_hat), ((c_next.sigma ** 2 - noise_var).clamp_min(0).sqrt(), eps))
+    if not last and lmbd < 1:
+        x_next = x_next + noise_var.sqrt().to(x.dtype) * _noise(x, generator)
+    return x_next, 1
+
+
+def _dpm2_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, state):
+    """DPM-Solver-2 (Lu et al. 2022, Alg. 1, r₁ = ½): with h = ℓ_t − ℓ_s and s₁ at ℓ_s + h/2,
+    u = (α_{s₁}/α_s) x − σ_{s₁}(e^{h/2} − 1) ε̂(x, s),
+    x_t = (α_t/α_s) x − σ_t(e^h − 1) ε̂(u, s₁)."""
+    sde = model.sde
+    c, c_next = _coefs(sde, t, x.ndim), _coefs(sde, t_next, x.ndim)
+    h = c_next.half_log_snr - c.half_log_snr
+    mid_half_log_snr = c.half_log_snr + 0.5 * h
+    s1 = _t_from_half_log_snr(sde, mid_half_log_snr, t)
+    c1 = _coefs(sde, s1, x.ndim)
+    eps = _noise_prediction(model, x, t)
+    u = _lin((c1.alpha / c.alpha, x), (-c1.sigma * torch.expm1(0.5 * h), eps))
+    eps_mid = _noise_prediction(model, u, s1)
+    return _lin((c_next.alpha / c.alpha, x), (-c_next.sigma * torch.expm1(h), eps_mid)), 2
+
+
+def _dpm3_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, state):
+    """DPM-Solver-3 (Lu et al. 2022, Alg. 2, r₁ = ⅓, r₂ = ⅔): with h = ℓ_t − ℓ_s, φ₁(z) = e^z − 1,
+    u₁ = (α_{s₁}/α_s) x − σ_{s₁} φ₁(r₁h) ε̂_s,  D₁ = ε̂(u₁, s₁) − ε̂_s,
+    u₂ = (α_{s₂}/α_s) x − σ_{s₂} φ₁(r₂h) ε̂_s − σ_{s₂} (r₂/r₁)(φ₁(r₂h)/(r₂h) − 1) D₁,  D₂ = ε̂(u₂, s₂) − ε̂_s,
+    x_t = (α_t/α_s) x − σ_t φ₁(h) ε̂_s − (σ_t/r₂)(φ₁(h)/h − 1) D₂."""
+    sde = model.sde
+    r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+    c, c_next = _coefs(sde, t, x.ndim), _coefs(sde, t_next, x.ndim)
+    h = c_next.half_log_snr - c.half_log_snr
+    s1 = _t_from_half_log_snr(sde, c.half_log_snr + r1 * h, t)
+    s2 = _t_from_half_log_snr(sde, c.half_log_snr + r2 * h, t)
+    c1, c2 = _coefs(sde, s1, x.ndim), _coefs(sde, s2, x.ndim)
+    phi_1, phi_r1, phi_r2 = torch.expm1(h), torch.expm1(r1 * h), torch.expm1(r2 * h)
+    eps = _noise_prediction(model, x, t)
+    u1 = _lin((c1.alpha / c.alpha, x), (-c1.sigma * phi_r1, eps))
+    d1 = _noise_prediction(model, u1, s1) - eps
+    u2 = _lin((c2.alpha / c.alpha, x), (-c2.sigma * phi_r2, eps),
+              (-c2.sigma * (r2 / r1) * (phi_r2 / (r2 * h) - 1), d1))
+    d2 = _noise_prediction(model, u2, s2) - eps
+    x_next = _lin((c_next.alpha / c.alpha, x), (-c_next.sigma * phi_1, eps),
+                  (-c_next.sigma / r2 * (phi_1 / h - 1), d2))
+    return x_next, 3
+
+
+def _dpmpp_2m_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, state):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2): with h_i = ℓ_{t_{i+1}} − ℓ_{t_i}, r = h_{i−1}/h_i,
+    D = (1 + 1/(2r)) x̂₀(x_i, t_i) − 1/(2r) x̂₀(x_{i−1}, t_{i−1}) (D = x̂₀(x_i, t_i) on the first step,
+    and on a last step to t = 0, where h = ∞),
+    x_{i+1} = (σ_{i+1}/σ_i) x_i − α_{i+1}(e^{−h_i} − 1) D."""
+    c, c_next = _coefs(model.sde, t, x.ndim), _coefs(model.sde, t_next, x.ndim)
+    eps = _noise_prediction(model, x, t)
+    x0_hat = (x - c.sigma.to(x.dtype) * eps) / c.alpha.to(x.dtype)
+    h = c_next.half_log_snr - c.half_log_snr
+    previous = state.get("previous")
+    if previous is None or bool(torch.isinf(h).any()):
+        d = x0_hat
+    else:
+        x0_previous, h_previous = previous
+        half_inv_r = 0.5 * h / h_previous
+        d = _lin((1 + half_inv_r, x0_hat), (-half_inv_r, x0_previous))
+    state["previous"] = (x0_hat, h)
+    # σ_{i+1}/σ_i = (α_{i+1}/α_i) e^{−h}; both factors vanish at t_next = 0, leaving x = α_0 D.
+    x_next = _lin((c_next.sigma / c.sigma, x), (-c_next.alpha * torch.expm1(-h), d))
+    return x_next, 1
+
+
+def _langevin_corrector(model: PluginReverseSDE, x, t, snr: float, generator):
+    """One Langevin step at time t (Song et al. 2021, Alg. 4 with α_i = 1, as their code does for
+    VE and sub-VP): g = s(x, t), z ~ N(0, I), ε = 2 (snr·‖z‖/‖g‖)², x ← x + ε g + √(2ε) z.
+    The norms are averaged over the batch, as in Song et al.'s code: per-example norms of
+    low-dimensional samples make ε blow up where g ≈ 0."""
+    score = model.score(x, t)
+    z = _noise(x, generator)
+    score_norm = score.reshape(x.shape[0], -1).norm(dim=1).mean()
+    noise_norm = z.reshape(x.shape[0], -1).norm(dim=1).mean()
+    step = 2 * (snr * noise_norm / score_norm.clamp_min(torch.finfo(x.dtype).tiny)) ** 2
+    return x + step * score + (2 * step).sqrt() * z
+
+
+def _pc_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, state):
+    """Algorithm 1 of Song et al. (2021): x_{i+1} ← Predictor(x_i) (Euler–Maruyama of the λ-family from
+    t_i to t_{i+1}); then n_corrector times x_{i+1} ← Corrector(x_{i+1}) (Langevin at t_{i+1})."""
+    x_next, nfe = _euler_step(model, x, t, t_next, lmbd, generator, last, state)
+    for _ in range(state["n_corrector"]):
+        x_next = _langevin_corrector(model, x_next, t_next, state["snr"], generator)
+        nfe += 1
+    return x_next, nfe
+
+
 @dataclass(frozen=True)
 class Method:
-    """A fixed-step method: ``step(model, x, t, t_next, lmbd, generator, last) -> (x_next, nfe)``."""
+    """A fixed-step method for :func:`sample`.
+
+    Attributes:
+        step: ``step(model, x, t, t_next, lmbd, generator, last, state) -> (x_next, nfe)``; t, t_next
+            of shape (B,); ``state`` is a dict kept across the steps of one run (multistep history,
+            corrector options).
+        order: convergence order, in words.
+        nfe_per_step: network evaluations a step costs (a Heun step onto t = 0 costs 1; "pc" costs
+            1 + n_corrector).
+        lmbd: the λ it supports, in words; ``lmbd_range`` the closed interval.
+        default_lmbd, default_schedule: used when ``sample`` is given None.
+        default_t_min: t_min in units of T used when ``sample`` is given None.
+        needs_positive_t_min: the method evaluates the log-SNR at t_min, so t_min = 0 is refused.
+    """
     step: Callable
     order: str
-    nfe_per_step: int
+    nfe_per_step: int | str
     lmbd: str
+    lmbd_range: tuple[float, float] = (0.0, 1.0)
+    default_lmbd: float = 0.0
     default_schedule: str = "uniform"
     default_t_min: float = 0.0
+    needs_positive_t_min: bool = False
 
 
 METHODS: dict[str, Method] = {
-    "euler": Method(_euler_step, order="strong ½ (SDE), 1 (ODE)", nfe_per_step=1, lmbd="[0, 1]"),
+    "euler": Method(_euler_step, order="1 (ODE); strong 1, weak 1 for λ < 1 (the noise is additive)",
+                    nfe_per_step=1, lmbd="any λ in [0, 1]"),
+    "heun": Method(_heun_step, order="2 (ODE); strong 1 for λ < 1", nfe_per_step=2,
+                   lmbd="any λ in [0, 1]", default_lmbd=1.0, default_schedule="karras", default_t_min=1e-3),
+    "ddim": Method(_ddim_step, order="1 (η = 0); weak 1 for η > 0", nfe_per_step=1,
+                   lmbd="any λ in [0, 1] (η = √(1 − λ))", default_lmbd=1.0, default_schedule="quadratic",
+                   default_t_min=1e-3),
+    "dpm2": Method(_dpm2_step, order="2", nfe_per_step=2, lmbd="λ = 1 only (probability-flow ODE)",
+                   lmbd_range=(1.0, 1.0), default_lmbd=1.0, default_schedule="logsnr", default_t_min=1e-3,
+                   needs_positive_t_min=True),
+    "dpm3": Method(_dpm3_step, order="3", nfe_per_step=3, lmbd="λ = 1 only (probability-flow ODE)",
+                   lmbd_range=(1.0, 1.0), default_lmbd=1.0, default_schedule="logsnr", default_t_min=1e-3,
+                   needs_positive_t_min=True),
+    "dpm++2m": Method(_dpmpp_2m_step, order="2", nfe_per_step=1, lmbd="λ = 1 only (probability-flow ODE)",
+                      lmbd_range=(1.0, 1.0), default_lmbd=1.0, default_schedule="logsnr", default_t_min=1e-3),
+    "pc": Method(_pc_step, order="that of the Euler–Maruyama predictor; the corrector adds accuracy, not order",
+                 nfe_per_step="1 + n_corrector", lmbd="any λ in [0, 1] for the predictor",
+                 default_schedule="uniform", default_t_min=1e-3),
 }
+
+PC_DEFAULTS = {"n_corrector": 1, "snr": 0.16}
 
 
 def _model_device_dtype(model, device, dtype):
@@ -74,37 +348,67 @@ def _model_device_dtype(model, device, dtype):
     return device, dtype
 
 
+def _check_method_options(method: str, n_corrector, snr) -> dict:
+    if method != "pc":
+        given = [name for name, value in (("n_corrector", n_corrector), ("snr", snr)) if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} only apply to method='pc'; got method={method!r}")
+        return {}
+    n_corrector = PC_DEFAULTS["n_corrector"] if n_corrector is None else n_corrector
+    snr = PC_DEFAULTS["snr"] if snr is None else snr
+    if isinstance(n_corrector, bool) or int(n_corrector) != n_corrector or n_corrector < 0:
+        raise ValueError(f"n_corrector must be a non-negative integer; got {n_corrector!r}")
+    if not (isinstance(snr, (int, float)) and math.isfinite(snr) and snr > 0):
+        raise ValueError(f"snr must be a positive number; got {snr!r}")
+    return {"n_corrector": int(n_corrector), "snr": float(snr)}
+
+
 @torch.no_grad()
-def sample(model: PluginReverseSDE, shape, n_steps: int = 1000, lmbd: float = 0.0, method: str = "euler",
-           schedule: str | None = None, t_min: float | None = None, t_start: float | None = None,
-           x_T: torch.Tensor | None = None,
+def sample(model: PluginReverseSDE, shape, n_steps: int = 1000, lmbd: float | None = None,
+           method: str = "euler", schedule: str | None = None, t_min: float | None = None,
+           t_start: float | None = None, x_T: torch.Tensor | None = None,
            project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
            generator: torch.Generator | None = None, device=None, dtype=None,
            return_trajectory: bool = False, return_info: bool = False,
-           callback: Callable[[dict], None] | None = None):
+           callback: Callable[[dict], None] | None = None,
+           n_corrector: int | None = None, snr: float | None = None):
     """Draw samples of shape ``shape`` by integrating the λ-family from T to ``t_min`` with ``method``
-    (see ``METHODS``) on an ``n_steps`` grid (``schedule``).
+    (see ``METHODS`` and the module docstring for the update each one makes) on an ``n_steps``
+    grid (``schedule``, see :func:`time_grid`).
 
-    Starts at time ``t_start`` (default T) from ``x_T`` if given, else from the prior drawn with
-    ``generator``. ``project(x, t_next)``, if given, replaces the state after every step (inpainting
-    re-imposes the observed values with it). ``callback`` is called after every step with
-    {"i", "t", "x"}. Returns the samples; with ``return_trajectory``
-    also the states (n_steps + 1, *shape); with ``return_info`` also {"nfe": n}, in that order.
+    ``lmbd``, ``schedule`` and ``t_min`` default (None) to the method's own (``METHODS[method]``:
+    λ = 0 and a uniform grid to t = 0 for "euler"; λ = 1 for the ODE methods; t_min = 10⁻³T where the
+    log-SNR must be finite). Starts at time ``t_start`` (default T) from ``x_T`` if given, else from
+    the prior drawn with ``generator``, which also draws every noise. ``project(x, t_next)``, if
+    given, replaces the state after every step (inpainting re-imposes the observed values with it).
+    ``callback`` is called after every step with {"i", "t", "x"}. ``n_corrector`` (default 1) and
+    ``snr`` (default 0.16) set the Langevin corrector of method "pc" and are refused by the others.
+
+    Returns the samples; with ``return_trajectory`` also the states (n_steps + 1, *shape); with
+    ``return_info`` also {"nfe": n, "times": the grid (n_steps + 1,)}, in that order.
     """
     check_choice("method", method, tuple(METHODS))
     spec = METHODS[method]
-    lmbd = check_lmbd(lmbd)
+    options = _check_method_options(method, n_corrector, snr)
+    lmbd = spec.default_lmbd if lmbd is None else check_lmbd(lmbd)
+    low, high = spec.lmbd_range
+    if not low <= lmbd <= high:
+        raise ValueError(f"method {method!r} supports {spec.lmbd}; got lmbd={lmbd}")
     device, dtype = _model_device_dtype(model, device, dtype)
     schedule = spec.default_schedule if schedule is None else schedule
-    t_min = spec.default_t_min if t_min is None else t_min
+    t_min = spec.default_t_min * model.T if t_min is None else float(t_min)
+    if spec.needs_positive_t_min and not 0.0 < t_min < model.T:
+        raise ValueError(f"method {method!r} needs t_min in (0, T={model.T}) (it evaluates the log-SNR "
+                         f"at t_min, infinite at 0); got t_min={t_min}")
     ts = time_grid(model.sde, n_steps, schedule, t_min, t_start, device=device, dtype=dtype)
     x = model.sde.prior_sample(shape, generator=generator, device=device, dtype=dtype) if x_T is None else x_T
     trajectory = [x] if return_trajectory else None
+    state = dict(options)
     nfe = 0
     for i in range(len(ts) - 1):
         t = ts[i].expand(x.shape[0])
         t_next = ts[i + 1].expand(x.shape[0])
-        x, n = spec.step(model, x, t, t_next, lmbd, generator, i == len(ts) - 2)
+        x, n = spec.step(model, x, t, t_next, lmbd, generator, i == len(ts) - 2, state)
         nfe += n
         if project is not None:
             x = project(x, t_next)
@@ -116,20 +420,34 @@ def sample(model: PluginReverseSDE, shape, n_steps: int = 1000, lmbd: float = 0.
     if return_trajectory:
         out += (torch.stack(trajectory),)
     if return_info:
-        out += ({"nfe": nfe},)
+        out += ({"nfe": nfe, "times": ts},)
     return out[0] if len(out) == 1 else out
+
+
+FIXED_GRID_ODE_METHODS = tuple(m for m in ODE_METHODS if m not in ADAPTIVE_ODE_METHODS)
 
 
 @torch.no_grad()
 def sample_ode(model: PluginReverseSDE, shape, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
                t_min: float = 0.0, x_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               device=None, dtype=None, return_info: bool = False):
+               device=None, dtype=None, return_info: bool = False, step_size: float | None = None):
     """Solve the probability-flow ODE dx/dt = f − ½ g a from T down to ``t_min`` with torchdiffeq's
-    ``method`` (adaptive ones use ``rtol``/``atol``). Returns samples, and {"nfe": n} with ``return_info``.
+    ``method``: an adaptive one (``ADAPTIVE_ODE_METHODS``: dopri5, dopri8, bosh3, fehlberg2,
+    adaptive_heun) with ``rtol``/``atol``, or a fixed-grid one ("rk4", "midpoint", "euler"), which
+    needs ``step_size`` (in units of t; the last step is shortened to land on t_min) and refuses
+    it for the adaptive ones. ``x_T`` (default: a prior draw with ``generator``) has shape ``shape``.
+    Returns samples, and {"nfe": n} (network evaluations) with ``return_info``.
     """
     check_choice("method", method, ODE_METHODS)
     if not 0.0 <= t_min < model.T:
         raise ValueError(f"t_min must lie in [0, T={model.T}); got {t_min}")
+    if method in ADAPTIVE_ODE_METHODS:
+        if step_size is not None:
+            raise ValueError(f"step_size is for the fixed-grid methods {', '.join(FIXED_GRID_ODE_METHODS)}; "
+                             f"the adaptive method {method!r} sets its own steps from rtol/atol")
+    elif step_size is None or not (isinstance(step_size, (int, float)) and 0 < step_size <= model.T - t_min):
+        raise ValueError(f"the fixed-grid method {method!r} needs step_size in (0, T - t_min = {model.T - t_min}]; "
+                         f"got {step_size!r} (or use an adaptive method: {', '.join(ADAPTIVE_ODE_METHODS)})")
     device, dtype = _model_device_dtype(model, device, dtype)
     x = model.sde.prior_sample(shape, generator=generator, device=device, dtype=dtype) if x_T is None else x_T
     nfe = 0
@@ -139,5 +457,9 @@ def sample_ode(model: PluginReverseSDE, shape, rtol: float = 1e-5, atol: float =
         nfe += 1
         return -model.mu(t.expand(y.shape[0]), y, lmbd=1.0)
 
-    x0 = odeint_within(velocity, x, model.T, t_min, rtol=rtol, atol=atol, method=method)
+    if method in ADAPTIVE_ODE_METHODS:
+        x0 = odeint_within(velocity, x, model.T, t_min, rtol=rtol, atol=atol, method=method)
+    else:
+        times = torch.tensor([model.T, t_min], dtype=x.dtype, device=x.device)
+        x0 = odeint(velocity, x, times, method=method, options={"step_size": float(step_size)})[-1]
     return (x0, {"nfe": nfe}) if return_info else x0
