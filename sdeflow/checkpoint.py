@@ -1,0 +1,231 @@
+"""Checkpoints that survive crashes and cannot run code.
+
+A checkpoint is one ``torch.save`` file holding only tensors and plain containers (dicts, lists,
+tuples, str, int, float, bool, None):
+
+    {"format": "sdeflow-checkpoint", "version": 1, "config": {...the model configuration...},
+     "step": int, "model": state_dict, "ema": {name: tensor} | None, "optimizer": state_dict,
+     "trainer": {...counters, data position, RNG states...}}
+
+- :func:`save_checkpoint` writes atomically: a temporary file in the same directory, flushed and
+  fsync'ed, then ``os.replace`` onto the final name and the directory fsync'ed. A process killed at
+  any moment leaves either the old file set or the new one, never a half-written checkpoint under a
+  checkpoint name (only a stray ``.tmp`` file, which :func:`remove_stale_temporaries` clears).
+- :func:`load_checkpoint` reads with ``torch.load(weights_only=True)``, so a file crafted to run code
+  when unpickled is refused before anything runs; truncated files and files written for another
+  model configuration are refused with a :class:`CheckpointError` that says what is wrong.
+- Run directories hold ``ckpt-<step>.pt`` files; :func:`latest_checkpoint` finds the newest complete
+  one and :func:`prune_checkpoints` keeps the last K.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "CheckpointError", "CheckpointWriteError", "FORMAT", "VERSION", "save_checkpoint", "load_checkpoint",
+    "check_config", "checkpoint_path", "list_checkpoints", "latest_checkpoint", "prune_checkpoints",
+    "remove_stale_temporaries",
+]
+
+FORMAT = "sdeflow-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+_TMP_PREFIX = ".ckpt-writing-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, truncated, corrupt, unsafe or for another model."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, directory unwritable); the previous files are intact.
+
+    ``errno`` is the operating system's error number; ``str()`` is the one-line message."""
+
+    def __init__(self, errno_: int | None, message: str):
+        super().__init__(errno_, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The rename is durable only once the directory entry is on disk; not every OS allows
+    # opening a directory, which is harmless to skip.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``.
+
+    Raises :class:`CheckpointWriteError` (an ``OSError``) naming the path if any step fails; the
+    temporary file is removed and whatever ``path`` held before is untouched.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    tmp_name = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tmp", dir=directory)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+        _fsync_directory(directory)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise CheckpointWriteError(err.errno, f"could not write {path}: {reason}") from err
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Serialise ``state`` (tensors and plain containers only) and write it atomically to ``path``.
+
+    The whole file is built in memory first so that a serialisation error never touches the disk.
+    Returns the path. Raises :class:`CheckpointWriteError` when the disk refuses the write.
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def load_checkpoint(path, *, expected_config: dict | None = None, map_location="cpu") -> dict:
+    """Load a checkpoint safely (``torch.load(weights_only=True)``) and validate it.
+
+    Raises :class:`CheckpointError` with a one-line reason when the file is missing, truncated or
+    corrupt, holds objects other than tensors and plain containers (a pickle that would import or
+    call anything is refused before it runs), is not an sdeflow checkpoint, or — when
+    ``expected_config`` is given — was written for another model configuration.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Weights only load failed" in first or "Unsupported global" in str(err) or "GLOBAL" in str(err):
+            raise CheckpointError(
+                f"checkpoint {path} was refused: it holds objects other than tensors and plain "
+                f"containers, which could run code when loaded (loaded with weights_only=True)") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt ({first}); use another checkpoint") from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, KeyError) as err:
+        text = str(err).strip().split(". ")[0][:120] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err).lower() or "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"checkpoint {path} was refused: it holds objects other than tensors and plain "
+                f"containers, which could run code when loaded (loaded with weights_only=True)") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({text}); "
+                              f"use an earlier checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an sdeflow checkpoint (no '{FORMAT}' format tag)")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {state.get('version')!r}; "
+                              f"this sdeflow reads version {VERSION}")
+    for key in ("config", "step", "model"):
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path} lacks its '{key}' entry")
+    if expected_config is not None:
+        check_config(state["config"], expected_config, source=str(path))
+    return state
+
+
+def _flatten(config, prefix=""):
+    if isinstance(config, dict):
+        out = {}
+        for key, value in config.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(config, (list, tuple)):
+        return {prefix[:-1]: list(config)}
+    return {prefix[:-1]: config}
+
+
+def check_config(stored: dict, expected: dict, source: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` listing every entry where ``stored`` and ``expected`` differ."""
+    a, b = _flatten(stored), _flatten(expected)
+    diffs = [f"{key}: checkpoint has {a.get(key)!r}, asked for {b.get(key)!r}"
+             for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+    if diffs:
+        raise CheckpointError(f"{source} was written for another model configuration ("
+                              + "; ".join(diffs) + ")")
+
+
+def checkpoint_path(run_dir, step: int) -> Path:
+    """RUN/ckpt-<step, 8 digits>.pt: names sort by step."""
+    return Path(run_dir) / f"ckpt-{int(step):08d}.pt"
+
+
+def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint in ``run_dir``, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for entry in run_dir.iterdir():
+        match = _NAME.match(entry.name)
+        if match and entry.is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The newest checkpoint in ``run_dir`` (by step), or None when there is none."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(run_dir, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest checkpoints; returns the deleted paths."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1; got {keep}")
+    found = list_checkpoints(run_dir)
+    removed = []
+    for _, path in found[:-keep]:
+        try:
+            path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def remove_stale_temporaries(run_dir) -> list[Path]:
+    """Remove half-written temporary files left by a process killed while saving."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    removed = []
+    for entry in run_dir.glob(f"{_TMP_PREFIX}*.tmp"):
+        try:
+            entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass
+    return removed

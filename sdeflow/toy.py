@@ -1,0 +1,455 @@
+r"""The 2-D toy example as library functions: train a plug-in reverse SDE on a toy data set,
+measure it, and draw it. The ``sdeflow swissroll`` command and ``examples/swissroll.py`` only
+parse arguments and call :func:`run_toy`.
+
+Training minimises the denoising score matching loss :meth:`PluginReverseSDE.dsm` on fresh data
+each step (Adam, warm-up then cosine decay of the learning rate, an exponential moving average
+(EMA) of the weights, which is the model that is evaluated). Every ``elbo_every`` steps the EMA
+model's ELBO is estimated on a fresh batch, so the progress bar and ``training.png`` show the
+bound improving.
+
+Evaluation (:func:`evaluate_toy`), all on fresh data:
+
+- ``elbo_nats``/``elbo_se``: the test ELBO per point, :meth:`PluginReverseSDE.elbo` with the exact
+  divergence (cheap in 2-D) and the fitted time proposal, averaged over ``n_likelihood`` points and
+  ``elbo_slices`` time draws each; its standard error over points.
+- ``ode_logp_nats``/``ode_logp_se``: the probability-flow ODE log-likelihood
+  :meth:`PluginReverseSDE.log_prob_ode` (exact divergence, dopri5) on the same points.
+- ``true_logp_nats``: the exact log-density on the same points, where the data set has one;
+  ``elbo_gap_nats`` = E[log p − ELBO] and ``ode_gap_nats`` = E[log p − log p_ODE] with paired
+  standard errors.
+- ``swd_lmbd<λ>``: sliced Wasserstein-1 distance (200 projections) between ``n_samples`` samples
+  of the λ-process and as many fresh data points; ``swd_floor``: the same between two independent
+  data sets, the value a perfect sampler would reach on average.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from .data.toy import DATASETS, LOG_DENSITIES, sample_toy
+from .metrics import sliced_wasserstein
+from .model import PARAMETERIZATIONS, TIME_SAMPLINGS, WEIGHTINGS, PluginReverseSDE
+from .nets.mlp import MLP
+from .samplers import sample
+from .sdes import VPSDE
+from .utils import check_choice
+
+__all__ = ["ToyConfig", "make_toy_model", "train_toy", "evaluate_toy", "run_toy",
+           "plot_samples", "plot_trajectories", "plot_training", "lmbd_key", "OUTPUT_FILES"]
+
+#: Files :func:`run_toy` writes for the default λ = 0, 1.
+OUTPUT_FILES = ("samples.png", "trajectories_lmbd0.png", "trajectories_lmbd1.png", "training.png",
+                "metrics.json")
+
+
+def lmbd_key(lmbd: float) -> str:
+    """The suffix naming λ in files and metrics: 0 -> "0", 1 -> "1", 0.5 -> "0.5"."""
+    return f"{float(lmbd):g}"
+
+
+@dataclass
+class ToyConfig:
+    """Every setting of the toy example; the defaults are the tuned ones (see the README)."""
+
+    dataset: str = "swissroll"
+    steps: int = 6000
+    batch_size: int = 512
+    lr: float = 3e-3
+    warmup_steps: int = 200
+    final_lr_fraction: float = 0.02
+    ema_decay: float = 0.998
+    hidden: int = 128
+    n_blocks: int = 2
+    parameterization: str = "noise"
+    weighting: str = "noise"
+    time_sampling: str = "uniform"
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    seed: int = 0
+    device: str = "cpu"
+    lmbds: tuple[float, ...] = (0.0, 1.0)
+    sample_steps: int = 500
+    n_samples: int = 5000
+    n_trajectories: int = 150
+    n_likelihood: int = 2000
+    elbo_slices: int = 16
+    elbo_every: int = 100
+    elbo_batch: int = 256
+    swd_projections: int = 200
+    ode_rtol: float = 1e-5
+    ode_atol: float = 1e-5
+
+    def validate(self) -> "ToyConfig":
+        """Raise ``ValueError`` naming the first bad setting; return self."""
+        check_choice("dataset", self.dataset, tuple(DATASETS))
+        check_choice("parameterization", self.parameterization, PARAMETERIZATIONS)
+        check_choice("weighting", self.weighting, WEIGHTINGS)
+        check_choice("time_sampling", self.time_sampling, TIME_SAMPLINGS)
+        for name in ("steps", "batch_size", "hidden", "n_blocks", "sample_steps", "n_samples",
+                     "n_trajectories", "n_likelihood", "elbo_slices", "elbo_every", "elbo_batch",
+                     "swd_projections"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if isinstance(self.warmup_steps, bool) or int(self.warmup_steps) != self.warmup_steps or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0; got {self.warmup_steps!r}")
+        for name in ("lr", "beta_min", "beta_max", "ode_rtol", "ode_atol"):
+            value = float(getattr(self, name))
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive finite number; got {getattr(self, name)!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1); got {self.ema_decay!r}")
+        if not 0 < self.final_lr_fraction <= 1:
+            raise ValueError(f"final_lr_fraction must lie in (0, 1]; got {self.final_lr_fraction!r}")
+        if not self.lmbds:
+            raise ValueError("lmbds must hold at least one value in [0, 1]")
+        for lmbd in self.lmbds:
+            if not 0 <= float(lmbd) <= 1:
+                raise ValueError(f"lmbd must lie in [0, 1] (0: reverse SDE, 1: probability-flow ODE); got {lmbd}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as err:
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda'; got {self.device!r}") from err
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} was asked for but CUDA is not available; use --device cpu")
+        return self
+
+
+def make_toy_model(config: ToyConfig) -> PluginReverseSDE:
+    """A VP SDE (β from ``beta_min`` to ``beta_max``) and an :class:`~sdeflow.nets.mlp.MLP` of
+    width ``hidden`` and ``n_blocks`` residual blocks, as a :class:`PluginReverseSDE` on ``device``."""
+    sde = VPSDE(config.beta_min, config.beta_max)
+    net = MLP(dim=2, hidden=config.hidden, n_blocks=config.n_blocks, T=sde.T)
+    return PluginReverseSDE(sde, net, parameterization=config.parameterization).to(config.device)
+
+
+def _lr_factor(step: int, config: ToyConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``final_lr_fraction``·lr."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(config.steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    floor = config.final_lr_fraction
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Generator,
+              callback: Callable[[dict], None] | None = None) -> tuple[PluginReverseSDE, dict]:
+    r"""Train ``model`` for ``config.steps`` steps of Adam on the mean DSM loss
+    :math:`\frac1B\sum_i \ell_{dsm}(x_i)` over fresh batches x ~ data, keeping an EMA of its weights
+    :math:`\bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta` (d = ``ema_decay``).
+
+    Every ``elbo_every`` steps (and at the last) the EMA model's mean ELBO on ``elbo_batch`` fresh
+    points is estimated (exact divergence, importance time sampling: no fitting needed) and folded
+    into a running average. ``callback`` gets {"step", "loss", "elbo", "running_elbo"} after every
+    step (elbo None between estimates).
+
+    Returns (EMA model, history) with history = {"step", "loss", "elbo_step", "elbo",
+    "running_elbo"} as lists of floats.
+    """
+    config.validate()
+    device = torch.device(config.device)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
+    history = {"step": [], "loss": [], "elbo_step": [], "elbo": [], "running_elbo": []}
+    running_elbo = None
+    model.train()
+    for step in range(1, config.steps + 1):
+        x = sample_toy(config.dataset, config.batch_size, generator=generator).to(device)
+        loss = model.dsm(x, time_sampling=config.time_sampling, weighting=config.weighting,
+                         generator=generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        ema.update_parameters(model)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"the training loss became {loss_value} at step {step}; "
+                                     f"lower the learning rate (lr={config.lr})")
+        history["step"].append(step)
+        history["loss"].append(loss_value)
+        elbo_value = None
+        if step % config.elbo_every == 0 or step == config.steps:
+            x_eval = sample_toy(config.dataset, config.elbo_batch, generator=generator).to(device)
+            with torch.no_grad():
+                elbo_value = float(ema.module.elbo(x_eval, time_sampling="importance", divergence="exact",
+                                                   generator=generator).mean())
+            # An EMA of the estimates, so that the displayed ELBO is stable but still follows training.
+            running_elbo = elbo_value if running_elbo is None else 0.7 * running_elbo + 0.3 * elbo_value
+            history["elbo_step"].append(step)
+            history["elbo"].append(elbo_value)
+            history["running_elbo"].append(running_elbo)
+        if callback is not None:
+            callback({"step": step, "loss": loss_value, "elbo": elbo_value, "running_elbo": running_elbo})
+    ema_model = ema.module
+    ema_model.eval()
+    return ema_model, history
+
+
+def _mean_se(values: torch.Tensor) -> tuple[float, float]:
+    values = values.double()
+    return float(values.mean()), float(values.std(unbiased=True) / math.sqrt(values.numel()))
+
+
+def evaluate_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Generator) -> tuple[dict, dict]:
+    """Measure ``model`` on fresh data (see the module docstring for each metric).
+
+    Returns (metrics, artefacts): metrics is a flat dict of floats; artefacts holds the tensors the
+    figures need: "data" (n_samples, 2), "samples" {λ: (n_samples, 2)}, "trajectories"
+    {λ: (sample_steps + 1, n_trajectories, 2)}, "times" (sample_steps + 1,).
+    """
+    config.validate()
+    device = torch.device(config.device)
+    metrics: dict[str, float] = {}
+    # -- likelihoods on n_likelihood fresh points -------------------------------------------------
+    x = sample_toy(config.dataset, config.n_likelihood, generator=generator).to(device)
+    with torch.no_grad():
+        model.fit_time_proposal(x, divergence="exact", generator=generator)
+        chunk = 500
+        elbo = torch.cat([model.elbo(x[i:i + chunk], n_slices=config.elbo_slices, time_sampling="fitted",
+                                     divergence="exact", generator=generator)
+                          for i in range(0, x.shape[0], chunk)])
+    ode_logp, info = model.log_prob_ode(x, rtol=config.ode_rtol, atol=config.ode_atol, divergence="exact",
+                                        return_info=True)
+    metrics["elbo_nats"], metrics["elbo_se"] = _mean_se(elbo)
+    metrics["ode_logp_nats"], metrics["ode_logp_se"] = _mean_se(ode_logp)
+    metrics["ode_nfe"] = float(info["nfe"])
+    metrics["elbo_minus_ode_nats"], metrics["elbo_minus_ode_se"] = _mean_se(elbo - ode_logp)
+    log_density = LOG_DENSITIES.get(config.dataset)
+    if log_density is not None:
+        true_logp = log_density(x.cpu()).to(device)
+        metrics["true_logp_nats"], metrics["true_logp_se"] = _mean_se(true_logp)
+        metrics["elbo_gap_nats"], metrics["elbo_gap_se"] = _mean_se(true_logp - elbo.double())
+        metrics["ode_gap_nats"], metrics["ode_gap_se"] = _mean_se(true_logp - ode_logp.double())
+    # -- samples of every λ and the sliced Wasserstein distance to fresh data -----------------------
+    data = sample_toy(config.dataset, config.n_samples, generator=generator).to(device)
+    reference = sample_toy(config.dataset, config.n_samples, generator=generator).to(device)
+    metrics["swd_floor"] = sliced_wasserstein(data, reference, config.swd_projections, generator=generator)
+    artefacts = {"data": data.cpu(), "samples": {}, "trajectories": {}}
+    for lmbd in config.lmbds:
+        samples = sample(model, (config.n_samples, 2), n_steps=config.sample_steps, lmbd=lmbd,
+                         generator=generator, device=device)
+        metrics[f"swd_lmbd{lmbd_key(lmbd)}"] = sliced_wasserstein(samples, data, config.swd_projections,
+                                                                   generator=generator)
+        _, trajectory = sample(model, (config.n_trajectories, 2), n_steps=config.sample_steps, lmbd=lmbd,
+                               generator=generator, device=device, return_trajectory=True)
+        artefacts["samples"][float(lmbd)] = samples.cpu()
+        artefacts["trajectories"][float(lmbd)] = trajectory.cpu()
+    artefacts["times"] = torch.linspace(model.T, 0.0, config.sample_steps + 1)
+    return metrics, artefacts
+
+
+# ---- files ----------------------------------------------------------------------------------------
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write to a temporary file in the same directory, then rename over ``path``: readers see the
+    old file or the new one, never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _save_figure(fig, path: str) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    _atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_metrics(metrics: dict, path: str) -> None:
+    """Write ``metrics`` as indented JSON, atomically."""
+    _atomic_write_bytes(path, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _limits(*point_sets: torch.Tensor, quantile: float = 0.999, margin: float = 0.15):
+    """Square plot limits around the central ``quantile`` of the data (outliers stay off-plot)."""
+    points = torch.cat([p.double() for p in point_sets])
+    lo = torch.quantile(points, 1 - quantile, dim=0)
+    hi = torch.quantile(points, quantile, dim=0)
+    centre, half = (lo + hi) / 2, float((hi - lo).max()) / 2 * (1 + margin)
+    return (float(centre[0]) - half, float(centre[0]) + half), (float(centre[1]) - half, float(centre[1]) + half)
+
+
+def plot_samples(data: torch.Tensor, samples: dict, metrics: dict, path: str, title: str) -> None:
+    """Data beside samples of each λ, one square panel each, same limits; SWD in each title."""
+    plt = _pyplot()
+    panels = [("data", data, f"swd floor {metrics['swd_floor']:.4f}")]
+    for lmbd, points in samples.items():
+        kind = {0.0: "reverse SDE", 1.0: "probability-flow ODE"}.get(lmbd, "λ-process")
+        panels.append((f"λ = {lmbd_key(lmbd)} ({kind})", points, f"swd {metrics[f'swd_lmbd{lmbd_key(lmbd)}']:.4f}"))
+    xlim, ylim = _limits(data)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.9), squeeze=False)
+    for ax, (name, points, note) in zip(axes[0], panels):
+        ax.scatter(points[:, 0], points[:, 1], s=1.0, alpha=0.5, color="black" if name == "data" else "tab:blue",
+                   rasterized=True, linewidths=0)
+        ax.set_title(f"{name}\n{note}", fontsize=10)
+        ax.set_xlim(xlim)
+        ax.set_ylim(ylim)
+        ax.set_aspect("equal")
+        ax.set_xlabel("$x_1$")
+        ax.set_ylabel("$x_2$")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_trajectories(trajectory: torch.Tensor, times: torch.Tensor, data: torch.Tensor, lmbd: float,
+                      path: str, title: str) -> None:
+    """Particle paths (n_steps + 1, N, 2) from the prior (t = T) to the data (t = 0), each segment
+    coloured by its time, over a faint cloud of data; as Figure 5 of Song et al. (2021)."""
+    plt = _pyplot()
+    from matplotlib.collections import LineCollection
+
+    steps, n, _ = trajectory.shape
+    # Thin out the time axis for drawing: 100 segments per path keep its shape and stay legible.
+    stride = max(1, (steps - 1) // 100)
+    index = torch.arange(0, steps, stride)
+    if index[-1] != steps - 1:
+        index = torch.cat([index, torch.tensor([steps - 1])])
+    path_points = trajectory[index].numpy()
+    segment_times = times[index][:-1].numpy()
+    segments = [path_points[i:i + 2, j] for j in range(n) for i in range(len(index) - 1)]
+    colours = [segment_times[i] for j in range(n) for i in range(len(index) - 1)]
+    fig, ax = plt.subplots(figsize=(6.2, 5.4))
+    ax.scatter(data[:, 0], data[:, 1], s=0.5, color="0.75", rasterized=True, linewidths=0, label="data")
+    lines = LineCollection(segments, cmap="viridis", linewidths=0.5, alpha=0.7, rasterized=True)
+    lines.set_array(colours)
+    lines.set_clim(float(times.min()), float(times.max()))
+    ax.add_collection(lines)
+    ax.scatter(path_points[0, :, 0], path_points[0, :, 1], s=3, color="gold", edgecolors="none",
+               label="start: prior sample (t = T)", zorder=3)
+    ax.scatter(path_points[-1, :, 0], path_points[-1, :, 1], s=3, color="crimson", edgecolors="none",
+               label="end: generated point (t = 0)", zorder=4)
+    xlim, ylim = _limits(data, trajectory[0], quantile=0.995)
+    ax.set_xlim(xlim)
+    ax.set_ylim(ylim)
+    ax.set_aspect("equal")
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
+    kind = {0.0: "reverse SDE", 1.0: "probability-flow ODE"}.get(float(lmbd), "λ-process")
+    ax.set_title(f"{title}\nλ = {lmbd_key(lmbd)} ({kind}), {n} particles", fontsize=10)
+    fig.colorbar(lines, ax=ax, label="time t (T = prior, 0 = data)", fraction=0.046, pad=0.03)
+    ax.legend(loc="upper right", fontsize=7, markerscale=3, framealpha=0.8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_training(history: dict, metrics: dict, path: str, title: str) -> None:
+    """Two panels against step: the DSM loss (raw and smoothed, log scale) and the ELBO estimates
+    with their running average, the final test ELBO and ODE likelihood, and the true log-density."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_elbo) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = torch.tensor(history["step"], dtype=torch.float64)
+    loss = torch.tensor(history["loss"], dtype=torch.float64)
+    ax_loss.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.5, label="per step")
+    window = max(1, len(loss) // 100)
+    if len(loss) >= window:
+        smooth = torch.nn.functional.avg_pool1d(loss[None, None], window, stride=1)[0, 0]
+        ax_loss.plot(steps[window - 1:], smooth, color="tab:blue", linewidth=1.5, label=f"mean of {window} steps")
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("DSM loss")
+    ax_loss.set_title("training loss")
+    ax_loss.legend(fontsize=8)
+    ax_elbo.plot(history["elbo_step"], history["elbo"], ".", color="tab:orange", markersize=3, alpha=0.5,
+                 label="ELBO estimate (EMA model)")
+    ax_elbo.plot(history["elbo_step"], history["running_elbo"], color="tab:orange", linewidth=1.5,
+                 label="running ELBO")
+    ax_elbo.axhline(metrics["elbo_nats"], color="tab:red", linestyle="--", linewidth=1,
+                    label=f"test ELBO {metrics['elbo_nats']:.3f}")
+    ax_elbo.axhline(metrics["ode_logp_nats"], color="tab:green", linestyle=":", linewidth=1.2,
+                    label=f"test ODE log p {metrics['ode_logp_nats']:.3f}")
+    if "true_logp_nats" in metrics:
+        ax_elbo.axhline(metrics["true_logp_nats"], color="black", linewidth=1,
+                        label=f"true log p {metrics['true_logp_nats']:.3f}")
+    # The first estimates of an untrained model are far below; zoom on the last three quarters.
+    tail = history["running_elbo"][len(history["running_elbo"]) // 4:]
+    if tail:
+        reference = [metrics["elbo_nats"], metrics["ode_logp_nats"], metrics.get("true_logp_nats", metrics["elbo_nats"])]
+        low, high = min(tail + reference), max(tail + reference)
+        pad = 0.15 * (high - low) + 0.05
+        ax_elbo.set_ylim(low - 3 * pad, high + pad)
+    ax_elbo.set_xlabel("step")
+    ax_elbo.set_ylabel("nats per point")
+    ax_elbo.set_title("ELBO (log-likelihood lower bound)")
+    ax_elbo.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """Create ``out_dir`` if needed and check it can be written, before any training is spent."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out must be a directory; {out_dir!r} is a file")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe_fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-test-")
+        os.close(probe_fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"out directory {out_dir!r} cannot be written: {err.strerror or err}") from err
+
+
+def run_toy(config: ToyConfig, out_dir: str,
+            callback: Callable[[dict], None] | None = None) -> dict:
+    """Train, evaluate and draw the toy example, writing into ``out_dir``: samples.png,
+    trajectories_lmbd<λ>.png for each λ, training.png and metrics.json (atomically).
+
+    ``callback`` receives the training progress (see :func:`train_toy`). Returns the metrics,
+    which also record the settings and the seconds spent training and evaluating.
+    """
+    config.validate()
+    _check_out_dir(out_dir)
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the network's initial weights
+    model = make_toy_model(config)
+    start = time.perf_counter()
+    ema_model, history = train_toy(model, config, generator, callback)
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics, artefacts = evaluate_toy(ema_model, config, generator)
+    metrics["eval_seconds"] = time.perf_counter() - start
+    metrics["train_seconds"] = train_seconds
+    metrics["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
+    metrics["threads"] = torch.get_num_threads()
+    title = f"{config.dataset}: VP SDE, {config.steps} steps"
+    plot_samples(artefacts["data"], artefacts["samples"], metrics, os.path.join(out_dir, "samples.png"), title)
+    for lmbd, trajectory in artefacts["trajectories"].items():
+        plot_trajectories(trajectory, artefacts["times"], artefacts["data"], lmbd,
+                          os.path.join(out_dir, f"trajectories_lmbd{lmbd_key(lmbd)}.png"), title)
+    plot_training(history, metrics, os.path.join(out_dir, "training.png"), title)
+    write_metrics(metrics, os.path.join(out_dir, "metrics.json"))
+    return metrics

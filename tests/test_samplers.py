@@ -1,0 +1,274 @@
+"""Samplers against closed forms: a diagonal Gaussian under a linear SDE has an exact score
+(``ExactScoreNet``) and an exact probability-flow map, so each sampler's own error is measured
+apart from any learning error."""
+
+import math
+
+import pytest
+import torch
+
+import sdeflow
+from sdeflow.samplers import METHODS, SCHEDULES, time_grid
+from oracle_helpers import SDES, exact_model, gaussian
+
+N_SAMPLES = 4000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Batches here are small: intra-op threads only contend with each other (10× slower on a
+    busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+# |error| < Z standard errors: a failure rate of ~1e-5 per checked number.
+Z = 4.5
+
+
+def _true_marginal_T(sde, data, n, generator):
+    """x_T drawn from the true marginal q_T (not the prior), so any λ should return the data law."""
+    x0 = data.sample(n, generator=generator, dtype=torch.float64)
+    return sde.sample(torch.full((n,), sde.T, dtype=torch.float64), x0, generator=generator)
+
+
+def _assert_gaussian_moments(x, data):
+    n = x.shape[0]
+    mean, std = data.means[0], data.stds[0]
+    mean_z = (x.mean(0) - mean) / (std / math.sqrt(n))
+    assert (mean_z.abs() < Z).all(), f"sample mean off by {mean_z} standard errors"
+    std_ratio = x.std(0) / std
+    assert ((std_ratio - 1).abs() < Z / math.sqrt(2 * n)).all(), f"sample std / true std = {std_ratio}"
+    corr = torch.corrcoef(x.T)
+    off_diagonal = corr - torch.diag(torch.diag(corr))
+    assert off_diagonal.abs().max() < Z / math.sqrt(n), f"spurious correlation {corr}"
+
+
+def _exact_flow(sde, data, x_T, t_min):
+    """The probability-flow ODE maps a diagonal Gaussian's marginals linearly:
+    x_t = m_t μ + √((m_t² s² + v_t)/(m_T² s² + v_T)) (x_T − m_T μ)."""
+    T, t = torch.tensor(sde.T, dtype=torch.float64), torch.tensor(float(t_min), dtype=torch.float64)
+    m_T, v_T, m_t, v_t = sde.mean_weight(T), sde.var(T), sde.mean_weight(t), sde.var(t)
+    mu, s = data.means[0], data.stds[0]
+    return m_t * mu + ((m_t ** 2 * s ** 2 + v_t) / (m_T ** 2 * s ** 2 + v_T)).sqrt() * (x_T - m_T * mu)
+
+
+# ---- distribution: mean and covariance of the samples ------------------------------------------
+# (method, lmbd, n_steps, schedule): enough steps that the bias is well below the MC error.
+MOMENT_CASES = [
+    ("euler", 0.0, 300, None), ("euler", 0.5, 300, None),
+    ("heun", 0.0, 60, None), ("heun", 0.5, 30, None), ("heun", 1.0, 60, None),
+    ("ddim", 0.0, 200, None), ("ddim", 0.5, 100, None), ("ddim", 1.0, 100, None),
+    ("dpm2", 1.0, 40, None), ("dpm3", 1.0, 15, None), ("dpm++2m", 1.0, 50, None),
+    ("pc", 0.0, 200, None),
+]
+
+
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("method,lmbd,n_steps,schedule", MOMENT_CASES, ids=lambda v: str(v))
+def test_samples_have_the_data_mean_and_covariance(name, method, lmbd, n_steps, schedule):
+    sde, data = SDES[name](), gaussian(2)
+    model = exact_model(sde, data)
+    gen = torch.Generator().manual_seed(0)
+    x_T = _true_marginal_T(sde, data, N_SAMPLES, gen)
+    t_min = 1e-3 if schedule in ("logsnr", "karras") else None
+    x = sdeflow.sample(model, x_T.shape, n_steps=n_steps, lmbd=lmbd, method=method, schedule=schedule,
+                       t_min=t_min, x_T=x_T, generator=gen, dtype=torch.float64)
+    _assert_gaussian_moments(x, data)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_sample_ode_has_the_data_mean_and_covariance(name):
+    sde, data = SDES[name](), gaussian(2)
+    model = exact_model(sde, data)
+    gen = torch.Generator().manual_seed(0)
+    x_T = _true_marginal_T(sde, data, N_SAMPLES, gen)
+    x = sdeflow.sample_ode(model, x_T.shape, x_T=x_T, rtol=1e-6, atol=1e-6, dtype=torch.float64)
+    _assert_gaussian_moments(x, data)
+    assert (x - _exact_flow(sde, data, x_T, 0.0)).abs().max() < 1e-3
+
+
+def test_langevin_corrector_keeps_the_law():
+    """PC with an ODE predictor: the corrector must not disturb the data law at a moderate snr."""
+    sde, data = SDES["vp"](), gaussian(2)
+    gen = torch.Generator().manual_seed(3)
+    x_T = _true_marginal_T(sde, data, N_SAMPLES, gen)
+    x = sdeflow.sample(exact_model(sde, data), x_T.shape, n_steps=100, lmbd=1.0, method="pc", snr=0.05,
+                       n_corrector=2, x_T=x_T, generator=gen, dtype=torch.float64)
+    _assert_gaussian_moments(x, data)
+
+
+# ---- convergence order of the deterministic methods ----------------------------------------------
+# (method, coarse n_steps, order): the error of the probability-flow solve against the exact flow
+# map must shrink by ≈ 2^order from n_steps to 2·n_steps.
+ORDER_CASES = [("euler", 32, 1), ("ddim", 32, 1), ("heun", 16, 2), ("dpm2", 8, 2), ("dpm3", 8, 3),
+               ("dpm++2m", 32, 2)]
+
+
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("method,n_steps,order", ORDER_CASES)
+def test_error_shrinks_at_the_stated_order(name, method, n_steps, order):
+    assert str(order) in METHODS[method].order
+    sde, data = SDES[name](), gaussian(2)
+    model = exact_model(sde, data)
+    x_T = sde.prior_sample((16, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t_min = 1e-3 * sde.T
+    exact = _exact_flow(sde, data, x_T, t_min)
+    errors = []
+    for n in (n_steps, 2 * n_steps):
+        x = sdeflow.sample(model, x_T.shape, n_steps=n, lmbd=1.0, method=method, t_min=t_min, x_T=x_T,
+                           dtype=torch.float64)
+        errors.append(float((x - exact).abs().max()))
+    measured = math.log2(errors[0] / errors[1])
+    assert abs(measured - order) < 0.5, f"{method}: errors {errors}, measured order {measured:.2f}"
+
+
+def test_fixed_grid_ode_solver_converges_at_its_order():
+    sde, data = SDES["vp"](), gaussian(2)
+    model = exact_model(sde, data)
+    x_T = sde.prior_sample((16, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t_min = 0.2
+    exact = _exact_flow(sde, data, x_T, t_min)
+    errors = [float((sdeflow.sample_ode(model, x_T.shape, method="rk4", step_size=h, t_min=t_min, x_T=x_T)
+                     - exact).abs().max()) for h in (0.8 / 16, 0.8 / 32)]
+    assert abs(math.log2(errors[0] / errors[1]) - 4) < 0.5, errors
+
+
+# ---- accounting and reproducibility ---------------------------------------------------------------
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("t_min", [None, 0.0])
+def test_reported_nfe_counts_network_calls(method, t_min):
+    if t_min == 0.0 and METHODS[method].needs_positive_t_min:
+        pytest.skip("the method needs t_min > 0")
+    sde, data = SDES["vp"](), gaussian(2)
+    model = exact_model(sde, data)
+    n_steps = 7
+    schedule = "uniform" if t_min == 0.0 else None
+    _, info = sdeflow.sample(model, (5, 2), n_steps=n_steps, method=method, t_min=t_min, schedule=schedule,
+                             dtype=torch.float64, return_info=True)
+    assert info["nfe"] == model.net.calls
+    per_step = METHODS[method].nfe_per_step
+    expected = n_steps * (2 if method == "pc" else per_step)  # pc: 1 + n_corrector (default 1)
+    if method == "heun" and t_min == 0.0:
+        expected -= 1  # the Euler step onto σ̃ = 0
+    assert info["nfe"] == expected
+    assert info["times"].shape == (n_steps + 1,)
+
+
+@pytest.mark.parametrize("method,options", [("dopri5", {}), ("bosh3", {}), ("rk4", {"step_size": 0.1}),
+                                            ("midpoint", {"step_size": 0.25})])
+def test_sample_ode_reports_nfe(method, options):
+    sde, data = SDES["vp"](), gaussian(2)
+    model = exact_model(sde, data)
+    _, info = sdeflow.sample_ode(model, (5, 2), method=method, rtol=1e-4, atol=1e-4, dtype=torch.float64,
+                                 return_info=True, **options)
+    assert info["nfe"] == model.net.calls > 0
+    if method == "rk4":
+        assert info["nfe"] == 4 * 10
+    if method == "midpoint":
+        assert info["nfe"] == 2 * 4
+
+
+@pytest.mark.parametrize("method,lmbd", [("euler", 0.0), ("heun", 0.3), ("ddim", 0.0), ("dpm3", 1.0),
+                                         ("dpm++2m", 1.0), ("pc", 0.0)])
+def test_a_seed_reproduces_the_batch(method, lmbd):
+    model = exact_model(SDES["ve"](), gaussian(2))
+
+    def draw(seed):
+        return sdeflow.sample(model, (6, 2), n_steps=5, lmbd=lmbd, method=method,
+                              generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    assert torch.equal(draw(11), draw(11))
+    assert not torch.allclose(draw(11), draw(12))
+    ode = [sdeflow.sample_ode(model, (6, 2), generator=torch.Generator().manual_seed(11), rtol=1e-3, atol=1e-3,
+                              dtype=torch.float64) for _ in range(2)]
+    assert torch.equal(ode[0], ode[1])
+
+
+def test_predictor_runs_before_corrector():
+    """Algorithm 1 of Song et al. (2021): at step i the predictor evaluates the network at t_i, then
+    each corrector step at t_{i+1}; score_sde's code ran the corrector first (two calls at T)."""
+    sde = SDES["vp"]()
+    model = exact_model(sde, gaussian(2))
+    call_times = []
+    forward = model.net.forward
+    model.net.forward = lambda y, t: (call_times.append(float(t[0])), forward(y, t))[1]
+    n_steps, n_corrector = 4, 2
+    _, info = sdeflow.sample(model, (3, 2), n_steps=n_steps, method="pc", n_corrector=n_corrector,
+                             dtype=torch.float64, return_info=True)
+    grid = info["times"].tolist()
+    expected = []
+    for i in range(n_steps):
+        expected += [grid[i]] + [grid[i + 1]] * n_corrector
+    assert call_times == pytest.approx(expected)
+
+
+def test_callback_trajectory_and_projection():
+    model = exact_model(SDES["vp"](), gaussian(2))
+    seen = []
+    x, trajectory = sdeflow.sample(model, (4, 2), n_steps=6, method="dpm++2m", dtype=torch.float64,
+                                   callback=lambda d: seen.append(d["i"]), return_trajectory=True,
+                                   project=lambda x, t: x.clamp(-0.1, 0.1))
+    assert seen == list(range(6))
+    assert trajectory.shape == (7, 4, 2)
+    assert torch.equal(trajectory[-1], x) and x.abs().max() <= 0.1
+
+
+# ---- time grids ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_time_grids_run_from_t_start_to_t_min(name, schedule):
+    sde = SDES[name]()
+    ts = time_grid(sde, 10, schedule, t_min=1e-3, dtype=torch.float64)
+    assert ts.shape == (11,)
+    assert ts[0] == sde.T and ts[-1] == 1e-3
+    assert (ts[1:] < ts[:-1]).all()
+
+
+def test_time_grids_have_their_defining_spacing():
+    sde = SDES["vp"]()
+    ts = time_grid(sde, 8, "logsnr", t_min=1e-3, dtype=torch.float64)
+    assert torch.allclose(torch.diff(sde.log_snr(ts)), torch.diff(sde.log_snr(ts))[0].expand(8))
+    ts = time_grid(sde, 8, "karras", t_min=1e-3, dtype=torch.float64)
+    root = torch.exp(-0.5 * sde.log_snr(ts)) ** (1 / 7)
+    assert torch.allclose(torch.diff(root), torch.diff(root)[0].expand(8))
+    ts = time_grid(sde, 8, "quadratic", t_min=0.0, dtype=torch.float64)
+    assert torch.allclose(ts.sqrt(), torch.linspace(1, 0, 9, dtype=torch.float64))
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="rk45"), "method must be one of 'euler'"),
+    (dict(schedule="cosine"), "schedule must be one of 'uniform', 'quadratic', 'logsnr', 'karras'"),
+    (dict(n_steps=0), "n_steps must be a positive integer"),
+    (dict(n_steps=2.5), "n_steps must be a positive integer"),
+    (dict(method="dpm2", lmbd=0.5), r"'dpm2' supports λ = 1 only"),
+    (dict(method="dpm++2m", lmbd=0.0), r"supports λ = 1 only"),
+    (dict(lmbd=1.5), r"lmbd must lie in \[0, 1\]"),
+    (dict(method="dpm3", t_min=0.0), r"t_min in \(0, T=1.0\)"),
+    (dict(method="dpm3", t_min=1.0), r"t_min in \(0, T=1.0\)"),
+    (dict(schedule="logsnr", t_min=0.0), r"needs t_min in \(0, t_start"),
+    (dict(schedule="karras", t_min=-0.1), r"needs t_min in \(0, t_start"),
+    (dict(t_min=1.2), r"t_min must lie in \[0, t_start"),
+    (dict(t_start=1.5), r"t_start must lie in \(0, T"),
+    (dict(n_corrector=2), "only apply to method='pc'"),
+    (dict(method="pc", n_corrector=-1), "n_corrector must be a non-negative integer"),
+    (dict(method="pc", snr=0.0), "snr must be a positive number"),
+])
+def test_bad_input_to_sample_says_what_is_allowed(kwargs, match):
+    model = exact_model(SDES["vp"](), gaussian(2))
+    with pytest.raises(ValueError, match=match):
+        sdeflow.sample(model, (2, 2), **{"n_steps": 3, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="rk45"), "method must be one of"),
+    (dict(method="rk4"), "needs step_size"),
+    (dict(method="rk4", step_size=-0.1), "needs step_size"),
+    (dict(method="dopri5", step_size=0.1), "sets its own steps"),
+    (dict(t_min=1.0), r"t_min must lie in \[0, T"),
+])
+def test_bad_input_to_sample_ode_says_what_is_allowed(kwargs, match):
+    model = exact_model(SDES["vp"](), gaussian(2))
+    with pytest.raises(ValueError, match=match):
+        sdeflow.sample_ode(model, (2, 2), **kwargs)
