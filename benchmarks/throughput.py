@@ -285,7 +285,10 @@ def main(argv=None):
                         help="run our net channels-last (default: on GPU only; slower on the 2-core CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our net (compile time reported)")
     parser.add_argument("--no-bf16", action="store_true", help="keep fp32 on GPU (bf16 autocast is GPU-only)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.channels_last is None:
         args.channels_last = device.type == "cuda"

@@ -146,14 +146,13 @@ class FullCovarianceGaussian:
         """−(m²Σ + vI)⁻¹(y − m μ): (B, D) float64 (differentiable in y)."""
         mean_weight = torch.as_tensor(mean_weight, dtype=torch.float64).reshape(-1)
         var = torch.as_tensor(var, dtype=torch.float64).reshape(-1)
-        # A sampler asks for one time per batch: invert once per distinct (m, v), not per example.
-        params, index = torch.unique(torch.stack([mean_weight, var], dim=1), dim=0, return_inverse=True)
-        mu, cov = self._marginal(params[:, 0], params[:, 1])
-        precision = torch.linalg.inv(cov)
-        diff = y.double() - mu[index]
-        if params.shape[0] == 1:
-            return -diff @ precision[0]
-        return -(precision[index] @ diff.unsqueeze(-1)).squeeze(-1)
+        # A sampler asks for one time per batch: then invert one matrix, not one per example.
+        if bool((mean_weight == mean_weight[0]).all() and (var == var[0]).all()):
+            mu, cov = self._marginal(mean_weight[:1], var[:1])
+            return -(y.double() - mu) @ torch.linalg.inv(cov[0])
+        mu, cov = self._marginal(mean_weight, var)
+        diff = (y.double() - mu).unsqueeze(-1)
+        return -torch.linalg.solve(cov.expand(y.shape[0], -1, -1), diff).squeeze(-1)
 
     def conditional(self, observed, x_observed: torch.Tensor):
         r"""Law of the unobserved coordinates given the observed ones:

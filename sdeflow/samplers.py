@@ -26,8 +26,10 @@ Methods (see ``METHODS`` for each one's order, NFE per step, λ and defaults); o
 
 * ``"euler"``: Euler–Maruyama of the λ-family,
   :math:`x_{i+1} = x_i + \mu_\lambda(t_i, x_i)\,h_i + \sigma_\lambda(t_i)\sqrt{h_i}\,z_i`, h_i = t_i − t_{i+1}.
-* ``"heun"``: Heun's method in (x̃, σ̃) (Karras et al. 2022, Alg. 1), with the same Brownian
-  increment in predictor and corrector for λ < 1; an Euler step when σ̃_{i+1} = 0.
+* ``"heun"``: Heun's method for :math:`d\tilde x/d\tilde\sigma = \hat\varepsilon` (Karras et al. 2022,
+  Alg. 1); for λ < 1 their stochastic Alg. 2, the "churn" set to match the λ-family: noise raises
+  σ̃_i to σ̂ with σ̂² = σ̃_i² + (1 − λ)(σ̃_i² − σ̃_{i+1}²), then the Heun ODE step runs from σ̂ to
+  σ̃_{i+1}; an Euler step when σ̃_{i+1} = 0.
 * ``"ddim"``: DDIM (Song, Meng & Ermon 2021) with η = √(1 − λ), for any linear SDE:
   :math:`x_{i+1} = \alpha_{i+1}\hat x_0 + \sqrt{\sigma_{i+1}^2 - s_i^2}\,\hat\varepsilon + s_i z`,
   :math:`s_i = \eta\,\sigma_{i+1}\sqrt{1 - e^{2(\ell_i - \ell_{i+1})}}` (η = 1: the exact posterior
@@ -170,24 +172,30 @@ def _euler_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, st
 
 
 def _heun_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, state):
+    """Karras et al. (2022), Alg. 2 in (x̃, σ̃): for λ < 1 first raise the noise level to
+    σ̂² = σ̃_i² + (1 − λ)(σ̃_i² − σ̃_{i+1}²) (capped at σ̃(T)) by adding √(σ̂² − σ̃_i²)·z to x̃, then
+    a Heun step of the ODE dx̃/dσ̃ = ε̂ from σ̂ to σ̃_{i+1}:
+    x̃' = x̃ + (σ̃_{i+1} − σ̂) ε̂(σ̂),  x̃_{i+1} = x̃ + (σ̃_{i+1} − σ̂)(ε̂(σ̂) + ε̂'(σ̃_{i+1}))/2
+    (just x̃' when σ̃_{i+1} = 0, where ε̂ is 0/0). The extra ODE stretch σ̂ → σ̃_i supplies the
+    (1 − λ)·ε̂ dσ̃ part of the λ-family's drift (2 − λ)·ε̂ dσ̃, the added noise its (1 − λ)·d(σ̃²)."""
     sde = model.sde
     c, c_next = _coefs(sde, t, x.ndim), _coefs(sde, t_next, x.ndim)
     x_tilde = x / c.alpha.to(x.dtype)
-    d_sigma = c_next.sigma_tilde - c.sigma_tilde
-    drift_factor = 2.0 - lmbd
-    eps = _noise_prediction(model, x, t)
-    if last or lmbd == 1:
-        increment = torch.zeros_like(x)
-    else:
-        # Exact variance of ∫ dW̃ over the step: σ̃_i² − σ̃_{i+1}².
-        noise_std = math.sqrt(1 - lmbd) * (c.sigma_tilde ** 2 - c_next.sigma_tilde ** 2).sqrt()
-        increment = noise_std.to(x.dtype) * _noise(x, generator)
-    x_tilde_euler = x_tilde + _lin((drift_factor * d_sigma, eps)) + increment
+    t_hat, c_hat = t, c
+    if not last and lmbd < 1:
+        sigma_cap = torch.exp(-0.5 * sde.log_snr(torch.tensor(sde.T, dtype=torch.float64)))
+        sigma_hat = (c.sigma_tilde ** 2 + (1 - lmbd) * (c.sigma_tilde ** 2 - c_next.sigma_tilde ** 2)).sqrt()
+        sigma_hat = torch.maximum(torch.minimum(sigma_hat, sigma_cap), c.sigma_tilde)
+        x_tilde = x_tilde + (sigma_hat ** 2 - c.sigma_tilde ** 2).sqrt().to(x.dtype) * _noise(x, generator)
+        t_hat = _t_from_half_log_snr(sde, -torch.log(sigma_hat), t)
+        c_hat = _coefs(sde, t_hat, x.ndim)
+    d_sigma = c_next.sigma_tilde - c_hat.sigma_tilde
+    eps = _noise_prediction(model, x_tilde * c_hat.alpha.to(x.dtype), t_hat)
+    x_tilde_euler = x_tilde + _lin((d_sigma, eps))
     if bool((c_next.sigma_tilde == 0).all()):
-        # At σ̃ = 0 (t = 0) ε̂ is 0/0; Karras et al. take an Euler step there.
         return x_tilde_euler * c_next.alpha.to(x.dtype), 1
     eps_next = _noise_prediction(model, x_tilde_euler * c_next.alpha.to(x.dtype), t_next)
-    x_tilde_next = x_tilde + _lin((0.5 * drift_factor * d_sigma, eps + eps_next)) + increment
+    x_tilde_next = x_tilde + _lin((0.5 * d_sigma, eps + eps_next))
     return x_tilde_next * c_next.alpha.to(x.dtype), 2
 
 
@@ -320,7 +328,7 @@ class Method:
 METHODS: dict[str, Method] = {
     "euler": Method(_euler_step, order="1 (ODE); strong 1, weak 1 for λ < 1 (the noise is additive)",
                     nfe_per_step=1, lmbd="any λ in [0, 1]"),
-    "heun": Method(_heun_step, order="2 (ODE); strong 1 for λ < 1", nfe_per_step=2,
+    "heun": Method(_heun_step, order="2 (ODE); weak 1 for λ < 1", nfe_per_step=2,
                    lmbd="any λ in [0, 1]", default_lmbd=1.0, default_schedule="karras", default_t_min=1e-3),
     "ddim": Method(_ddim_step, order="1 (η = 0); weak 1 for η > 0", nfe_per_step=1,
                    lmbd="any λ in [0, 1] (η = √(1 − λ))", default_lmbd=1.0, default_schedule="quadratic",

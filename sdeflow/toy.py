@@ -3,7 +3,8 @@ measure it, and draw it. The ``sdeflow swissroll`` command and ``examples/swissr
 parse arguments and call :func:`run_toy`.
 
 Training minimises the denoising score matching loss :meth:`PluginReverseSDE.dsm` on fresh data
-each step (Adam, warm-up then cosine decay of the learning rate, an exponential moving average
+each step; by default with the likelihood weighting g²/v and times drawn ∝ g²/v (uniform in
+log-SNR), which makes the loss the ELBO's own DSM form and so keeps the bound tight (Adam, warm-up then cosine decay of the learning rate, an exponential moving average
 (EMA) of the weights, which is the model that is evaluated). Every ``elbo_every`` steps the EMA
 model's ELBO is estimated on a fresh batch, so the progress bar and ``training.png`` show the
 bound improving.
@@ -19,8 +20,9 @@ Evaluation (:func:`evaluate_toy`), all on fresh data:
   ``elbo_gap_nats`` = E[log p − ELBO] and ``ode_gap_nats`` = E[log p − log p_ODE] with paired
   standard errors.
 - ``swd_lmbd<λ>``: sliced Wasserstein-1 distance (200 projections) between ``n_samples`` samples
-  of the λ-process and as many fresh data points; ``swd_floor``: the same between two independent
-  data sets, the value a perfect sampler would reach on average.
+  of the λ-process (Euler, ``sample_steps`` steps) and as many fresh data points; ``swd_floor``:
+  the same between two independent data sets (mean over five pairs), the value a perfect sampler
+  would reach on average. All use the same projections.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ OUTPUT_FILES = ("samples.png", "trajectories_lmbd0.png", "trajectories_lmbd1.png
                 "metrics.json")
 
 
+#: Independent pairs of data sets averaged into ``swd_floor``.
+SWD_FLOOR_PAIRS = 5
+
+
 def lmbd_key(lmbd: float) -> str:
     """The suffix naming λ in files and metrics: 0 -> "0", 1 -> "1", 0.5 -> "0.5"."""
     return f"{float(lmbd):g}"
@@ -62,7 +68,7 @@ class ToyConfig:
     """Every setting of the toy example; the defaults are the tuned ones (see the README)."""
 
     dataset: str = "swissroll"
-    steps: int = 6000
+    steps: int = 4000
     batch_size: int = 512
     lr: float = 3e-3
     warmup_steps: int = 200
@@ -70,9 +76,11 @@ class ToyConfig:
     ema_decay: float = 0.998
     hidden: int = 128
     n_blocks: int = 2
+    fourier_features: int = 16
+    fourier_scale: float = 0.5
     parameterization: str = "noise"
-    weighting: str = "noise"
-    time_sampling: str = "uniform"
+    weighting: str = "likelihood"
+    time_sampling: str = "importance"
     beta_min: float = 0.1
     beta_max: float = 20.0
     seed: int = 0
@@ -81,10 +89,11 @@ class ToyConfig:
     sample_steps: int = 500
     n_samples: int = 5000
     n_trajectories: int = 150
-    n_likelihood: int = 2000
-    elbo_slices: int = 16
-    elbo_every: int = 100
+    n_likelihood: int = 1000
+    elbo_slices: int = 128
+    elbo_every: int = 200
     elbo_batch: int = 256
+    elbo_train_slices: int = 4
     swd_projections: int = 200
     ode_rtol: float = 1e-5
     ode_atol: float = 1e-5
@@ -95,15 +104,18 @@ class ToyConfig:
         check_choice("parameterization", self.parameterization, PARAMETERIZATIONS)
         check_choice("weighting", self.weighting, WEIGHTINGS)
         check_choice("time_sampling", self.time_sampling, TIME_SAMPLINGS)
+        if isinstance(self.fourier_features, bool) or int(self.fourier_features) != self.fourier_features \
+                or self.fourier_features < 0:
+            raise ValueError(f"fourier_features must be an integer >= 0; got {self.fourier_features!r}")
         for name in ("steps", "batch_size", "hidden", "n_blocks", "sample_steps", "n_samples",
-                     "n_trajectories", "n_likelihood", "elbo_slices", "elbo_every", "elbo_batch",
+                     "n_trajectories", "n_likelihood", "elbo_slices", "elbo_every", "elbo_batch", "elbo_train_slices",
                      "swd_projections"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         if isinstance(self.warmup_steps, bool) or int(self.warmup_steps) != self.warmup_steps or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0; got {self.warmup_steps!r}")
-        for name in ("lr", "beta_min", "beta_max", "ode_rtol", "ode_atol"):
+        for name in ("lr", "beta_min", "beta_max", "ode_rtol", "ode_atol", "fourier_scale"):
             value = float(getattr(self, name))
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive finite number; got {getattr(self, name)!r}")
@@ -129,7 +141,8 @@ def make_toy_model(config: ToyConfig) -> PluginReverseSDE:
     """A VP SDE (β from ``beta_min`` to ``beta_max``) and an :class:`~sdeflow.nets.mlp.MLP` of
     width ``hidden`` and ``n_blocks`` residual blocks, as a :class:`PluginReverseSDE` on ``device``."""
     sde = VPSDE(config.beta_min, config.beta_max)
-    net = MLP(dim=2, hidden=config.hidden, n_blocks=config.n_blocks, T=sde.T)
+    net = MLP(dim=2, hidden=config.hidden, n_blocks=config.n_blocks, T=sde.T,
+              fourier_features=config.fourier_features, fourier_scale=config.fourier_scale)
     return PluginReverseSDE(sde, net, parameterization=config.parameterization).to(config.device)
 
 
@@ -150,7 +163,8 @@ def train_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Gener
     :math:`\bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta` (d = ``ema_decay``).
 
     Every ``elbo_every`` steps (and at the last) the EMA model's mean ELBO on ``elbo_batch`` fresh
-    points is estimated (exact divergence, importance time sampling: no fitting needed) and folded
+    points (``elbo_train_slices`` times each; exact divergence, importance time sampling: no fitting
+    needed) is estimated and folded
     into a running average. ``callback`` gets {"step", "loss", "elbo", "running_elbo"} after every
     step (elbo None between estimates).
 
@@ -184,7 +198,8 @@ def train_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Gener
         if step % config.elbo_every == 0 or step == config.steps:
             x_eval = sample_toy(config.dataset, config.elbo_batch, generator=generator).to(device)
             with torch.no_grad():
-                elbo_value = float(ema.module.elbo(x_eval, time_sampling="importance", divergence="exact",
+                elbo_value = float(ema.module.elbo(x_eval, n_slices=config.elbo_train_slices,
+                                                   time_sampling="importance", divergence="exact",
                                                    generator=generator).mean())
             # An EMA of the estimates, so that the displayed ELBO is stable but still follows training.
             running_elbo = elbo_value if running_elbo is None else 0.7 * running_elbo + 0.3 * elbo_value
@@ -213,11 +228,13 @@ def evaluate_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Ge
     config.validate()
     device = torch.device(config.device)
     metrics: dict[str, float] = {}
+    start = time.perf_counter()
     # -- likelihoods on n_likelihood fresh points -------------------------------------------------
     x = sample_toy(config.dataset, config.n_likelihood, generator=generator).to(device)
     with torch.no_grad():
         model.fit_time_proposal(x, divergence="exact", generator=generator)
-        chunk = 500
+        # Chunks of ~16k rows (points × slices) bound the memory of the divergence's graph.
+        chunk = max(1, 16384 // config.elbo_slices)
         elbo = torch.cat([model.elbo(x[i:i + chunk], n_slices=config.elbo_slices, time_sampling="fitted",
                                      divergence="exact", generator=generator)
                           for i in range(0, x.shape[0], chunk)])
@@ -233,21 +250,33 @@ def evaluate_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Ge
         metrics["true_logp_nats"], metrics["true_logp_se"] = _mean_se(true_logp)
         metrics["elbo_gap_nats"], metrics["elbo_gap_se"] = _mean_se(true_logp - elbo.double())
         metrics["ode_gap_nats"], metrics["ode_gap_se"] = _mean_se(true_logp - ode_logp.double())
+    metrics["likelihood_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
     # -- samples of every λ and the sliced Wasserstein distance to fresh data -----------------------
+    # Every distance uses the same projections (common random numbers), so their differences
+    # reflect the point sets rather than the directions drawn.
+    projection_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+
+    def swd(a: torch.Tensor, b: torch.Tensor) -> float:
+        return sliced_wasserstein(a, b, config.swd_projections,
+                                  generator=torch.Generator().manual_seed(projection_seed))
+
     data = sample_toy(config.dataset, config.n_samples, generator=generator).to(device)
-    reference = sample_toy(config.dataset, config.n_samples, generator=generator).to(device)
-    metrics["swd_floor"] = sliced_wasserstein(data, reference, config.swd_projections, generator=generator)
+    # The floor is itself a noisy distance between two finite sets: average it over a few pairs.
+    metrics["swd_floor"] = sum(swd(sample_toy(config.dataset, config.n_samples, generator=generator),
+                                   sample_toy(config.dataset, config.n_samples, generator=generator))
+                               for _ in range(SWD_FLOOR_PAIRS)) / SWD_FLOOR_PAIRS
     artefacts = {"data": data.cpu(), "samples": {}, "trajectories": {}}
     for lmbd in config.lmbds:
         samples = sample(model, (config.n_samples, 2), n_steps=config.sample_steps, lmbd=lmbd,
                          generator=generator, device=device)
-        metrics[f"swd_lmbd{lmbd_key(lmbd)}"] = sliced_wasserstein(samples, data, config.swd_projections,
-                                                                   generator=generator)
+        metrics[f"swd_lmbd{lmbd_key(lmbd)}"] = swd(samples, data)
         _, trajectory = sample(model, (config.n_trajectories, 2), n_steps=config.sample_steps, lmbd=lmbd,
                                generator=generator, device=device, return_trajectory=True)
         artefacts["samples"][float(lmbd)] = samples.cpu()
         artefacts["trajectories"][float(lmbd)] = trajectory.cpu()
     artefacts["times"] = torch.linspace(model.T, 0.0, config.sample_steps + 1)
+    metrics["sampling_seconds"] = time.perf_counter() - start
     return metrics, artefacts
 
 
@@ -294,10 +323,9 @@ def _pyplot():
 
 
 def _limits(*point_sets: torch.Tensor, quantile: float = 0.999, margin: float = 0.15):
-    """Square plot limits around the central ``quantile`` of the data (outliers stay off-plot)."""
-    points = torch.cat([p.double() for p in point_sets])
-    lo = torch.quantile(points, 1 - quantile, dim=0)
-    hi = torch.quantile(points, quantile, dim=0)
+    """Square plot limits enclosing the central ``quantile`` of each point set (outliers stay off-plot)."""
+    lo = torch.stack([torch.quantile(p.double(), 1 - quantile, dim=0) for p in point_sets]).min(dim=0).values
+    hi = torch.stack([torch.quantile(p.double(), quantile, dim=0) for p in point_sets]).max(dim=0).values
     centre, half = (lo + hi) / 2, float((hi - lo).max()) / 2 * (1 + margin)
     return (float(centre[0]) - half, float(centre[0]) + half), (float(centre[1]) - half, float(centre[1]) + half)
 
@@ -352,7 +380,7 @@ def plot_trajectories(trajectory: torch.Tensor, times: torch.Tensor, data: torch
                label="start: prior sample (t = T)", zorder=3)
     ax.scatter(path_points[-1, :, 0], path_points[-1, :, 1], s=3, color="crimson", edgecolors="none",
                label="end: generated point (t = 0)", zorder=4)
-    xlim, ylim = _limits(data, trajectory[0], quantile=0.995)
+    xlim, ylim = _limits(data, trajectory[0], quantile=0.98)
     ax.set_xlim(xlim)
     ax.set_ylim(ylim)
     ax.set_aspect("equal")
@@ -366,7 +394,7 @@ def plot_trajectories(trajectory: torch.Tensor, times: torch.Tensor, data: torch
     _save_figure(fig, path)
 
 
-def plot_training(history: dict, metrics: dict, path: str, title: str) -> None:
+def plot_training(history: dict, metrics: dict, path: str, title: str, weighting: str = "noise") -> None:
     """Two panels against step: the DSM loss (raw and smoothed, log scale) and the ELBO estimates
     with their running average, the final test ELBO and ODE likelihood, and the true log-density."""
     plt = _pyplot()
@@ -380,7 +408,7 @@ def plot_training(history: dict, metrics: dict, path: str, title: str) -> None:
         ax_loss.plot(steps[window - 1:], smooth, color="tab:blue", linewidth=1.5, label=f"mean of {window} steps")
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("DSM loss")
+    ax_loss.set_ylabel(f"DSM loss ({weighting} weighting)")
     ax_loss.set_title("training loss")
     ax_loss.legend(fontsize=8)
     ax_elbo.plot(history["elbo_step"], history["elbo"], ".", color="tab:orange", markersize=3, alpha=0.5,
@@ -441,7 +469,6 @@ def run_toy(config: ToyConfig, out_dir: str,
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
     metrics, artefacts = evaluate_toy(ema_model, config, generator)
-    metrics["eval_seconds"] = time.perf_counter() - start
     metrics["train_seconds"] = train_seconds
     metrics["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
     metrics["threads"] = torch.get_num_threads()
@@ -450,6 +477,7 @@ def run_toy(config: ToyConfig, out_dir: str,
     for lmbd, trajectory in artefacts["trajectories"].items():
         plot_trajectories(trajectory, artefacts["times"], artefacts["data"], lmbd,
                           os.path.join(out_dir, f"trajectories_lmbd{lmbd_key(lmbd)}.png"), title)
-    plot_training(history, metrics, os.path.join(out_dir, "training.png"), title)
+    plot_training(history, metrics, os.path.join(out_dir, "training.png"), title, config.weighting)
+    metrics["eval_seconds"] = time.perf_counter() - start  # likelihoods, samples and figures
     write_metrics(metrics, os.path.join(out_dir, "metrics.json"))
     return metrics

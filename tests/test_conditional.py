@@ -32,11 +32,14 @@ def exact_model(sde, data) -> sdeflow.PluginReverseSDE:
 
 
 def moment_errors(samples: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor):
-    """Max |mean error| in units of its Monte-Carlo standard error, and max |covariance error|."""
+    """Max |error| of the sample mean and of the sample covariance, each entry in units of its
+    Monte-Carlo standard error (Gaussian: var(Σ̂_ij) ≈ (Σ_ii Σ_jj + Σ_ij²)/n)."""
     n = samples.shape[0]
-    mean_z = ((samples.mean(0) - mean) / (cov.diagonal() / n).sqrt()).abs().max().item()
-    cov_err = (torch.cov(samples.T) - cov).abs().max().item()
-    return mean_z, cov_err
+    var = cov.diagonal()
+    mean_z = ((samples.mean(0) - mean) / (var / n).sqrt()).abs().max().item()
+    cov_se = ((var[:, None] * var[None, :] + cov ** 2) / n).sqrt()
+    cov_z = ((torch.cov(samples.T) - cov) / cov_se).abs().max().item()
+    return mean_z, cov_z
 
 
 def observation(data, seed=0):
@@ -86,11 +89,10 @@ def test_denoise_samples_exact_posterior(name):
                             generator=gen, return_info=True)
     assert info["nfe"] == N_STEPS
     mean, cov = data.posterior(torch.eye(4, dtype=torch.float64), y, noise_std)
-    mean_z, cov_err = moment_errors(samples, mean, cov)
-    # Monte-Carlo error only: 4 standard errors on the mean, and the covariance's sampling error
-    # (≈ √(2/n)·var ≈ 0.01 here) with room for Euler's O(h) bias.
-    assert mean_z < 4.0, mean_z
-    assert cov_err < 0.03, cov_err
+    mean_z, cov_z = moment_errors(samples, mean, cov)
+    # Monte-Carlo error only (4 entries of the mean, 10 of the covariance; Euler's O(h) bias at
+    # 100 steps is well inside one standard error).
+    assert mean_z < 4.0 and cov_z < 4.5, (mean_z, cov_z)
 
 
 def test_denoise_refuses_bad_noise_levels():
@@ -124,7 +126,7 @@ INPAINT_RUNS = {
 
 @pytest.fixture(scope="module")
 def inpainting_errors():
-    """{run: (mean z-score, covariance error)} of VP inpainting of coordinates 1, 3 given 0, 2."""
+    """{run: (mean z-score, covariance z-score)} of VP inpainting of coordinates 1, 3 given 0, 2."""
     sde, data = SDES["vp"](), correlated_gaussian()
     model, x = exact_model(sde, data), observation(data)
     mask = torch.tensor([True, False, True, False])
@@ -137,21 +139,21 @@ def inpainting_errors():
         assert info["nfe"] == N_STEPS
         assert torch.equal(samples[:, mask], x[mask].expand(N_SAMPLES, 2))
         errors[name] = moment_errors(samples[:, ~mask], mean, cov)
-    print("\ninpainting (VP, Euler, 100 steps) mean z-score, max |cov error|:", errors)
+    print("\ninpainting (VP, Euler, 100 steps) max z-scores of mean, covariance:", errors)
     return errors
 
 
 def test_guided_jacobian_inpainting_matches_exact_conditional(inpainting_errors):
-    mean_z, cov_err = inpainting_errors["guided-jacobian"]
+    mean_z, cov_z = inpainting_errors["guided-jacobian"]
     # Exact for Gaussian data: only Monte-Carlo and Euler error remain.
-    assert mean_z < 5.0 and cov_err < 0.03, inpainting_errors
+    assert mean_z < 4.0 and cov_z < 4.5, inpainting_errors
 
 
 def test_corrected_inpainting_is_closer_than_replacement(inpainting_errors):
     replacement_z, replacement_cov = inpainting_errors["replacement"]
-    assert replacement_z > 10.0, "replacement should be visibly biased on correlated data"
-    mean_z, cov_err = inpainting_errors["guided-jacobian"]
-    assert mean_z < replacement_z / 4 and cov_err < replacement_cov / 2, inpainting_errors
+    assert replacement_z > 8.0 and replacement_cov > 8.0, "replacement should be visibly biased here"
+    mean_z, cov_z = inpainting_errors["guided-jacobian"]
+    assert mean_z < replacement_z / 2 and cov_z < replacement_cov / 2, inpainting_errors
     # The isotropic covariance (ΠGDM) is an approximation: it fixes the spread of the conditional
     # here but not its mean (both errors are printed above).
     assert inpainting_errors["guided-isotropic"][1] < replacement_cov / 2, inpainting_errors
@@ -167,8 +169,8 @@ def test_posterior_sample_with_general_operator_and_noise():
                                      covariance="jacobian", n_steps=N_STEPS, generator=gen, return_info=True)
     assert info["backward_passes"] == 4 * N_STEPS
     mean, cov = data.posterior(A, y, noise_std)
-    mean_z, cov_err = moment_errors(samples, mean, cov)
-    assert mean_z < 5.0 and cov_err < 0.03, (mean_z, cov_err)
+    mean_z, cov_z = moment_errors(samples, mean, cov)
+    assert mean_z < 4.0 and cov_z < 4.5, (mean_z, cov_z)
 
 
 def test_inpaint_never_reads_missing_values_and_handles_image_shapes():
@@ -231,12 +233,14 @@ def test_posterior_sample_refuses_bad_shapes():
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
-    missing = tmp_path / "nope.pt"
-    assert cli_main(["inpaint", "--checkpoint", str(missing), "--mask", "left-half",
-                     "--out", str(tmp_path / "a.png")]) == 2
-    assert cli_main(["denoise", "--checkpoint", str(missing), "--snr", "-1",
-                     "--out", str(tmp_path / "b.png")]) == 2
-    assert cli_main(["inpaint", "--checkpoint", str(missing), "--mask", "top",
-                     "--out", str(tmp_path / "c.png")]) == 2
+    missing = str(tmp_path / "nope.pt")
+    assert cli_main(["inpaint", "--checkpoint", missing, "--mask", "left-half", "--out", str(tmp_path / "a.png")]) == 2
+    assert cli_main(["denoise", "--checkpoint", missing, "--snr", "1", "--out", str(tmp_path / "a.txt")]) == 2
+    for argv in (["denoise", "--checkpoint", missing, "--snr", "-1", "--out", "b.png"],
+                 ["inpaint", "--checkpoint", missing, "--mask", "top", "--out", "c.png"],
+                 ["inpaint", "--checkpoint", missing, "--mask", "random:2", "--out", "c.png"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(argv)
+        assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all("error" in line for line in err)
+    assert len(err) == 5 and all("error" in line for line in err), err

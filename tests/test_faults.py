@@ -5,7 +5,6 @@ disk full / unwritable directory · unsafe, truncated or foreign checkpoints · 
 nonsense command-line arguments · reproducible evaluation.
 """
 
-import contextlib
 import errno
 import json
 import os
@@ -24,8 +23,10 @@ from sdeflow import checkpoint as ckpt
 from sdeflow import cli, training
 from sdeflow.model import PluginReverseSDE
 
-from training_helpers import (REPO, TINY_CLI_NET, cli_env, tiny_config, tiny_images, tiny_model,
+from training_helpers import (single_thread, one_thread, REPO, TINY_CLI_NET, cli_env, tiny_config, tiny_images, tiny_model,
                               tiny_train_config, train_args, write_cifar_batches)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 DRIVER = REPO / "tests" / "fault_driver.py"
 
@@ -53,18 +54,6 @@ def _assert_same_state(a, b):
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Bit-identical comparisons need the same reduction order everywhere: the child processes run
-    with one thread (OMP_NUM_THREADS=1), so the in-process parts do too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _train_tiny(run, resume=False):
@@ -259,7 +248,8 @@ def cli_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("cli")
     root = write_cifar_batches(base / "data")
     run = base / "run"
-    assert cli.main(train_args(root, run, 2)) == 0
+    with one_thread():
+        assert cli.main(train_args(root, run, 2)) == 0
     return root, run
 
 

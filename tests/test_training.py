@@ -11,7 +11,9 @@ from sdeflow import checkpoint as ckpt
 from sdeflow import training
 from sdeflow.data import transforms
 
-from training_helpers import tiny_config, tiny_images, tiny_model, tiny_train_config
+from training_helpers import single_thread, tiny_config, tiny_images, tiny_model, tiny_train_config
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _log(run_dir):

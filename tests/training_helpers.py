@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from sdeflow import training
@@ -20,6 +22,25 @@ TINY_NET = dict(base_channels=4, channel_mult=[1], num_res_blocks=1, attn_resolu
 # The same for 32×32 CIFAR-shaped images, as passed on the command line.
 TINY_CLI_NET = ["--base-channels", "4", "--channel-mult", "1,1,1", "--num-res-blocks", "1",
                 "--attn-resolutions", "none", "--dropout", "0"]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread: on a busy 2-core machine two OpenMP threads spin against the other
+    processes and make tiny networks tens of times slower; one thread also gives the same reduction
+    order as the child processes (OMP_NUM_THREADS=1), which bit-exact comparisons need."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def single_thread():
+    with one_thread():
+        yield
 
 
 def tiny_config(**kwargs) -> dict:
@@ -86,3 +107,29 @@ def train_args(data_root, out, steps=4, *extra) -> list:
             "--out", out, "--checkpoint-every", 2, "--log-every", 1, "--no-progress", "--seed", 3,
             *TINY_CLI_NET, *extra]
     return [str(a) for a in args]
+
+
+def distributed_worker(rank: int, world: int, init_file: str, run_dir: str, out_dir: str) -> None:
+    """One rank of tests/test_distributed.py: a few training steps and an evaluation under gloo."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        config = tiny_config()
+        report = {}
+        try:
+            training.train(tiny_model(config), tiny_images(), run_dir, tiny_train_config(batch_size=5), config)
+        except ValueError as err:
+            report["indivisible"] = str(err)
+        model = tiny_model(config)
+        result = training.train(model, tiny_images(), run_dir,
+                                tiny_train_config(steps=3, checkpoint_every=3, batch_size=4), config)
+        report["step"] = result["step"]
+        evaluation = training.evaluate_bpd(model, tiny_images(8), config, batch_size=2, seed=4)
+        report["bpd_per_image"] = evaluation["bpd_per_image"]
+        report["n_images"] = evaluation["n_images"]
+        report["params"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        torch.save(report, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

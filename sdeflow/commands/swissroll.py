@@ -70,6 +70,8 @@ def add_arguments(parser) -> None:
                         help="MLP width (default: %(default)s)")
     parser.add_argument("--blocks", type=_positive_int, default=defaults.n_blocks,
                         help="MLP residual blocks (default: %(default)s)")
+    parser.add_argument("--fourier-features", type=int, default=defaults.fourier_features,
+                        help="random Fourier features of the input (0: none) (default: %(default)s)")
     parser.add_argument("--lmbd", type=_lmbd, nargs="+", default=[], metavar="λ",
                         help="extra λ values to sample besides 0 (reverse SDE) and 1 (ODE), e.g. --lmbd 0.5 0.9")
     parser.add_argument("--sample-steps", type=_positive_int, default=defaults.sample_steps,
@@ -96,7 +98,8 @@ def config_from_args(args):
 
     lmbds = tuple(sorted({0.0, 1.0, *args.lmbd}))
     return ToyConfig(dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                     ema_decay=args.ema_decay, hidden=args.hidden, n_blocks=args.blocks, lmbds=lmbds,
+                     ema_decay=args.ema_decay, hidden=args.hidden, n_blocks=args.blocks,
+                     fourier_features=args.fourier_features, lmbds=lmbds,
                      sample_steps=args.sample_steps, n_samples=args.n_samples,
                      n_likelihood=args.n_likelihood, weighting=args.weighting,
                      time_sampling=args.time_sampling, seed=args.seed, device=args.device).validate()

@@ -62,13 +62,18 @@ class MLP(nn.Module):
     """
 
     def __init__(self, dim: int = 2, hidden: int = 128, n_blocks: int = 2, time_dim: int = 32,
-                 T: float = 1.0):
+                 T: float = 1.0, fourier_features: int = 0, fourier_scale: float = 1.0):
         super().__init__()
         dim, hidden = _positive_int("dim", dim), _positive_int("hidden", hidden)
         n_blocks = _positive_int("n_blocks", n_blocks)
+        if isinstance(fourier_features, bool) or int(fourier_features) != fourier_features or fourier_features < 0:
+            raise ValueError(f"fourier_features must be an integer >= 0; got {fourier_features!r}")
         self.dim = dim
         self.time_embedding = TimeEmbedding(time_dim, T)
-        self.input = nn.Linear(dim, hidden)
+        # Random Fourier features sin/cos(2π B y), B ~ N(0, scale²): let a small MLP draw the sharp
+        # edges of a density (Tancik et al. 2020); directions are random, not aligned with any data.
+        self.register_buffer("fourier_matrix", fourier_scale * torch.randn(dim, int(fourier_features)))
+        self.input = nn.Linear(dim + 2 * int(fourier_features), hidden)
         self.time_input = nn.Linear(time_dim, hidden)
         self.inner = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_blocks))
         self.time_proj = nn.ModuleList(nn.Linear(time_dim, hidden) for _ in range(n_blocks))
@@ -87,7 +92,11 @@ class MLP(nn.Module):
         if t.shape != (y.shape[0],):
             raise ValueError(f"t must have shape ({y.shape[0]},) or be a scalar; got {tuple(t.shape)}")
         emb = self.time_embedding(t).to(y.dtype)
-        h = self.input(y) + self.time_input(emb)
+        features = y
+        if self.fourier_matrix.shape[1]:
+            phase = 2 * math.pi * y @ self.fourier_matrix.to(y.dtype)
+            features = torch.cat([y, torch.sin(phase), torch.cos(phase)], dim=1)
+        h = self.input(features) + self.time_input(emb)
         for inner, time_proj, outer in zip(self.inner, self.time_proj, self.outer):
             h = h + outer(self.act(inner(self.act(h)) + time_proj(emb)))
         return self.output(self.act(h))

@@ -1,0 +1,120 @@
+"""``sdeflow train | eval | sample`` end to end on tiny CIFAR-format data, and their user errors."""
+
+import json
+
+import pytest
+
+from sdeflow import checkpoint as ckpt
+from sdeflow import cli, training
+
+from training_helpers import one_thread, single_thread, train_args, write_cifar_batches
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli_images")
+    root = write_cifar_batches(base / "data", n_train=16, n_test=6)
+    run = base / "run"
+    with one_thread():
+        code = cli.main(train_args(root, run, 2, "--sample-every", "2", "--sample-n", "4", "--sample-steps", "3"))
+    assert code == 0
+    return root, run
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sample"])
+def test_help_explains_every_flag(capsys, command):
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args([command, "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    sub = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict)).choices[command]
+    for action in sub._actions:
+        assert action.help, f"{command} {action.option_strings} has no help"
+        for flag in action.option_strings:
+            assert flag in text
+
+
+def test_train_writes_checkpoint_log_and_sample_grid(trained):
+    root, run = trained
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [2]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    png = run / "samples-00000002.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    state = ckpt.load_checkpoint(run / "ckpt-00000002.pt")
+    assert state["config"]["dataset"] == "cifar10" and state["config"]["net"]["base_channels"] == 4
+    assert state["config"]["data"] == {"transform": "logit", "alpha": 0.05}
+
+
+def test_resume_finds_latest_checkpoint_and_refuses_to_overwrite(tmp_path, capsys, trained):
+    root, _ = trained
+    run = tmp_path / "run"
+    assert cli.main(train_args(root, run, 2)) == 0
+    before = (run / "ckpt-00000002.pt").read_bytes()
+    assert cli.main(train_args(root, run, 4)) == 2  # no --resume: refused, nothing lost
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert (run / "ckpt-00000002.pt").read_bytes() == before
+    assert cli.main(train_args(root, run, 4, "--resume")) == 0
+    assert "trained to step 4" in capsys.readouterr().out
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [2, 4]
+
+
+def test_eval_prints_and_writes_json(tmp_path, capsys, trained):
+    root, run = trained
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--checkpoint", run, "--dataset", "cifar10", "--data-root", root, "--split", "test",
+            "--n-slices", "1", "--time-sampling", "importance", "--json", out, "--no-progress"]
+    assert cli.main([str(a) for a in argv]) == 0
+    line = capsys.readouterr().out.strip()
+    result = json.loads(out.read_text())
+    assert {"bpd", "bpd_se", "n_images", "seconds"} <= set(result) and "nfe" not in result
+    assert result["n_images"] == 6 and result["bpd"] > 0 and result["bpd_se"] > 0
+    assert line.startswith(f"test bits/dim: {result['bpd']:.4f} ± {result['bpd_se']:.4f} (6 images")
+
+
+def test_eval_ode_reports_nfe(tmp_path, capsys, monkeypatch, trained):
+    """Plumbing only (the ODE likelihood itself is tested in test_training and test_model): a 2-step
+    model is stiff near t = 0, so its adaptive solve costs thousands of evaluations."""
+    root, run = trained
+    from sdeflow.model import PluginReverseSDE
+
+    def cheap_ode(self, x, rtol, atol, generator, return_info):
+        assert (rtol, atol) == (1e-3, 1e-3) and return_info
+        return self.sde.prior_log_prob(x), {"nfe": 7}
+
+    monkeypatch.setattr(PluginReverseSDE, "log_prob_ode", cheap_ode)
+    out = tmp_path / "ode.json"
+    argv = ["eval", "--checkpoint", run / "ckpt-00000002.pt", "--dataset", "cifar10", "--data-root", root,
+            "--ode", "--rtol", "1e-3", "--atol", "1e-3", "--limit", "2", "--json", out, "--no-progress"]
+    assert cli.main([str(a) for a in argv]) == 0
+    result = json.loads(out.read_text())
+    assert result["nfe"] == 7 and result["n_images"] == 2
+    assert "mean NFE 7" in capsys.readouterr().out
+
+
+def test_sample_writes_grid(tmp_path, capsys, trained):
+    _, run = trained
+    out = tmp_path / "grid.png"
+    argv = ["sample", "--checkpoint", run, "--n", "4", "--lmbd", "0.5", "--steps", "3", "--out", out]
+    assert cli.main([str(a) for a in argv]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert "wrote 4 samples" in capsys.readouterr().out
+
+
+def test_eval_refuses_checkpoint_of_another_dataset(capsys, trained):
+    root, run = trained
+    assert cli.main(["eval", "--checkpoint", str(run), "--dataset", "mnist", "--data-root", str(root)]) == 2
+    assert "trained on 'cifar10', not --dataset mnist" in capsys.readouterr().err
+
+
+def test_batch_size_must_divide_across_processes(tmp_path, capsys, monkeypatch, trained):
+    root, _ = trained
+    import torch
+    monkeypatch.setattr(training, "init_distributed", lambda device: (0, 3, torch.device("cpu")))
+    assert cli.main(train_args(root, tmp_path / "run", 2)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "sdeflow train: error: --batch-size 4 does not divide across 3 processes; use a multiple of 3"
+    assert not (tmp_path / "run").exists()
