@@ -157,7 +157,8 @@ def _lr_factor(step: int, config: ToyConfig) -> float:
 
 
 def train_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Generator,
-              callback: Callable[[dict], None] | None = None) -> tuple[PluginReverseSDE, dict]:
+              callback: Callable[[dict], None] | None = None,
+              data_generator: torch.Generator | None = None) -> tuple[PluginReverseSDE, dict]:
     r"""Train ``model`` for ``config.steps`` steps of Adam on the mean DSM loss
     :math:`\frac1B\sum_i \ell_{dsm}(x_i)` over fresh batches x ~ data, keeping an EMA of its weights
     :math:`\bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta` (d = ``ema_decay``).
@@ -168,10 +169,14 @@ def train_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Gener
     into a running average. ``callback`` gets {"step", "loss", "elbo", "running_elbo"} after every
     step (elbo None between estimates).
 
+    ``generator`` draws the model's noise and times (on the model's device); ``data_generator``
+    (a CPU generator, default ``generator``) draws the data.
+
     Returns (EMA model, history) with history = {"step", "loss", "elbo_step", "elbo",
     "running_elbo"} as lists of floats.
     """
     config.validate()
+    data_generator = generator if data_generator is None else data_generator
     device = torch.device(config.device)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -180,7 +185,7 @@ def train_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Gener
     running_elbo = None
     model.train()
     for step in range(1, config.steps + 1):
-        x = sample_toy(config.dataset, config.batch_size, generator=generator).to(device)
+        x = sample_toy(config.dataset, config.batch_size, generator=data_generator).to(device)
         loss = model.dsm(x, time_sampling=config.time_sampling, weighting=config.weighting,
                          generator=generator).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -196,7 +201,7 @@ def train_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Gener
         history["loss"].append(loss_value)
         elbo_value = None
         if step % config.elbo_every == 0 or step == config.steps:
-            x_eval = sample_toy(config.dataset, config.elbo_batch, generator=generator).to(device)
+            x_eval = sample_toy(config.dataset, config.elbo_batch, generator=data_generator).to(device)
             with torch.no_grad():
                 elbo_value = float(ema.module.elbo(x_eval, n_slices=config.elbo_train_slices,
                                                    time_sampling="importance", divergence="exact",
@@ -218,19 +223,22 @@ def _mean_se(values: torch.Tensor) -> tuple[float, float]:
     return float(values.mean()), float(values.std(unbiased=True) / math.sqrt(values.numel()))
 
 
-def evaluate_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Generator) -> tuple[dict, dict]:
-    """Measure ``model`` on fresh data (see the module docstring for each metric).
+def evaluate_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Generator,
+                 data_generator: torch.Generator | None = None) -> tuple[dict, dict]:
+    """Measure ``model`` on fresh data (see the module docstring for each metric). ``generator``
+    draws the model's noise on its device, ``data_generator`` (CPU, default ``generator``) the data.
 
     Returns (metrics, artefacts): metrics is a flat dict of floats; artefacts holds the tensors the
     figures need: "data" (n_samples, 2), "samples" {λ: (n_samples, 2)}, "trajectories"
     {λ: (sample_steps + 1, n_trajectories, 2)}, "times" (sample_steps + 1,).
     """
     config.validate()
+    data_generator = generator if data_generator is None else data_generator
     device = torch.device(config.device)
     metrics: dict[str, float] = {}
     start = time.perf_counter()
     # -- likelihoods on n_likelihood fresh points -------------------------------------------------
-    x = sample_toy(config.dataset, config.n_likelihood, generator=generator).to(device)
+    x = sample_toy(config.dataset, config.n_likelihood, generator=data_generator).to(device)
     with torch.no_grad():
         model.fit_time_proposal(x, divergence="exact", generator=generator)
         # Chunks of ~16k rows (points × slices) bound the memory of the divergence's graph.
@@ -255,16 +263,16 @@ def evaluate_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Ge
     # -- samples of every λ and the sliced Wasserstein distance to fresh data -----------------------
     # Every distance uses the same projections (common random numbers), so their differences
     # reflect the point sets rather than the directions drawn.
-    projection_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    projection_seed = int(torch.randint(0, 2 ** 62, (1,), generator=data_generator))
 
     def swd(a: torch.Tensor, b: torch.Tensor) -> float:
         return sliced_wasserstein(a, b, config.swd_projections,
                                   generator=torch.Generator().manual_seed(projection_seed))
 
-    data = sample_toy(config.dataset, config.n_samples, generator=generator).to(device)
+    data = sample_toy(config.dataset, config.n_samples, generator=data_generator).to(device)
     # The floor is itself a noisy distance between two finite sets: average it over a few pairs.
-    metrics["swd_floor"] = sum(swd(sample_toy(config.dataset, config.n_samples, generator=generator),
-                                   sample_toy(config.dataset, config.n_samples, generator=generator))
+    metrics["swd_floor"] = sum(swd(sample_toy(config.dataset, config.n_samples, generator=data_generator),
+                                   sample_toy(config.dataset, config.n_samples, generator=data_generator))
                                for _ in range(SWD_FLOOR_PAIRS)) / SWD_FLOOR_PAIRS
     artefacts = {"data": data.cpu(), "samples": {}, "trajectories": {}}
     for lmbd in config.lmbds:
@@ -356,13 +364,17 @@ def plot_samples(data: torch.Tensor, samples: dict, metrics: dict, path: str, ti
 def plot_trajectories(trajectory: torch.Tensor, times: torch.Tensor, data: torch.Tensor, lmbd: float,
                       path: str, title: str) -> None:
     """Particle paths (n_steps + 1, N, 2) from the prior (t = T) to the data (t = 0), each segment
-    coloured by its time, over a faint cloud of data; as Figure 5 of Song et al. (2021)."""
+    coloured by its time, under a faint cloud of data; as Figure 5 of Song et al. (2021)."""
     plt = _pyplot()
     from matplotlib.collections import LineCollection
 
-    steps, n, _ = trajectory.shape
-    # Thin out the time axis for drawing: 100 segments per path keep its shape and stay legible.
-    stride = max(1, (steps - 1) // 100)
+    # Stochastic paths (λ < 1) criss-cross, so fewer of them are drawn, on a coarser time grid:
+    # 45 paths of 50 segments at λ = 0 up to 150 paths of 100 segments at λ = 1.
+    lmbd = float(lmbd)
+    n = max(1, min(trajectory.shape[1], round(150 * (0.3 + 0.7 * lmbd))))
+    trajectory = trajectory[:, :n]
+    steps = trajectory.shape[0]
+    stride = max(1, (steps - 1) // round(50 + 50 * lmbd))
     index = torch.arange(0, steps, stride)
     if index[-1] != steps - 1:
         index = torch.cat([index, torch.tensor([steps - 1])])
@@ -371,11 +383,13 @@ def plot_trajectories(trajectory: torch.Tensor, times: torch.Tensor, data: torch
     segments = [path_points[i:i + 2, j] for j in range(n) for i in range(len(index) - 1)]
     colours = [segment_times[i] for j in range(n) for i in range(len(index) - 1)]
     fig, ax = plt.subplots(figsize=(6.2, 5.4))
-    ax.scatter(data[:, 0], data[:, 1], s=0.5, color="0.75", rasterized=True, linewidths=0, label="data")
-    lines = LineCollection(segments, cmap="viridis", linewidths=0.5, alpha=0.7, rasterized=True)
+    lines = LineCollection(segments, cmap="viridis", linewidths=0.6, alpha=0.75, rasterized=True, zorder=1)
     lines.set_array(colours)
     lines.set_clim(float(times.min()), float(times.max()))
     ax.add_collection(lines)
+    # The data on top of the paths, faint, so that where the paths end can be compared with it.
+    ax.scatter(data[:, 0], data[:, 1], s=0.6, color="0.35", alpha=0.35, rasterized=True, linewidths=0,
+               label="data", zorder=2)
     ax.scatter(path_points[0, :, 0], path_points[0, :, 1], s=3, color="gold", edgecolors="none",
                label="start: prior sample (t = T)", zorder=3)
     ax.scatter(path_points[-1, :, 0], path_points[-1, :, 1], s=3, color="crimson", edgecolors="none",
@@ -461,14 +475,17 @@ def run_toy(config: ToyConfig, out_dir: str,
     """
     config.validate()
     _check_out_dir(out_dir)
-    generator = torch.Generator().manual_seed(config.seed)
+    # Data are drawn on the CPU; the model's noise where the model lives (one generator on a CPU).
+    data_generator = torch.Generator().manual_seed(config.seed)
+    device = torch.device(config.device)
+    generator = data_generator if device.type == "cpu" else torch.Generator(device).manual_seed(config.seed)
     torch.manual_seed(config.seed)  # the network's initial weights
     model = make_toy_model(config)
     start = time.perf_counter()
-    ema_model, history = train_toy(model, config, generator, callback)
+    ema_model, history = train_toy(model, config, generator, callback, data_generator)
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    metrics, artefacts = evaluate_toy(ema_model, config, generator)
+    metrics, artefacts = evaluate_toy(ema_model, config, generator, data_generator)
     metrics["train_seconds"] = train_seconds
     metrics["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
     metrics["threads"] = torch.get_num_threads()

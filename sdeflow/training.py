@@ -581,6 +581,9 @@ def train(model: PluginReverseSDE, images: torch.Tensor, run_dir, config: TrainC
         state = ckpt.load_checkpoint(existing, expected_config=model_config, map_location=device)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
+        with torch.no_grad():  # buffers are not averaged: the EMA model uses the live ones
+            for avg_buf, live_buf in zip(ema.model.buffers(), model.buffers()):
+                avg_buf.copy_(live_buf)
         optimizer.load_state_dict(state["optimizer"])
         trainer = state["trainer"]
         step, skipped, bad_in_a_row = int(state["step"]), trainer["skipped"], trainer["bad_in_a_row"]

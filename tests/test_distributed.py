@@ -59,3 +59,32 @@ def test_sharded_evaluation_gathers_the_single_process_answer(two_ranks):
     model.load_state_dict(rank0["params"])
     single = training.evaluate_bpd(model, tiny_images(8), tiny_config(), batch_size=2, seed=4)
     assert torch.equal(single["bpd_per_image"], rank0["bpd_per_image"])
+
+
+@pytest.mark.slow
+def test_torchrun_cli_two_processes_then_resume_on_one(tmp_path):
+    """The documented command under torchrun (2 CPU processes, gloo), then --resume without it."""
+    import subprocess
+    import sys
+
+    from training_helpers import cli_env, train_args, write_cifar_batches
+
+    root = write_cifar_batches(tmp_path / "data")
+    run = tmp_path / "run"
+    args = train_args(root, run, 2)[1:]
+    import socket
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               "-m", "sdeflow", "train", *args],
+                              capture_output=True, text=True, timeout=180, env=cli_env())
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    state = ckpt.load_checkpoint(run / "ckpt-00000002.pt")
+    assert state["trainer"]["world_size"] == 2
+    resumed = subprocess.run([sys.executable, "-m", "sdeflow", "train", *train_args(root, run, 4, "--resume")[1:]],
+                             capture_output=True, text=True, timeout=300, env=cli_env())
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert ckpt.load_checkpoint(run / "ckpt-00000004.pt")["step"] == 4

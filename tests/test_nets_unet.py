@@ -118,3 +118,12 @@ def test_bad_arguments_are_refused_clearly():
         net(torch.randn(2, 3, 8, 8), torch.rand(2))
     with pytest.raises(ValueError, match=r"t must have shape \(B,\)"):
         net(torch.randn(2, 3, 16, 16), torch.rand(2, 1))
+
+
+@pytest.mark.slow
+def test_compiled_blocks_compute_the_same_function():
+    net = _perturbed(UNet(1, 8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                          attn_resolutions=(4,), dropout=0.0)).eval()
+    y, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    expected = net(y, t)
+    assert torch.allclose(net.compile_blocks()(y, t), expected, atol=1e-5)

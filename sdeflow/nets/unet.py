@@ -103,7 +103,7 @@ class ResidualBlock(nn.Module):
         self.conv1 = _conv(in_ch, out_ch)
         self.temb_proj = _linear(temb_ch, out_ch)
         self.norm2 = group_norm(out_ch)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = _conv(out_ch, out_ch, scale=0.0)
         self.skip = _conv(in_ch, out_ch, kernel_size=1) if in_ch != out_ch else nn.Identity()
 
@@ -113,6 +113,18 @@ class ResidualBlock(nn.Module):
         h = h + self.temb_proj(temb_act)[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with the mask drawn as U[0,1) ≥ p: on CPU this is about twice as fast as
+    the Bernoulli sampler behind ``F.dropout`` (same distribution; uses the global RNG likewise)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)  # fused kernels elsewhere
+        return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
 
 
 class SelfAttention(nn.Module):
@@ -254,6 +266,28 @@ class UNet(nn.Module):
 
         self.norm_out = group_norm(ch)
         self.conv_out = _conv(ch, in_channels, scale=0.0)
+
+    def compile_blocks(self, **compile_kwargs) -> "UNet":
+        """``torch.compile`` every residual/attention block in place (static shapes) and return self.
+
+        Why per block rather than the whole network: blocks of equal shapes share one compiled
+        graph, so compilation is several times shorter on a CPU, and what it gains — fusing
+        GroupNorm, SiLU, dropout and the residual additions around each convolution — is inside
+        the blocks. Costs minutes of compilation on the first training step and on the first
+        evaluation (see ``benchmarks/throughput.py``); pays off for long runs.
+        """
+        import torch._dynamo as dynamo
+
+        # One compiled graph per (block shape, train/eval, grad mode): allow all of them.
+        needed = 8 * (len(self.down) + len(self.mid) + len(self.up))
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo.config, name):
+                setattr(dynamo.config, name, max(getattr(dynamo.config, name), needed))
+        compile_kwargs.setdefault("dynamic", False)
+        for module in self.modules():
+            if isinstance(module, ResAttnBlock):
+                module.compile(**compile_kwargs)
+        return self
 
     def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         expected = (self.in_channels, self.image_size, self.image_size)
