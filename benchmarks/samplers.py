@@ -23,6 +23,7 @@ Targets (issue 5): some method at ≤ 20 NFE within the floor of the baseline's 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -143,7 +144,7 @@ def benchmark_problem(title, model, true_sampler, n_samples, repeats, budgets, n
             "rows": rows, "seconds": time.perf_counter() - start}
 
 
-def print_problem(title, result, budgets):
+def print_problem(title, result):
     floor, baseline = result["floor"], result["baseline"]
     print(f"\n== {title} ==  (median of repeats; {result['seconds']:.0f} s)")
     print(f"floor (two true sets): SW = {floor:.4f}    baseline Euler–Maruyama 1000 steps (NFE 1000): "
@@ -152,7 +153,8 @@ def print_problem(title, result, budgets):
     for label, schedule, nfe, sw in result["rows"]:
         table.setdefault((label, schedule), []).append((nfe, sw))
     width = max(len(f"{label} [{schedule}]") for label, schedule in table) + 2
-    print(f"{'method [schedule]':<{width}}" + "".join(f"{'NFE':>6}{'SW':>9}" for _ in budgets))
+    n_columns = max(len(cells) for cells in table.values())
+    print(f"{'method [schedule]':<{width}}" + "".join(f"{'NFE':>6}{'SW':>9}" for _ in range(n_columns)))
     sys.stdout.flush()
     for (label, schedule), cells in table.items():
         print(f"{label + ' [' + schedule + ']':<{width}}" + "".join(f"{nfe:>6d}{sw:>9.4f}" for nfe, sw in cells))
@@ -214,7 +216,19 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="NFE 10/20/50, 1 repeat, no Swissroll")
     parser.add_argument("--plot", metavar="FILE", help="write SW against NFE as a PNG")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--from-json", metavar="FILE", help="print and plot results saved with --json, no runs")
     args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+        for title, result in results.items():
+            result["rows"] = [tuple(row) for row in result["rows"]]
+            print_problem(title, result)
+        if args.plot:
+            plot(results, args.plot)
+            print(f"\nwrote {args.plot}")
+        return
     torch.set_num_threads(args.threads)
     budgets = QUICK_NFE_BUDGETS if args.quick else NFE_BUDGETS
     repeats = 1 if args.quick else args.repeats
@@ -246,7 +260,12 @@ def main(argv=None):
         print(f"\n{title}: {n_samples} samples, {n_repeats} repeat(s)", flush=True)
         results[title] = benchmark_problem(title, model, true_sampler, n_samples, n_repeats, problem_budgets,
                                            args.projections)
-        print_problem(title, results[title], problem_budgets)
+        print_problem(title, results[title])
+    if args.json:
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(args.json)), suffix=".json",
+                                         delete=False) as tmp:
+            json.dump(results, tmp, indent=1)
+        os.replace(tmp.name, args.json)
     if args.plot:
         plot(results, args.plot)
         print(f"\nwrote {args.plot}")

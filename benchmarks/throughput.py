@@ -17,6 +17,9 @@ eager), which carries the library network's very weights, so that both compute t
 shared machine hits both alike; figures are medians, ratios are of medians.
 
     python benchmarks/throughput.py --presets small cifar10 --batch-size 32 --repeats 7
+
+On a CPU shared with other jobs pass ``--threads 1``: two OpenMP threads on two busy cores
+spin against each other and make every figure several times slower and far noisier.
 """
 
 from __future__ import annotations
@@ -205,16 +208,13 @@ def timed(fn):
 
 
 def peak_memory_mb(fn, device):
-    """Peak memory of one call: CUDA's allocator peak, or on CPU the growth of the process's
-    maximum resident set (0 when an earlier, larger call already set the maximum)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    import resource
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak allocated memory of one call in MiB on CUDA; None on CPU, where the allocator keeps
+    no peak (the process's peak RSS is printed at the end instead)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
     fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20
 
 
 def bench_preset(preset, args, device, out):
@@ -264,6 +264,7 @@ def bench_preset(preset, args, device, out):
                 times[cand.name].append(timed(cand.train_step if task == "train" else cand.elbo_batch))
         memory = {c.name: peak_memory_mb(c.train_step if task == "train" else c.elbo_batch, device)
                   for c in (ours, base)}
+        mem_text = lambda mb: "" if mb is None else f"; peak memory {mb:.0f} MiB"  # noqa: E731
         med = {k: statistics.median(v) for k, v in times.items()}
         rate = {k: batch_items / v for k, v in med.items()}
         unit = "steps/s" if task == "train" else "images/s"
@@ -271,7 +272,7 @@ def bench_preset(preset, args, device, out):
         for name in ("ours", "baseline"):
             spread = f"[{min(times[name]):.3f}–{max(times[name]):.3f}]"
             out(f"   {label} {name:8s}: {rate[name]:8.3f} {unit:8s} (median {med[name]:.3f} s/batch "
-                f"{spread} over {repeats}; peak mem +{memory[name]:.0f} MiB)")
+                f"{spread} over {repeats}{mem_text(memory[name])})")
         out(f"   {label} speed-up ours / baseline: {rate['ours'] / rate['baseline']:.2f}x")
         results[task] = rate["ours"] / rate["baseline"]
     return results
@@ -301,6 +302,9 @@ def main(argv=None):
     print("\nsummary (ours / baseline, medians):")
     for preset, r in ratios.items():
         print(f"   {preset:8s} training {r['train']:.2f}x   ELBO {r['elbo']:.2f}x")
+    if device.type == "cpu":
+        import resource
+        print(f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     return 0
 
 

@@ -369,12 +369,13 @@ def plot_trajectories(trajectory: torch.Tensor, times: torch.Tensor, data: torch
     from matplotlib.collections import LineCollection
 
     # Stochastic paths (λ < 1) criss-cross, so fewer of them are drawn, on a coarser time grid:
-    # 45 paths of 50 segments at λ = 0 up to 150 paths of 100 segments at λ = 1.
+    # 45 paths of 50 segments for λ < 1, 150 smooth paths of 100 segments for the ODE (λ = 1).
     lmbd = float(lmbd)
-    n = max(1, min(trajectory.shape[1], round(150 * (0.3 + 0.7 * lmbd))))
+    stochastic = lmbd < 1
+    n = max(1, min(trajectory.shape[1], 45 if stochastic else 150))
     trajectory = trajectory[:, :n]
     steps = trajectory.shape[0]
-    stride = max(1, (steps - 1) // round(50 + 50 * lmbd))
+    stride = max(1, (steps - 1) // (50 if stochastic else 100))
     index = torch.arange(0, steps, stride)
     if index[-1] != steps - 1:
         index = torch.cat([index, torch.tensor([steps - 1])])

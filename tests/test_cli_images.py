@@ -118,3 +118,18 @@ def test_batch_size_must_divide_across_processes(tmp_path, capsys, monkeypatch, 
     err = capsys.readouterr().err.strip()
     assert err == "sdeflow train: error: --batch-size 4 does not divide across 3 processes; use a multiple of 3"
     assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_output_is_one_line_exit_1(tmp_path, capsys, monkeypatch, trained):
+    _, run = trained
+    from sdeflow import checkpoint as ckpt_module
+    import errno
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(ckpt_module.tempfile, "mkstemp", refuse)
+    argv = ["sample", "--checkpoint", str(run), "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "could not write" in err and "Permission denied" in err

@@ -23,7 +23,7 @@ from sdeflow import checkpoint as ckpt
 from sdeflow import cli, training
 from sdeflow.model import PluginReverseSDE
 
-from training_helpers import (single_thread, one_thread, REPO, TINY_CLI_NET, cli_env, tiny_config, tiny_images, tiny_model,
+from training_helpers import (single_thread, one_thread, REPO, cli_env, tiny_config, tiny_images, tiny_model,
                               tiny_train_config, train_args, write_cifar_batches)
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -106,6 +106,24 @@ def _load_images(args, split: str):
     return loader(root, split, download=args.download)
 
 
+def _runtime_errors_exit_1(handler):
+    """Run-time failures that are not bad input (a diverged model, a disk that refuses a write):
+    one line on stderr and exit status 1."""
+    import functools
+
+    @functools.wraps(handler)
+    def wrapped(args) -> int:
+        from .. import training
+        from ..checkpoint import CheckpointWriteError
+
+        try:
+            return handler(args)
+        except (training.TrainingError, CheckpointWriteError) as err:
+            print(f"sdeflow {args.command}: error: {err}", file=sys.stderr)
+            return 1
+    return wrapped
+
+
 # ---------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +294,7 @@ def _check_dataset_matches(args, config: dict) -> None:
         raise CLIError(f"the checkpoint was trained on {config.get('dataset')!r}, not --dataset {args.dataset}")
 
 
+@_runtime_errors_exit_1
 def run_eval(args) -> int:
     from .. import training
     from ..checkpoint import atomic_write_bytes
@@ -327,6 +346,7 @@ def _add_sample(subparsers) -> None:
     p.set_defaults(func=run_sample)
 
 
+@_runtime_errors_exit_1
 def run_sample(args) -> int:
     from .. import training
 

@@ -94,6 +94,18 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(emb, (0, dim % 2))
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with the mask drawn as U[0,1) ≥ p: on CPU this is about twice as fast as
+    the Bernoulli sampler behind ``F.dropout`` (same distribution; uses the global RNG likewise)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)  # fused kernels elsewhere
+        return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
+
+
 class ResidualBlock(nn.Module):
     """x ↦ skip(x) + conv₂(dropout(SiLU(GN(conv₁(SiLU(GN(x))) + W·SiLU(temb))))). (B, C_in, H, W) → (B, C_out, H, W)."""
 
@@ -113,18 +125,6 @@ class ResidualBlock(nn.Module):
         h = h + self.temb_proj(temb_act)[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` with the mask drawn as U[0,1) ≥ p: on CPU this is about twice as fast as
-    the Bernoulli sampler behind ``F.dropout`` (same distribution; uses the global RNG likewise)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, True)  # fused kernels elsewhere
-        return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
 
 
 class SelfAttention(nn.Module):
