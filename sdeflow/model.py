@@ -146,24 +146,27 @@ class PluginReverseSDE(nn.Module):
                           defensive: float = 0.02, chunk_size: int = 512,
                           generator: torch.Generator | None = None) -> FittedTime:
         """Fit ``self.time_proposal`` ∝ √E[h(t)²] to the ELBO integrand h of this model on a pilot
-        batch (at most ``max_examples`` of x; one draw of t per bin and example). Costs
-        n_bins × examples network evaluations with their divergence. Returns the proposal.
+        batch (at most ``max_examples`` of x; one draw of t per bin and example), choosing in each
+        bin the form of h (Hutchinson or denoising, see :meth:`elbo`) of lower second moment.
+        Costs n_bins × examples network evaluations with their divergence. Returns the proposal.
         """
         check_finite("x", x)
         pilot = x[:max_examples]
         batch = pilot.shape[0]
 
-        def integrand(t: torch.Tensor) -> torch.Tensor:
+        def integrands(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             xs = pilot.repeat((t.numel() // batch,) + (1,) * (pilot.ndim - 1))
-            parts = []
+            hutchinson, denoising = [], []
             for start in range(0, t.numel(), chunk_size):
                 sl = slice(start, start + chunk_size)
-                y = self.sde.sample(t[sl], xs[sl], generator=generator)
-                parts.append(self.elbo_integrand(y, t[sl], probe=probe, divergence=divergence,
-                                                 generator=generator))
-            return torch.cat(parts)
+                y, noise, std, g = self.sde.sample(t[sl], xs[sl], return_noise=True, generator=generator)
+                a, div_a = _div.divergence(lambda z: self.drift(z, t[sl]), y, method=divergence, probe=probe,
+                                           generator=generator)
+                hutchinson.append(self._hutchinson_integrand(a, div_a, t[sl]))
+                denoising.append(self._denoising_integrand(a, noise, std, g, t[sl]))
+            return torch.cat(hutchinson), torch.cat(denoising)
 
-        self.time_proposal = FittedTime.fit(integrand, self.sde, n_bins=n_bins, n_per_bin=batch,
+        self.time_proposal = FittedTime.fit(integrands, self.sde, n_bins=n_bins, n_per_bin=batch,
                                             defensive=defensive, generator=generator,
                                             dtype=x.dtype, device=x.device)
         return self.time_proposal
@@ -200,16 +203,25 @@ class PluginReverseSDE(nn.Module):
         return loss * time_weight
 
     # ---- the ELBO ------------------------------------------------------------------------
+    def _hutchinson_integrand(self, a, div_a, t):
+        # g depends on t only, so ∇·(g a) = g ∇·a; ∇·f = D·f(t) for the linear drift.
+        g = self.sde.g2(t).sqrt().to(a.dtype)
+        return -0.5 * sum_except_batch(a ** 2) - g * div_a + a[0].numel() * self.sde.f_coef(t).to(a.dtype)
+
+    def _denoising_integrand(self, a, noise, std, g, t):
+        # E_y[g ∇·a] = E[g a·ε/std] by parts (∇_y log q(y_t|x) = −ε/std); completing the square
+        # leaves −½‖a + gε/std‖² + ½g²‖ε‖²/v + D f, and E‖ε‖² = D.
+        dim = a[0].numel()
+        constant = dim * (0.5 * self.sde.g2(t) / self.sde.var(t) + self.sde.f_coef(t)).to(a.dtype)
+        return -0.5 * sum_except_batch((a + g * noise / std) ** 2) + constant
+
     def elbo_integrand(self, y: torch.Tensor, t: torch.Tensor, *, probe: str = "rademacher",
                        divergence: str = "hutchinson", generator: torch.Generator | None = None,
                        create_graph: bool = False) -> torch.Tensor:
-        r"""h(y, t) = −½‖a‖² − ∇·(g a) + ∇·f, with ∇·f = D·f(t) for the linear drift. Shape (B,)."""
-        # g depends on t only, so ∇·(g a) = g ∇·a.
+        r"""The ELBO's integrand in its Hutchinson form, h(y, t) = −½‖a‖² − g ∇·a + D·f(t), shape (B,)."""
         a, div_a = _div.divergence(lambda z: self.drift(z, t), y, method=divergence, probe=probe,
                                    generator=generator, create_graph=create_graph)
-        g = self.sde.g2(t).sqrt().to(y.dtype)
-        dim = y[0].numel()
-        return -0.5 * sum_except_batch(a ** 2) - g * div_a + dim * self.sde.f_coef(t).to(y.dtype)
+        return self._hutchinson_integrand(a, div_a, t)
 
     def elbo(self, x: torch.Tensor, n_slices: int = 1, time_sampling="fitted",
              probe: str = "rademacher", divergence: str = "hutchinson",
@@ -217,14 +229,18 @@ class PluginReverseSDE(nn.Module):
         r"""Unbiased per-example estimate of the ELBO in nats, shape (B,):
 
         .. math::  \frac1K \sum_{k=1}^{K} \frac{h(y_{t_k}, t_k)}{q(t_k)} + E_{q(y_T|x)}[\log p_T(y_T)],
-                   \quad t_k \sim q,\ y_{t_k} \sim q(y_t \mid x),
+                   \quad t_k \sim q,\ y_{t_k} = m x + std\,\varepsilon_k,
 
-        with K = ``n_slices`` independent draws per example, h from :meth:`elbo_integrand` (its
-        divergence by ``divergence`` = "hutchinson" with a ``probe`` or "exact"), and the prior
-        term in closed form. ``time_sampling``: "uniform", "importance" (q ∝ g²/v), "fitted"
-        (the default: ``self.time_proposal``, fitted on this batch if there is none yet; lowest
-        variance) or any :class:`~sdeflow.time_sampling.TimeProposal`. Differentiable when
-        grad is enabled, so it can be maximised directly.
+        with K = ``n_slices`` independent draws per example and the prior term in closed form.
+        h is the Hutchinson form :math:`-\tfrac12\|a\|^2 - g\nabla\cdot a + D f` (divergence by
+        ``divergence`` = "hutchinson" with a ``probe``, or "exact"). Where a fitted proposal says so,
+        h is instead the denoising form :math:`-\tfrac12\|a + g\varepsilon/std\|^2 + D(\tfrac12 g^2/v + f)`,
+        of the same expectation at every t (integration by parts, since
+        :math:`\nabla_y \log q(y_t|x) = -\varepsilon/std`); it needs no divergence and is far less
+        noisy at large t. ``time_sampling``: "uniform", "importance" (q ∝ g²/v), "fitted" (the default:
+        ``self.time_proposal``, fitted on this batch if there is none yet; lowest variance) or any
+        :class:`~sdeflow.time_sampling.TimeProposal`. Differentiable when grad is enabled, so it
+        can be maximised directly.
         """
         check_finite("x", x)
         if int(n_slices) != n_slices or n_slices < 1:
@@ -235,9 +251,19 @@ class PluginReverseSDE(nn.Module):
         batch = x.shape[0]
         t, q = proposal.sample(n_slices * batch, generator=generator, device=x.device, dtype=x.dtype)
         xs = x.repeat((n_slices,) + (1,) * (x.ndim - 1))
-        y = self.sde.sample(t, xs, generator=generator)
-        h = self.elbo_integrand(y, t, probe=probe, divergence=divergence, generator=generator,
-                                create_graph=torch.is_grad_enabled())
+        y, noise, std, g = self.sde.sample(t, xs, return_noise=True, generator=generator)
+        create_graph = torch.is_grad_enabled()
+        use_denoising = (proposal.denoising_at(t) if isinstance(proposal, FittedTime)
+                         else torch.zeros_like(t, dtype=torch.bool))
+        h = torch.zeros_like(t)
+        hutch = (~use_denoising).nonzero().squeeze(1)
+        if hutch.numel():
+            h = h.index_put((hutch,), self.elbo_integrand(y[hutch], t[hutch], probe=probe, divergence=divergence,
+                                                          generator=generator, create_graph=create_graph))
+        den = use_denoising.nonzero().squeeze(1)
+        if den.numel():
+            a = self.drift(y[den], t[den])
+            h = h.index_put((den,), self._denoising_integrand(a, noise[den], std[den], g[den], t[den]))
         path_term = (h / q).reshape(n_slices, batch).mean(dim=0)
         return path_term + self.sde.expected_prior_log_prob(x)
 

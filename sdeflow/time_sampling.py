@@ -17,6 +17,7 @@ Every proposal has ``sample(n, ...) -> (t, q(t))`` and ``density(t)``.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -113,9 +114,14 @@ class ImportanceTime(TimeProposal):
 
 
 class FittedTime(TimeProposal):
-    """Piecewise-constant density on bin edges 0 = e₀ < e₁ < … < e_K = T: q(t) = p_k / (e_{k+1} − e_k)."""
+    """Piecewise-constant density on bin edges 0 = e₀ < e₁ < … < e_K = T: q(t) = p_k / (e_{k+1} − e_k).
 
-    def __init__(self, edges: torch.Tensor, probs: torch.Tensor):
+    ``denoising`` (bool, one per bin) marks the bins where the ELBO is estimated in its denoising
+    form rather than with Hutchinson's trace (see :meth:`sdeflow.model.PluginReverseSDE.elbo`);
+    the first bin, which reaches t = 0 where that form's constant diverges, never is.
+    """
+
+    def __init__(self, edges: torch.Tensor, probs: torch.Tensor, denoising: torch.Tensor | None = None):
         edges = torch.as_tensor(edges, dtype=torch.float64)
         probs = torch.as_tensor(probs, dtype=torch.float64)
         if edges.ndim != 1 or probs.shape != (edges.numel() - 1,):
@@ -124,9 +130,13 @@ class FittedTime(TimeProposal):
             raise ValueError("edges must start at 0 and increase strictly")
         if (probs <= 0).any() or not torch.isfinite(probs).all():
             raise ValueError("probs must be positive and finite (the estimate would be biased otherwise)")
+        denoising = torch.zeros(probs.shape, dtype=torch.bool) if denoising is None else torch.as_tensor(denoising, dtype=torch.bool)
+        if denoising.shape != probs.shape or denoising[0]:
+            raise ValueError("denoising must be one flag per bin, False for the first bin (it reaches t = 0)")
         super().__init__(float(edges[-1]))
         self.edges = edges
         self.probs = probs / probs.sum()
+        self.denoising = denoising
         self._cum = torch.cat([torch.zeros(1, dtype=torch.float64), self.probs.cumsum(0)])
         self._cum[-1] = 1.0
 
@@ -152,14 +162,17 @@ class FittedTime(TimeProposal):
             dtype=torch.float32, device=None) -> "FittedTime":
         """Fit q ∝ √E[h(t)²] per bin, mixed with ``defensive`` of :class:`ImportanceTime`.
 
-        The defensive share bounds every weight 1/q(t) by 1/(defensive·q_importance(t)), so a bin
-        the pilot under-rates cannot blow up the variance; every share it takes is spent where the
-        integrand is small (on the 3072-D oracle of ``benchmarks/estimators.py``: ~100× less
-        variance than uniform t at 2 %, ~30× at 10 %).
-
         ``integrand(t)`` takes times of shape (n,) and returns one draw of h at each, shape (n, ...)
         (e.g. one per pilot example); it is called once with ``n_per_bin`` times per bin, each
-        uniform within its bin, so the bin's second moment is estimated over the whole bin.
+        uniform within its bin, so the bin's second moment is estimated over the whole bin. It may
+        instead return a pair (h_hutchinson, h_denoising) of two integrands with the same
+        expectation at every t: each bin (but the first) then takes the one of lower second
+        moment, and ``denoising`` records the choice.
+
+        The defensive share bounds every weight 1/q(t) by 1/(defensive·q_importance(t)), so a bin
+        the pilot under-rates cannot blow up the variance; every share it takes is spent where the
+        integrand is small (on the 3072-D oracle of ``benchmarks/estimators.py``, with the
+        Hutchinson form only: ~100× less variance than uniform t at 2 %, ~30× at 10 %).
         """
         if not 0 < defensive <= 1:
             raise ValueError(f"defensive must lie in (0, 1]; got {defensive}")
@@ -168,13 +181,21 @@ class FittedTime(TimeProposal):
         u = torch.rand(n_bins * n_per_bin, generator=generator, dtype=torch.float64, device=device)
         index = torch.arange(n_bins).repeat_interleave(n_per_bin)
         t = (lower[index] + width[index] * u.cpu()).to(dtype=dtype, device=device)
-        h = integrand(t).detach().double().cpu()
-        second_moment = (h.reshape(n_bins, n_per_bin, -1) ** 2).mean(dim=(1, 2))
+        forms = integrand(t)
+        forms = forms if isinstance(forms, tuple) else (forms,)
+        second_moments = torch.stack([(h.detach().double().cpu().reshape(n_bins, n_per_bin, -1) ** 2).mean(dim=(1, 2))
+                                      for h in forms])
+        second_moments[1:, 0] = math.inf  # the first bin reaches t = 0: Hutchinson only
+        second_moment, choice = second_moments.min(dim=0)
         mass = width * second_moment.sqrt()
         fitted = mass / mass.sum() if mass.sum() > 0 else torch.full_like(mass, 1 / n_bins)
         importance = ImportanceTime(sde).cdf(edges)
         probs = (1 - defensive) * fitted + defensive * (importance[1:] - importance[:-1])
-        return cls(edges, probs.clamp_min(1e-12))
+        return cls(edges, probs.clamp_min(1e-12), denoising=choice == 1)
+
+    def denoising_at(self, t: torch.Tensor) -> torch.Tensor:
+        """Whether each time lies in a bin that uses the denoising form; bool, shape of t."""
+        return self.denoising.to(t.device)[self._bin(t)]
 
     def _bin(self, t: torch.Tensor) -> torch.Tensor:
         edges = self.edges.to(t.device, t.dtype)
@@ -198,8 +219,8 @@ class FittedTime(TimeProposal):
         return t.clamp_min(torch.finfo(t.dtype).tiny), q
 
     def state_dict(self) -> dict:
-        return {"edges": self.edges.clone(), "probs": self.probs.clone()}
+        return {"edges": self.edges.clone(), "probs": self.probs.clone(), "denoising": self.denoising.clone()}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "FittedTime":
-        return cls(state["edges"], state["probs"])
+        return cls(state["edges"], state["probs"], state.get("denoising"))

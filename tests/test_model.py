@@ -209,3 +209,29 @@ def test_runs_on_cuda():
     x = data.sample(8, dtype=torch.float64).cuda()
     assert model.elbo(x, time_sampling="importance").is_cuda
     assert model.log_prob_ode(x).is_cuda
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_denoising_form_has_the_same_expectation_and_less_noise_at_large_t(name):
+    sde, data = SDES[name](), gaussian()
+    model = exact_model(sde, data, "drift")
+    gen = torch.Generator().manual_seed(0)
+    x = data.sample(1, generator=gen, dtype=torch.float64).repeat(20000, 1)
+    t = torch.full((20000,), 0.8, dtype=torch.float64)
+    y, noise, std, g = sde.sample(t, x, return_noise=True, generator=gen)
+    hutchinson = model.elbo_integrand(y, t, generator=gen)
+    denoising = model._denoising_integrand(model.drift(y, t), noise, std, g, t)
+    se = math.sqrt((hutchinson.var() + denoising.var()).item() / 20000)
+    assert abs(hutchinson.mean() - denoising.mean()) < 5 * se
+    assert denoising.std() < 0.5 * hutchinson.std()
+
+
+def test_fitted_proposal_picks_the_denoising_form_where_it_is_quieter():
+    sde, data = SDES["vp"](), gaussian()
+    model = exact_model(sde, data, "drift")
+    x = data.sample(32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    proposal = model.fit_time_proposal(x, generator=torch.Generator().manual_seed(1))
+    assert not proposal.denoising[0]
+    assert proposal.denoising[-5:].all()
+    restored = sdeflow.FittedTime.from_state_dict(proposal.state_dict())
+    torch.testing.assert_close(restored.denoising, proposal.denoising)
