@@ -49,6 +49,9 @@ def main(argv=None) -> int:
     except (CLIError, ValueError, FileNotFoundError, PermissionError) as err:
         print(f"sdeflow {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the disk filled or a device failed while running: not the user's input
+        print(f"sdeflow {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"sdeflow {args.command}: interrupted", file=sys.stderr)
         return 130
