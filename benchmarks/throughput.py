@@ -140,7 +140,7 @@ class BaselineUNet(nn.Module):
 
     def forward(self, x, t):
         half = self.base_channels // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - 1))
         angles = (t * self.time_scale)[:, None] * freqs[None, :]
         temb = self.temb2(swish(self.temb1(torch.cat([angles.sin(), angles.cos()], dim=1))))
         hs = [self.conv_in(x)]
