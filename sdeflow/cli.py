@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 
 COMMAND_MODULES = ("swissroll", "images", "conditional")
@@ -24,6 +25,48 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ---- argument types: every bad value becomes a one-line argparse error (exit 2) ----------------
+def _integer(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _integer(text, 1, "a positive integer")
+
+
+def nonneg_int(text: str) -> int:
+    return _integer(text, 0, "a non-negative integer")
+
+
+def number(low=None, high=None, low_open=False, high_open=False):
+    """An argparse type for a finite float in the interval given by its ends."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        bad = not math.isfinite(value)
+        bad |= low is not None and (value < low or (low_open and value == low))
+        bad |= high is not None and (value > high or (high_open and value == high))
+        if bad:
+            lo = "(" if low_open else "["
+            hi = ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"expected a number in {lo}{low if low is not None else '-inf'}, "
+                                             f"{high if high is not None else 'inf'}{hi}, got {text!r}")
+        return value
+    return parse
+
+
+positive_float = number(0, low_open=True)
+lmbd = number(0, 1)  # 0: the reverse SDE, 1: the probability-flow ODE
 
 
 def build_parser() -> argparse.ArgumentParser:

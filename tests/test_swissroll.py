@@ -113,11 +113,11 @@ def _status(argv) -> int:
 
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "spiral"], "invalid choice: 'spiral'"),
-    (["--steps", "0"], "--steps: must be a positive integer"),
-    (["--steps", "-5"], "--steps: must be a positive integer"),
-    (["--batch-size", "0"], "--batch-size: must be a positive integer"),
-    (["--lmbd", "1.5"], "--lmbd: must lie in [0, 1]"),
-    (["--lr", "nan"], "--lr: must be a positive number"),
+    (["--steps", "0"], "--steps: expected a positive integer"),
+    (["--steps", "-5"], "--steps: expected a positive integer"),
+    (["--batch-size", "0"], "--batch-size: expected a positive integer"),
+    (["--lmbd", "1.5"], "--lmbd: expected a number in [0, 1]"),
+    (["--lr", "nan"], "--lr: expected a number in (0, inf]"),
     (["--ema-decay", "1"], "ema_decay must lie in [0, 1)"),
     (["--device", "tpu9"], "device must be a torch device"),
 ])

@@ -15,27 +15,11 @@ import io
 import math
 from pathlib import Path
 
-from ..cli import CLIError
+from ..cli import CLIError, positive_float, positive_int
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def _mask_spec(text: str) -> str:
@@ -55,9 +39,9 @@ def _common_arguments(p) -> None:
     p.add_argument("--data-root", default="/work/shared/data/cifar10-subset", metavar="DIR",
                    help="folder holding the checkpoint's data set (cifar-10-batches-py/ or the MNIST files)")
     p.add_argument("--split", choices=("train", "test"), default="train", help="which images to condition on")
-    p.add_argument("--n-images", type=_positive_int, default=6, help="columns: how many images (default 6)")
-    p.add_argument("--n-samples", type=_positive_int, default=3, help="posterior samples per image (rows; default 3)")
-    p.add_argument("--steps", type=_positive_int, default=500, help="sampler steps (default 500)")
+    p.add_argument("--n-images", type=positive_int, default=6, help="columns: how many images (default 6)")
+    p.add_argument("--n-samples", type=positive_int, default=3, help="posterior samples per image (rows; default 3)")
+    p.add_argument("--steps", type=positive_int, default=500, help="sampler steps (default 500)")
     p.add_argument("--sampler", default="euler", help="sdeflow.sample method (default euler)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
@@ -79,9 +63,9 @@ def register(subparsers) -> None:
                               description="Denoise images with a trained model: originals, noisy inputs, samples.")
     _common_arguments(p)
     level = p.add_mutually_exclusive_group(required=True)
-    level.add_argument("--snr", type=_positive_float,
+    level.add_argument("--snr", type=positive_float,
                        help="signal-to-noise ratio var(x)/σ_n² of the added noise (var over the shown images)")
-    level.add_argument("--noise-std", type=_positive_float, help="σ_n of the added noise, in model space")
+    level.add_argument("--noise-std", type=positive_float, help="σ_n of the added noise, in model space")
     p.set_defaults(func=run_denoise)
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
-from ..cli import CLIError
+from ..cli import CLIError, nonneg_int, number, positive_int
 
 DATASETS = ("cifar10", "mnist")
 SHAPES = {"cifar10": (3, 32), "mnist": (1, 28)}
@@ -23,42 +22,10 @@ SHAPES = {"cifar10": (3, 32), "mnist": (1, 28)}
 # ---------------------------------------------------------------------------------------------
 # argument types: every bad value becomes a one-line argparse error (exit 2)
 # ---------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
 
 
-def _number(low=None, high=None, low_open=False, high_open=False):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        bad = not math.isfinite(value)
-        bad |= low is not None and (value < low or (low_open and value == low))
-        bad |= high is not None and (value > high or (high_open and value == high))
-        if bad:
-            lo = "(" if low_open else "["
-            hi = ")" if high_open else "]"
-            raise argparse.ArgumentTypeError(f"expected a number in {lo}{low if low is not None else '-inf'}, "
-                                             f"{high if high is not None else 'inf'}{hi}, got {text!r}")
-        return value
-    return parse
 
 
 def _int_list(text: str) -> list[int]:
@@ -139,30 +106,30 @@ def _add_train(subparsers) -> None:
     _data_arguments(p)
     p.add_argument("--preset", choices=tuple(PRESETS), default="small",
                    help="U-Net size: small (1.6 M parameters, CPU), cifar10 (35.7 M, DDPM), mnist (default: small)")
-    p.add_argument("--base-channels", type=_positive_int, help="override the preset's base channel count")
+    p.add_argument("--base-channels", type=positive_int, help="override the preset's base channel count")
     p.add_argument("--channel-mult", type=_int_list, metavar="M1,M2,...",
                    help="override the preset's channel multipliers, one per resolution level")
-    p.add_argument("--num-res-blocks", type=_positive_int, help="override residual blocks per level")
+    p.add_argument("--num-res-blocks", type=positive_int, help="override residual blocks per level")
     p.add_argument("--attn-resolutions", type=lambda s: [] if s == "none" else _int_list(s), metavar="R1,...|none",
                    help="override the resolutions with self-attention ('none' for none)")
-    p.add_argument("--dropout", type=_number(0, 1, high_open=True), help="override the dropout probability")
+    p.add_argument("--dropout", type=number(0, 1, high_open=True), help="override the dropout probability")
     p.add_argument("--sde", choices=tuple(SDES), default="vp", help="forward SDE (default: vp)")
     p.add_argument("--parameterization", choices=("drift", "score", "noise"), default="noise",
                    help="what the network predicts: the drift a, the score s, or the noise ε (default: noise)")
     p.add_argument("--transform", choices=("logit", "centered", "identity"), default="logit",
                    help="map from dequantised pixels x in [0,1] to model space: logit(0.05 + 0.9x) (default, "
                         "as sdeflow-light), centered 2x-1, or identity")
-    p.add_argument("--steps", type=_positive_int, required=True, help="total optimizer steps (resume counts from the checkpoint)")
-    p.add_argument("--batch-size", type=_positive_int, required=True, help="global batch size (split over processes)")
+    p.add_argument("--steps", type=positive_int, required=True, help="total optimizer steps (resume counts from the checkpoint)")
+    p.add_argument("--batch-size", type=positive_int, required=True, help="global batch size (split over processes)")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory for checkpoints, metrics.jsonl and grids")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--lr", type=_number(0, low_open=True), default=2e-4, help="Adam learning rate (default: 2e-4)")
-    p.add_argument("--warmup", type=_nonneg_int, default=0, help="linear learning-rate warm-up steps (default: 0)")
+    p.add_argument("--lr", type=number(0, low_open=True), default=2e-4, help="Adam learning rate (default: 2e-4)")
+    p.add_argument("--warmup", type=nonneg_int, default=0, help="linear learning-rate warm-up steps (default: 0)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="constant, or cosine decay to 0 at --steps (default: constant)")
-    p.add_argument("--grad-clip", type=_number(0), default=1.0,
+    p.add_argument("--grad-clip", type=number(0), default=1.0,
                    help="clip the global gradient norm to this value; 0 disables (default: 1)")
-    p.add_argument("--ema-decay", type=_number(0, 1, high_open=True), default=0.999,
+    p.add_argument("--ema-decay", type=number(0, 1, high_open=True), default=0.999,
                    help="decay of the parameter EMA used for evaluation and sampling (default: 0.999)")
     p.add_argument("--time-sampling", choices=("uniform", "importance"), default="importance",
                    help="distribution of the diffusion time in the loss: uniform, or importance ∝ g²/σ² (default)")
@@ -170,17 +137,17 @@ def _add_train(subparsers) -> None:
                    help="loss weighting: noise (DDPM ε-loss) or likelihood (the ELBO's; default)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default) or bf16 autocast for the forward pass")
-    p.add_argument("--max-bad-steps", type=_positive_int, default=10,
+    p.add_argument("--max-bad-steps", type=positive_int, default=10,
                    help="stop after this many consecutive steps with a non-finite loss or gradient (default: 10)")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=1000, help="checkpoint period in steps (default: 1000)")
-    p.add_argument("--keep", type=_positive_int, default=3, help="keep the newest K checkpoints (default: 3)")
-    p.add_argument("--log-every", type=_positive_int, default=10, help="metrics.jsonl period in steps (default: 10)")
-    p.add_argument("--sample-every", type=_nonneg_int, default=0,
+    p.add_argument("--checkpoint-every", type=positive_int, default=1000, help="checkpoint period in steps (default: 1000)")
+    p.add_argument("--keep", type=positive_int, default=3, help="keep the newest K checkpoints (default: 3)")
+    p.add_argument("--log-every", type=positive_int, default=10, help="metrics.jsonl period in steps (default: 10)")
+    p.add_argument("--sample-every", type=nonneg_int, default=0,
                    help="write a grid of EMA samples every N steps; 0 disables (default: 0)")
-    p.add_argument("--sample-n", type=_positive_int, default=64, help="images per sample grid (default: 64)")
-    p.add_argument("--sample-steps", type=_positive_int, default=200, help="Euler steps per sample grid (default: 200)")
+    p.add_argument("--sample-n", type=positive_int, default=64, help="images per sample grid (default: 64)")
+    p.add_argument("--sample-steps", type=positive_int, default=200, help="Euler steps per sample grid (default: 200)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of every random choice (default: 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of every random choice (default: 0)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=run_train)
@@ -248,7 +215,7 @@ def _checkpoint_arguments(p) -> None:
                    help="a ckpt-*.pt file, or a run directory (its newest checkpoint is used)")
     p.add_argument("--no-ema", dest="ema", action="store_false",
                    help="use the raw trained weights instead of their EMA (the default)")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of every random choice (default: 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of every random choice (default: 0)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (default: cpu)")
 
 
@@ -261,15 +228,15 @@ def _add_eval(subparsers) -> None:
                     "Under torchrun the images are split across processes.")
     _checkpoint_arguments(p)
     _data_arguments(p, split_default="test")
-    p.add_argument("--n-slices", type=_positive_int, default=1,
+    p.add_argument("--n-slices", type=positive_int, default=1,
                    help="ELBO draws (time, noise, probe) per image, averaged (default: 1)")
     p.add_argument("--time-sampling", choices=("fitted", "importance", "uniform"), default="fitted",
                    help="ELBO time proposal: fitted (default, lowest variance), importance ∝ g²/σ², or uniform")
     p.add_argument("--ode", action="store_true", help="probability-flow ODE likelihood instead of the ELBO (reports NFE)")
-    p.add_argument("--rtol", type=_number(0, low_open=True), default=1e-5, help="ODE relative tolerance (default: 1e-5)")
-    p.add_argument("--atol", type=_number(0, low_open=True), default=1e-5, help="ODE absolute tolerance (default: 1e-5)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch per process (default: 64)")
-    p.add_argument("--limit", type=_positive_int, help="evaluate only the first N images of the split")
+    p.add_argument("--rtol", type=number(0, low_open=True), default=1e-5, help="ODE relative tolerance (default: 1e-5)")
+    p.add_argument("--atol", type=number(0, low_open=True), default=1e-5, help="ODE absolute tolerance (default: 1e-5)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch per process (default: 64)")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N images of the split")
     p.add_argument("--json", metavar="FILE", help="also write bpd, bpd_se, n_images, seconds (nfe with --ode) as JSON")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=run_eval)
@@ -338,10 +305,10 @@ def _add_sample(subparsers) -> None:
         description="Integrate the λ-family of generative processes (λ = 0: reverse SDE, 1: probability-flow "
                     "ODE) from the prior with Euler steps and write the images as a PNG grid.")
     _checkpoint_arguments(p)
-    p.add_argument("--n", type=_positive_int, default=64, help="number of images (default: 64)")
-    p.add_argument("--lmbd", type=_number(0, 1), default=0.0,
+    p.add_argument("--n", type=positive_int, default=64, help="number of images (default: 64)")
+    p.add_argument("--lmbd", type=number(0, 1), default=0.0,
                    help="λ in [0, 1]: 0 reverse SDE (default), 1 probability-flow ODE")
-    p.add_argument("--steps", type=_positive_int, default=1000, help="Euler steps from T to 0 (default: 1000)")
+    p.add_argument("--steps", type=positive_int, default=1000, help="Euler steps from T to 0 (default: 1000)")
     p.add_argument("--out", required=True, metavar="PNG", help="output PNG file")
     p.set_defaults(func=run_sample)
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import sys
 
+from ..cli import lmbd, positive_float, positive_int
 from ..data.toy import DATASETS
 
 DESCRIPTION = """Train a plug-in reverse SDE (VP SDE, small MLP) on a 2-D toy data set, then write
@@ -13,40 +13,10 @@ from the prior to the data, coloured by time), training.png (loss and running EL
 and metrics.json (test ELBO, ODE log-likelihood, sliced Wasserstein distances, timings)."""
 
 
-def _positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number; got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number; got {text!r}")
-    return value
 
 
-def _lmbd(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1]; got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1] (0: reverse SDE, 1: ODE); got {text!r}")
-    return value
 
 
 def add_arguments(parser) -> None:
@@ -58,27 +28,27 @@ def add_arguments(parser) -> None:
                         help=f"toy data set: {', '.join(DATASETS)} (default: %(default)s)")
     parser.add_argument("--out", default="runs/swissroll", metavar="DIR",
                         help="output directory, created if missing (default: %(default)s)")
-    parser.add_argument("--steps", type=_positive_int, default=defaults.steps,
+    parser.add_argument("--steps", type=positive_int, default=defaults.steps,
                         help="training steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                         help="training batch size (default: %(default)s)")
-    parser.add_argument("--lr", type=_positive_float, default=defaults.lr,
+    parser.add_argument("--lr", type=positive_float, default=defaults.lr,
                         help="peak Adam learning rate, after warm-up, decayed by a cosine (default: %(default)s)")
     parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay,
                         help="decay of the weight average that is evaluated, in [0, 1) (default: %(default)s)")
-    parser.add_argument("--hidden", type=_positive_int, default=defaults.hidden,
+    parser.add_argument("--hidden", type=positive_int, default=defaults.hidden,
                         help="MLP width (default: %(default)s)")
-    parser.add_argument("--blocks", type=_positive_int, default=defaults.n_blocks,
+    parser.add_argument("--blocks", type=positive_int, default=defaults.n_blocks,
                         help="MLP residual blocks (default: %(default)s)")
     parser.add_argument("--fourier-features", type=int, default=defaults.fourier_features,
                         help="random Fourier features of the input (0: none) (default: %(default)s)")
-    parser.add_argument("--lmbd", type=_lmbd, nargs="+", default=[], metavar="λ",
+    parser.add_argument("--lmbd", type=lmbd, nargs="+", default=[], metavar="λ",
                         help="extra λ values to sample besides 0 (reverse SDE) and 1 (ODE), e.g. --lmbd 0.5 0.9")
-    parser.add_argument("--sample-steps", type=_positive_int, default=defaults.sample_steps,
+    parser.add_argument("--sample-steps", type=positive_int, default=defaults.sample_steps,
                         help="Euler steps of the sampler (default: %(default)s)")
-    parser.add_argument("--n-samples", type=_positive_int, default=defaults.n_samples,
+    parser.add_argument("--n-samples", type=positive_int, default=defaults.n_samples,
                         help="samples per λ for the figure and the sliced Wasserstein distance (default: %(default)s)")
-    parser.add_argument("--n-likelihood", type=_positive_int, default=defaults.n_likelihood,
+    parser.add_argument("--n-likelihood", type=positive_int, default=defaults.n_likelihood,
                         help="test points for the ELBO and the ODE log-likelihood (default: %(default)s)")
     parser.add_argument("--weighting", default=defaults.weighting, choices=("noise", "likelihood"),
                         help="DSM loss weighting (default: %(default)s)")
@@ -86,7 +56,7 @@ def add_arguments(parser) -> None:
                         help="time proposal of the DSM loss (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
     parser.add_argument("--device", default=defaults.device, help="torch device (default: %(default)s)")
-    parser.add_argument("--threads", type=_positive_int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="CPU threads for torch; the 2-D network is too small to gain from more, and one "
                              "thread never stalls on a busy machine (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
