@@ -214,32 +214,44 @@ class _GuidedScoreNet(nn.Module):
         sde = self.model.sde
         m = append_dims(sde.mean_weight(t), y_t.ndim).to(y_t.dtype)
         v = append_dims(sde.var(t), y_t.ndim).to(y_t.dtype)
-        with torch.enable_grad():
-            z = y_t.detach().requires_grad_(True)
-            score = self.model.score(z, t)
-            x0 = (z + v * score) / m
-            residual = self.observation - self.operator.apply(x0)
-            if self.covariance == "isotropic":
+        if self.covariance == "isotropic":
+            with torch.enable_grad():
+                z = y_t.detach().requires_grad_(True)
+                score = self.model.score(z, t)
+                x0 = (z + v * score) / m
+                residual = self.observation - self.operator.apply(x0)
                 sigma2 = (sde.var(t) / sde.mean_weight(t) ** 2).double()
                 r2 = self.data_var * sigma2 / (self.data_var + sigma2)
                 w = self.operator.adjoint(self.operator.solve(residual.detach(), r2, self.noise_var))
-                # (∂x̂₀/∂y_t)ᵀ Aᵀ K⁻¹ (y − A x̂₀): one vector-Jacobian product.
+                # ΠGDM: (∂x̂₀/∂y_t)ᵀ Aᵀ K⁻¹ (y − A x̂₀) by one vector-Jacobian product.
                 (likelihood_score,) = torch.autograd.grad(x0, z, w)
-                self.backward_passes += 1
-            else:
-                jac = self._score_jacobian(score, z)  # (B, D, D): jac[b, i, k] = ∂s_i/∂y_k
-                batch, dim = jac.shape[:2]
-                m64 = sde.mean_weight(t).double()[:, None, None]
-                v64 = sde.var(t).double()[:, None, None]
-                eye = torch.eye(dim, dtype=torch.float64, device=jac.device)
-                cov = v64 / m64 ** 2 * (eye + v64 * 0.5 * (jac + jac.transpose(1, 2)))
-                # A learned score's Jacobian need not give a PSD covariance; clip it to be one.
-                evals, evecs = torch.linalg.eigh(cov)
-                cov = evecs @ torch.diag_embed(evals.clamp_min(0)) @ evecs.transpose(1, 2)
-                w = self.operator.adjoint(self.operator.solve(residual.detach(), cov, self.noise_var))
-                w = w.reshape(batch, dim, 1).double()
-                likelihood_score = ((w + v64 * jac.transpose(1, 2) @ w) / m64).reshape(y_t.shape)
-        return (score.detach() + likelihood_score.to(y_t.dtype)).detach()
+            self.backward_passes += 1
+            return (score.detach() + likelihood_score).detach()
+        with torch.enable_grad():
+            z = y_t.detach().requires_grad_(True)
+            score = self.model.score(z, t)
+            jac = self._score_jacobian(score, z)  # (B, D, D): jac[b, i, k] = ∂s_i/∂y_k
+        # The likelihood's gradient is (∂x̂₀/∂y_t)ᵀ Aᵀ K⁻¹ (y − A x̂₀), and second-order Tweedie gives
+        # ∂x̂₀/∂y_t = (m/v)·C_t. Using the same clipped C_t there as in K keeps the two consistent:
+        # with a learned score, the raw Jacobian disagrees with a clipped C_t and the guidance then
+        # explodes at large t, where 1/m amplifies the score's error.
+        score = score.detach()
+        x0 = (y_t + v * score) / m
+        residual = self.observation - self.operator.apply(x0)
+        batch, dim = jac.shape[:2]
+        m64 = sde.mean_weight(t).double()[:, None, None]
+        v64 = sde.var(t).double()[:, None, None]
+        eye = torch.eye(dim, dtype=torch.float64, device=jac.device)
+        cov = v64 / m64 ** 2 * (eye + v64 * 0.5 * (jac + jac.transpose(1, 2)))
+        # A learned score's Jacobian need not give a PSD covariance: clip its eigenvalues to
+        # [10⁻⁴, 1]·v/m² (Cov[x | y_t] ≤ v/m² · I whenever the data law is log-concave).
+        evals, evecs = torch.linalg.eigh(cov)
+        level = (v64 / m64 ** 2)[:, :, 0]
+        evals = torch.minimum(evals.clamp_min(0) + 1e-4 * level, level)
+        cov = evecs @ torch.diag_embed(evals) @ evecs.transpose(1, 2)
+        w = self.operator.adjoint(self.operator.solve(residual, cov, self.noise_var))
+        likelihood_score = (m64 / v64 * cov @ w.reshape(batch, dim, 1).double()).reshape(y_t.shape)
+        return (score + likelihood_score.to(y_t.dtype)).detach()
 
     def _score_jacobian(self, score, z):
         """∂s_i/∂y_k per example, (B, D, D) float64: D vector-Jacobian products."""
