@@ -235,3 +235,14 @@ def test_fitted_proposal_picks_the_denoising_form_where_it_is_quieter():
     assert proposal.denoising[-5:].all()
     restored = sdeflow.FittedTime.from_state_dict(proposal.state_dict())
     torch.testing.assert_close(restored.denoising, proposal.denoising)
+
+
+@pytest.mark.parametrize("parameterization", ["score", "noise"])
+def test_default_elbo_is_unbiased_in_every_parameterization(parameterization):
+    sde, data = SDES["vp"](), gaussian()
+    model = exact_model(sde, data, parameterization)
+    x = data.sample(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    mean, se = _repeat_estimates(lambda xs: model.elbo(xs, generator=gen), x, 3000)
+    assert model.time_proposal.denoising.any()  # both forms are exercised
+    assert ((mean - expected_elbo(sde, data, x)).abs() < 5 * se + 1e-3).all()
