@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .checkpoint import atomic_write_bytes
 from .data.toy import DATASETS, LOG_DENSITIES, sample_toy
 from .metrics import sliced_wasserstein
 from .model import PARAMETERIZATIONS, TIME_SAMPLINGS, WEIGHTINGS, PluginReverseSDE
@@ -290,21 +291,6 @@ def evaluate_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Ge
 
 # ---- files ----------------------------------------------------------------------------------------
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename over ``path``: readers see the
-    old file or the new one, never half of one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_figure(fig, path: str) -> None:
     import io
 
@@ -313,12 +299,12 @@ def _save_figure(fig, path: str) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
     plt.close(fig)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_metrics(metrics: dict, path: str) -> None:
     """Write ``metrics`` as indented JSON, atomically."""
-    _atomic_write_bytes(path, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _pyplot():
