@@ -224,8 +224,14 @@ class _GuidedScoreNet(nn.Module):
                 r2 = self.data_var * sigma2 / (self.data_var + sigma2)
                 w = self.operator.adjoint(self.operator.solve(residual.detach(), r2, self.noise_var))
                 # ΠGDM: (∂x̂₀/∂y_t)ᵀ Aᵀ K⁻¹ (y − A x̂₀) by one vector-Jacobian product.
-                (likelihood_score,) = torch.autograd.grad(x0, z, w)
+                (vjp,) = torch.autograd.grad(x0, z, w)
             self.backward_passes += 1
+            # Below SNR 1 (σ_t² > data_var) the VJP multiplies the score's error by (v/m)², which
+            # makes learned models diverge; there ∂x̂₀/∂y_t is taken as (m/v)·r_t²·I, the same
+            # isotropic covariance as in K (exact for x ~ N(μ, c I)).
+            isotropic = append_dims((r2 * sde.mean_weight(t).double() / sde.var(t).double()), w.ndim) * w
+            low_snr = append_dims(sigma2 > self.data_var, w.ndim)
+            likelihood_score = torch.where(low_snr, isotropic.to(vjp.dtype), vjp)
             return (score.detach() + likelihood_score).detach()
         with torch.enable_grad():
             z = y_t.detach().requires_grad_(True)

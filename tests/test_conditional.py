@@ -250,22 +250,26 @@ class _PerturbedScore(torch.nn.Module):
     """The exact score plus a smooth error, like a learned one: its Jacobian no longer gives a
     positive-definite posterior covariance everywhere."""
 
-    def __init__(self, net):
+    def __init__(self, net, amplitude):
         super().__init__()
-        self.net = net
+        self.net, self.amplitude = net, amplitude
 
     def forward(self, y, t):
-        return self.net(y, t) + 0.3 * torch.sin(3 * y)
+        return self.net(y, t) + self.amplitude * torch.sin(3 * y)
 
 
-def test_guided_jacobian_stays_stable_with_an_inexact_score():
+# Each amplitude is one at which the guidance of the previous implementation blew up.
+@pytest.mark.parametrize("covariance, amplitude", [("jacobian", 0.3), ("isotropic", 1.0)])
+def test_guided_inpainting_stays_stable_with_an_inexact_score(covariance, amplitude):
     sde, data = SDES["vp"](), correlated_gaussian()
-    model = sdeflow.PluginReverseSDE(sde, _PerturbedScore(exact_model(sde, data).net), "score").double()
+    model = sdeflow.PluginReverseSDE(sde, _PerturbedScore(exact_model(sde, data).net, amplitude), "score").double()
     x = observation(data)
     mask = torch.tensor([True, False, True, False])
-    samples = inpaint(model, x.expand(500, 4), mask, method="guided", covariance="jacobian",
+    samples = inpaint(model, x.expand(500, 4), mask, method="guided", covariance=covariance,
                       n_steps=N_STEPS, generator=torch.Generator().manual_seed(3))
     mean, cov = data.conditional(mask, x[mask])
+    # A wrong score gives a wrong conditional; what is checked here is that the guidance does not
+    # blow up (before the fix it ran to inf/NaN at large t): every sample stays within ten
+    # standard deviations of the exact conditional.
     assert torch.isfinite(samples).all()
-    # a biased score gives a biased conditional, but of the data's scale, not an explosion
-    assert (samples[:, ~mask].mean(0) - mean).abs().max() < 3 * cov.diagonal().sqrt().max()
+    assert ((samples[:, ~mask] - mean).abs() < 10 * cov.diagonal().sqrt()).all()
