@@ -9,6 +9,7 @@ from .model import PluginReverseSDE
 from .time_sampling import FittedTime, ImportanceTime, TimeProposal, UniformTime
 from .divergence import divergence
 from .samplers import METHODS, SCHEDULES, sample, sample_ode, time_grid
+from .conditional import denoise, inpaint, posterior_sample
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,5 @@ __all__ = [
     "SDE", "VPSDE", "VESDE", "SubVPSDE", "PluginReverseSDE",
     "TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "divergence",
     "sample", "sample_ode", "time_grid", "METHODS", "SCHEDULES",
+    "denoise", "inpaint", "posterior_sample",
 ]
