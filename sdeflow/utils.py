@@ -30,6 +30,13 @@ def check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {allowed_text}; got {value!r}")
 
 
+def check_positive_int(name: str, value) -> int:
+    """Return ``value`` as an int, or raise ``ValueError`` naming the argument if it is not a positive integer."""
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    return int(value)
+
+
 def check_finite(name: str, x: torch.Tensor) -> None:
     """Refuse non-finite input data with a ``ValueError`` that names the argument."""
     if not torch.isfinite(x).all():

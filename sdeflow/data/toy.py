@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ..oracles import GaussianMixture
-from ..utils import check_choice
+from ..utils import check_choice, check_positive_int
 
 __all__ = [
     "swissroll", "moons", "eight_gaussians", "checkerboard", "gaussian_mixture",
@@ -30,11 +30,6 @@ __all__ = [
     "EIGHT_GAUSSIANS", "GAUSSIAN_MIXTURE", "DATASETS", "LOG_DENSITIES", "sample_toy", "toy_log_prob",
 ]
 
-
-def _check_n(n) -> int:
-    if isinstance(n, bool) or int(n) != n or n < 1:
-        raise ValueError(f"n must be a positive integer; got {n!r}")
-    return int(n)
 
 
 def _check_noise(noise: float) -> float:
@@ -52,7 +47,7 @@ def swissroll(n: int, noise: float = 0.5, generator: torch.Generator | None = No
 
     with σ = ``noise`` (0.5: a band 0.1 wide around a spiral of radius 0.94 to 2.83). (n, 2) float32.
     """
-    n, noise = _check_n(n), _check_noise(noise)
+    n, noise = check_positive_int("n", n), _check_noise(noise)
     theta = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator, dtype=torch.float64))
     spiral = torch.stack([theta * torch.cos(theta), theta * torch.sin(theta)], dim=1)
     points = spiral + noise * torch.randn(n, 2, generator=generator, dtype=torch.float64)
@@ -64,7 +59,7 @@ def moons(n: int, noise: float = 0.05, generator: torch.Generator | None = None)
     :math:`(\cos\theta, \sin\theta)`, half on :math:`(1 - \cos\theta, \tfrac12 - \sin\theta)`,
     θ ~ U(0, π), plus N(0, ``noise``²·I) before centring at (½, ¼) and scaling. (n, 2) float32.
     """
-    n, noise = _check_n(n), _check_noise(noise)
+    n, noise = check_positive_int("n", n), _check_noise(noise)
     theta = math.pi * torch.rand(n, generator=generator, dtype=torch.float64)
     upper = torch.rand(n, generator=generator, dtype=torch.float64) < 0.5
     outer = torch.stack([torch.cos(theta), torch.sin(theta)], dim=1)
@@ -94,7 +89,7 @@ GAUSSIAN_MIXTURE = GaussianMixture(
 def eight_gaussians(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     r"""Draw from :data:`EIGHT_GAUSSIANS`, :math:`\tfrac18\sum_k N(2(\cos\tfrac{k\pi}4, \sin\tfrac{k\pi}4), 0.2^2 I)`.
     (n, 2) float32."""
-    return EIGHT_GAUSSIANS.sample(_check_n(n), generator=generator)
+    return EIGHT_GAUSSIANS.sample(check_positive_int("n", n), generator=generator)
 
 
 def eight_gaussians_log_prob(x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +99,7 @@ def eight_gaussians_log_prob(x: torch.Tensor) -> torch.Tensor:
 
 def gaussian_mixture(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     r"""Draw from :data:`GAUSSIAN_MIXTURE`, :math:`\sum_k w_k N(\mu_k, \mathrm{diag}(s_k^2))`. (n, 2) float32."""
-    return GAUSSIAN_MIXTURE.sample(_check_n(n), generator=generator)
+    return GAUSSIAN_MIXTURE.sample(check_positive_int("n", n), generator=generator)
 
 
 def gaussian_mixture_log_prob(x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +112,7 @@ def checkerboard(n: int, generator: torch.Generator | None = None) -> torch.Tens
     column i ∈ {-2..1} and one of its two black rows uniformly, then a uniform point in the square.
     Density 1/8 on the squares. (n, 2) float32.
     """
-    n = _check_n(n)
+    n = check_positive_int("n", n)
     column = torch.randint(0, 4, (n,), generator=generator)
     row = 2 * torch.randint(0, 2, (n,), generator=generator) + column % 2
     corner = torch.stack([column, row], dim=1).double() - 2

@@ -17,13 +17,10 @@ import math
 import torch
 from torch import nn
 
+from ..utils import check_positive_int
+
 __all__ = ["TimeEmbedding", "MLP"]
 
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return int(value)
 
 
 class TimeEmbedding(nn.Module):
@@ -32,7 +29,7 @@ class TimeEmbedding(nn.Module):
 
     def __init__(self, dim: int = 32, T: float = 1.0, min_freq: float = 0.25, max_freq: float = 64.0):
         super().__init__()
-        dim = _positive_int("time_dim", dim)
+        dim = check_positive_int("time_dim", dim)
         if dim % 2:
             raise ValueError(f"time_dim must be even (sine and cosine pairs); got {dim}")
         if not 0 < min_freq <= max_freq:
@@ -64,8 +61,8 @@ class MLP(nn.Module):
     def __init__(self, dim: int = 2, hidden: int = 128, n_blocks: int = 2, time_dim: int = 32,
                  T: float = 1.0, fourier_features: int = 0, fourier_scale: float = 1.0):
         super().__init__()
-        dim, hidden = _positive_int("dim", dim), _positive_int("hidden", hidden)
-        n_blocks = _positive_int("n_blocks", n_blocks)
+        dim, hidden = check_positive_int("dim", dim), check_positive_int("hidden", hidden)
+        n_blocks = check_positive_int("n_blocks", n_blocks)
         if isinstance(fourier_features, bool) or int(fourier_features) != fourier_features or fourier_features < 0:
             raise ValueError(f"fourier_features must be an integer >= 0; got {fourier_features!r}")
         self.dim = dim

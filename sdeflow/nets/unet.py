@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils import check_positive_int
+
 __all__ = ["UNet", "PRESETS", "make_unet", "sinusoidal_embedding"]
 
 PRESETS: dict[str, dict] = {
@@ -183,11 +185,6 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return int(value)
-
 
 class UNet(nn.Module):
     """The DDPM U-Net; ``forward(y, t)`` maps y of shape (B, in_channels, image_size, image_size)
@@ -209,11 +206,11 @@ class UNet(nn.Module):
                  channel_mult=(1, 2, 2, 2), num_res_blocks: int = 2, attn_resolutions=(16,),
                  dropout: float = 0.1, time_scale: float = 1000.0):
         super().__init__()
-        in_channels = _check_positive_int("in_channels", in_channels)
-        image_size = _check_positive_int("image_size", image_size)
-        base_channels = _check_positive_int("base_channels", base_channels)
-        num_res_blocks = _check_positive_int("num_res_blocks", num_res_blocks)
-        channel_mult = tuple(_check_positive_int("channel_mult entries", m) for m in channel_mult)
+        in_channels = check_positive_int("in_channels", in_channels)
+        image_size = check_positive_int("image_size", image_size)
+        base_channels = check_positive_int("base_channels", base_channels)
+        num_res_blocks = check_positive_int("num_res_blocks", num_res_blocks)
+        channel_mult = tuple(check_positive_int("channel_mult entries", m) for m in channel_mult)
         if not channel_mult:
             raise ValueError("channel_mult must name at least one resolution level")
         if image_size % 2 ** (len(channel_mult) - 1):
