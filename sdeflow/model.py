@@ -188,7 +188,6 @@ class PluginReverseSDE(nn.Module):
         """
         check_finite("x", x)
         check_choice("weighting", weighting, WEIGHTINGS)
-        importance = ImportanceTime(self.sde)
         if t is None:
             proposal = self._proposal(time_sampling, x)
             t, q = proposal.sample(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
@@ -199,7 +198,7 @@ class PluginReverseSDE(nn.Module):
         y, noise, std, _ = self.sde.sample(t, x, return_noise=True, generator=generator)
         loss = 0.5 * sum_except_batch((std * self.score(y, t) + noise) ** 2)
         if weighting == "likelihood":
-            time_weight = time_weight * self.T * importance.unnormalized(t)
+            time_weight = time_weight * self.T * ImportanceTime(self.sde).unnormalized(t)
         return loss * time_weight
 
     # ---- the ELBO ------------------------------------------------------------------------
@@ -253,15 +252,18 @@ class PluginReverseSDE(nn.Module):
         xs = x.repeat((n_slices,) + (1,) * (x.ndim - 1))
         y, noise, std, g = self.sde.sample(t, xs, return_noise=True, generator=generator)
         create_graph = torch.is_grad_enabled()
-        use_denoising = (proposal.denoising_at(t) if isinstance(proposal, FittedTime)
-                         else torch.zeros_like(t, dtype=torch.bool))
-        h = torch.zeros_like(t)
-        hutch = (~use_denoising).nonzero().squeeze(1)
-        if hutch.numel():
-            h = h.index_put((hutch,), self.elbo_integrand(y[hutch], t[hutch], probe=probe, divergence=divergence,
-                                                          generator=generator, create_graph=create_graph))
-        den = use_denoising.nonzero().squeeze(1)
-        if den.numel():
+        use_denoising = proposal.denoising_at(t) if isinstance(proposal, FittedTime) else None
+        if use_denoising is None or not use_denoising.any():
+            h = self.elbo_integrand(y, t, probe=probe, divergence=divergence, generator=generator,
+                                    create_graph=create_graph)
+        else:
+            h = torch.zeros_like(t)
+            hutch = (~use_denoising).nonzero().squeeze(1)
+            if hutch.numel():
+                h = h.index_put((hutch,), self.elbo_integrand(y[hutch], t[hutch], probe=probe,
+                                                              divergence=divergence, generator=generator,
+                                                              create_graph=create_graph))
+            den = use_denoising.nonzero().squeeze(1)
             a = self.drift(y[den], t[den])
             h = h.index_put((den,), self._denoising_integrand(a, noise[den], std[den], g[den], t[den]))
         path_term = (h / q).reshape(n_slices, batch).mean(dim=0)
