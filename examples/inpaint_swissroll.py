@@ -15,7 +15,6 @@ stay quick), then draws
 from __future__ import annotations
 
 import argparse
-import io
 
 import matplotlib
 
@@ -23,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from sdeflow.checkpoint import atomic_write_bytes  # noqa: E402
+from sdeflow.checkpoint import save_figure  # noqa: E402
 from sdeflow.conditional import denoise, inpaint  # noqa: E402
 from sdeflow.data.toy import sample_toy  # noqa: E402
 from sdeflow.toy import ToyConfig, make_toy_model, train_toy  # noqa: E402
@@ -100,10 +99,7 @@ def main() -> None:
     fig.suptitle(f"Swissroll conditional generation (VP, toy MLP trained {args.steps} steps, "
                  f"{args.sample_steps} Euler steps)")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(args.out, buffer.getvalue())
+    save_figure(fig, args.out, dpi=110)
     print(f"wrote {args.out}")
 
 

@@ -102,6 +102,17 @@ def atomic_write_bytes(path, data: bytes) -> None:
                 pass
 
 
+def save_figure(fig, path, **savefig_kwargs) -> Path:
+    """Render a matplotlib figure to PNG in memory, close it, and write it atomically to ``path``."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **savefig_kwargs)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
 def save_checkpoint(path, state: dict) -> Path:
     """Serialise ``state`` (tensors and plain containers only) and write it atomically to ``path``.
 

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .checkpoint import atomic_write_bytes
+from .checkpoint import atomic_write_bytes, save_figure
 from .data.toy import DATASETS, LOG_DENSITIES, sample_toy
 from .metrics import sliced_wasserstein
 from .model import PARAMETERIZATIONS, TIME_SAMPLINGS, WEIGHTINGS, PluginReverseSDE
@@ -291,17 +291,6 @@ def evaluate_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Ge
 
 # ---- files ----------------------------------------------------------------------------------------
 
-def _save_figure(fig, path: str) -> None:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def write_metrics(metrics: dict, path: str) -> None:
     """Write ``metrics`` as indented JSON, atomically."""
     atomic_write_bytes(path, (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
@@ -344,7 +333,7 @@ def plot_samples(data: torch.Tensor, samples: dict, metrics: dict, path: str, ti
         ax.set_ylabel("$x_2$")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path, dpi=130, bbox_inches="tight")
 
 
 def plot_trajectories(trajectory: torch.Tensor, times: torch.Tensor, data: torch.Tensor, lmbd: float,
@@ -392,7 +381,7 @@ def plot_trajectories(trajectory: torch.Tensor, times: torch.Tensor, data: torch
     fig.colorbar(lines, ax=ax, label="time t (T = prior, 0 = data)", fraction=0.046, pad=0.03)
     ax.legend(loc="upper right", fontsize=7, markerscale=3, framealpha=0.8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path, dpi=130, bbox_inches="tight")
 
 
 def plot_training(history: dict, metrics: dict, path: str, title: str, weighting: str = "noise") -> None:
@@ -436,7 +425,7 @@ def plot_training(history: dict, metrics: dict, path: str, title: str, weighting
     ax_elbo.legend(fontsize=8, loc="lower right")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path, dpi=130, bbox_inches="tight")
 
 
 def _check_out_dir(out_dir: str) -> None:

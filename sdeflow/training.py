@@ -31,7 +31,6 @@ one process without it.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import math
 import os
@@ -424,11 +423,7 @@ def save_image_grid(images: torch.Tensor, path, title: str = "", ncols: int | No
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    ckpt.atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
+    return ckpt.save_figure(fig, path, bbox_inches="tight")
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ the model's space (after the checkpoint's data transform). Bad input: one line, 
 from __future__ import annotations
 
 import argparse
-import io
 import math
 from pathlib import Path
 
@@ -120,7 +119,7 @@ def _figure(rows: list[tuple[str, "torch.Tensor"]], title: str, out: Path) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..checkpoint import atomic_write_bytes
+    from ..checkpoint import save_figure
 
     n = rows[0][1].shape[0]
     fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n + 1.2, 1.15 * len(rows) + 0.5), squeeze=False)
@@ -135,10 +134,7 @@ def _figure(rows: list[tuple[str, "torch.Tensor"]], title: str, out: Path) -> No
         axes[r, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(out, buffer.getvalue())
+    save_figure(fig, out, dpi=120)
 
 
 # ---- handlers ----------------------------------------------------------------------------------
