@@ -230,7 +230,9 @@ class PluginReverseSDE(nn.Module):
         .. math::  \frac1K \sum_{k=1}^{K} \frac{h(y_{t_k}, t_k)}{q(t_k)} + E_{q(y_T|x)}[\log p_T(y_T)],
                    \quad t_k \sim q,\ y_{t_k} = m x + std\,\varepsilon_k,
 
-        with K = ``n_slices`` independent draws per example and the prior term in closed form.
+        with K = ``n_slices`` draws per example, stratified: t_k = Q⁻¹((k − 1 + u_k)/K) with u_k
+        uniform and Q the CDF of q, so each example's K times spread over q's whole range (unbiased,
+        and never noisier than K independent draws); the prior term is in closed form.
         h is the Hutchinson form :math:`-\tfrac12\|a\|^2 - g\nabla\cdot a + D f` (divergence by
         ``divergence`` = "hutchinson" with a ``probe``, or "exact"). Where a fitted proposal says so,
         h is instead the denoising form :math:`-\tfrac12\|a + g\varepsilon/std\|^2 + D(\tfrac12 g^2/v + f)`,
@@ -248,7 +250,9 @@ class PluginReverseSDE(nn.Module):
         check_choice("divergence", divergence, _div.METHODS)
         proposal = self._proposal(time_sampling, x, probe=probe, divergence=divergence, generator=generator)
         batch = x.shape[0]
-        t, q = proposal.sample(n_slices * batch, generator=generator, device=x.device, dtype=x.dtype)
+        # Slice k of every example draws its time from the k-th of n_slices quantile strata of q.
+        t, q = proposal.sample(n_slices * batch, generator=generator, device=x.device, dtype=x.dtype,
+                               strata=n_slices)
         xs = x.repeat((n_slices,) + (1,) * (x.ndim - 1))
         y, noise, std, g = self.sde.sample(t, xs, return_noise=True, generator=generator)
         create_graph = torch.is_grad_enabled()

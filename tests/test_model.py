@@ -23,6 +23,7 @@ ELBO_OPTIONS = [
     dict(time_sampling="fitted", probe="rademacher", divergence="hutchinson"),
     dict(time_sampling="importance", divergence="exact", n_slices=3),
     dict(),  # the defaults
+    dict(n_slices=4),  # the defaults with stratified slices
 ]
 
 
