@@ -22,7 +22,7 @@ from torchdiffeq import odeint
 from . import divergence as _div
 from .sdes import SDE
 from .time_sampling import FittedTime, ImportanceTime, TimeProposal, UniformTime
-from .utils import append_dims, as_time, check_choice, check_finite, sum_except_batch
+from .utils import append_dims, as_time, check_choice, check_finite, check_positive_int, sum_except_batch
 
 __all__ = ["PluginReverseSDE", "PARAMETERIZATIONS", "TIME_SAMPLINGS", "WEIGHTINGS"]
 
@@ -151,14 +151,19 @@ class PluginReverseSDE(nn.Module):
     @torch.no_grad()
     def fit_time_proposal(self, x: torch.Tensor, *, n_bins: int = 48, max_examples: int = 32,
                           probe: str = "rademacher", divergence: str = "hutchinson",
-                          defensive: float = 0.02, chunk_size: int = 512,
+                          defensive: float = 0.02, chunk_size: int | None = None,
                           generator: torch.Generator | None = None) -> FittedTime:
         """Fit ``self.time_proposal`` ∝ √E[h(t)²] to the ELBO integrand h of this model on a pilot
         batch (at most ``max_examples`` of x; one draw of t per bin and example), choosing in each
         bin the form of h (Hutchinson or denoising, see :meth:`elbo`) of lower second moment.
-        Costs n_bins × examples network evaluations with their divergence. Returns the proposal.
+        Costs n_bins × examples network evaluations with their divergence, ``chunk_size`` at a
+        time (default: about 2¹⁷ numbers per chunk, 42 CIFAR images: larger batches of images run
+        slower per image on a CPU, 3× at 512). Returns the proposal.
         """
         check_finite("x", x)
+        if chunk_size is None:
+            chunk_size = max(1, 2 ** 17 // max(1, x[0].numel()))
+        chunk_size = check_positive_int("chunk_size", chunk_size)
         pilot = x[:max_examples]
         batch = pilot.shape[0]
 

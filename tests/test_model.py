@@ -236,6 +236,13 @@ def test_fitted_proposal_picks_the_denoising_form_where_it_is_quieter():
     assert proposal.denoising[-5:].all()
     restored = sdeflow.FittedTime.from_state_dict(proposal.state_dict())
     torch.testing.assert_close(restored.denoising, proposal.denoising)
+    # A pilot pass in chunks of 7 (not dividing 48 bins × 32 examples) fits the same proposal up
+    # to its noise (the draws fall differently into chunks).
+    chunked = model.fit_time_proposal(x, chunk_size=7, generator=torch.Generator().manual_seed(1))
+    assert (chunked.denoising == proposal.denoising).float().mean() > 0.9
+    assert chunked.denoising[-5:].all() and not chunked.denoising[0]
+    with pytest.raises(ValueError, match="chunk_size"):
+        model.fit_time_proposal(x, chunk_size=0)
 
 
 @pytest.mark.parametrize("parameterization", ["score", "noise"])
