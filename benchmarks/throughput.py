@@ -18,6 +18,17 @@ shared machine hits both alike; figures are medians, ratios are of medians.
 
     python benchmarks/throughput.py --presets small cifar10 --batch-size 32 --repeats 7
 
+On a CPU with native bf16 (AVX512-BF16 or AMX; ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``)
+training is also timed for our net under ``torch.autocast("cpu", torch.bfloat16)``, what
+``sdeflow train --precision bf16`` runs (fp32 stays the default).
+
+With ``--checkpoint RUN/ckpt-….pt --data-root DIR`` it also times the ELBO of that trained model
+on real CIFAR-10 images the way ``sdeflow eval`` runs it by default (the fitted time proposal,
+whose bins use the divergence-free denoising form wherever it is quieter: only those examples
+need a vector-Jacobian product), against the baseline network with q ∝ g²/v and Hutchinson's
+trace everywhere, and prints each estimator's per-image standard deviation beside its speed.
+On an untrained network (zero output layer) the fit would be meaningless, hence a checkpoint.
+
 On a CPU shared with other jobs pass ``--threads 1``: two OpenMP threads on two busy cores
 spin against each other and make every figure several times slower and far noisier.
 """
@@ -35,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdeflow import PluginReverseSDE, VPSDE
+from sdeflow import VPSDE, PluginReverseSDE
 from sdeflow.nets.unet import UNet, make_unet
 
 
@@ -244,6 +255,12 @@ def bench_preset(preset, args, device, out):
     ours = Candidate("ours", ours_net, device, args.batch_size, autocast, args.compile)
     base = Candidate("baseline", baseline_net, device, args.batch_size)
     base.x = ours.x.clone()
+    extra = None  # our net under CPU bf16 autocast, timed for training only
+    if device.type == "cpu" and not args.no_bf16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        bf16_net = make_unet(preset, in_channels=3, image_size=32)
+        bf16_net.load_state_dict(net.state_dict())
+        extra = Candidate("ours-bf16", bf16_net, device, args.batch_size, torch.bfloat16)
+        extra.x = ours.x.clone()
     options = (f"SDPA, fused SiLU/qkv{', channels-last' if args.channels_last else ''}"
                f"{', torch.compile (per block)' if args.compile else ''}{', bf16 autocast' if autocast else ', fp32'}")
     out(f"   ours: {options}; baseline: explicit softmax attention, fp32, NCHW, eager")
@@ -251,8 +268,9 @@ def bench_preset(preset, args, device, out):
     repeats = args.repeats if preset == "small" else max(3, args.repeats // 2)
     results = {}
     for task, batch_items in (("train", 1), ("elbo", args.batch_size)):
-        times = {"ours": [], "baseline": []}
-        for cand in (ours, base):  # warm-up (and compilation) outside the timing
+        cands = (ours, base) + ((extra,) if extra is not None and task == "train" else ())
+        times = {c.name: [] for c in cands}
+        for cand in cands:  # warm-up (and compilation) outside the timing
             fn = cand.train_step if task == "train" else cand.elbo_batch
             warm = timed(fn)
             for _ in range(args.warmup - 1):
@@ -260,22 +278,76 @@ def bench_preset(preset, args, device, out):
             if cand is ours and args.compile:
                 out(f"   {task}: warm-up incl. compilation {warm:.1f} s")
         for _ in range(repeats):
-            for cand in (ours, base):
+            for cand in cands:
                 times[cand.name].append(timed(cand.train_step if task == "train" else cand.elbo_batch))
         memory = {c.name: peak_memory_mb(c.train_step if task == "train" else c.elbo_batch, device)
-                  for c in (ours, base)}
-        mem_text = lambda mb: "" if mb is None else f"; peak memory {mb:.0f} MiB"  # noqa: E731
+                  for c in cands}
+        mem_text = lambda mb: "" if mb is None else f"; peak memory {mb:.0f} MiB"
         med = {k: statistics.median(v) for k, v in times.items()}
         rate = {k: batch_items / v for k, v in med.items()}
         unit = "steps/s" if task == "train" else "images/s"
         label = "training" if task == "train" else "ELBO    "
-        for name in ("ours", "baseline"):
-            spread = f"[{min(times[name]):.3f}–{max(times[name]):.3f}]"
-            out(f"   {label} {name:8s}: {rate[name]:8.3f} {unit:8s} (median {med[name]:.3f} s/batch "
+        for name, observed in times.items():
+            spread = f"[{min(observed):.3f}–{max(observed):.3f}]"
+            out(f"   {label} {name:9s}: {rate[name]:8.3f} {unit:8s} (median {med[name]:.3f} s/batch "
                 f"{spread} over {repeats}{mem_text(memory[name])})")
         out(f"   {label} speed-up ours / baseline: {rate['ours'] / rate['baseline']:.2f}x")
         results[task] = rate["ours"] / rate["baseline"]
+        if "ours-bf16" in rate:
+            out(f"   {label} speed-up ours under bf16 autocast / baseline (fp32): "
+                f"{rate['ours-bf16'] / rate['baseline']:.2f}x")
+            results["train-bf16"] = rate["ours-bf16"] / rate["baseline"]
     return results
+
+
+def bench_checkpoint(args, device, out):
+    """The default ELBO of a trained model (fitted proposal) against the baseline network's
+    Hutchinson ELBO with q ∝ g²/v, on held-out real images; speed and per-image spread."""
+    from sdeflow import training
+    from sdeflow.data.images import load_cifar10
+
+    model, config, step = training.load_model(args.checkpoint, device=device)
+    model.requires_grad_(False)
+    baseline = PluginReverseSDE(model.sde, BaselineUNet(model.net), parameterization=model.parameterization)
+    baseline = baseline.to(device).eval().requires_grad_(False)
+    images = load_cifar10(args.data_root, "train")[-(args.batches + 1) * args.batch_size:]
+    gen = torch.Generator().manual_seed(0)
+    ys = [training.preprocess(images[i:i + args.batch_size], config["data"], gen).y.to(device)
+          for i in range(0, images.shape[0], args.batch_size)]
+    pilot, batches = ys[0], ys[1:]
+    out(f"\n== trained checkpoint {args.checkpoint} (step {step}, {model.parameterization} network), "
+        f"{len(batches)} batches of {args.batch_size} real images, {torch.get_num_threads()} threads")
+    start = time.perf_counter()
+    with torch.no_grad():
+        proposal = model.fit_time_proposal(pilot, generator=torch.Generator(device).manual_seed(1))
+    share = float(proposal.probs[proposal.denoising].sum())
+    out(f"   fitting the proposal (once per model): {time.perf_counter() - start:.1f} s; "
+        f"{int(proposal.denoising.sum())} of {len(proposal.probs)} bins, {share:.0%} of the draws, "
+        f"use the denoising form")
+    runs = {"ours, default (fitted)": (model, "fitted"), "ours, q ∝ g²/v": (model, "importance"),
+            "baseline, q ∝ g²/v": (baseline, "importance")}
+    times = {k: [] for k in runs}
+    values = {k: [] for k in runs}
+    generator = torch.Generator(device).manual_seed(2)
+    for m, ts in runs.values():  # warm-up
+        with torch.no_grad():
+            m.elbo(batches[0], time_sampling=ts, generator=generator)
+    for _ in range(args.repeats):
+        for y in batches:
+            for name, (m, ts) in runs.items():
+                with torch.no_grad():
+                    start = time.perf_counter()
+                    elbo = m.elbo(y, time_sampling=ts, generator=generator)
+                    sync(device)
+                    times[name].append(time.perf_counter() - start)
+                values[name].append(elbo / y[0].numel() / math.log(2))
+    rate = {k: args.batch_size / statistics.median(v) for k, v in times.items()}
+    for name in runs:
+        spread = torch.cat(values[name]).double().std().item()
+        out(f"   ELBO {name:24s}: {rate[name]:7.1f} images/s, per-image std {spread:.3f} bits/dim")
+    ratio = rate["ours, default (fitted)"] / rate["baseline, q ∝ g²/v"]
+    out(f"   ELBO speed-up ours (default estimator) / baseline: {ratio:.2f}x")
+    return ratio
 
 
 def main(argv=None):
@@ -288,7 +360,11 @@ def main(argv=None):
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="run our net channels-last (default: on GPU only; slower on the 2-core CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks of our net (UNet.compile_blocks; compile time reported)")
-    parser.add_argument("--no-bf16", action="store_true", help="keep fp32 on GPU (bf16 autocast is GPU-only)")
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="keep fp32 on GPU, and skip the bf16 training row on a CPU with native bf16")
+    parser.add_argument("--checkpoint", default=None, help="a trained checkpoint: also time its default ELBO on real images")
+    parser.add_argument("--data-root", default=None, help="CIFAR-10 root for --checkpoint")
+    parser.add_argument("--batches", type=int, default=4, help="held-out batches per repeat for --checkpoint")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -296,12 +372,18 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.channels_last is None:
         args.channels_last = device.type == "cuda"
+    if (args.checkpoint is None) != (args.data_root is None):
+        parser.error("--checkpoint and --data-root go together")
     ratios = {}
     for preset in args.presets:
         ratios[preset] = bench_preset(preset, args, device, out=lambda s: print(s, flush=True))
+    trained = bench_checkpoint(args, device, out=lambda s: print(s, flush=True)) if args.checkpoint else None
     print("\nsummary (ours / baseline, medians):")
     for preset, r in ratios.items():
-        print(f"   {preset:8s} training {r['train']:.2f}x   ELBO {r['elbo']:.2f}x")
+        bf16 = f"   training under bf16 autocast {r['train-bf16']:.2f}x" if "train-bf16" in r else ""
+        print(f"   {preset:8s} training {r['train']:.2f}x   ELBO {r['elbo']:.2f}x{bf16}")
+    if trained is not None:
+        print(f"   trained checkpoint: default ELBO estimator {trained:.2f}x the baseline's")
     if device.type == "cpu":
         import resource
         print(f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
