@@ -26,7 +26,9 @@ With ``--checkpoint RUN/ckpt-….pt --data-root DIR`` it also times the ELBO of 
 on real CIFAR-10 images the way ``sdeflow eval`` runs it by default (the fitted time proposal,
 whose bins use the divergence-free denoising form wherever it is quieter: only those examples
 need a vector-Jacobian product), against the baseline network with q ∝ g²/v and Hutchinson's
-trace everywhere, and prints each estimator's per-image standard deviation beside its speed.
+trace everywhere, and prints each estimate (in bits/dim of the model's input, before the
+transform's log-determinant) so that one sees they estimate the same bound; their variances are
+compared in ``estimators.py`` and ``cifar_budget.py``.
 On an untrained network (zero output layer) the fit would be meaningless, hence a checkpoint.
 
 On a CPU shared with other jobs pass ``--threads 1``: two OpenMP threads on two busy cores
@@ -343,8 +345,9 @@ def bench_checkpoint(args, device, out):
                 values[name].append(elbo / y[0].numel() / math.log(2))
     rate = {k: args.batch_size / statistics.median(v) for k, v in times.items()}
     for name in runs:
-        spread = torch.cat(values[name]).double().std().item()
-        out(f"   ELBO {name:24s}: {rate[name]:7.1f} images/s, per-image std {spread:.3f} bits/dim")
+        bits = -torch.cat(values[name]).double()  # −ELBO per dimension of y, in bits
+        out(f"   ELBO {name:24s}: {rate[name]:7.1f} images/s; −ELBO {bits.mean():.2f} ± "
+            f"{bits.std().item() / math.sqrt(bits.numel()):.2f} bits/dim of y")
     ratio = rate["ours, default (fitted)"] / rate["baseline, q ∝ g²/v"]
     out(f"   ELBO speed-up ours (default estimator) / baseline: {ratio:.2f}x")
     return ratio
