@@ -12,9 +12,10 @@ decay fitted to the number of steps the budget allows (measured on a short calib
 gradient clipping, and an EMA of the parameters with a warm-up.
 
 ``--parameterization`` picks what the network predicts. In 12 minutes the ε network is far
-ahead: a score network reached 4.833 ± 0.019 bits/dim in 824 steps, against 4.088 ± 0.053 for ε
-in 545, because its output must grow like 1/std at low noise. ``--precision bf16`` trains under
-bf16 autocast (more steps in the budget on a CPU with native bf16); evaluation stays fp32.
+ahead: on the same day, a score network reached 4.833 ± 0.019 bits/dim in 824 steps and the ε
+network 3.993 ± 0.055 in 890, because the score's output must grow like 1/std at low noise.
+``--precision bf16`` trains under bf16 autocast (evaluation stays fp32): on the 2-core
+AVX512-BF16 machine 1,236 steps fit in the budget and reached 3.890 ± 0.049.
 
 For scale (issue 4): sdeflow-light reaches about 4.85 bits/dim after 12 minutes on these machines,
 with a standard error of about 0.2 over 846 images. The machine's load matters: the script prints
