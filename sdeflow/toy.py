@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import atomic_write_bytes, save_figure
 from .data.toy import DATASETS, LOG_DENSITIES, sample_toy
@@ -45,6 +44,7 @@ from .model import PARAMETERIZATIONS, TIME_SAMPLINGS, WEIGHTINGS, PluginReverseS
 from .nets.mlp import MLP
 from .samplers import sample
 from .sdes import VPSDE
+from .training import EMA
 from .utils import check_choice
 
 __all__ = ["ToyConfig", "make_toy_model", "train_toy", "evaluate_toy", "run_toy",
@@ -162,7 +162,8 @@ def train_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Gener
               data_generator: torch.Generator | None = None) -> tuple[PluginReverseSDE, dict]:
     r"""Train ``model`` for ``config.steps`` steps of Adam on the mean DSM loss
     :math:`\frac1B\sum_i \ell_{dsm}(x_i)` over fresh batches x ~ data, keeping an EMA of its weights
-    :math:`\bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta` (d = ``ema_decay``).
+    :math:`\bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta` with d = min(``ema_decay``,
+    (1 + n)/(10 + n)) after n updates (:class:`sdeflow.training.EMA`, as for images).
 
     Every ``elbo_every`` steps (and at the last) the EMA model's mean ELBO on ``elbo_batch`` fresh
     points (``elbo_train_slices`` times each; exact divergence, a time proposal fitted to those
@@ -179,7 +180,7 @@ def train_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Gener
     config.validate()
     data_generator = generator if data_generator is None else data_generator
     device = torch.device(config.device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    ema = EMA(model, config.ema_decay)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     history = {"step": [], "loss": [], "elbo_step": [], "elbo": [], "running_elbo": []}
@@ -193,7 +194,7 @@ def train_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Gener
         loss.backward()
         optimizer.step()
         scheduler.step()
-        ema.update_parameters(model)
+        ema.update(model, num_updates=step - 1)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"the training loss became {loss_value} at step {step}; "
@@ -206,9 +207,9 @@ def train_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Gener
             with torch.no_grad():
                 # Refit the time proposal to this batch (its sharp-edged points dominate the variance
                 # otherwise: on the checkerboard ~4× less noise than q ∝ g²/v for ~0.1 s per estimate).
-                ema.module.fit_time_proposal(x_eval, max_examples=x_eval.shape[0], divergence="exact",
+                ema.model.fit_time_proposal(x_eval, max_examples=x_eval.shape[0], divergence="exact",
                                              generator=generator)
-                elbo_value = float(ema.module.elbo(x_eval, n_slices=config.elbo_train_slices,
+                elbo_value = float(ema.model.elbo(x_eval, n_slices=config.elbo_train_slices,
                                                    time_sampling="fitted", divergence="exact",
                                                    generator=generator).mean())
             # An EMA of the estimates, so that the displayed ELBO is stable but still follows training.
@@ -218,7 +219,7 @@ def train_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Gener
             history["running_elbo"].append(running_elbo)
         if callback is not None:
             callback({"step": step, "loss": loss_value, "elbo": elbo_value, "running_elbo": running_elbo})
-    ema_model = ema.module
+    ema_model = ema.model
     ema_model.eval()
     return ema_model, history
 
