@@ -263,11 +263,9 @@ class PluginReverseSDE(nn.Module):
         check_choice("divergence", divergence, _div.METHODS)
         proposal = self._proposal(time_sampling, x, probe=probe, divergence=divergence, generator=generator)
         batch = x.shape[0]
-        # Slice k of every example draws its time from the k-th of n_slices quantile strata of q
-        # (a single slice passes no strata, so a TimeProposal whose sample() predates it still works).
-        strata = {"strata": n_slices} if n_slices > 1 else {}
+        # Slice k of every example draws its time from the k-th of n_slices quantile strata of q.
         t, q = proposal.sample(n_slices * batch, generator=generator, device=x.device, dtype=x.dtype,
-                               **strata)
+                               strata=n_slices)
         xs = x.repeat((n_slices,) + (1,) * (x.ndim - 1))
         y, noise, std, g = self.sde.sample(t, xs, return_noise=True, generator=generator)
         create_graph = torch.is_grad_enabled()
