@@ -6,6 +6,7 @@ from scipy import integrate
 
 import sdeflow
 from sdeflow.time_sampling import ImportanceTime
+from sdeflow.oracles import GaussianMixture
 from oracle_helpers import SDES, exact_model, expected_elbo, expected_ode_log_prob, gaussian
 
 PARAMETERIZATIONS = ["drift", "score", "noise"]
@@ -102,6 +103,68 @@ def test_dsm_attains_its_known_minimum_at_the_exact_score(name):
     assert abs(excess.mean() - expected) < 5 * excess.std() / 200 and expected > 0
 
 
+class _ScorePlusBump(torch.nn.Module):
+    """The exact mixture score plus θ·sin(y), θ a learnable scalar (0: exact); ``scale`` multiplies all."""
+
+    def __init__(self, net, scale=1.0):
+        super().__init__()
+        self.net, self.scale = net, scale
+        self.theta = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, y, t):
+        return self.scale * self.net(y, t) + self.theta * torch.sin(y)
+
+
+def _second_order_gradient(scale, weight=1.0, chunks=20, n=4000):
+    """Mean and standard error (over chunks) of d E[dsm(order=2)]/dθ at θ = 0, t = 0.3, on a
+    two-component 2-D mixture (its Hessian varies with y)."""
+    sde = SDES["vp"]()
+    data = GaussianMixture([[-1.0, 0.5], [1.0, -0.5]], [[0.4, 0.7], [0.6, 0.3]])
+    model = sdeflow.PluginReverseSDE(sde, _ScorePlusBump(exact_model(sde, data, "score").net, scale), "score")
+    gen = torch.Generator().manual_seed(0)
+    grads = []
+    for _ in range(chunks):
+        x = data.sample(n, generator=gen, dtype=torch.float64)
+        t = torch.full((n,), 0.3, dtype=torch.float64)
+        loss = model.dsm(x, t=t, order=2, second_order_weight=weight, generator=gen).mean()
+        grads.append(torch.autograd.grad(loss, model.net.theta)[0])
+    grads = torch.stack(grads)
+    return float(grads.mean()), float(grads.std() / math.sqrt(chunks))
+
+
+def test_second_order_dsm_is_stationary_at_the_exact_score():
+    """E[r rᵀ | y] = std²∇²log p_t + I: at the exact score, moving along any direction (here θ·sin y)
+    leaves the expected loss flat, because both its first- and second-order parts are minimised;
+    a 10 % wrong score is not stationary."""
+    mean, se = _second_order_gradient(scale=1.0)
+    assert abs(mean) < 4 * se, (mean, se)
+    wrong_mean, wrong_se = _second_order_gradient(scale=0.9)
+    assert abs(wrong_mean) > 10 * wrong_se, (wrong_mean, wrong_se)
+
+
+def test_second_order_dsm_matches_its_formula_on_a_linear_score():
+    """s(y) = A y + b has J = A everywhere (A not symmetric): the loss is the docstring's formula."""
+    sde = SDES["vp"]()
+    A = torch.tensor([[-1.5, 0.3], [0.1, -0.7]], dtype=torch.float64)
+    b = torch.tensor([0.2, -0.4], dtype=torch.float64)
+    model = sdeflow.PluginReverseSDE(sde, lambda_net(lambda y, t: y @ A.T + b), "score")
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.linspace(0.1, 0.9, 5, dtype=torch.float64)
+    with torch.no_grad():  # builds its own graph for J
+        loss = model.dsm(x, t=t, order=2, second_order_weight=0.3, generator=torch.Generator().manual_seed(1))
+    y, eps, std, _ = sde.sample(t, x, return_noise=True, generator=torch.Generator().manual_seed(1))
+    std = std.reshape(-1, 1)
+    s = y @ A.T + b
+    r = eps + std * s
+    first = 0.5 * (r ** 2).sum(1)
+    frob = ((std[:, :, None] ** 2 * A + torch.eye(2, dtype=torch.float64) - r[:, :, None] * r[:, None, :]) ** 2).sum((1, 2))
+    trace = (std[:, 0] ** 2 * A.trace() + 2 - (r ** 2).sum(1)) ** 2
+    torch.testing.assert_close(loss, first + 0.3 * (frob + trace))
+    assert not loss.requires_grad
+    # order 1 is the first-order part alone
+    torch.testing.assert_close(model.dsm(x, t=t, generator=torch.Generator().manual_seed(1)), first)
+
+
 @pytest.mark.parametrize("weighting", ["noise", "likelihood"])
 @pytest.mark.parametrize("time_sampling", ["uniform", "importance", "fitted"])
 def test_dsm_estimates_the_same_objective_under_every_proposal(weighting, time_sampling):
@@ -188,6 +251,12 @@ def test_bad_input_raises_value_errors_naming_the_argument():
         model.elbo(x, n_slices=0)
     with pytest.raises(ValueError, match="weighting"):
         model.dsm(x, weighting="snr")
+    with pytest.raises(ValueError, match="order"):
+        model.dsm(x, order=3)
+    with pytest.raises(ValueError, match="second_order_weight"):
+        model.dsm(x, order=2, second_order_weight=-1.0)
+    with pytest.raises(ValueError, match="at most 64 dimensions"):
+        model.dsm(torch.zeros(2, 65, dtype=torch.float64), order=2)
     with pytest.raises(ValueError, match="x"):
         model.elbo(torch.tensor([[0.0, float("nan"), 1.0]], dtype=torch.float64))
     with pytest.raises(ValueError, match="net must return"):
