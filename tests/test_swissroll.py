@@ -54,6 +54,25 @@ def test_training_is_reproducible_from_its_seed():
     assert all(math.isfinite(v) for v in runs[0][1]["running_elbo"])
 
 
+def test_the_last_second_order_steps_train_with_second_order_dsm(monkeypatch):
+    config = ToyConfig(steps=12, second_order_steps=5, batch_size=16, hidden=8, elbo_every=100, elbo_batch=8)
+    model = make_toy_model(config)
+    orders = []
+    dsm = model.dsm
+
+    def spy(*args, order=1, **kwargs):
+        orders.append(order)
+        return dsm(*args, order=order, **kwargs)
+
+    monkeypatch.setattr(model, "dsm", spy)
+    train_toy(model, config, torch.Generator().manual_seed(0))
+    assert orders == [1] * 7 + [2] * 5
+    with pytest.raises(ValueError, match="second_order_steps"):
+        ToyConfig(second_order_steps=-1).validate()
+    with pytest.raises(ValueError, match="second_order_weight"):
+        ToyConfig(second_order_weight=float("nan")).validate()
+
+
 def test_evaluation_of_the_zero_network_matches_closed_forms():
     # The MLP's output layer starts at zero, so a = 0: the ODE is dy/dt = f(t)·y, giving
     # log p_ODE(x) = log p_T(m(T)·x) − D·B(T)/2 exactly, and the ELBO integrand is the constant
@@ -120,6 +139,7 @@ def _status(argv) -> int:
     (["--lr", "nan"], "--lr: expected a number in (0, inf]"),
     (["--ema-decay", "1"], "ema_decay must lie in [0, 1)"),
     (["--device", "tpu9"], "device must be a torch device"),
+    (["--second-order-steps", "-1"], "--second-order-steps: expected a non-negative integer"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert _status(["swissroll", "--out", str(tmp_path / "o"), *argv]) == 2
