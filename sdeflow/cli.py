@@ -67,6 +67,7 @@ def number(low=None, high=None, low_open=False, high_open=False):
 
 positive_float = number(0, low_open=True)
 lmbd = number(0, 1)  # 0: the reverse SDE, 1: the probability-flow ODE
+fraction = number(0, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ Training minimises the denoising score matching loss :meth:`PluginReverseSDE.dsm
 each step; by default with the likelihood weighting g²/v and times drawn ∝ g²/v (uniform in
 log-SNR), which makes the loss the ELBO's own DSM form and so keeps the bound tight (Adam,
 warm-up then cosine decay of the learning rate, an exponential moving average (EMA) of the
-weights, which is the model that is evaluated). The last ``second_order_steps`` steps add
+weights, which is the model that is evaluated). The last ``second_order_fraction`` of the steps add
 second-order score matching (``dsm(order=2)``, Lu et al. 2022), which fits the Jacobian of the
 score as well: the probability-flow ODE's likelihood depends on it, and without it the ODE
 model ends up worse than the SDE model whose ELBO is reported (0.016 nats below it on the
@@ -52,7 +52,7 @@ from .training import EMA
 from .utils import check_choice
 
 __all__ = ["ToyConfig", "make_toy_model", "train_toy", "evaluate_toy", "run_toy",
-           "plot_samples", "plot_trajectories", "plot_training", "lmbd_key", "OUTPUT_FILES"]
+           "plot_samples", "plot_trajectories", "plot_training", "lmbd_key", "second_order_steps", "OUTPUT_FILES"]
 
 #: Files :func:`run_toy` writes for the default λ = 0, 1.
 OUTPUT_FILES = ("samples.png", "trajectories_lmbd0.png", "trajectories_lmbd1.png", "training.png",
@@ -86,7 +86,7 @@ class ToyConfig:
     parameterization: str = "score"
     weighting: str = "likelihood"
     time_sampling: str = "importance"
-    second_order_steps: int = 1000
+    second_order_fraction: float = 0.125
     second_order_weight: float = 0.3
     beta_min: float = 0.1
     beta_max: float = 20.0
@@ -120,10 +120,10 @@ class ToyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        for name in ("warmup_steps", "second_order_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or int(value) != value or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
+        if isinstance(self.warmup_steps, bool) or int(self.warmup_steps) != self.warmup_steps or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0; got {self.warmup_steps!r}")
+        if not 0 <= float(self.second_order_fraction) <= 1:
+            raise ValueError(f"second_order_fraction must lie in [0, 1]; got {self.second_order_fraction!r}")
         if not 0 <= float(self.second_order_weight) < math.inf:
             raise ValueError(f"second_order_weight must be a finite number >= 0; got {self.second_order_weight!r}")
         for name in ("lr", "beta_min", "beta_max", "ode_rtol", "ode_atol", "fourier_scale"):
@@ -157,6 +157,11 @@ def make_toy_model(config: ToyConfig) -> PluginReverseSDE:
     return PluginReverseSDE(sde, net, parameterization=config.parameterization).to(config.device)
 
 
+def second_order_steps(config: ToyConfig) -> int:
+    """How many of the last training steps use second-order DSM: round(fraction × steps)."""
+    return round(config.second_order_fraction * config.steps)
+
+
 def _lr_factor(step: int, config: ToyConfig) -> float:
     """Linear warm-up over ``warmup_steps``, then cosine decay to ``final_lr_fraction``·lr."""
     if step < config.warmup_steps:
@@ -172,7 +177,7 @@ def train_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Gener
               data_generator: torch.Generator | None = None) -> tuple[PluginReverseSDE, dict]:
     r"""Train ``model`` for ``config.steps`` steps of Adam on the mean DSM loss
     :math:`\frac1B\sum_i \ell_{dsm}(x_i)` over fresh batches x ~ data (second-order DSM in the last
-    ``second_order_steps``), keeping an EMA of its weights
+    :func:`second_order_steps`), keeping an EMA of its weights
     :math:`\bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta` with d = min(``ema_decay``,
     (1 + n)/(10 + n)) after n updates (:class:`sdeflow.training.EMA`, as for images).
 
@@ -195,11 +200,12 @@ def train_toy(model: PluginReverseSDE, config: ToyConfig, generator: torch.Gener
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     history = {"step": [], "loss": [], "elbo_step": [], "elbo": [], "running_elbo": []}
+    second_order = second_order_steps(config)
     running_elbo = None
     model.train()
     for step in range(1, config.steps + 1):
         x = sample_toy(config.dataset, config.batch_size, generator=data_generator).to(device)
-        order = 2 if step > config.steps - config.second_order_steps else 1
+        order = 2 if step > config.steps - second_order else 1
         loss = model.dsm(x, time_sampling=config.time_sampling, weighting=config.weighting,
                          generator=generator, order=order,
                          second_order_weight=config.second_order_weight).mean()
@@ -496,9 +502,9 @@ def run_toy(config: ToyConfig, out_dir: str,
     for lmbd, trajectory in artefacts["trajectories"].items():
         plot_trajectories(trajectory, artefacts["times"], artefacts["data"], lmbd,
                           os.path.join(out_dir, f"trajectories_lmbd{lmbd_key(lmbd)}.png"), title)
-    second_order_from = config.steps - config.second_order_steps + 1 if config.second_order_steps else None
+    second_order = second_order_steps(config)
     plot_training(history, metrics, os.path.join(out_dir, "training.png"), title, config.weighting,
-                  max(1, second_order_from) if second_order_from is not None else None)
+                  config.steps - second_order + 1 if second_order else None)
     metrics["eval_seconds"] = time.perf_counter() - start  # likelihoods, samples and figures
     write_metrics(metrics, os.path.join(out_dir, "metrics.json"))
     return metrics

@@ -54,8 +54,8 @@ def test_training_is_reproducible_from_its_seed():
     assert all(math.isfinite(v) for v in runs[0][1]["running_elbo"])
 
 
-def test_the_last_second_order_steps_train_with_second_order_dsm(monkeypatch):
-    config = ToyConfig(steps=12, second_order_steps=5, batch_size=16, hidden=8, elbo_every=100, elbo_batch=8)
+def test_the_last_fraction_of_steps_trains_with_second_order_dsm(monkeypatch):
+    config = ToyConfig(steps=16, second_order_fraction=0.25, batch_size=16, hidden=8, elbo_every=100, elbo_batch=8)
     model = make_toy_model(config)
     orders = []
     dsm = model.dsm
@@ -66,9 +66,9 @@ def test_the_last_second_order_steps_train_with_second_order_dsm(monkeypatch):
 
     monkeypatch.setattr(model, "dsm", spy)
     train_toy(model, config, torch.Generator().manual_seed(0))
-    assert orders == [1] * 7 + [2] * 5
-    with pytest.raises(ValueError, match="second_order_steps"):
-        ToyConfig(second_order_steps=-1).validate()
+    assert orders == [1] * 12 + [2] * 4
+    with pytest.raises(ValueError, match="second_order_fraction"):
+        ToyConfig(second_order_fraction=-0.1).validate()
     with pytest.raises(ValueError, match="second_order_weight"):
         ToyConfig(second_order_weight=float("nan")).validate()
 
@@ -139,7 +139,7 @@ def _status(argv) -> int:
     (["--lr", "nan"], "--lr: expected a number in (0, inf]"),
     (["--ema-decay", "1"], "ema_decay must lie in [0, 1)"),
     (["--device", "tpu9"], "device must be a torch device"),
-    (["--second-order-steps", "-1"], "--second-order-steps: expected a non-negative integer"),
+    (["--second-order-fraction", "1.5"], "--second-order-fraction: expected a number in [0, 1]"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert _status(["swissroll", "--out", str(tmp_path / "o"), *argv]) == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..cli import lmbd, nonneg_int, positive_float, positive_int
+from ..cli import fraction, lmbd, positive_float, positive_int
 from ..data.toy import DATASETS
 
 DESCRIPTION = """Train a plug-in reverse SDE (VP SDE, small MLP) on a 2-D toy data set, then write
@@ -48,10 +48,10 @@ def add_arguments(parser) -> None:
                         help="DSM loss weighting (default: %(default)s)")
     parser.add_argument("--time-sampling", default=defaults.time_sampling, choices=("uniform", "importance"),
                         help="time proposal of the DSM loss (default: %(default)s)")
-    parser.add_argument("--second-order-steps", type=nonneg_int, default=defaults.second_order_steps,
-                        help="train the last N steps with second-order score matching as well (Lu et al. 2022), "
-                             "which makes the ODE likelihood agree with the ELBO; 0: first-order only "
-                             "(default: %(default)s)")
+    parser.add_argument("--second-order-fraction", type=fraction, default=defaults.second_order_fraction,
+                        metavar="F", help="train the last fraction F of the steps with second-order score "
+                        "matching as well (Lu et al. 2022), which makes the ODE likelihood agree with the ELBO; "
+                        "0: first-order only (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
     parser.add_argument("--device", default=defaults.device, help="torch device (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, default=1,
@@ -70,7 +70,7 @@ def config_from_args(args):
                      fourier_features=args.fourier_features, lmbds=lmbds,
                      sample_steps=args.sample_steps, n_samples=args.n_samples,
                      n_likelihood=args.n_likelihood, weighting=args.weighting,
-                     time_sampling=args.time_sampling, second_order_steps=args.second_order_steps,
+                     time_sampling=args.time_sampling, second_order_fraction=args.second_order_fraction,
                      seed=args.seed, device=args.device).validate()
 
 

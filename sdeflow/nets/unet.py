@@ -185,7 +185,6 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-
 class UNet(nn.Module):
     """The DDPM U-Net; ``forward(y, t)`` maps y of shape (B, in_channels, image_size, image_size)
     and times t of shape (B,) in [0, T] to a tensor shaped like y (module docstring for details).
