@@ -234,32 +234,29 @@ class PluginReverseSDE(nn.Module):
         if order == 1:
             loss = 0.5 * sum_except_batch((std * self.score(y, t) + noise) ** 2)
         else:
-            loss = self._second_order_dsm(y, t, noise, std, second_order_weight)
+            score, second_order = self._score_and_second_order_term(y, t, noise, std)
+            loss = 0.5 * sum_except_batch((std * score + noise) ** 2) + second_order_weight * second_order
         if weighting == "likelihood":
             time_weight = time_weight * self.T * ImportanceTime(self.sde).unnormalized(t)
         return loss * time_weight
 
-    def _second_order_dsm(self, y, t, noise, std, weight):
-        # First- plus second-order DSM at (y, t); see dsm. Builds its own graph for J even under
-        # no_grad, so that the loss can be evaluated without training.
+    def _score_and_second_order_term(self, y, t, noise, std):
+        # (s, ‖std²J + I − r rᵀ‖²_F + (std² tr J + D − ‖r‖²)²) at (y, t); see dsm. J needs a graph
+        # even under no_grad; the arithmetic after it follows the caller's grad mode.
         batch, dim = y.shape[0], y[0].numel()
-        grad_enabled = torch.is_grad_enabled()
         with torch.enable_grad():
             y = y.detach().requires_grad_(True)
-            score = self.score(y, t).reshape(batch, dim)
+            score = self.score(y, t)
+            flat = score.reshape(batch, dim)
             # jac[b, i, j] = ∂s_i/∂y_j, one backward pass per output coordinate i.
-            jac = torch.stack([torch.autograd.grad(score[:, i].sum(), y, create_graph=True)[0].reshape(batch, dim)
+            jac = torch.stack([torch.autograd.grad(flat[:, i].sum(), y, create_graph=True)[0].reshape(batch, dim)
                                for i in range(dim)], dim=1)
-        std = std.reshape(batch, 1)
-        noise = noise.reshape(batch, dim)
-        first = 0.5 * ((std * score + noise) ** 2).sum(dim=1)
-        r = noise + std * score.detach()
-        var = std[:, :, None] ** 2
+        var = std.reshape(batch, 1, 1) ** 2
+        r = noise.reshape(batch, dim) + std.reshape(batch, 1) * flat.detach()
         eye = torch.eye(dim, dtype=y.dtype, device=y.device)
         frobenius = ((var * jac + eye - r[:, :, None] * r[:, None, :]) ** 2).sum(dim=(1, 2))
         trace = (var[:, 0, 0] * torch.diagonal(jac, dim1=1, dim2=2).sum(dim=1) + dim - (r ** 2).sum(dim=1)) ** 2
-        loss = first + weight * (frobenius + trace)
-        return loss if grad_enabled else loss.detach()
+        return score, frobenius + trace
 
     # ---- the ELBO ------------------------------------------------------------------------
     def _hutchinson_integrand(self, a, div_a, t):
