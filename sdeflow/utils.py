@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -30,11 +32,49 @@ def check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {allowed_text}; got {value!r}")
 
 
+def _as_real(value) -> float | None:
+    # A real number (Python, numpy or a 0-d tensor) as a float; None for bools, strings and the rest.
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_integer(value) -> bool:
+    real = _as_real(value)
+    return real is not None and math.isfinite(real) and real == int(real)
+
+
 def check_positive_int(name: str, value) -> int:
     """Return ``value`` as an int, or raise ``ValueError`` naming the argument if it is not a positive integer."""
-    if isinstance(value, bool) or int(value) != value or value < 1:
+    if not _is_integer(value) or _as_real(value) < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
     return int(value)
+
+
+def check_nonneg_int(name: str, value) -> int:
+    """Return ``value`` as an int, or raise ``ValueError`` naming the argument if it is not an integer >= 0."""
+    if not _is_integer(value) or _as_real(value) < 0:
+        raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
+    return int(value)
+
+
+def check_positive_float(name: str, value) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` naming the argument if it is not a finite number > 0."""
+    real = _as_real(value)
+    if real is None or not math.isfinite(real) or real <= 0:
+        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
+    return real
+
+
+def check_nonneg_float(name: str, value) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` naming the argument if it is not a finite number >= 0."""
+    real = _as_real(value)
+    if real is None or not math.isfinite(real) or real < 0:
+        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+    return real
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:
