@@ -1,0 +1,151 @@
+r"""Composable configuration: the model (SDE, network, parameterization, data), training and evaluation.
+
+A *model configuration* is a plain dict, stored in every checkpoint and compared on load::
+
+    {"dataset": name, "net": {"name": "unet" | "mlp" | …, **parameters},
+     "sde": {"name": "vp" | "subvp" | "ve" | …, **parameters}, "parameterization": "noise" | "score" | "drift",
+     "data": {"transform": …, "alpha": …}}
+
+:func:`build_model` turns it into a :class:`~sdeflow.model.PluginReverseSDE` through the registries
+that own each part (:data:`sdeflow.sdes.SDES`, :data:`sdeflow.nets.NETS`). :class:`TrainConfig`
+holds every training setting of the one loop (:func:`sdeflow.engine.fit`), for the toy example and
+the images alike; each field's ``metadata["help"]`` says what it does, and the command line builds
+its flags from them. Only plain types, so configurations survive ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .utils import check_choice, check_positive_int
+
+__all__ = ["TrainConfig", "LR_SCHEDULES", "PRECISIONS", "model_config", "build_model", "config_fields"]
+
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of the training loop. Not part of the model configuration: may change on resume."""
+
+    steps: int = _help("total optimizer steps (a resumed run counts from its checkpoint)")
+    batch_size: int = _help("global batch size (split evenly across processes)")
+    lr: float = _help("peak Adam learning rate", default=2e-4)
+    warmup_steps: int = _help("linear learning-rate warm-up steps", default=0)
+    lr_schedule: str = _help("after warm-up: constant, or cosine decay to final_lr_fraction·lr at the last step",
+                             default="constant")
+    final_lr_fraction: float = _help("where the cosine schedule ends, as a fraction of lr", default=0.0)
+    grad_clip: float | None = _help("clip the global gradient norm to this; 0 or None: no clipping", default=1.0)
+    ema_decay: float = _help("decay of the weight average used to evaluate and sample, in [0, 1)", default=0.999)
+    time_sampling: str = _help("distribution of the diffusion time in the loss: uniform, or importance ∝ g²/σ²",
+                               default="importance")
+    weighting: str = _help("DSM loss weighting (see sdeflow.model.WEIGHTINGS)", default="likelihood")
+    second_order_fraction: float = _help("the last fraction of the steps adds second-order score matching "
+                                         "(Lu et al. 2022; data of at most 64 dimensions)", default=0.0)
+    second_order_weight: float = _help("weight of the second-order term", default=0.3)
+    precision: str = _help("fp32, or bf16 autocast for the network's forward pass", default="fp32")
+    max_bad_steps: int = _help("stop after this many consecutive steps with a non-finite loss or gradient",
+                               default=10)
+    checkpoint_every: int = _help("checkpoint period in steps (and one at the end)", default=1000)
+    keep_checkpoints: int = _help("keep the newest K checkpoints", default=3)
+    log_every: int = _help("period in steps of the records of metrics.jsonl", default=10)
+    sample_every: int = _help("write a figure of EMA samples every N steps; 0: never", default=0)
+    sample_n_samples: int = _help("samples per figure", default=64)
+    sample_n_steps: int = _help("sampler steps per figure", default=200)
+    monitor_every: int = _help("estimate the EMA model's ELBO on a fresh batch every N steps; 0: never", default=0)
+    monitor_batch: int = _help("examples per monitoring ELBO", default=256)
+    monitor_slices: int = _help("time draws per example of the monitoring ELBO", default=4)
+    flip: bool = _help("random horizontal flips of images", default=True)
+    seed: int = _help("seed of every random choice", default=0)
+    max_seconds: float | None = _help("stop with a checkpoint after this many seconds of training", default=None)
+
+    def validate(self) -> "TrainConfig":
+        """Raise ``ValueError`` naming the first bad setting; return self."""
+        from .model import WEIGHTINGS
+
+        for name in ("steps", "batch_size", "max_bad_steps", "checkpoint_every", "keep_checkpoints",
+                     "log_every", "sample_n_samples", "sample_n_steps", "monitor_batch", "monitor_slices"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("warmup_steps", "sample_every", "monitor_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
+        if self.max_seconds is not None and not (self.max_seconds > 0):
+            raise ValueError(f"max_seconds must be positive or None; got {self.max_seconds!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number; got {self.lr!r}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"grad_clip must be a non-negative number (0: no clipping); got {self.grad_clip!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1); got {self.ema_decay!r}")
+        for name in ("final_lr_fraction", "second_order_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1]; got {getattr(self, name)!r}")
+        if not (math.isfinite(self.second_order_weight) and self.second_order_weight >= 0):
+            raise ValueError(f"second_order_weight must be a finite number >= 0; got {self.second_order_weight!r}")
+        check_choice("time_sampling", self.time_sampling, ("uniform", "importance"))
+        check_choice("weighting", self.weighting, tuple(WEIGHTINGS))
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        return self
+
+    def lr_at(self, step: int) -> float:
+        r"""Learning rate of the update that produces step ``step + 1``: lr·min(1, (step + 1)/W) during
+        the W warm-up steps, then constant or, for "cosine", lr·(φ + (1 − φ)·½(1 + cos πp)) with
+        p = (step − W)/(steps − W) and φ = ``final_lr_fraction``."""
+        lr = self.lr
+        if self.warmup_steps:
+            lr *= min(1.0, (step + 1) / self.warmup_steps)
+        if self.lr_schedule == "cosine":
+            progress = min(1.0, max(0, step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+            floor = self.final_lr_fraction
+            lr *= floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return lr
+
+    def second_order_steps(self) -> int:
+        """How many of the last steps add second-order DSM: round(fraction × steps)."""
+        return round(self.second_order_fraction * self.steps)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def config_fields(cls) -> list[dataclasses.Field]:
+    """The fields of a configuration dataclass, in order (for building command-line flags)."""
+    return list(dataclasses.fields(cls))
+
+
+def model_config(*, dataset: str, net: dict, sde: dict | str = "vp", parameterization: str = "noise",
+                 data: dict | None = None) -> dict:
+    """A model configuration (see the module docstring) with every SDE parameter filled in from the
+    SDE registry's defaults, so that the checkpoint records the whole process."""
+    from .model import PARAMETERIZATIONS
+    from .sdes import make_sde, sde_config
+
+    check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+    sde = {"name": sde} if isinstance(sde, str) else dict(sde)
+    if "name" not in sde:
+        raise ValueError("sde must name a registered SDE, e.g. {'name': 'vp'}")
+    if "name" not in net:
+        raise ValueError("net must name a registered network, e.g. {'name': 'unet', 'preset': 'small'}")
+    sde = sde_config(make_sde(**sde))
+    net = {key: (list(value) if isinstance(value, tuple) else value) for key, value in net.items()}
+    return {"dataset": dataset, "net": net, "sde": sde, "parameterization": parameterization,
+            "data": dict(data or {})}
+
+
+def build_model(config: dict):
+    """The :class:`~sdeflow.model.PluginReverseSDE` of a model configuration."""
+    from .model import PluginReverseSDE
+    from .nets import make_net
+    from .sdes import make_sde
+
+    net = make_net(**config["net"])
+    return PluginReverseSDE(make_sde(**config["sde"]), net, parameterization=config["parameterization"])
