@@ -91,7 +91,7 @@ def run_config(model, shape, variant, schedule, nfe_budget, x_T, generator):
     """Samples and the NFE used by one (method, λ, schedule) at about ``nfe_budget`` evaluations."""
     _, method, lmbd = variant
     spec = METHODS[method]
-    per_step = 2 if method == "pc" else spec.nfe_per_step  # pc: 1 + n_corrector (default 1)
+    per_step = spec.nfe()  # at the method's default options (pc: 1 + n_corrector)
     n_steps = max(1, round(nfe_budget / per_step))
     t_min = None
     if schedule in ("logsnr", "karras") and spec.default_t_min == 0:

@@ -1,7 +1,7 @@
 """CIFAR-10 inpainting and denoising with a trained image model, as in Sohl-Dickstein et al. (2015):
 
-    sdeflow train --dataset cifar10 --data-root /work/shared/data/cifar10-subset --out runs/cifar ...
-    python examples/inpaint_cifar.py --checkpoint runs/cifar --out-dir figures
+    sdeflow train --dataset cifar10 --data-root DATA --out runs/cifar ...
+    python examples/inpaint_cifar.py --checkpoint runs/cifar --data-root DATA --out-dir figures
 
 writes figures/inpaint_left-half.png (left half missing, observation-guided and replacement) and
 figures/denoise_snr1.png (Gaussian noise at SNR 1, exact posterior). Each is a grid: originals,
@@ -22,17 +22,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a ckpt-*.pt file or run folder of `sdeflow train`")
     parser.add_argument("--out-dir", default="figures")
-    parser.add_argument("--data-root", default="/work/shared/data/cifar10-subset")
+    parser.add_argument("--data-root", required=True, help="the folder holding cifar-10-batches-py/")
     parser.add_argument("--steps", default="500")
+    parser.add_argument("--method", default="euler", help="the sampler: a name of sdeflow.samplers.METHODS")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     common = ["--checkpoint", args.checkpoint, "--data-root", args.data_root, "--steps", args.steps,
-              "--device", args.device]
-    for method in ("guided", "replacement"):
-        status = cli(["inpaint", *common, "--mask", "left-half", "--method", method,
-                      "--out", str(out / f"inpaint_left-half_{method}.png")])
+              "--method", args.method, "--device", args.device]
+    for scheme in ("guided", "replacement"):
+        status = cli(["inpaint", *common, "--mask", "left-half", "--scheme", scheme,
+                      "--out", str(out / f"inpaint_left-half_{scheme}.png")])
         if status:
             return status
     return cli(["denoise", *common, "--snr", "1", "--out", str(out / "denoise_snr1.png")])

@@ -50,8 +50,8 @@ def main() -> None:
     x = torch.tensor(X_VALUES).repeat_interleave(args.n)
     x = torch.stack([x, torch.zeros_like(x)], dim=1)
     runs = {}
-    for name, kwargs in (("replacement", dict(method="replacement")),
-                         ("guided (Jacobian covariance)", dict(method="guided", covariance="jacobian"))):
+    for name, kwargs in (("replacement", dict(scheme="replacement")),
+                         ("guided (Jacobian covariance)", dict(scheme="guided", covariance="jacobian"))):
         runs[name] = inpaint(model, x, observed, n_steps=args.sample_steps, generator=gen, **kwargs)
 
     noise_std = 0.5

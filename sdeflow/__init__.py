@@ -8,7 +8,7 @@ from .sdes import SDE, VPSDE, VESDE, SubVPSDE
 from .model import PluginReverseSDE
 from .time_sampling import FittedTime, ImportanceTime, TimeProposal, UniformTime
 from .divergence import divergence
-from .samplers import METHODS, SCHEDULES, sample, sample_ode, time_grid
+from .samplers import METHODS, SCHEDULES, Method, Option, register_method, sample, sample_ode, time_grid
 from .conditional import denoise, inpaint, posterior_sample
 
 __version__ = "0.1.0"
@@ -16,6 +16,6 @@ __version__ = "0.1.0"
 __all__ = [
     "SDE", "VPSDE", "VESDE", "SubVPSDE", "PluginReverseSDE",
     "TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "divergence",
-    "sample", "sample_ode", "time_grid", "METHODS", "SCHEDULES",
+    "sample", "sample_ode", "time_grid", "METHODS", "SCHEDULES", "Method", "Option", "register_method",
     "denoise", "inpaint", "posterior_sample",
 ]

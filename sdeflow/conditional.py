@@ -1,9 +1,12 @@
 r"""Conditional generation with an unconditional model: denoising, inpainting and posterior
 sampling for linear-Gaussian observations :math:`y = A x + \sigma_n \varepsilon`.
 
-Every function here runs :func:`sdeflow.samplers.sample` (any of its methods) and differs only in
-where it starts, what it does to the state after each step, or which score it feeds the sampler.
-Data x has shape (B, *S); samples come back shaped like x.
+Every function here runs :func:`sdeflow.samplers.sample` (any of its methods, ``method``, with
+its ``n_steps``, ``schedule``, ``t_min``, ``lmbd`` and the method's own ``options``) and differs only
+in where it starts, what it does to the state after each step, or which score it feeds the
+sampler. Data x has shape (B, *S); samples come back shaped like x. With ``return_info=True`` each
+also returns the sampler's info dict: "nfe" (network evaluations), "times" (the grid) and
+"backward_passes" (the guided scheme's vector-Jacobian products).
 
 Which is exact (samples the true posterior when the model's score is exact, up to the
 sampler's discretization error) and which is an approximation:
@@ -11,11 +14,11 @@ sampler's discretization error) and which is an approximation:
 * :func:`denoise` — **exact**. If y = x + σ_n ε, then m(t*)·y has the law of the forward
   marginal y_{t*} = m x + √v ε at the time t* where v(t*)/m(t*)² = σ_n² (log-SNR λ(t*) = −2 log σ_n),
   so the reverse SDE started at t* from m(t*)·y samples p(x | y). For VP, sub-VP and VE.
-* :func:`inpaint` with ``method="replacement"`` (Song et al. 2021) — **approximate, biased**:
+* :func:`inpaint` with ``scheme="replacement"`` (Song et al. 2021) — **approximate, biased**:
   after every step the observed coordinates are replaced by a fresh draw of the forward marginal
   m(t)·x_o + √v(t)·ε, which ignores that the unobserved part of the state should be correlated
   with that draw; the unobserved coordinates then follow the wrong conditional.
-* ``method="guided"`` (here and in :func:`posterior_sample`) — the reverse SDE driven by the
+* ``scheme="guided"`` (here and in :func:`posterior_sample`) — the reverse SDE driven by the
   conditional score :math:`\nabla\log p_t(y_t\mid y) = \nabla\log p_t(y_t) + \nabla\log p(y\mid y_t)`,
   with the likelihood of the observation given the noisy state in the Gaussian (moment-projected)
   form
@@ -49,9 +52,9 @@ from .samplers import sample
 from .utils import append_dims, check_choice, check_finite
 
 __all__ = ["denoise", "inpaint", "posterior_sample", "noise_time", "make_mask",
-           "INPAINT_METHODS", "COVARIANCES", "MASKS"]
+           "INPAINT_SCHEMES", "COVARIANCES", "MASKS"]
 
-INPAINT_METHODS = ("replacement", "guided")
+INPAINT_SCHEMES = ("replacement", "guided")
 COVARIANCES = ("isotropic", "jacobian")
 MASKS = ("left-half", "right-half", "center", "random:P")
 
@@ -287,11 +290,17 @@ def _sample_guided(model, operator, observation, noise_std, x_shape, covariance,
     return out, guided_net.backward_passes
 
 
-def _sample_kwargs(n_steps, lmbd, sampler, t_min, callback, sampler_options, return_info):
-    kwargs = dict(n_steps=n_steps, lmbd=lmbd, method=sampler, t_min=t_min, callback=callback,
-                  return_info=return_info)
-    kwargs.update(sampler_options or {})
-    return kwargs
+def _sample_kwargs(n_steps, lmbd, method, schedule, t_min, callback, options, return_info):
+    """Keywords of :func:`sdeflow.samplers.sample`; the method's ``options`` go in as its own
+    keywords, so that the method's entry checks them."""
+    options = dict(options or {})
+    kwargs = dict(n_steps=n_steps, lmbd=lmbd, method=method, schedule=schedule, t_min=t_min,
+                  callback=callback, return_info=return_info)
+    clash = sorted(set(options) & (set(kwargs) | {"t_start", "x_T", "project", "generator", "device", "dtype",
+                                                  "return_trajectory"}))
+    if clash:
+        raise ValueError(f"options holds the method's own options, not {', '.join(clash)}: pass those as arguments")
+    return {**kwargs, **options}
 
 
 def _with_info(out, return_info: bool, finish: Callable, backward_passes: int = 0):
@@ -303,9 +312,9 @@ def _with_info(out, return_info: bool, finish: Callable, backward_passes: int = 
 
 # ---- public API -------------------------------------------------------------------------------
 def denoise(model: PluginReverseSDE, y: torch.Tensor, noise_std: float, *, n_steps: int = 1000,
-            sampler: str = "euler", t_min: float | None = None,
+            method: str = "euler", schedule: str | None = None, t_min: float | None = None,
             generator: torch.Generator | None = None, return_info: bool = False,
-            callback=None, sampler_options: dict | None = None):
+            callback=None, options: dict | None = None):
     r"""Sample the posterior p(x | y) of clean data given y = x + σ_n ε, ε ~ N(0, I) (exact).
 
     With t* = :func:`noise_time` (v(t*)/m(t*)² = σ_n²), m(t*)·y has the law of the forward marginal
@@ -314,50 +323,52 @@ def denoise(model: PluginReverseSDE, y: torch.Tensor, noise_std: float, *, n_ste
     reverse-time SDE (λ = 0) only: it is the time reversal of the forward process, so its law at 0
     given its state at t* is q(x | y_{t*}); the other members of the λ-family share its marginals
     from p_T but not its conditionals (λ = 1, the ODE, would return one deterministic point), so λ
-    is fixed to 0 and ``sampler`` must accept it. ``y``: (B, *S), one posterior draw per row
+    is fixed to 0 and ``method`` must accept it. ``y``: (B, *S), one posterior draw per row
     (repeat a row for several draws); σ_n must be > 0 and reachable (t* ≤ T). The remaining
-    arguments go to :func:`sdeflow.samplers.sample` (``sampler`` is its ``method``, ``n_steps``
-    steps on [t_min, t*], ``sampler_options`` any further keywords). Returns (B, *S), and with ``return_info`` the
-    sampler's info dict (with "nfe").
+    arguments go to :func:`sdeflow.samplers.sample` (``n_steps`` steps of ``method`` on a
+    ``schedule`` grid over [t_min, t*], ``options`` the method's own). Returns (B, *S), and with
+    ``return_info`` the sampler's info dict ("nfe", "times", "backward_passes" = 0).
     """
     check_finite("y", y)
     t_start = noise_time(model.sde, noise_std)
     m = float(model.sde.mean_weight(torch.tensor(t_start, dtype=torch.float64)))
-    kwargs = _sample_kwargs(n_steps, 0.0, sampler, t_min, callback, sampler_options, return_info)
+    kwargs = _sample_kwargs(n_steps, 0.0, method, schedule, t_min, callback, options, return_info)
     out = sample(model, y.shape, t_start=t_start, x_T=m * y, generator=generator, device=y.device,
                  dtype=y.dtype, **kwargs)
     return _with_info(out, return_info, lambda x: x)
 
 
-def inpaint(model: PluginReverseSDE, x: torch.Tensor, mask, method: str = "replacement", *,
-            n_steps: int = 1000, lmbd: float | None = None, sampler: str = "euler",
-            covariance: str = "isotropic", data_var: float = 1.0, t_min: float | None = None,
-            generator: torch.Generator | None = None, return_info: bool = False,
-            callback=None, sampler_options: dict | None = None):
+def inpaint(model: PluginReverseSDE, x: torch.Tensor, mask, scheme: str = "replacement", *,
+            n_steps: int = 1000, lmbd: float | None = None, method: str = "euler",
+            schedule: str | None = None, covariance: str = "isotropic", data_var: float = 1.0,
+            t_min: float | None = None, generator: torch.Generator | None = None,
+            return_info: bool = False, callback=None, options: dict | None = None):
     r"""Fill in the missing entries of ``x`` (B, *S) where ``mask`` (broadcastable to x; True/1 =
     observed) is 0, sampling from (an approximation of) p(x_missing | x_observed). The values of x
     at missing entries are never read.
 
-    ``method="replacement"`` (Song et al. 2021; approximate and biased): start from the prior
+    ``scheme="replacement"`` (Song et al. 2021; approximate and biased): start from the prior
     with the observed entries drawn from q(y_T | x), and after every sampler step to t_next replace
     the observed entries by m(t_next)·x + √v(t_next)·ε (the ``project`` hook of
-    :func:`~sdeflow.samplers.sample`). ``method="guided"``: the reverse SDE with the conditional
+    :func:`~sdeflow.samplers.sample`). ``scheme="guided"``: the reverse SDE with the conditional
     score of the noise-free observation A x = mask·x (see the module docstring; ``covariance``
     "jacobian" is exact for Gaussian data, "isotropic" with ``data_var`` is the cheap
-    approximation). Both return samples with the observed entries equal to x exactly, and with
-    ``return_info`` a dict with "nfe" (network evaluations) and "backward_passes" (the guided
-    method's vector-Jacobian products).
+    approximation). The sampler is ``method`` (a key of :data:`sdeflow.samplers.METHODS`) with
+    ``n_steps``, ``schedule``, ``t_min``, ``lmbd`` and its own ``options``, as in
+    :func:`~sdeflow.samplers.sample`. Both schemes return samples with the observed entries equal
+    to x exactly, and with ``return_info`` a dict with "nfe" (network evaluations), "times" and
+    "backward_passes" (the guided scheme's vector-Jacobian products).
     """
-    check_choice("method", method, INPAINT_METHODS)
+    check_choice("scheme", scheme, INPAINT_SCHEMES)
     mask = _check_mask(mask, x)
     observed = torch.where(mask, x, torch.zeros_like(x))  # missing values must not leak in
     check_finite("x (its observed entries)", observed)
-    kwargs = _sample_kwargs(n_steps, lmbd, sampler, t_min, callback, sampler_options, return_info)
+    kwargs = _sample_kwargs(n_steps, lmbd, method, schedule, t_min, callback, options, return_info)
 
     def finish(samples):
         return torch.where(mask, observed, samples)
 
-    if method == "guided":
+    if scheme == "guided":
         out, backward_passes = _sample_guided(model, _MaskOperator(mask), observed, 0.0, x.shape,
                                               covariance, data_var, generator, kwargs)
         return _with_info(out, return_info, finish, backward_passes)
@@ -365,7 +376,7 @@ def inpaint(model: PluginReverseSDE, x: torch.Tensor, mask, method: str = "repla
     sde = model.sde
 
     def replace_observed(state, t_next):
-        return torch.where(mask, sde.sample(t_next, observed, generator=generator), state)
+        return torch.where(mask, sde.sample(observed, t_next, generator=generator), state)
 
     T = torch.full((x.shape[0],), sde.T, dtype=x.dtype, device=x.device)
     prior = sde.prior_sample(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -377,9 +388,10 @@ def inpaint(model: PluginReverseSDE, x: torch.Tensor, mask, method: str = "repla
 
 def posterior_sample(model: PluginReverseSDE, y: torch.Tensor, A: torch.Tensor, noise_std: float = 0.0,
                      *, x_shape=None, covariance: str = "isotropic", data_var: float = 1.0,
-                     n_steps: int = 1000, lmbd: float | None = None, sampler: str = "euler",
-                     t_min: float | None = None, generator: torch.Generator | None = None,
-                     return_info: bool = False, callback=None, sampler_options: dict | None = None):
+                     n_steps: int = 1000, lmbd: float | None = None, method: str = "euler",
+                     schedule: str | None = None, t_min: float | None = None,
+                     generator: torch.Generator | None = None, return_info: bool = False,
+                     callback=None, options: dict | None = None):
     r"""Sample p(x | y) for the linear-Gaussian observation y = A x + σ_n ε, ε ~ N(0, I_M), with
     the guided reverse SDE of the module docstring (exact for Gaussian data with
     ``covariance="jacobian"``; approximate with "isotropic").
@@ -387,7 +399,9 @@ def posterior_sample(model: PluginReverseSDE, y: torch.Tensor, A: torch.Tensor, 
     ``y``: (B, M), one draw per row; ``A``: (M, D) acting on flattened data; ``x_shape``: the data
     shape (B, *S) with prod(S) = D (default (B, D)); ``noise_std`` ≥ 0. For A = I and σ_n > 0 use
     :func:`denoise`, which is exact for any data law; :func:`inpaint` is the masked special case.
-    Returns (B, *S), and with ``return_info`` a dict with "nfe" and "backward_passes".
+    The sampler arguments (``method``, ``n_steps``, ``schedule``, ``t_min``, ``lmbd``, ``options``)
+    are those of :func:`~sdeflow.samplers.sample`. Returns (B, *S), and with ``return_info`` a dict
+    with "nfe", "times" and "backward_passes".
     """
     check_finite("y", y)
     noise_std = _check_noise_std(noise_std, allow_zero=True)
@@ -399,7 +413,7 @@ def posterior_sample(model: PluginReverseSDE, y: torch.Tensor, A: torch.Tensor, 
     x_shape = (y.shape[0], A.shape[1]) if x_shape is None else tuple(x_shape)
     if x_shape[0] != y.shape[0] or math.prod(x_shape[1:]) != A.shape[1]:
         raise ValueError(f"x_shape must be (B={y.shape[0]}, *S) with prod(S) = D = {A.shape[1]}; got {x_shape}")
-    kwargs = _sample_kwargs(n_steps, lmbd, sampler, t_min, callback, sampler_options, return_info)
+    kwargs = _sample_kwargs(n_steps, lmbd, method, schedule, t_min, callback, options, return_info)
     out, backward_passes = _sample_guided(model, _MatrixOperator(A, x_shape), y, noise_std, x_shape,
                                           covariance, data_var, generator, kwargs)
     return _with_info(out, return_info, lambda x: x, backward_passes)

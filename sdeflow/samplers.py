@@ -49,16 +49,17 @@ mean (the Langevin corrector, an MCMC move at t_min, keeps its noise).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 from torchdiffeq import odeint
 
 from .model import ADAPTIVE_ODE_METHODS, ODE_METHODS, PluginReverseSDE, check_lmbd, odeint_within
-from .utils import append_dims, check_choice
+from .utils import append_dims, check_choice, check_nonneg_int, check_positive_float
 
-__all__ = ["sample", "sample_ode", "time_grid", "METHODS", "SCHEDULES", "Method"]
+__all__ = ["sample", "sample_ode", "time_grid", "register_method", "METHODS", "SCHEDULES", "Method",
+           "Option"]
 
 SCHEDULES = ("uniform", "quadratic", "logsnr", "karras")
 # Schedules that place points by log-SNR, infinite at t = 0.
@@ -165,9 +166,9 @@ def _lin(*terms) -> torch.Tensor:
 # ---- methods: step(model, x, t, t_next, lmbd, generator, last, state) -> (x_next, nfe) -----------
 def _euler_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, state):
     h = append_dims(t - t_next, x.ndim)
-    x_next = x + model.mu(t, x, lmbd) * h
+    x_next = x + model.mu(x, t, lmbd) * h
     if not last and lmbd < 1:
-        x_next = x_next + model.sigma(t, x, lmbd) * h.sqrt() * _noise(x, generator)
+        x_next = x_next + model.sigma(x, t, lmbd) * h.sqrt() * _noise(x, generator)
     return x_next, 1
 
 
@@ -299,20 +300,39 @@ def _pc_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, state
 
 
 @dataclass(frozen=True)
+class Option:
+    """An option of a :class:`Method`, passed to :func:`sample` as a keyword.
+
+    Attributes:
+        default: the value used when the option is not given; its type (int, float) is the
+            option's type.
+        check: ``check(name, value) -> value``: the value, normalized, or ``ValueError`` naming
+            ``name`` and what is allowed.
+        help: what the option sets, in words.
+    """
+    default: Any
+    check: Callable[[str, Any], Any]
+    help: str = ""
+
+
+@dataclass(frozen=True)
 class Method:
     """A fixed-step method for :func:`sample`.
 
     Attributes:
         step: ``step(model, x, t, t_next, lmbd, generator, last, state) -> (x_next, nfe)``; t, t_next
-            of shape (B,); ``state`` is a dict kept across the steps of one run (multistep history,
-            corrector options).
+            of shape (B,); ``state`` is a dict kept across the steps of one run, which starts as the
+            method's resolved options (multistep methods keep their history in it).
         order: convergence order, in words.
-        nfe_per_step: network evaluations a step costs (a Heun step onto t = 0 costs 1; "pc" costs
-            1 + n_corrector).
+        nfe_per_step: network evaluations a step costs, in words or as a number (a Heun step onto
+            t = 0 costs 1).
         lmbd: the λ it supports, in words; ``lmbd_range`` the closed interval.
         default_lmbd, default_schedule: used when ``sample`` is given None.
         default_t_min: t_min in units of T used when ``sample`` is given None.
         needs_positive_t_min: the method evaluates the log-SNR at t_min, so t_min = 0 is refused.
+        options: name -> :class:`Option`: the keywords of :func:`sample` this method accepts.
+        step_nfe: ``step_nfe(options) -> int``, the NFE of one step given the resolved options, for
+            a cost that depends on them; None: ``nfe_per_step``, which must then be an int.
     """
     step: Callable
     order: str
@@ -323,30 +343,107 @@ class Method:
     default_schedule: str = "uniform"
     default_t_min: float = 0.0
     needs_positive_t_min: bool = False
+    options: Mapping[str, Option] = field(default_factory=dict)
+    step_nfe: Callable[[Mapping[str, Any]], int] | None = None
+
+    def resolve_options(self, name: str, given: Mapping[str, Any] | None = None) -> dict:
+        """The options of one run: ``given`` checked by each option's own check, defaults for the
+        rest. ``name`` is the method's name, for the error: a ``ValueError`` naming any option this
+        method does not accept and the ones it does."""
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            accepted = ", ".join(self.options) if self.options else "none"
+            owners = {option: [m for m, spec in METHODS.items() if option in spec.options] for option in unknown}
+            hint = "; ".join(f"{option!r} is an option of {', '.join(repr(m) for m in owners[option])}"
+                             for option in unknown if owners[option])
+            raise ValueError(f"method {name!r} does not accept the option(s) {', '.join(unknown)}; "
+                             f"it accepts: {accepted}" + (f" ({hint})" if hint else ""))
+        return {option: spec.check(option, given[option]) if option in given else spec.default
+                for option, spec in self.options.items()}
+
+    def nfe(self, options: Mapping[str, Any] | None = None) -> int:
+        """Network evaluations of one step with ``options`` (missing ones at their defaults)."""
+        resolved = {option: spec.default for option, spec in self.options.items()}
+        resolved.update(options or {})
+        return int(self.step_nfe(resolved)) if self.step_nfe is not None else int(self.nfe_per_step)
+
+    def describe(self) -> str:
+        """One line: order, NFE per step, λ and the options with their defaults."""
+        options = ", ".join(f"{option}={spec.default!r}" for option, spec in self.options.items())
+        return (f"order {self.order}; {self.nfe_per_step} NFE/step; {self.lmbd}, default λ={self.default_lmbd:g}"
+                + (f"; options {options}" if options else ""))
 
 
-METHODS: dict[str, Method] = {
-    "euler": Method(_euler_step, order="1 (ODE); strong 1, weak 1 for λ < 1 (the noise is additive)",
-                    nfe_per_step=1, lmbd="any λ in [0, 1]"),
-    "heun": Method(_heun_step, order="2 (ODE); weak 1 for λ < 1", nfe_per_step=2,
-                   lmbd="any λ in [0, 1]", default_lmbd=1.0, default_schedule="karras", default_t_min=1e-3),
-    "ddim": Method(_ddim_step, order="1 (η = 0); weak 1 for η > 0", nfe_per_step=1,
-                   lmbd="any λ in [0, 1] (η = √(1 − λ))", default_lmbd=1.0, default_schedule="quadratic",
-                   default_t_min=1e-3),
-    "dpm2": Method(_dpm2_step, order="2", nfe_per_step=2, lmbd="λ = 1 only (probability-flow ODE)",
-                   lmbd_range=(1.0, 1.0), default_lmbd=1.0, default_schedule="logsnr", default_t_min=1e-3,
-                   needs_positive_t_min=True),
-    "dpm3": Method(_dpm3_step, order="3", nfe_per_step=3, lmbd="λ = 1 only (probability-flow ODE)",
-                   lmbd_range=(1.0, 1.0), default_lmbd=1.0, default_schedule="logsnr", default_t_min=1e-3,
-                   needs_positive_t_min=True),
-    "dpm++2m": Method(_dpmpp_2m_step, order="2", nfe_per_step=1, lmbd="λ = 1 only (probability-flow ODE)",
-                      lmbd_range=(1.0, 1.0), default_lmbd=1.0, default_schedule="logsnr", default_t_min=1e-3),
-    "pc": Method(_pc_step, order="that of the Euler–Maruyama predictor; the corrector adds accuracy, not order",
-                 nfe_per_step="1 + n_corrector", lmbd="any λ in [0, 1] for the predictor",
-                 default_schedule="uniform", default_t_min=1e-3),
-}
+def _check_method(name: str, method: Method) -> None:
+    if not isinstance(method, Method):
+        raise ValueError(f"method must be a sdeflow.samplers.Method; got {type(method).__name__}")
+    if not callable(method.step):
+        raise ValueError(f"method {name!r}: step must be callable")
+    low, high = method.lmbd_range
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"method {name!r}: lmbd_range must satisfy 0 <= low <= high <= 1; got {method.lmbd_range}")
+    if not low <= method.default_lmbd <= high:
+        raise ValueError(f"method {name!r}: default_lmbd={method.default_lmbd} lies outside lmbd_range "
+                         f"{method.lmbd_range}")
+    check_choice(f"method {name!r}: default_schedule", method.default_schedule, SCHEDULES)
+    if not 0.0 <= method.default_t_min < 1.0:
+        raise ValueError(f"method {name!r}: default_t_min (in units of T) must lie in [0, 1); "
+                         f"got {method.default_t_min}")
+    for option, spec in method.options.items():
+        if not (isinstance(option, str) and option.isidentifier()):
+            raise ValueError(f"method {name!r}: option names must be identifiers; got {option!r}")
+        if not isinstance(spec, Option):
+            raise ValueError(f"method {name!r}: option {option!r} must be a sdeflow.samplers.Option")
+        spec.check(option, spec.default)
+    if method.step_nfe is None and not isinstance(method.nfe_per_step, int):
+        raise ValueError(f"method {name!r}: nfe_per_step={method.nfe_per_step!r} is not a number, "
+                         f"so step_nfe(options) must say what a step costs")
 
-PC_DEFAULTS = {"n_corrector": 1, "snr": 0.16}
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, method: Method) -> Method:
+    """Add ``method`` to ``METHODS`` under ``name``, so that :func:`sample` (and everything built on
+    it: :mod:`sdeflow.conditional`, the command line) can use it. Refuses a name already taken and a
+    ``Method`` whose defaults contradict themselves (``ValueError``). Returns ``method``."""
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ValueError(f"name must be a non-empty string without surrounding spaces; got {name!r}")
+    if name in METHODS:
+        raise ValueError(f"a method named {name!r} is already registered; choose another name "
+                         f"(registered: {', '.join(METHODS)})")
+    _check_method(name, method)
+    METHODS[name] = method
+    return method
+
+
+register_method("euler", Method(
+    _euler_step, order="1 (ODE); strong 1, weak 1 for λ < 1 (the noise is additive)",
+    nfe_per_step=1, lmbd="any λ in [0, 1]"))
+register_method("heun", Method(
+    _heun_step, order="2 (ODE); weak 1 for λ < 1", nfe_per_step=2, lmbd="any λ in [0, 1]",
+    default_lmbd=1.0, default_schedule="karras", default_t_min=1e-3))
+register_method("ddim", Method(
+    _ddim_step, order="1 (η = 0); weak 1 for η > 0", nfe_per_step=1, lmbd="any λ in [0, 1] (η = √(1 − λ))",
+    default_lmbd=1.0, default_schedule="quadratic", default_t_min=1e-3))
+register_method("dpm2", Method(
+    _dpm2_step, order="2", nfe_per_step=2, lmbd="λ = 1 only (probability-flow ODE)", lmbd_range=(1.0, 1.0),
+    default_lmbd=1.0, default_schedule="logsnr", default_t_min=1e-3, needs_positive_t_min=True))
+register_method("dpm3", Method(
+    _dpm3_step, order="3", nfe_per_step=3, lmbd="λ = 1 only (probability-flow ODE)", lmbd_range=(1.0, 1.0),
+    default_lmbd=1.0, default_schedule="logsnr", default_t_min=1e-3, needs_positive_t_min=True))
+register_method("dpm++2m", Method(
+    _dpmpp_2m_step, order="2", nfe_per_step=1, lmbd="λ = 1 only (probability-flow ODE)", lmbd_range=(1.0, 1.0),
+    default_lmbd=1.0, default_schedule="logsnr", default_t_min=1e-3))
+register_method("pc", Method(
+    _pc_step, order="that of the Euler–Maruyama predictor; the corrector adds accuracy, not order",
+    nfe_per_step="1 + n_corrector", lmbd="any λ in [0, 1] for the predictor",
+    default_schedule="uniform", default_t_min=1e-3,
+    options={"n_corrector": Option(1, check_nonneg_int, "Langevin corrector steps after each predictor step"),
+             "snr": Option(0.16, check_positive_float, "the corrector's signal-to-noise ratio, which sets its "
+                                                          "step size (Song et al. 2021, Alg. 4)")},
+    step_nfe=lambda options: 1 + options["n_corrector"]))
 
 
 def _model_device_dtype(model, device, dtype):
@@ -356,21 +453,6 @@ def _model_device_dtype(model, device, dtype):
     return device, dtype
 
 
-def _check_method_options(method: str, n_corrector, snr) -> dict:
-    if method != "pc":
-        given = [name for name, value in (("n_corrector", n_corrector), ("snr", snr)) if value is not None]
-        if given:
-            raise ValueError(f"{' and '.join(given)} only apply to method='pc'; got method={method!r}")
-        return {}
-    n_corrector = PC_DEFAULTS["n_corrector"] if n_corrector is None else n_corrector
-    snr = PC_DEFAULTS["snr"] if snr is None else snr
-    if isinstance(n_corrector, bool) or int(n_corrector) != n_corrector or n_corrector < 0:
-        raise ValueError(f"n_corrector must be a non-negative integer; got {n_corrector!r}")
-    if not (isinstance(snr, (int, float)) and math.isfinite(snr) and snr > 0):
-        raise ValueError(f"snr must be a positive number; got {snr!r}")
-    return {"n_corrector": int(n_corrector), "snr": float(snr)}
-
-
 @torch.no_grad()
 def sample(model: PluginReverseSDE, shape, n_steps: int = 1000, lmbd: float | None = None,
            method: str = "euler", schedule: str | None = None, t_min: float | None = None,
@@ -378,8 +460,7 @@ def sample(model: PluginReverseSDE, shape, n_steps: int = 1000, lmbd: float | No
            project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
            generator: torch.Generator | None = None, device=None, dtype=None,
            return_trajectory: bool = False, return_info: bool = False,
-           callback: Callable[[dict], None] | None = None,
-           n_corrector: int | None = None, snr: float | None = None):
+           callback: Callable[[dict], None] | None = None, **options):
     """Draw samples of shape ``shape`` by integrating the λ-family from T to ``t_min`` with ``method``
     (see ``METHODS`` and the module docstring for the update each one makes) on an ``n_steps``
     grid (``schedule``, see :func:`time_grid`).
@@ -389,15 +470,16 @@ def sample(model: PluginReverseSDE, shape, n_steps: int = 1000, lmbd: float | No
     log-SNR must be finite). Starts at time ``t_start`` (default T) from ``x_T`` if given, else from
     the prior drawn with ``generator``, which also draws every noise. ``project(x, t_next)``, if
     given, replaces the state after every step (inpainting re-imposes the observed values with it).
-    ``callback`` is called after every step with {"i", "t", "x"}. ``n_corrector`` (default 1) and
-    ``snr`` (default 0.16) set the Langevin corrector of method "pc" and are refused by the others.
+    ``callback`` is called after every step with {"i", "t", "x"}. ``options`` are the method's own
+    (``METHODS[method].options``, e.g. ``n_corrector`` (default 1) and ``snr`` (default 0.16) of the
+    Langevin corrector of "pc"), each checked by its entry; a method refuses options it does not declare.
 
     Returns the samples; with ``return_trajectory`` also the states (n_steps + 1, *shape); with
-    ``return_info`` also {"nfe": n, "times": the grid (n_steps + 1,)}, in that order.
+    ``return_info`` also {"nfe": n, "times": the grid (n_steps + 1,), "lmbd": the λ used}, in that order.
     """
     check_choice("method", method, tuple(METHODS))
     spec = METHODS[method]
-    options = _check_method_options(method, n_corrector, snr)
+    options = spec.resolve_options(method, options)
     lmbd = spec.default_lmbd if lmbd is None else check_lmbd(lmbd)
     low, high = spec.lmbd_range
     if not low <= lmbd <= high:
@@ -428,7 +510,7 @@ def sample(model: PluginReverseSDE, shape, n_steps: int = 1000, lmbd: float | No
     if return_trajectory:
         out += (torch.stack(trajectory),)
     if return_info:
-        out += ({"nfe": nfe, "times": ts},)
+        out += ({"nfe": nfe, "times": ts, "lmbd": lmbd},)
     return out[0] if len(out) == 1 else out
 
 
@@ -436,26 +518,26 @@ FIXED_GRID_ODE_METHODS = tuple(m for m in ODE_METHODS if m not in ADAPTIVE_ODE_M
 
 
 @torch.no_grad()
-def sample_ode(model: PluginReverseSDE, shape, rtol: float = 1e-5, atol: float = 1e-5, method: str = "dopri5",
+def sample_ode(model: PluginReverseSDE, shape, rtol: float = 1e-5, atol: float = 1e-5, solver: str = "dopri5",
                t_min: float = 0.0, x_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
                device=None, dtype=None, return_info: bool = False, step_size: float | None = None):
     """Solve the probability-flow ODE dx/dt = f − ½ g a from T down to ``t_min`` with torchdiffeq's
-    ``method``: an adaptive one (``ADAPTIVE_ODE_METHODS``: dopri5, dopri8, bosh3, fehlberg2,
+    ``solver``: an adaptive one (``ADAPTIVE_ODE_METHODS``: dopri5, dopri8, bosh3, fehlberg2,
     adaptive_heun) with ``rtol``/``atol``, or a fixed-grid one ("rk4", "midpoint", "euler"), which
     needs ``step_size`` (in units of t; the last step is shortened to land on t_min) and refuses
     it for the adaptive ones. ``x_T`` (default: a prior draw with ``generator``) has shape ``shape``.
     Returns samples, and {"nfe": n} (network evaluations) with ``return_info``.
     """
-    check_choice("method", method, ODE_METHODS)
+    check_choice("solver", solver, ODE_METHODS)
     if not 0.0 <= t_min < model.T:
         raise ValueError(f"t_min must lie in [0, T={model.T}); got {t_min}")
-    if method in ADAPTIVE_ODE_METHODS:
+    if solver in ADAPTIVE_ODE_METHODS:
         if step_size is not None:
-            raise ValueError(f"step_size is for the fixed-grid methods {', '.join(FIXED_GRID_ODE_METHODS)}; "
-                             f"the adaptive method {method!r} sets its own steps from rtol/atol")
+            raise ValueError(f"step_size is for the fixed-grid solvers {', '.join(FIXED_GRID_ODE_METHODS)}; "
+                             f"the adaptive solver {solver!r} sets its own steps from rtol/atol")
     elif step_size is None or not (isinstance(step_size, (int, float)) and 0 < step_size <= model.T - t_min):
-        raise ValueError(f"the fixed-grid method {method!r} needs step_size in (0, T - t_min = {model.T - t_min}]; "
-                         f"got {step_size!r} (or use an adaptive method: {', '.join(ADAPTIVE_ODE_METHODS)})")
+        raise ValueError(f"the fixed-grid solver {solver!r} needs step_size in (0, T - t_min = {model.T - t_min}]; "
+                         f"got {step_size!r} (or use an adaptive solver: {', '.join(ADAPTIVE_ODE_METHODS)})")
     device, dtype = _model_device_dtype(model, device, dtype)
     x = model.sde.prior_sample(shape, generator=generator, device=device, dtype=dtype) if x_T is None else x_T
     nfe = 0
@@ -463,11 +545,11 @@ def sample_ode(model: PluginReverseSDE, shape, rtol: float = 1e-5, atol: float =
     def velocity(t, y):
         nonlocal nfe
         nfe += 1
-        return -model.mu(t.expand(y.shape[0]), y, lmbd=1.0)
+        return -model.mu(y, t.expand(y.shape[0]), lmbd=1.0)
 
-    if method in ADAPTIVE_ODE_METHODS:
-        x0 = odeint_within(velocity, x, model.T, t_min, rtol=rtol, atol=atol, method=method)
+    if solver in ADAPTIVE_ODE_METHODS:
+        x0 = odeint_within(velocity, x, model.T, t_min, rtol=rtol, atol=atol, method=solver)
     else:
         times = torch.tensor([model.T, t_min], dtype=x.dtype, device=x.device)
-        x0 = odeint(velocity, x, times, method=method, options={"step_size": float(step_size)})[-1]
+        x0 = odeint(velocity, x, times, method=solver, options={"step_size": float(step_size)})[-1]
     return (x0, {"nfe": nfe}) if return_info else x0

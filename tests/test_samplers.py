@@ -29,7 +29,7 @@ Z = 4.5
 def _true_marginal_T(sde, data, n, generator):
     """x_T drawn from the true marginal q_T (not the prior), so any λ should return the data law."""
     x0 = data.sample(n, generator=generator, dtype=torch.float64)
-    return sde.sample(torch.full((n,), sde.T, dtype=torch.float64), x0, generator=generator)
+    return sde.sample(x0, torch.full((n,), sde.T, dtype=torch.float64), generator=generator)
 
 
 def _assert_gaussian_moments(x, data):
@@ -141,7 +141,7 @@ def test_fixed_grid_ode_solver_converges_at_its_order():
     x_T = sde.prior_sample((16, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     t_min = 0.2
     exact = _exact_flow(sde, data, x_T, t_min)
-    errors = [float((sdeflow.sample_ode(model, x_T.shape, method="rk4", step_size=h, t_min=t_min, x_T=x_T)
+    errors = [float((sdeflow.sample_ode(model, x_T.shape, solver="rk4", step_size=h, t_min=t_min, x_T=x_T)
                      - exact).abs().max()) for h in (0.8 / 16, 0.8 / 32)]
     assert abs(math.log2(errors[0] / errors[1]) - 4) < 0.5, errors
 
@@ -159,25 +159,24 @@ def test_reported_nfe_counts_network_calls(method, t_min):
     _, info = sdeflow.sample(model, (5, 2), n_steps=n_steps, method=method, t_min=t_min, schedule=schedule,
                              dtype=torch.float64, return_info=True)
     assert info["nfe"] == model.net.calls
-    per_step = METHODS[method].nfe_per_step
-    expected = n_steps * (2 if method == "pc" else per_step)  # pc: 1 + n_corrector (default 1)
+    expected = n_steps * METHODS[method].nfe()  # at the method's default options (pc: 1 + n_corrector)
     if method == "heun" and t_min == 0.0:
         expected -= 1  # the Euler step onto σ̃ = 0
     assert info["nfe"] == expected
     assert info["times"].shape == (n_steps + 1,)
 
 
-@pytest.mark.parametrize("method,options", [("dopri5", {}), ("bosh3", {}), ("rk4", {"step_size": 0.1}),
+@pytest.mark.parametrize("solver,options", [("dopri5", {}), ("bosh3", {}), ("rk4", {"step_size": 0.1}),
                                             ("midpoint", {"step_size": 0.25})])
-def test_sample_ode_reports_nfe(method, options):
+def test_sample_ode_reports_nfe(solver, options):
     sde, data = SDES["vp"](), gaussian(2)
     model = exact_model(sde, data)
-    _, info = sdeflow.sample_ode(model, (5, 2), method=method, rtol=1e-4, atol=1e-4, dtype=torch.float64,
+    _, info = sdeflow.sample_ode(model, (5, 2), solver=solver, rtol=1e-4, atol=1e-4, dtype=torch.float64,
                                  return_info=True, **options)
     assert info["nfe"] == model.net.calls > 0
-    if method == "rk4":
+    if solver == "rk4":
         assert info["nfe"] == 4 * 10
-    if method == "midpoint":
+    if solver == "midpoint":
         assert info["nfe"] == 2 * 4
 
 
@@ -263,9 +262,12 @@ def test_time_grids_have_their_defining_spacing():
     (dict(schedule="karras", t_min=-0.1), r"needs t_min in \(0, t_start"),
     (dict(t_min=1.2), r"t_min must lie in \[0, t_start"),
     (dict(t_start=1.5), r"t_start must lie in \(0, T"),
-    (dict(n_corrector=2), "only apply to method='pc'"),
-    (dict(method="pc", n_corrector=-1), "n_corrector must be a non-negative integer"),
-    (dict(method="pc", snr=0.0), "snr must be a positive number"),
+    (dict(n_corrector=2), r"method 'euler' does not accept the option\(s\) n_corrector; it accepts: none "
+                          r"\('n_corrector' is an option of 'pc'\)"),
+    (dict(method="pc", corrector_steps=2), "'pc' does not accept .* it accepts: n_corrector, snr"),
+    (dict(method="pc", n_corrector=-1), "n_corrector must be an integer >= 0"),
+    (dict(method="pc", n_corrector=1.5), "n_corrector must be an integer >= 0"),
+    (dict(method="pc", snr=0.0), "snr must be a positive finite number"),
 ])
 def test_bad_input_to_sample_says_what_is_allowed(kwargs, match):
     model = exact_model(SDES["vp"](), gaussian(2))
@@ -274,13 +276,112 @@ def test_bad_input_to_sample_says_what_is_allowed(kwargs, match):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(method="rk45"), "method must be one of"),
-    (dict(method="rk4"), "needs step_size"),
-    (dict(method="rk4", step_size=-0.1), "needs step_size"),
-    (dict(method="dopri5", step_size=0.1), "sets its own steps"),
+    (dict(solver="rk45"), "solver must be one of"),
+    (dict(solver="rk4"), "needs step_size"),
+    (dict(solver="rk4", step_size=-0.1), "needs step_size"),
+    (dict(solver="dopri5", step_size=0.1), "sets its own steps"),
     (dict(t_min=1.0), r"t_min must lie in \[0, T"),
 ])
 def test_bad_input_to_sample_ode_says_what_is_allowed(kwargs, match):
     model = exact_model(SDES["vp"](), gaussian(2))
     with pytest.raises(ValueError, match=match):
         sdeflow.sample_ode(model, (2, 2), **kwargs)
+
+
+# ---- a method registered from outside the package -----------------------------------------------
+def _exponential_euler_step(model, x, t, t_next, lmbd, generator, last, state):
+    """The first-order exponential integrator of the λ-family written from the public API only
+    (model.score, the SDE's closed forms): x̂₀ = (x + σ_s² s)/α_s, ε̂ = −σ_s s,
+    x_t = α_t clip(x̂₀) + √(σ_t² − c²) ε̂ + c z with c² = (1 − λ) σ_t² (1 − e^{2(ℓ_s − ℓ_t)})
+    (DDIM with η = √(1 − λ)); x̂₀ clipped to ±clip_x0, as image samplers do."""
+    from sdeflow.utils import append_dims
+
+    sde = model.sde
+
+    def coefs(time):
+        time = time.double()
+        return (append_dims(sde.mean_weight(time), x.ndim), append_dims(sde.std(time), x.ndim),
+                append_dims(0.5 * sde.log_snr(time), x.ndim))
+
+    (alpha, sigma, ell), (alpha_next, sigma_next, ell_next) = coefs(t), coefs(t_next)
+    score = model.score(x, t)
+    eps = -sigma * score
+    x0 = ((x + sigma ** 2 * score) / alpha).clamp(-state["clip_x0"], state["clip_x0"])
+    noise_var = (1 - lmbd) * sigma_next ** 2 * -torch.expm1(2 * (ell - ell_next))
+    noise_var = torch.where(sigma_next > 0, noise_var, torch.zeros_like(noise_var))
+    x_next = alpha_next * x0 + (sigma_next ** 2 - noise_var).clamp_min(0).sqrt() * eps
+    if not last and lmbd < 1:
+        x_next = x_next + noise_var.sqrt() * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return x_next.to(x.dtype), 1
+
+
+def _positive_or_inf(name, value):
+    if not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"{name} must be a positive number or inf; got {value!r}")
+    return float(value)
+
+
+@pytest.fixture
+def exponential_euler():
+    from sdeflow.samplers import Method, Option, register_method
+
+    name = "test-exp-euler"
+    register_method(name, Method(
+        _exponential_euler_step, order="1", nfe_per_step=1, lmbd="any λ in [0, 1]", default_lmbd=1.0,
+        default_schedule="quadratic", default_t_min=1e-3,
+        options={"clip_x0": Option(math.inf, _positive_or_inf, "clip the data prediction to ±clip_x0")}))
+    yield name
+    del METHODS[name]
+
+
+def test_a_method_registered_from_outside_runs_through_sample(exponential_euler):
+    name = exponential_euler
+    model = exact_model(SDES["vp"](), gaussian(2))
+    x_T = SDES["vp"]().prior_sample((16, 2), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x, info = sdeflow.sample(model, x_T.shape, n_steps=9, method=name, x_T=x_T, dtype=torch.float64,
+                             return_info=True)
+    assert info["nfe"] == 9 == 9 * METHODS[name].nfe()
+    # The same first-order exponential integrator as the built-in DDIM (same defaults).
+    ddim = sdeflow.sample(model, x_T.shape, n_steps=9, method="ddim", x_T=x_T, dtype=torch.float64)
+    assert torch.allclose(x, ddim, atol=1e-10)
+    clipped = sdeflow.sample(model, x_T.shape, n_steps=9, method=name, x_T=x_T, dtype=torch.float64, clip_x0=0.1)
+    # At t_min = 10⁻³ the state is α·x̂₀ plus a σ_{t_min} ≈ 0.01 share of the noise prediction.
+    assert clipped.abs().max() < 0.15 < x.abs().max()
+    with pytest.raises(ValueError, match="clip_x0 must be a positive number"):
+        sdeflow.sample(model, (2, 2), n_steps=3, method=name, clip_x0=-1.0)
+    with pytest.raises(ValueError, match=rf"'{name}' does not accept .*n_corrector.* it accepts: clip_x0"):
+        sdeflow.sample(model, (2, 2), n_steps=3, method=name, n_corrector=1)
+
+
+def test_a_method_registered_from_outside_runs_through_inpaint_and_denoise(exponential_euler):
+    name = exponential_euler
+    model = exact_model(SDES["vp"](), gaussian(4))
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mask = torch.tensor([True, False, True, False])
+    samples, info = sdeflow.inpaint(model, x, mask, scheme="guided", method=name, n_steps=7,
+                                    options={"clip_x0": 3.0}, generator=torch.Generator().manual_seed(1),
+                                    return_info=True)
+    assert info["nfe"] == 7 and info["backward_passes"] == 7
+    assert torch.isfinite(samples).all() and torch.equal(samples[:, mask], x[:, mask])
+    # Denoising runs the reverse SDE (λ = 0): the same noise draws as DDIM's give the same samples.
+    draws = [sdeflow.denoise(model, x, 0.5, method=m, n_steps=7, generator=torch.Generator().manual_seed(2),
+                             return_info=True) for m in (name, "ddim")]
+    assert draws[0][1]["nfe"] == 7 and model.net.calls == 3 * 7  # inpaint and two denoise runs
+    assert torch.allclose(draws[0][0], draws[1][0], atol=1e-10)
+
+
+def test_register_method_refuses_duplicates_and_inconsistent_entries(exponential_euler):
+    from sdeflow.samplers import Method, Option, register_method
+
+    with pytest.raises(ValueError, match="'euler' is already registered"):
+        register_method("euler", METHODS["heun"])
+    with pytest.raises(ValueError, match=f"'{exponential_euler}' is already registered"):
+        register_method(exponential_euler, METHODS["heun"])
+    with pytest.raises(ValueError, match="default_lmbd=0.0 lies outside lmbd_range"):
+        register_method("bad-lmbd", Method(_exponential_euler_step, "1", 1, "λ = 1", lmbd_range=(1.0, 1.0)))
+    with pytest.raises(ValueError, match="clip_x0 must be a positive number"):
+        register_method("bad-default", Method(_exponential_euler_step, "1", 1, "any",
+                                              options={"clip_x0": Option(0.0, _positive_or_inf)}))
+    with pytest.raises(ValueError, match="step_nfe"):
+        register_method("bad-nfe", Method(_exponential_euler_step, "1", "1 + k", "any"))
+    assert not {"bad-lmbd", "bad-default", "bad-nfe"} & set(METHODS)
