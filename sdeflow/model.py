@@ -15,6 +15,8 @@ Hutchinson's trace) is
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torchdiffeq import odeint
@@ -24,11 +26,11 @@ from .sdes import SDE
 from .time_sampling import FittedTime, ImportanceTime, TimeProposal, UniformTime
 from .utils import append_dims, as_time, check_choice, check_finite, check_positive_int, sum_except_batch
 
-__all__ = ["PluginReverseSDE", "PARAMETERIZATIONS", "TIME_SAMPLINGS", "WEIGHTINGS"]
+__all__ = ["PluginReverseSDE", "PARAMETERIZATIONS", "TIME_SAMPLINGS", "WEIGHTINGS", "register_weighting",
+           "noise_weighting", "likelihood_weighting"]
 
 PARAMETERIZATIONS = ("drift", "score", "noise")
 TIME_SAMPLINGS = ("uniform", "importance", "fitted")
-WEIGHTINGS = ("noise", "likelihood")
 ADAPTIVE_ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 ODE_METHODS = ADAPTIVE_ODE_METHODS + ("rk4", "midpoint", "euler")
 #: Largest data dimension for which ``dsm(order=2)`` forms the exact Jacobian of the score.
@@ -49,6 +51,44 @@ def odeint_within(func, y0, t0: float, t1: float, *, rtol: float, atol: float, m
 # network is never asked for that limit by the estimators (t = 0 has probability zero), but a
 # user or an ODE solve may evaluate there. Clamping keeps the result finite.
 MIN_STD = 1e-5
+
+
+# ---- loss weightings -----------------------------------------------------------------------------
+def noise_weighting(sde: SDE, t: torch.Tensor) -> torch.Tensor:
+    r""":math:`\lambda(t) = 1`: the DDPM ε-loss :math:`\tfrac12\|std\cdot s + \varepsilon\|^2` unweighted. (B,) -> (B,)."""
+    return torch.ones_like(t)
+
+
+def likelihood_weighting(sde: SDE, t: torch.Tensor) -> torch.Tensor:
+    r""":math:`\lambda(t) = T\,g(\tilde t)^2 / v(\tilde t)`, :math:`\tilde t = \max(t, t_\epsilon)`,
+    :math:`t_\epsilon = 10^{-3}T`: the DSM form of the ELBO's path term,
+    :math:`\tfrac1T\int_0^T \lambda\,\ell\,dt = \int_0^T \tfrac12\|a + g\varepsilon/std\|^2 dt`, truncated
+    below t_ε (as in sdeflow-light) where it would diverge. It is T·Z times the density of
+    :class:`~sdeflow.time_sampling.ImportanceTime`, so with ``time_sampling="importance"`` the
+    estimate's time weight is the constant Z. (B,) -> (B,)."""
+    return sde.T * ImportanceTime(sde).unnormalized(t)
+
+
+#: name → λ(sde, t): the per-time weight of the DSM loss, :math:`E_{t\sim U(0,T)}[\lambda(t)\,\ell(t)]`
+#: (see :meth:`PluginReverseSDE.dsm`). Add entries with :func:`register_weighting`.
+WEIGHTINGS: dict[str, Callable[[SDE, torch.Tensor], torch.Tensor]] = {
+    "noise": noise_weighting,
+    "likelihood": likelihood_weighting,
+}
+
+
+def register_weighting(name: str, fn: Callable[[SDE, torch.Tensor], torch.Tensor]) -> Callable:
+    """Add the loss weighting ``fn(sde, t) -> λ(t)`` (times (B,) -> weights (B,), positive) to
+    :data:`WEIGHTINGS` under ``name`` and return it. ValueError if ``name`` is taken or ``fn`` is
+    not callable."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string; got {name!r}")
+    if name in WEIGHTINGS:
+        raise ValueError(f"name {name!r} is already a registered weighting; registered: {', '.join(WEIGHTINGS)}")
+    if not callable(fn):
+        raise ValueError(f"fn must be a callable fn(sde, t) -> weights; got {fn!r}")
+    WEIGHTINGS[name] = fn
+    return fn
 
 
 def check_lmbd(lmbd: float) -> float:
@@ -106,7 +146,7 @@ class PluginReverseSDE(nn.Module):
         out = self._net(y, t)
         if self.parameterization == "drift":
             return out
-        g = self.sde.g(t, y)
+        g = self.sde.g(y, t)
         if self.parameterization == "score":
             return g * out
         std = append_dims(self.sde.std(t), y.ndim).clamp_min(MIN_STD)
@@ -116,24 +156,24 @@ class PluginReverseSDE(nn.Module):
         """s(y, t) ≈ ∇ log p_t(y): the network output, or a/g, or −ε/std. Shape of y."""
         t = as_time(t, y.shape[0], y)
         if self.parameterization == "drift":
-            return self._net(y, t) / self.sde.g(t, y)
+            return self._net(y, t) / self.sde.g(y, t)
         if self.parameterization == "score":
             return self._net(y, t)
         std = append_dims(self.sde.std(t), y.ndim).clamp_min(MIN_STD)
         return -self._net(y, t) / std
 
     # ---- the λ-family --------------------------------------------------------------------
-    def mu(self, t, y: torch.Tensor, lmbd: float = 0.0) -> torch.Tensor:
+    def mu(self, y: torch.Tensor, t, lmbd: float = 0.0) -> torch.Tensor:
         """Generative drift (1 − λ/2)·g·a − f at forward time t (the process runs t: T → 0)."""
         lmbd = check_lmbd(lmbd)
         t = as_time(t, y.shape[0], y)
-        return (1 - 0.5 * lmbd) * self.sde.g(t, y) * self.drift(y, t) - self.sde.f(t, y)
+        return (1 - 0.5 * lmbd) * self.sde.g(y, t) * self.drift(y, t) - self.sde.f(y, t)
 
-    def sigma(self, t, y: torch.Tensor, lmbd: float = 0.0) -> torch.Tensor:
+    def sigma(self, y: torch.Tensor, t, lmbd: float = 0.0) -> torch.Tensor:
         """Generative diffusion √(1 − λ)·g at forward time t, shape (B, 1, ..., 1)."""
         lmbd = check_lmbd(lmbd)
         t = as_time(t, y.shape[0], y)
-        return (1 - lmbd) ** 0.5 * self.sde.g(t, y)
+        return (1 - lmbd) ** 0.5 * self.sde.g(y, t)
 
     # ---- time proposals ------------------------------------------------------------------
     def _proposal(self, time_sampling, x: torch.Tensor | None = None, **fit_kwargs) -> TimeProposal:
@@ -174,7 +214,7 @@ class PluginReverseSDE(nn.Module):
             hutchinson, denoising = [], []
             for start in range(0, t.numel(), chunk_size):
                 sl = slice(start, start + chunk_size)
-                y, noise, std, g = self.sde.sample(t[sl], xs[sl], return_noise=True, generator=generator)
+                y, noise, std, g = self.sde.sample(xs[sl], t[sl], return_noise=True, generator=generator)
                 a, div_a = _div.divergence(lambda z: self.drift(z, t[sl]), y, method=divergence, probe=probe,
                                            generator=generator)
                 hutchinson.append(self._hutchinson_integrand(a, div_a, t[sl]))
@@ -193,9 +233,9 @@ class PluginReverseSDE(nn.Module):
         r"""Per-example denoising score matching loss, shape (B,).
 
         With y_t = m(t)·x + std(t)·ε, the loss at time t is
-        :math:`\ell(t) = \tfrac12\|std\cdot s(y_t, t) + \varepsilon\|^2` (``weighting="noise"``, the
-        DDPM ε-loss) or :math:`w(t)\,\ell(t)` with :math:`w = T\,g^2/v` at max(t, t_ε)
-        (``weighting="likelihood"``: the DSM form of the ELBO, :math:`\int \tfrac12\|a + g\varepsilon/std\|^2 dt`,
+        :math:`w(t)\,\ell(t)` with :math:`\ell(t) = \tfrac12\|std\cdot s(y_t, t) + \varepsilon\|^2` and
+        w = ``WEIGHTINGS[weighting](sde, t)``: 1 for ``"noise"`` (the DDPM ε-loss), :math:`T\,g^2/v` at
+        max(t, t_ε) for ``"likelihood"`` (the DSM form of the ELBO, :math:`\int \tfrac12\|a + g\varepsilon/std\|^2 dt`,
         truncated below t_ε = 10⁻³T as in sdeflow-light, where it would diverge).
         The returned value estimates :math:`E_{t\sim U(0,T)}[w\,\ell]` as :math:`w\ell / (T q(t))`
         with t ~ q (``time_sampling``), unbiased for every proposal. Pass ``t`` (shape (B,)) to
@@ -230,15 +270,13 @@ class PluginReverseSDE(nn.Module):
         else:
             t = as_time(t, x.shape[0], x)
             time_weight = torch.ones_like(t)
-        y, noise, std, _ = self.sde.sample(t, x, return_noise=True, generator=generator)
+        y, noise, std, _ = self.sde.sample(x, t, return_noise=True, generator=generator)
         if order == 1:
             loss = 0.5 * sum_except_batch((std * self.score(y, t) + noise) ** 2)
         else:
             score, second_order = self._score_and_second_order_term(y, t, noise, std)
             loss = 0.5 * sum_except_batch((std * score + noise) ** 2) + second_order_weight * second_order
-        if weighting == "likelihood":
-            time_weight = time_weight * self.T * ImportanceTime(self.sde).unnormalized(t)
-        return loss * time_weight
+        return loss * (time_weight * WEIGHTINGS[weighting](self.sde, t))
 
     def _score_and_second_order_term(self, y, t, noise, std):
         # (s, ‖std²J + I − r rᵀ‖²_F + (std² tr J + D − ‖r‖²)²) at (y, t); see dsm. J needs a graph
@@ -301,8 +339,7 @@ class PluginReverseSDE(nn.Module):
         can be maximised directly.
         """
         check_finite("x", x)
-        if int(n_slices) != n_slices or n_slices < 1:
-            raise ValueError(f"n_slices must be a positive integer; got {n_slices!r}")
+        n_slices = check_positive_int("n_slices", n_slices)
         check_choice("probe", probe, _div.PROBES)
         check_choice("divergence", divergence, _div.METHODS)
         proposal = self._proposal(time_sampling, x, probe=probe, divergence=divergence, generator=generator)
@@ -311,7 +348,7 @@ class PluginReverseSDE(nn.Module):
         t, q = proposal.sample(n_slices * batch, generator=generator, device=x.device, dtype=x.dtype,
                                strata=n_slices)
         xs = x.repeat((n_slices,) + (1,) * (x.ndim - 1))
-        y, noise, std, g = self.sde.sample(t, xs, return_noise=True, generator=generator)
+        y, noise, std, g = self.sde.sample(xs, t, return_noise=True, generator=generator)
         create_graph = torch.is_grad_enabled()
         use_denoising = proposal.denoising_at(t) if isinstance(proposal, FittedTime) else None
         if use_denoising is None or not use_denoising.any():
@@ -332,20 +369,21 @@ class PluginReverseSDE(nn.Module):
 
     # ---- exact likelihood ----------------------------------------------------------------
     def log_prob_ode(self, x: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-5,
-                     method: str = "dopri5", divergence: str = "hutchinson", probe: str = "rademacher",
+                     solver: str = "dopri5", divergence: str = "hutchinson", probe: str = "rademacher",
                      t_min: float = 0.0, generator: torch.Generator | None = None,
                      return_info: bool = False):
         r"""Log-likelihood under the probability-flow ODE dy/dt = v = f − ½ g a, shape (B,):
 
         .. math::  \log p_{t_{min}}(x) = \log p_T(y_T) + \int_{t_{min}}^T \nabla\cdot v(y_t, t)\, dt,
 
-        integrated from the data (y = x at t_min) to T by torchdiffeq's ``method`` with
+        integrated from the data (y = x at t_min) to T by torchdiffeq's ``solver`` (one of
+        ``ODE_METHODS``) with
         ``rtol``/``atol``; the divergence is Hutchinson's with one probe held fixed over the solve
         (unbiased) or exact. With ``return_info=True`` returns (log p, {"nfe": n}) where n counts
         evaluations of the network.
         """
         check_finite("x", x)
-        check_choice("method", method, ODE_METHODS)
+        check_choice("solver", solver, ODE_METHODS)
         check_choice("divergence", divergence, _div.METHODS)
         if not 0.0 <= t_min < self.T:
             raise ValueError(f"t_min must lie in [0, T={self.T}); got {t_min}")
@@ -354,7 +392,7 @@ class PluginReverseSDE(nn.Module):
 
         def velocity(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             tb = t.expand(y.shape[0])
-            return -self.mu(tb, y, lmbd=1.0)
+            return -self.mu(y, tb, lmbd=1.0)
 
         def dynamics(t, state):
             nonlocal nfe
@@ -366,6 +404,6 @@ class PluginReverseSDE(nn.Module):
         state0 = (x.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
         with torch.no_grad():
             y_T, div_integral = odeint_within(dynamics, state0, t_min, self.T, rtol=rtol, atol=atol,
-                                              method=method)
+                                              method=solver)
         logp = self.sde.prior_log_prob(y_T) + div_integral
         return (logp, {"nfe": nfe}) if return_info else logp

@@ -12,36 +12,52 @@ which is what makes the importance density of time sampling closed form (see
 :mod:`sdeflow.time_sampling`).
 
 Times are tensors of shape (B,) (or scalars); results broadcast against y of shape (B, ...).
+Methods that take a state and a time take them in the order (y, t).
+
+The registry :data:`SDES` maps a name to a class; :func:`make_sde` builds one by name from plain
+parameters, :func:`sde_parameters` lists a class's parameters with their defaults (read from its
+``__init__``), and :func:`sde_config` is the inverse of :func:`make_sde`. Adding an SDE takes a
+subclass of :class:`SDE` that stores each ``__init__`` parameter as an attribute of the same name,
+and one call of :func:`register_sde`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 from abc import ABC, abstractmethod
 
 import torch
 
-from .utils import append_dims, sum_except_batch
+from .utils import append_dims, check_positive_float, sum_except_batch
 
-__all__ = ["SDE", "VPSDE", "VESDE", "SubVPSDE"]
-
-
-def _positive(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
-    return value
+__all__ = ["SDE", "VPSDE", "VESDE", "SubVPSDE", "SDES", "register_sde", "make_sde", "sde_parameters",
+           "sde_config"]
 
 
 class SDE(ABC):
     """A linear forward SDE :math:`dY = f(t) Y dt + g(t) dB` on [0, T].
 
     Subclasses give the closed forms: ``f_coef``, ``g2``, ``mean_weight``, ``var``,
-    ``log_snr`` and its inverse ``t_from_log_snr``, and the prior variance.
+    ``log_snr`` and its inverse ``t_from_log_snr``, and the prior variance. Each ``__init__``
+    parameter is stored as an attribute of the same name, which is what :meth:`parameters`,
+    equality and :func:`sde_config` read.
     """
 
     def __init__(self, T: float = 1.0):
-        self.T = _positive("T", T)
+        self.T = check_positive_float("T", T)
+
+    def parameters(self) -> dict:
+        """The constructor's parameters with this SDE's values, ``{name: value}``, in the order of
+        ``__init__``'s signature: ``type(self)(**sde.parameters())`` builds an equal SDE."""
+        return {name: getattr(self, name) for name in _init_parameters(type(self))}
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.parameters() == self.parameters()
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(self.parameters().items())))
 
     # ---- closed forms each SDE provides -------------------------------------------------
     @abstractmethod
@@ -81,15 +97,15 @@ class SDE(ABC):
         """√v(t), the standard deviation of y_t given x."""
         return self.var(t).sqrt()
 
-    def f(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def f(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Forward drift f(t)·y, shape of y."""
         return append_dims(self.f_coef(self._t(t)), y.ndim) * y
 
-    def g(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def g(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Diffusion coefficient g(t), shaped to broadcast against y: (B, 1, ..., 1)."""
         return append_dims(self.g2(self._t(t)).sqrt(), y.ndim).to(y.dtype)
 
-    def sample(self, t: torch.Tensor, x0: torch.Tensor, return_noise: bool = False,
+    def sample(self, x0: torch.Tensor, t: torch.Tensor, return_noise: bool = False,
                generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
         """Draw y_t = m(t)·x0 + √v(t)·ε with ε ~ N(0, I).
 
@@ -103,7 +119,7 @@ class SDE(ABC):
         std = append_dims(self.std(t), x0.ndim).to(x0.dtype)
         y = mean_weight * x0 + std * noise
         if return_noise:
-            return y, noise, std, self.g(t, x0)
+            return y, noise, std, self.g(x0, t)
         return y
 
     def prior_sample(self, shape, generator: torch.Generator | None = None,
@@ -130,7 +146,7 @@ class SDE(ABC):
                 - 0.5 * (m2 * sum_except_batch(x ** 2) + dim * v) / self.prior_var)
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        params = ", ".join(f"{k}={v!r}" for k, v in self.parameters().items())
         return f"{type(self).__name__}({params})"
 
 
@@ -139,8 +155,8 @@ class _LinearBetaSDE(SDE):
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0):
         super().__init__(T)
-        self.beta_min = _positive("beta_min", beta_min)
-        self.beta_max = _positive("beta_max", beta_max)
+        self.beta_min = check_positive_float("beta_min", beta_min)
+        self.beta_max = check_positive_float("beta_max", beta_max)
         if self.beta_max < self.beta_min:
             raise ValueError(f"beta_max must be >= beta_min; got beta_min={beta_min}, beta_max={beta_max}")
 
@@ -214,8 +230,8 @@ class VESDE(SDE):
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, T: float = 1.0):
         super().__init__(T)
-        self.sigma_min = _positive("sigma_min", sigma_min)
-        self.sigma_max = _positive("sigma_max", sigma_max)
+        self.sigma_min = check_positive_float("sigma_min", sigma_min)
+        self.sigma_max = check_positive_float("sigma_max", sigma_max)
         if self.sigma_max <= self.sigma_min:
             raise ValueError(f"sigma_max must be > sigma_min; got sigma_min={sigma_min}, sigma_max={sigma_max}")
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
@@ -248,3 +264,87 @@ class VESDE(SDE):
     @property
     def prior_var(self) -> float:
         return self.sigma_max ** 2 - self.sigma_min ** 2
+
+
+# ---- the registry ----------------------------------------------------------------------------
+#: name → SDE class. Add entries with :func:`register_sde`.
+SDES: dict[str, type] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+
+
+def _init_parameters(cls: type) -> dict:
+    """``{name: default}`` of ``cls.__init__``'s named parameters (``inspect.Parameter.empty``
+    where there is no default); ValueError if it takes ``*args`` or ``**kwargs``, which would hide
+    its parameters."""
+    params = {}
+    for name, param in list(inspect.signature(cls.__init__).parameters.items())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise ValueError(f"cls {cls.__name__}.__init__ must name its parameters (no *args or **kwargs), "
+                             f"so that they can be listed and checked")
+        params[name] = param.default
+    return params
+
+
+def register_sde(name: str, cls: type) -> type:
+    """Add the SDE class ``cls`` to :data:`SDES` under ``name`` and return it.
+
+    ``cls`` must be a concrete subclass of :class:`SDE` whose ``__init__`` names its parameters,
+    each with a default and each stored as an attribute of the same name. ValueError if ``name`` is
+    taken or ``cls`` is not such a class.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string; got {name!r}")
+    if name in SDES:
+        raise ValueError(f"name {name!r} is already registered (to {SDES[name].__name__}); "
+                         f"registered SDEs: {', '.join(SDES)}")
+    if not (isinstance(cls, type) and issubclass(cls, SDE)) or inspect.isabstract(cls):
+        raise ValueError(f"cls must be a concrete subclass of sdeflow.SDE; got {cls!r}")
+    required = [p for p, default in _init_parameters(cls).items() if default is inspect.Parameter.empty]
+    if required:
+        raise ValueError(f"cls {cls.__name__}.__init__ must give every parameter a default; "
+                         f"{', '.join(required)} have none")
+    SDES[name] = cls
+    return cls
+
+
+def _sde_class(name: str) -> type:
+    if name not in SDES:
+        raise ValueError(f"name must be one of {', '.join(repr(n) for n in SDES)}; got {name!r}")
+    return SDES[name]
+
+
+def sde_parameters(name: str) -> dict:
+    """The parameters of the SDE registered as ``name`` with their defaults, from its ``__init__``:
+    e.g. ``sde_parameters("vp") == {"beta_min": 0.1, "beta_max": 20.0, "T": 1.0}``."""
+    return _init_parameters(_sde_class(name))
+
+
+def make_sde(name: str, **params) -> SDE:
+    """Build the SDE registered as ``name`` with ``params`` (the others keep their defaults).
+    ValueError naming an unknown parameter and listing the allowed ones."""
+    cls = _sde_class(name)
+    allowed = _init_parameters(cls)
+    unknown = [p for p in params if p not in allowed]
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for the SDE {name!r}; "
+                         f"allowed: {', '.join(allowed)}")
+    return cls(**params)
+
+
+def _plain(name: str, value):
+    # Checkpoints are loaded with weights_only=True: only plain Python values may be stored.
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise ValueError(f"SDE parameter {name} must be a plain number, string, bool or None to be stored; "
+                     f"got {type(value).__name__}")
+
+
+def sde_config(sde: SDE) -> dict:
+    """``{"name": registered name, **sde.parameters()}`` in plain Python types, such that
+    ``make_sde(**sde_config(sde)) == sde``. ValueError if ``sde``'s class is not registered."""
+    names = [name for name, cls in SDES.items() if cls is type(sde)]
+    if not names:
+        raise ValueError(f"sde must be an instance of a registered SDE class ({', '.join(SDES)}); "
+                         f"got {type(sde).__name__}; add its class with register_sde")
+    return {"name": names[0], **{k: _plain(k, v) for k, v in sde.parameters().items()}}

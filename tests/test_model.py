@@ -152,7 +152,7 @@ def test_second_order_dsm_matches_its_formula_on_a_linear_score():
     t = torch.linspace(0.1, 0.9, 5, dtype=torch.float64)
     with torch.no_grad():  # builds its own graph for J
         loss = model.dsm(x, t=t, order=2, second_order_weight=0.3, generator=torch.Generator().manual_seed(1))
-    y, eps, std, _ = sde.sample(t, x, return_noise=True, generator=torch.Generator().manual_seed(1))
+    y, eps, std, _ = sde.sample(x, t, return_noise=True, generator=torch.Generator().manual_seed(1))
     std = std.reshape(-1, 1)
     s = y @ A.T + b
     r = eps + std * s
@@ -193,20 +193,20 @@ def test_generative_coefficients_are_finite_at_both_ends(name, parameterization,
     y = torch.randn(2, data.dim, dtype=dtype)
     for t in (0.0, sde.T):
         for lmbd in (0.0, 0.5, 1.0):
-            assert torch.isfinite(model.mu(t, y, lmbd)).all()
-            assert torch.isfinite(model.sigma(t, y, lmbd)).all()
-            assert model.mu(t, y, lmbd).dtype == dtype
+            assert torch.isfinite(model.mu(y, t, lmbd)).all()
+            assert torch.isfinite(model.sigma(y, t, lmbd)).all()
+            assert model.mu(y, t, lmbd).dtype == dtype
 
 
 def test_lambda_family_interpolates_between_sde_and_ode():
     sde, data = SDES["vp"](), gaussian()
     model = exact_model(sde, data, "drift")
     y, t = torch.randn(5, 3, dtype=torch.float64), torch.full((5,), 0.4, dtype=torch.float64)
-    g, a, f = sde.g(t, y), model.drift(y, t), sde.f(t, y)
-    torch.testing.assert_close(model.mu(t, y, 0.0), g * a - f)
-    torch.testing.assert_close(model.mu(t, y, 1.0), 0.5 * g * a - f)
-    torch.testing.assert_close(model.sigma(t, y, 1.0), torch.zeros_like(g))
-    torch.testing.assert_close(model.sigma(t, y, 0.5), math.sqrt(0.5) * g)
+    g, a, f = sde.g(y, t), model.drift(y, t), sde.f(y, t)
+    torch.testing.assert_close(model.mu(y, t, 0.0), g * a - f)
+    torch.testing.assert_close(model.mu(y, t, 1.0), 0.5 * g * a - f)
+    torch.testing.assert_close(model.sigma(y, t, 1.0), torch.zeros_like(g))
+    torch.testing.assert_close(model.sigma(y, t, 0.5), math.sqrt(0.5) * g)
 
 
 class TinyConvNet(torch.nn.Module):
@@ -234,9 +234,9 @@ def test_bad_input_raises_value_errors_naming_the_argument():
     model = exact_model(sde, data)
     x = torch.zeros(2, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="lmbd"):
-        model.mu(0.5, x, lmbd=1.5)
+        model.mu(x, 0.5, lmbd=1.5)
     with pytest.raises(ValueError, match="lmbd"):
-        model.sigma(0.5, x, lmbd=-0.1)
+        model.sigma(x, 0.5, lmbd=-0.1)
     with pytest.raises(ValueError, match="parameterization"):
         sdeflow.PluginReverseSDE(sde, model.net, "velocity")
     with pytest.raises(ValueError, match="time_sampling"):
@@ -288,7 +288,7 @@ def test_denoising_form_has_the_same_expectation_and_less_noise_at_large_t(name)
     gen = torch.Generator().manual_seed(0)
     x = data.sample(1, generator=gen, dtype=torch.float64).repeat(20000, 1)
     t = torch.full((20000,), 0.8, dtype=torch.float64)
-    y, noise, std, g = sde.sample(t, x, return_noise=True, generator=gen)
+    y, noise, std, g = sde.sample(x, t, return_noise=True, generator=gen)
     hutchinson = model.elbo_integrand(y, t, generator=gen)
     denoising = model._denoising_integrand(model.drift(y, t), noise, std, g, t)
     se = math.sqrt((hutchinson.var() + denoising.var()).item() / 20000)

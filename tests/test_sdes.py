@@ -45,7 +45,7 @@ def test_sample_matches_marginal(name):
     gen = torch.Generator().manual_seed(0)
     x0 = torch.full((20000, 2), 0.7, dtype=torch.float64)
     t = torch.full((20000,), 0.3, dtype=torch.float64)
-    y, noise, std, g = sde.sample(t, x0, return_noise=True, generator=gen)
+    y, noise, std, g = sde.sample(x0, t, return_noise=True, generator=gen)
     assert std.shape == (20000, 1) and g.shape == (20000, 1)
     torch.testing.assert_close(y, sde.mean_weight(t)[:, None] * x0 + std * noise)
     m, s = float(sde.mean_weight(t[0])) * 0.7, float(sde.std(t[0]))
@@ -62,7 +62,7 @@ def test_prior_log_prob_and_its_expectation(name):
     torch.testing.assert_close(sde.prior_log_prob(y), dist.log_prob(y).flatten(1).sum(1))
     x = torch.randn(4, 6, generator=gen, dtype=torch.float64)
     T = torch.full((200000,), sde.T, dtype=torch.float64)
-    y_T = sde.sample(T, x.repeat(50000, 1), generator=gen)
+    y_T = sde.sample(x.repeat(50000, 1), T, generator=gen)
     mc = sde.prior_log_prob(y_T).reshape(50000, 4)
     err = (mc.mean(0) - sde.expected_prior_log_prob(x)).abs()
     assert (err < 5 * mc.std(0) / math.sqrt(50000) + 1e-9).all()
@@ -74,7 +74,7 @@ def test_endpoints_are_finite(name, dtype):
     sde = SDES[name]()
     t = torch.tensor([0.0, sde.T], dtype=dtype)
     y = torch.ones(2, 3, dtype=dtype)
-    for value in (sde.f(t, y), sde.g(t, y), sde.mean_weight(t), sde.var(t), sde.std(t), sde.g2(t)):
+    for value in (sde.f(y, t), sde.g(y, t), sde.mean_weight(t), sde.var(t), sde.std(t), sde.g2(t)):
         assert torch.isfinite(value).all()
         assert value.dtype == dtype
     assert sde.log_snr(t)[0] == math.inf
