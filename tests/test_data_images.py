@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdeflow.data.images import (CIFAR10_FOLDER, DATASETS, download_and_verify, load_cifar10,
+from sdeflow.data import get_dataset
+from sdeflow.data.images import (CIFAR10_FOLDER, download_and_verify, load_cifar10,
                                  load_mnist)
 
 SUBSET = Path("/work/shared/data/cifar10-subset")
@@ -73,16 +74,16 @@ def test_cifar_python2_style_pickle(tmp_path):
 
 
 def test_cifar_missing_truncated_corrupt_and_misshapen_files_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--download"):
+    with pytest.raises(FileNotFoundError, match="download=True"):
         load_cifar10(tmp_path / "nowhere")
     _write_cifar(tmp_path)
     folder = tmp_path / CIFAR10_FOLDER
     (folder / "test_batch").unlink()
-    with pytest.raises(FileNotFoundError, match="test_batch.*--download"):
+    with pytest.raises(FileNotFoundError, match="test_batch.*download=True"):
         load_cifar10(tmp_path, "test")
     raw = (folder / "data_batch_3").read_bytes()
     (folder / "data_batch_3").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(ValueError, match="data_batch_3.*truncated or corrupt.*--download"):
+    with pytest.raises(ValueError, match="data_batch_3.*truncated or corrupt.*download=True"):
         load_cifar10(tmp_path, "train")
     (folder / "data_batch_3").write_bytes(b"this is not a pickle at all")
     with pytest.raises(ValueError, match="data_batch_3"):
@@ -171,10 +172,10 @@ def test_mnist_reads_idx_files(tmp_path, gz):
 def test_mnist_errors_and_download(tmp_path):
     server = tmp_path / "server"
     arrays = _write_mnist(server)
-    with pytest.raises(FileNotFoundError, match="empty does not exist.*--download"):
+    with pytest.raises(FileNotFoundError, match="empty does not exist.*download=True"):
         load_mnist(tmp_path / "empty")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.*--download"):
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.*download=True"):
         load_mnist(tmp_path / "empty")
     import sdeflow.data.images as images_module
     md5s = {name: hashlib.md5((server / f"{name}.gz").read_bytes()).hexdigest() for name in arrays}
@@ -195,8 +196,8 @@ def test_mnist_errors_and_download(tmp_path):
 
 
 def test_datasets_registry():
-    assert DATASETS["cifar10"][1] == (3, 32, 32) and DATASETS["mnist"][1] == (1, 28, 28)
-    assert DATASETS["cifar10"][0] is load_cifar10
+    assert get_dataset("cifar10").shape == (3, 32, 32) and get_dataset("mnist").shape == (1, 28, 28)
+    assert get_dataset("cifar10").load is load_cifar10
 
 
 @pytest.mark.skipif(not (SUBSET / CIFAR10_FOLDER).is_dir(), reason="shared CIFAR-10 subset not present")

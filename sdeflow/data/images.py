@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..utils import check_choice
 
-__all__ = ["load_cifar10", "load_mnist", "download_and_verify", "file_md5", "DATASETS",
+__all__ = ["load_cifar10", "load_mnist", "download_and_verify", "file_md5",
            "CIFAR10_URL", "CIFAR10_MD5", "CIFAR10_FOLDER", "MNIST_URL", "MNIST_FILES"]
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -154,14 +154,14 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    advice = "delete it and pass --download (download=True) to fetch the official archive again"
+    advice = "delete it and load with download=True to fetch the official archive again"
     try:
         with open(path, "rb") as f:
             # latin1: Python-2 str (keys and numpy's raw buffers) decode byte for byte.
             batch = _NumpyOnlyUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
-        raise FileNotFoundError(f"CIFAR-10 batch file {path} is missing; pass --download "
-                                f"(download=True) to fetch the official archive") from None
+        raise FileNotFoundError(f"CIFAR-10 batch file {path} is missing; load with download=True "
+                                f"to fetch the official archive") from None
     except Exception as err:  # any unpickling failure: truncated, corrupt, not a pickle
         raise ValueError(f"CIFAR-10 batch file {path} is truncated or corrupt "
                          f"({type(err).__name__}: {err}); {advice}") from None
@@ -204,8 +204,8 @@ def load_cifar10(root: str | os.PathLike, split: str = "train", download: bool =
         download_and_verify(url, root, md5)
     if not folder.is_dir():
         where = f"data root {root} does not exist" if not root.exists() else f"{folder} not found"
-        raise FileNotFoundError(f"CIFAR-10: {where}; pass --download (download=True) to fetch {url}, "
-                                f"or point the data root at the directory that contains {CIFAR10_FOLDER}/")
+        raise FileNotFoundError(f"CIFAR-10: {where}; load with download=True to fetch {url}, "
+                                f"or set root to the directory that contains {CIFAR10_FOLDER}/")
     images, labels = [], []
     for path in files:
         data, lab = _read_cifar_batch(path)
@@ -221,7 +221,7 @@ _IDX_UBYTE = 0x08
 
 def _read_idx(path: Path, expected_ndim: int) -> np.ndarray:
     """An IDX file of unsigned bytes: magic 0x0000 08 <ndim>, ndim big-endian uint32 sizes, data."""
-    advice = "delete it and pass --download (download=True) to fetch it again"
+    advice = "delete it and load with download=True to fetch it again"
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
@@ -278,7 +278,7 @@ def load_mnist(root: str | os.PathLike, split: str = "train", download: bool = F
     for name, path in zip(names, paths):
         if path is None:
             where = f"data root {root} does not exist" if not root.exists() else f"{root / name}[.gz] not found"
-            raise FileNotFoundError(f"MNIST: {where}; pass --download (download=True) to fetch it from {url}")
+            raise FileNotFoundError(f"MNIST: {where}; load with download=True to fetch it from {url}")
     images = _read_idx(paths[0], 3)
     labels = _read_idx(paths[1], 1)
     if images.shape[1:] != (28, 28) or labels.shape[0] != images.shape[0]:
@@ -287,9 +287,3 @@ def load_mnist(root: str | os.PathLike, split: str = "train", download: bool = F
     images = torch.from_numpy(images.copy()).unsqueeze(1)
     return (images, torch.from_numpy(labels.astype(np.int64))) if return_labels else images
 
-
-# name → (loader, shape of one image (C, H, W))
-DATASETS = {
-    "cifar10": (load_cifar10, (3, 32, 32)),
-    "mnist": (load_mnist, (1, 28, 28)),
-}

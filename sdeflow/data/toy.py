@@ -10,33 +10,28 @@ All sit roughly in [-3, 3]², the scale at which the VP SDE's prior N(0, I) is a
 - :func:`gaussian_mixture`: an anisotropic four-component mixture, exact via
   :class:`sdeflow.oracles.GaussianMixture`.
 
-``DATASETS`` maps a name to its sampler; ``LOG_DENSITIES`` maps the names with an exact density to
-``log_prob(x) -> (n,)`` float64. :func:`sample_toy` and :func:`toy_log_prob` look them up by name.
+Each is registered in :data:`sdeflow.data.DATASETS` (the one data-set registry, with its exact
+log-density where known); :func:`sample_toy` and :func:`toy_log_prob` look a toy set up there by name.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 
 from ..oracles import GaussianMixture
-from ..utils import check_choice, check_positive_int
+from ..utils import check_choice, check_nonneg_float, check_positive_int
 
 __all__ = [
     "swissroll", "moons", "eight_gaussians", "checkerboard", "gaussian_mixture",
     "checkerboard_log_prob", "eight_gaussians_log_prob", "gaussian_mixture_log_prob",
-    "EIGHT_GAUSSIANS", "GAUSSIAN_MIXTURE", "DATASETS", "LOG_DENSITIES", "sample_toy", "toy_log_prob",
+    "EIGHT_GAUSSIANS", "GAUSSIAN_MIXTURE", "sample_toy", "toy_log_prob",
 ]
 
 
-
 def _check_noise(noise: float) -> float:
-    noise = float(noise)
-    if not math.isfinite(noise) or noise < 0:
-        raise ValueError(f"noise must be a finite number >= 0; got {noise!r}")
-    return noise
+    return check_nonneg_float("noise", noise)
 
 
 def swissroll(n: int, noise: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -137,29 +132,21 @@ def _check_points(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-DATASETS: dict[str, Callable[..., torch.Tensor]] = {
-    "swissroll": swissroll,
-    "moons": moons,
-    "8gaussians": eight_gaussians,
-    "checkerboard": checkerboard,
-    "gaussian_mixture": gaussian_mixture,
-}
+def _toy_dataset(name: str):
+    # The registry lives in the package, which imports this module: look it up at call time.
+    from . import DATASETS
 
-LOG_DENSITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "8gaussians": eight_gaussians_log_prob,
-    "checkerboard": checkerboard_log_prob,
-    "gaussian_mixture": gaussian_mixture_log_prob,
-}
+    check_choice("dataset", name, tuple(n for n, entry in DATASETS.items() if entry.kind == "toy"))
+    return DATASETS[name]
 
 
 def sample_toy(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw n points of the data set ``name`` (a key of ``DATASETS``), (n, 2) float32."""
-    check_choice("dataset", name, tuple(DATASETS))
-    return DATASETS[name](n, generator=generator)
+    """Draw n points of the toy data set ``name`` (a toy entry of :data:`sdeflow.data.DATASETS`),
+    (n, *shape) float32."""
+    return _toy_dataset(name).sample(n, generator=generator)
 
 
 def toy_log_prob(name: str, x: torch.Tensor) -> torch.Tensor | None:
-    """Exact log-density of data set ``name`` at x, (n, 2) -> (n,) float64; None if it has none."""
-    check_choice("dataset", name, tuple(DATASETS))
-    log_prob = LOG_DENSITIES.get(name)
+    """Exact log-density of the toy data set ``name`` at x, (n, *shape) -> (n,) float64; None if it has none."""
+    log_prob = _toy_dataset(name).log_prob
     return None if log_prob is None else log_prob(x)
