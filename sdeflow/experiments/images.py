@@ -110,27 +110,40 @@ def load_model(path, *, use_ema: bool = True, device="cpu", expected_config: dic
 
 
 @torch.no_grad()
-def sample_images(model, config: dict, n: int, *, n_steps: int = 1000, lmbd: float = 0.0,
-                  seed: int = 0, device=None, batch_size: int = 256) -> torch.Tensor:
-    """Draw ``n`` images with :func:`sdeflow.sample` (Euler–Maruyama on the λ-family, ``n_steps``
-    steps) and map them back to uint8 (N, C, H, W). Deterministic given ``seed``."""
+def sample_images(model, config: dict, n_samples: int, *, method: str = "euler", schedule: str | None = None,
+                  n_steps: int = 1000, lmbd: float | None = None, t_min: float | None = None,
+                  options: dict | None = None, seed: int = 0, device=None, batch_size: int = 256,
+                  callback=None, return_info: bool = False):
+    """Draw ``n_samples`` images with :func:`sdeflow.sample` (``method``, a key of
+    :data:`sdeflow.samplers.METHODS`, with ``n_steps`` steps on a ``schedule`` grid down to
+    ``t_min``, its ``lmbd`` and ``options``; None: the method's own) in batches of ``batch_size``,
+    and map them back to uint8 (N, C, H, W). Deterministic given ``seed``. ``callback`` is the
+    sampler's, called after every step of every batch. With ``return_info`` also returns
+    {"nfe": network evaluations per image (every batch takes the same), "batches", "times": the
+    grid, "lmbd": the λ used}."""
     from ..samplers import sample as sample_model
 
-    check_positive_int("n", n)
+    check_positive_int("n_samples", n_samples)
+    check_positive_int("batch_size", batch_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     c, s = config["net"]["in_channels"], config["net"]["image_size"]
     gen = make_generator(device, seed)
-    out = []
+    out, info = [], {}
     try:
-        for start in range(0, n, batch_size):
-            count = min(batch_size, n - start)
-            y = sample_model(model, (count, c, s, s), n_steps=n_steps, lmbd=lmbd, generator=gen, device=device)
+        for start in range(0, n_samples, batch_size):
+            count = min(batch_size, n_samples - start)
+            y, info = sample_model(model, (count, c, s, s), n_steps=n_steps, lmbd=lmbd, method=method,
+                                   schedule=schedule, t_min=t_min, generator=gen, device=device,
+                                   callback=callback, return_info=True, **(options or {}))
             out.append(postprocess(y.float(), config["data"]).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out)
+    images = torch.cat(out)
+    if not return_info:
+        return images
+    return images, {"nfe": info["nfe"], "batches": len(out), "times": info["times"], "lmbd": info["lmbd"]}
 
 
 def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, model_config: dict, *,

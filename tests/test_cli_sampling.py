@@ -1,0 +1,161 @@
+"""``sdeflow sample | inpaint | denoise`` end to end on a tiny CIFAR-format checkpoint, and their user errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from sdeflow import cli
+from sdeflow.samplers import METHODS, SCHEDULES
+from training_helpers import one_thread, single_thread, train_args, write_cifar_batches  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step tiny checkpoint and the data it was trained on."""
+    base = tmp_path_factory.mktemp("cli_sampling")
+    root = write_cifar_batches(base / "data", n_train=16, n_test=6)
+    run = base / "run"
+    with one_thread():
+        assert cli.main(train_args(root, run, 2)) == 0
+    return root, run
+
+
+def _run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out.strip(), captured.err.strip()
+
+
+def test_sample_with_a_method_and_schedule_prints_the_nfe(tmp_path, capsys, trained):
+    _, run = trained
+    out = tmp_path / "grid.png"
+    code, stdout, err = _run(["sample", "--checkpoint", run, "--n-samples", 3, "--method", "dpm++2m",
+                              "--schedule", "logsnr", "--steps", 3, "--out", out, "--no-progress"], capsys)
+    assert code == 0, err
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert stdout == f"wrote 3 samples to {out} (dpm++2m, 3 steps, NFE 3)"
+
+
+def test_sample_passes_the_method_options(tmp_path, capsys, trained):
+    _, run = trained
+    out = tmp_path / "pc.png"
+    code, stdout, err = _run(["sample", "--checkpoint", run, "--n", 2, "--method", "pc", "--n-corrector", 2,
+                              "--snr", "0.1", "--steps", 2, "--out", out, "--no-progress"], capsys)
+    assert code == 0, err
+    assert stdout.endswith("(pc, 2 steps, NFE 6)")  # 2 steps × (1 predictor + 2 corrector) evaluations
+
+
+def test_inpaint_and_denoise_with_heun(tmp_path, capsys, trained):
+    root, run = trained
+    common = ["--checkpoint", run, "--data-root", root, "--n-images", 2, "--n-samples", 2, "--method", "heun",
+              "--steps", 2, "--no-progress"]
+    out = tmp_path / "inpaint.png"
+    code, stdout, err = _run(["inpaint", *common, "--mask", "center", "--out", out], capsys)
+    assert code == 0, err
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    # Heun at its default λ = 1 on its default Karras grid to t_min > 0: 2 evaluations a step.
+    assert stdout == f"wrote {out}: 2 images x 2 samples, guided (heun, 2 steps, NFE 4)"
+    out = tmp_path / "denoise.png"
+    code, stdout, err = _run(["denoise", *common, "--snr", 1, "--out", out], capsys)
+    assert code == 0, err
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert re.fullmatch(rf"wrote {re.escape(str(out))}: 2 images x 2 samples, noise_std=\S+ \(heun, 2 steps, NFE 4\)",
+                        stdout), stdout
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "rk45"], "argument --method: invalid choice: 'rk45'"),
+    (["--schedule", "cosine"], "argument --schedule: invalid choice: 'cosine'"),
+    (["--steps", "-3"], "argument --steps: expected a positive integer, got '-3'"),
+    (["--method", "heun", "--n-corrector", "2"], "--n-corrector is an option of --method pc, not of --method heun"),
+    (["--method", "pc", "--n-corrector", "-1"], "argument --n-corrector: n_corrector must be an integer >= 0"),
+    (["--method", "dpm2", "--lmbd", "0.5"], "--lmbd 0.5: --method dpm2 supports λ = 1 only"),
+])
+def test_sample_bad_values_are_one_line_exit_2(tmp_path, capsys, trained, extra, message):
+    _, run = trained
+    argv = ["sample", "--checkpoint", str(run), "--out", str(tmp_path / "g.png"), "--steps", "2", *extra]
+    try:
+        code = cli.main(argv)
+    except SystemExit as stop:  # argparse's own refusals
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_missing_checkpoint_and_bad_conditional_input_exit_2(tmp_path, capsys, trained):
+    root, _ = trained
+    missing = tmp_path / "nope.pt"
+    code, _, err = _run(["sample", "--checkpoint", missing, "--out", tmp_path / "g.png"], capsys)
+    assert code == 2 and err == f"sdeflow sample: error: --checkpoint: checkpoint {missing} does not exist"
+    assert cli.main(["inpaint", "--checkpoint", str(missing), "--data-root", str(root), "--mask", "left-half",
+                     "--out", str(tmp_path / "a.png")]) == 2
+    assert cli.main(["denoise", "--checkpoint", str(missing), "--data-root", str(root), "--snr", "1",
+                     "--out", str(tmp_path / "a.txt")]) == 2
+    for argv in (["denoise", "--checkpoint", str(missing), "--data-root", str(root), "--snr", "-1", "--out", "b.png"],
+                 ["inpaint", "--checkpoint", str(missing), "--data-root", str(root), "--mask", "top", "--out", "c.png"],
+                 ["inpaint", "--checkpoint", str(missing), "--data-root", str(root), "--mask", "random:2",
+                  "--out", "c.png"],
+                 ["inpaint", "--checkpoint", str(missing), "--mask", "left-half", "--out", "c.png"]):  # no --data-root
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 6 and all("error" in line for line in err), err
+
+
+def test_bad_data_root_is_exit_2(tmp_path, capsys, trained):
+    _, run = trained
+    code, _, err = _run(["denoise", "--checkpoint", run, "--data-root", tmp_path / "none", "--noise-std", "0.5",
+                         "--out", tmp_path / "d.png"], capsys)
+    assert code == 2 and err.endswith("is not a directory") and "\n" not in err
+
+
+def test_help_is_built_from_the_registries(capsys):
+    parser = cli.build_parser()
+    for command in ("sample", "inpaint", "denoise"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for name, spec in METHODS.items():
+            assert f"{name}: order {spec.order}" in text
+        assert all(schedule in text for schedule in SCHEDULES)
+        # The corrector's snr is --snr, except where denoise has its own --snr (the observation's).
+        assert "--n-corrector" in text
+        assert ("--method-snr" if command == "denoise" else "--snr") in text
+
+
+def test_a_registered_method_appears_in_the_command_line(tmp_path, capsys, trained):
+    from sdeflow.samplers import Method, Option, register_method
+
+    _, run = trained
+    euler = METHODS["euler"]
+
+    def damped_euler(model, x, t, t_next, lmbd, generator, last, state):
+        x_next, nfe = euler.step(model, x, t, t_next, lmbd, generator, last, state)
+        return state["damping"] * x_next, nfe
+
+    def check_damping(name, value):
+        if not 0 < value <= 1:
+            raise ValueError(f"{name} must lie in (0, 1]; got {value!r}")
+        return float(value)
+
+    register_method("test-damped-euler", Method(damped_euler, order="1", nfe_per_step=1, lmbd="any λ in [0, 1]",
+                                                options={"damping": Option(1.0, check_damping, "shrink factor")}))
+    try:
+        out = tmp_path / "damped.png"
+        code, stdout, err = _run(["sample", "--checkpoint", run, "--n", 2, "--method", "test-damped-euler",
+                                  "--damping", "0.9", "--steps", 2, "--out", out, "--no-progress"], capsys)
+        assert code == 0, err
+        assert stdout.endswith("(test-damped-euler, 2 steps, NFE 2)")
+        with pytest.raises(SystemExit):
+            cli.main(["sample", "--checkpoint", str(run), "--out", str(out), "--method", "test-damped-euler",
+                      "--damping", "2"])
+        assert "damping must lie in (0, 1]" in capsys.readouterr().err
+    finally:
+        del METHODS["test-damped-euler"]
