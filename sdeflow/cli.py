@@ -13,7 +13,7 @@ import importlib
 import math
 import sys
 
-COMMAND_MODULES = ("swissroll", "images", "conditional")
+COMMAND_MODULES = ("swissroll", "images", "sampling")
 
 
 class CLIError(Exception):
