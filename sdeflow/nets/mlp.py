@@ -17,10 +17,9 @@ import math
 import torch
 from torch import nn
 
-from ..utils import check_positive_int
+from ..utils import check_nonneg_int, check_positive_int
 
 __all__ = ["TimeEmbedding", "MLP"]
-
 
 
 class TimeEmbedding(nn.Module):
@@ -63,14 +62,13 @@ class MLP(nn.Module):
         super().__init__()
         dim, hidden = check_positive_int("dim", dim), check_positive_int("hidden", hidden)
         n_blocks = check_positive_int("n_blocks", n_blocks)
-        if isinstance(fourier_features, bool) or int(fourier_features) != fourier_features or fourier_features < 0:
-            raise ValueError(f"fourier_features must be an integer >= 0; got {fourier_features!r}")
+        fourier_features = check_nonneg_int("fourier_features", fourier_features)
         self.dim = dim
         self.time_embedding = TimeEmbedding(time_dim, T)
         # Random Fourier features sin/cos(2π B y), B ~ N(0, scale²): let a small MLP draw the sharp
         # edges of a density (Tancik et al. 2020); directions are random, not aligned with any data.
-        self.register_buffer("fourier_matrix", fourier_scale * torch.randn(dim, int(fourier_features)))
-        self.input = nn.Linear(dim + 2 * int(fourier_features), hidden)
+        self.register_buffer("fourier_matrix", fourier_scale * torch.randn(dim, fourier_features))
+        self.input = nn.Linear(dim + 2 * fourier_features, hidden)
         self.time_input = nn.Linear(time_dim, hidden)
         self.inner = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_blocks))
         self.time_proj = nn.ModuleList(nn.Linear(time_dim, hidden) for _ in range(n_blocks))

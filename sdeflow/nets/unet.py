@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils import check_positive_int
+from ..utils import check_choice, check_positive_int
 
 __all__ = ["UNet", "PRESETS", "make_unet", "sinusoidal_embedding"]
 
@@ -317,8 +317,7 @@ class UNet(nn.Module):
 def make_unet(preset: str, in_channels: int = 3, image_size: int = 32, **overrides) -> UNet:
     """A :class:`UNet` with the hyper-parameters of ``PRESETS[preset]``, any of which
     ``overrides`` replaces (e.g. ``dropout=0.0``)."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(repr(p) for p in PRESETS)}; got {preset!r}")
+    check_choice("preset", preset, tuple(PRESETS))
     unknown = set(overrides) - {"base_channels", "channel_mult", "num_res_blocks", "attn_resolutions",
                                 "dropout", "time_scale"}
     if unknown:
