@@ -206,7 +206,7 @@ class PluginReverseSDE(nn.Module):
         if chunk_size is None:
             chunk_size = max(1, 2 ** 17 // max(1, x[0].numel()))
         chunk_size = check_positive_int("chunk_size", chunk_size)
-        pilot = x[:max_examples]
+        pilot = x[:check_positive_int("max_examples", max_examples)]
         batch = pilot.shape[0]
 
         def integrands(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +215,7 @@ class PluginReverseSDE(nn.Module):
             for start in range(0, t.numel(), chunk_size):
                 sl = slice(start, start + chunk_size)
                 y, noise, std, g = self.sde.sample(xs[sl], t[sl], return_noise=True, generator=generator)
-                a, div_a = _div.divergence(lambda z: self.drift(z, t[sl]), y, method=divergence, probe=probe,
+                a, div_a = _div.divergence(lambda z: self.drift(z, t[sl]), y, estimator=divergence, probe=probe,
                                            generator=generator)
                 hutchinson.append(self._hutchinson_integrand(a, div_a, t[sl]))
                 denoising.append(self._denoising_integrand(a, noise, std, g, t[sl]))
@@ -313,7 +313,7 @@ class PluginReverseSDE(nn.Module):
                        divergence: str = "hutchinson", generator: torch.Generator | None = None,
                        create_graph: bool = False) -> torch.Tensor:
         r"""The ELBO's integrand in its Hutchinson form, h(y, t) = −½‖a‖² − g ∇·a + D·f(t), shape (B,)."""
-        a, div_a = _div.divergence(lambda z: self.drift(z, t), y, method=divergence, probe=probe,
+        a, div_a = _div.divergence(lambda z: self.drift(z, t), y, estimator=divergence, probe=probe,
                                    generator=generator, create_graph=create_graph)
         return self._hutchinson_integrand(a, div_a, t)
 
@@ -341,7 +341,7 @@ class PluginReverseSDE(nn.Module):
         check_finite("x", x)
         n_slices = check_positive_int("n_slices", n_slices)
         check_choice("probe", probe, _div.PROBES)
-        check_choice("divergence", divergence, _div.METHODS)
+        check_choice("divergence", divergence, _div.ESTIMATORS)
         proposal = self._proposal(time_sampling, x, probe=probe, divergence=divergence, generator=generator)
         batch = x.shape[0]
         # Slice k of every example draws its time from the k-th of n_slices quantile strata of q.
@@ -384,7 +384,7 @@ class PluginReverseSDE(nn.Module):
         """
         check_finite("x", x)
         check_choice("solver", solver, ODE_METHODS)
-        check_choice("divergence", divergence, _div.METHODS)
+        check_choice("divergence", divergence, _div.ESTIMATORS)
         if not 0.0 <= t_min < self.T:
             raise ValueError(f"t_min must lie in [0, T={self.T}); got {t_min}")
         probe_noise = _div.make_probe(x, probe, generator) if divergence == "hutchinson" else None
@@ -398,7 +398,7 @@ class PluginReverseSDE(nn.Module):
             nonlocal nfe
             nfe += 1
             y = state[0]
-            v, div = _div.divergence(lambda z: velocity(t, z), y, method=divergence, noise=probe_noise)
+            v, div = _div.divergence(lambda z: velocity(t, z), y, estimator=divergence, noise=probe_noise)
             return v, div
 
         state0 = (x.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))

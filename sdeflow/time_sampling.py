@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from .sdes import SDE
+from .utils import check_positive_int
 
 __all__ = ["TimeProposal", "UniformTime", "ImportanceTime", "FittedTime"]
 
@@ -31,8 +32,9 @@ __all__ = ["TimeProposal", "UniformTime", "ImportanceTime", "FittedTime"]
 def _uniform(n: int, generator, device, dtype, strata: int = 1) -> torch.Tensor:
     """n uniforms on [0, 1]; with ``strata`` = K > 1, block k of the n/K consecutive draws lies in
     [k/K, (k+1)/K) (stratified sampling)."""
-    if int(strata) != strata or strata < 1 or n % strata:
-        raise ValueError(f"strata must be a positive integer dividing n={n}; got {strata!r}")
+    strata = check_positive_int("strata", strata)
+    if n % strata:
+        raise ValueError(f"strata must divide n={n}; got {strata!r}")
     u = torch.rand(n, generator=generator, device=device, dtype=dtype)
     if strata == 1:
         return u
@@ -161,8 +163,8 @@ class FittedTime(TimeProposal):
         The default t_lo = 10⁻⁵·T puts the finest bins where the integrand of image data peaks
         (noise levels of the order of the dequantisation noise).
         """
-        if n_bins < 2:
-            raise ValueError(f"n_bins must be >= 2; got {n_bins}")
+        if check_positive_int("n_bins", n_bins) < 2:
+            raise ValueError(f"n_bins must be an integer >= 2; got {n_bins!r}")
         t_lo = 1e-5 * sde.T if t_lo is None else t_lo
         lo = sde.log_snr(torch.tensor(t_lo, dtype=torch.float64))
         hi = sde.log_snr(torch.tensor(sde.T, dtype=torch.float64))
@@ -190,6 +192,7 @@ class FittedTime(TimeProposal):
         """
         if not 0 < defensive <= 1:
             raise ValueError(f"defensive must lie in (0, 1]; got {defensive}")
+        n_bins, n_per_bin = check_positive_int("n_bins", n_bins), check_positive_int("n_per_bin", n_per_bin)
         edges = cls.log_snr_edges(sde, n_bins)
         lower, width = edges[:-1], edges[1:] - edges[:-1]
         u = torch.rand(n_bins * n_per_bin, generator=generator, dtype=torch.float64, device=device)
