@@ -1,10 +1,18 @@
-"""The ``sdeflow`` command line: argparse subcommands that parse arguments and call the library.
+"""sdeflow: continuous-time diffusion models you can measure.
 
-Each subcommand lives in a module of :mod:`sdeflow.commands` that defines
-``register(subparsers)``; the handler it sets with ``set_defaults(func=...)`` returns an exit
-status. Bad input anywhere ends in a one-line message on stderr and exit status 2, never a
-traceback: handlers raise :class:`CLIError` (or ``ValueError`` from the library) for that.
+Train a model, measure its likelihood in bits/dim (an unbiased ELBO or the exact probability-flow
+ODE likelihood) and sample from it. Start with the 2-D toy example, `sdeflow swissroll --out
+runs/swissroll`, then images: `sdeflow train --dataset cifar10 --data-root DIR --steps N
+--batch-size 32 --out RUN`, `sdeflow eval --checkpoint RUN --dataset cifar10 --data-root DIR` and
+`sdeflow sample --checkpoint RUN --out grid.png --method dpm++2m --steps 20`.
 """
+
+# How this module works: each subcommand lives in a module of sdeflow.commands that defines
+# register(subparsers); its handler returns an exit status. Bad input ends in a one-line message
+# and exit status 2 (handlers raise CLIError or the library's ValueError), a failure at run time in
+# one line and exit status 1, never a traceback. Flags of configuration dataclasses and of the SDE
+# registry are built from the library (add_config_arguments, add_sde_arguments), so every setting
+# the library has, the command line has.
 
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ import importlib
 import math
 import sys
 
-COMMAND_MODULES = ("swissroll", "images", "sampling")
+COMMAND_MODULES = ("swissroll", "train", "evaluate", "sampling")
 
 
 class CLIError(Exception):
@@ -70,8 +78,127 @@ lmbd = number(0, 1)  # 0: the reverse SDE, 1: the probability-flow ODE
 fraction = number(0, 1)
 
 
+nonneg_float = number(0)
+
+
+def device(text: str) -> str:
+    """A torch device this machine has: cpu, cuda, cuda:N."""
+    import torch
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"device must be a torch device such as cpu, cuda or cuda:1; "
+                                         f"got {text!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"device must be cpu or cuda; got {text!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("CUDA is not available on this machine; use --device cpu")
+    return text
+
+
+def int_list(text: str) -> list[int]:
+    """Comma-separated positive integers, e.g. 1,2,2."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+# ---- flags built from the library's configuration dataclasses and registries -------------------
+#: Fields of TrainConfig that may be 0 (the others of type int must be positive).
+_ZERO_ALLOWED = ("warmup_steps", "sample_every", "monitor_every", "seed", "final_lr_fraction",
+                 "second_order_fraction", "grad_clip")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser, cls, defaults, *, skip=(), aliases=None, required=()) -> None:
+    """One flag per field of the dataclass ``cls`` (``--batch-size`` for ``batch_size``), typed,
+    with its help text and choices from the field's metadata and the default from ``defaults`` (an
+    instance or a dict). ``aliases`` {field: [extra flags]}; ``required`` fields have no default."""
+    import dataclasses
+
+    defaults = defaults if isinstance(defaults, dict) else dataclasses.asdict(defaults)
+    aliases = aliases or {}
+    group = parser.add_argument_group(f"{cls.__name__} (sdeflow.{cls.__module__.split('.', 1)[-1]})")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flags = [_flag(f.name), *aliases.get(f.name, [])]
+        text = f.metadata.get("help", "")
+        default = defaults.get(f.name)
+        if f.type in (bool, "bool"):
+            group.add_argument(_flag("no_" + f.name) if default else flags[0], dest=f.name,
+                               action="store_false" if default else "store_true", help=text)
+            continue
+        kwargs = {"dest": f.name, "help": f"{text} (default: %(default)s)"}
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            kwargs["choices"] = tuple(choices())
+        elif "int" in str(f.type):
+            kwargs["type"] = nonneg_int if f.name in _ZERO_ALLOWED else positive_int
+        elif f.name.endswith("_fraction"):
+            kwargs["type"] = fraction
+        elif "float" in str(f.type):
+            kwargs["type"] = nonneg_float if f.name in _ZERO_ALLOWED else positive_float
+        if f.name in required:
+            kwargs.update(required=True, help=text)
+        else:
+            kwargs["default"] = default
+        group.add_argument(*flags, **kwargs)
+    parser.set_defaults(**{f"_config_{cls.__name__}": True})
+
+
+def config_from_args(cls, args, **extra):
+    """An instance of ``cls`` from the parsed flags of :func:`add_config_arguments` (validated if
+    ``cls`` has ``validate``), with ``extra`` fields."""
+    import dataclasses
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values.update(extra)
+    config = cls(**values)
+    return config.validate() if hasattr(config, "validate") else config
+
+
+def add_sde_arguments(parser, default: str = "vp") -> None:
+    """``--sde NAME`` (choices: sdeflow.sdes.SDES) and one flag per parameter of any registered SDE
+    (``--beta-max``, ``--sigma-max``, ...), defaulting to the chosen SDE's own defaults."""
+    from .sdes import SDES, sde_parameters
+
+    group = parser.add_argument_group("forward SDE (sdeflow.sdes.SDES)")
+    group.add_argument("--sde", choices=tuple(SDES), default=default,
+                       help=f"forward SDE: {', '.join(f'{n} ({SDES[n].__name__})' for n in SDES)} (default: %(default)s)")
+    owners: dict[str, list[str]] = {}
+    for name in SDES:
+        for param, value in sde_parameters(name).items():
+            owners.setdefault(param, []).append(f"{name}: {value:g}")
+    for param, owners_of in owners.items():
+        group.add_argument(_flag(param), dest=f"sde_{param}", type=positive_float, metavar="X",
+                           help=f"SDE parameter {param} (defaults {', '.join(owners_of)})")
+
+
+def sde_from_args(args) -> dict:
+    """{"name", **parameters given} for :func:`sdeflow.config.model_config`; a parameter the chosen
+    SDE does not have is refused."""
+    from .sdes import sde_parameters
+
+    allowed = sde_parameters(args.sde)
+    given = {key[len("sde_"):]: value for key, value in vars(args).items()
+             if key.startswith("sde_") and value is not None}
+    for param in given:
+        if param not in allowed:
+            raise CLIError(f"{_flag(param)} does not apply to --sde {args.sde} (its parameters: "
+                           f"{', '.join(_flag(p) for p in allowed)})")
+    return {"name": args.sde, **given}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="sdeflow", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="sdeflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     sub.required = True
     for name in COMMAND_MODULES:
@@ -88,8 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .engine.errors import TrainingError, TrainingInterrupted
+    from .evaluation import EvaluationError
+
     try:
         return int(args.func(args) or 0)
+    except TrainingInterrupted as stop:
+        print(f"sdeflow {args.command}: {stop}; continue with --resume", file=sys.stderr)
+        return 128 + stop.signum
+    except (TrainingError, EvaluationError) as err:  # a run-time failure, not the user's input
+        print(f"sdeflow {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except (CLIError, ValueError, FileNotFoundError, PermissionError) as err:
         print(f"sdeflow {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -27,8 +27,15 @@ LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
 
 
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
+def _help(text: str, choices=None, **kwargs):
+    """A field with its help text and, for a choice, a function returning the allowed values (read
+    from the registry that owns them when the command line is built)."""
+    return field(metadata={"help": text, "choices": choices}, **kwargs)
+
+
+def _weightings():
+    from .model import WEIGHTINGS
+    return tuple(WEIGHTINGS)
 
 
 @dataclass
@@ -40,17 +47,19 @@ class TrainConfig:
     lr: float = _help("peak Adam learning rate", default=2e-4)
     warmup_steps: int = _help("linear learning-rate warm-up steps", default=0)
     lr_schedule: str = _help("after warm-up: constant, or cosine decay to final_lr_fraction·lr at the last step",
-                             default="constant")
+                             choices=lambda: LR_SCHEDULES, default="constant")
     final_lr_fraction: float = _help("where the cosine schedule ends, as a fraction of lr", default=0.0)
     grad_clip: float | None = _help("clip the global gradient norm to this; 0 or None: no clipping", default=1.0)
     ema_decay: float = _help("decay of the weight average used to evaluate and sample, in [0, 1)", default=0.999)
     time_sampling: str = _help("distribution of the diffusion time in the loss: uniform, or importance ∝ g²/σ²",
-                               default="importance")
-    weighting: str = _help("DSM loss weighting (see sdeflow.model.WEIGHTINGS)", default="likelihood")
+                               choices=lambda: ("uniform", "importance"), default="importance")
+    weighting: str = _help("DSM loss weighting: likelihood (the ELBO's) or noise (DDPM's ε-loss)",
+                             choices=_weightings, default="likelihood")
     second_order_fraction: float = _help("the last fraction of the steps adds second-order score matching "
                                          "(Lu et al. 2022; data of at most 64 dimensions)", default=0.0)
     second_order_weight: float = _help("weight of the second-order term", default=0.3)
-    precision: str = _help("fp32, or bf16 autocast for the network's forward pass", default="fp32")
+    precision: str = _help("fp32, or bf16 autocast for the network's forward pass",
+                           choices=lambda: PRECISIONS, default="fp32")
     max_bad_steps: int = _help("stop after this many consecutive steps with a non-finite loss or gradient",
                                default=10)
     checkpoint_every: int = _help("checkpoint period in steps (and one at the end)", default=1000)

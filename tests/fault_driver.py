@@ -15,7 +15,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from sdeflow import checkpoint as ckpt  # noqa: E402
-from sdeflow import training  # noqa: E402
+from sdeflow.config import TrainConfig, build_model
+from sdeflow.engine import EMA
+from sdeflow.engine.state import make_generator, step_seed
+from sdeflow.evaluation import evaluate_bpd
+from sdeflow.experiments import images as images_app
+from sdeflow.experiments.images import image_model_config
+from sdeflow.plotting import save_image_grid
 from training_helpers import tiny_config, tiny_images, tiny_model, tiny_train_config  # noqa: E402
 
 
@@ -49,7 +55,7 @@ def main() -> None:
 
         ckpt.os.fdopen = fdopen
     config = tiny_config()
-    training.train(tiny_model(config), tiny_images(), run_dir,
+    images_app.train_images(tiny_model(config), tiny_images(), run_dir,
                    tiny_train_config(steps=steps, checkpoint_every=2, keep_checkpoints=10),
                    config, resume="--resume" in sys.argv)
 

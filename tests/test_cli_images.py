@@ -5,7 +5,8 @@ import json
 import pytest
 
 from sdeflow import checkpoint as ckpt
-from sdeflow import cli, training
+from sdeflow import cli
+from sdeflow.engine import distributed
 
 from training_helpers import one_thread, single_thread, train_args, write_cifar_batches
 
@@ -81,7 +82,7 @@ def test_eval_ode_reports_nfe(tmp_path, capsys, monkeypatch, trained):
     root, run = trained
     from sdeflow.model import PluginReverseSDE
 
-    def cheap_ode(self, x, rtol, atol, generator, return_info):
+    def cheap_ode(self, x, rtol, atol, generator, return_info, **kwargs):
         assert (rtol, atol) == (1e-3, 1e-3) and return_info
         return self.sde.prior_log_prob(x), {"nfe": 7}
 
@@ -113,7 +114,7 @@ def test_eval_refuses_checkpoint_of_another_dataset(capsys, trained):
 def test_batch_size_must_divide_across_processes(tmp_path, capsys, monkeypatch, trained):
     root, _ = trained
     import torch
-    monkeypatch.setattr(training, "init_distributed", lambda device: (0, 3, torch.device("cpu")))
+    monkeypatch.setattr(distributed, "init_distributed", lambda device: (0, 3, torch.device("cpu")))
     assert cli.main(train_args(root, tmp_path / "run", 2)) == 2
     err = capsys.readouterr().err.strip()
     assert err == "sdeflow train: error: --batch-size 4 does not divide across 3 processes; use a multiple of 3"

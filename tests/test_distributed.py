@@ -5,7 +5,13 @@ import torch
 import torch.multiprocessing as mp
 
 from sdeflow import checkpoint as ckpt
-from sdeflow import training
+from sdeflow.config import TrainConfig, build_model
+from sdeflow.engine import EMA
+from sdeflow.engine.state import make_generator, step_seed
+from sdeflow.evaluation import evaluate_bpd
+from sdeflow.experiments import images as images_app
+from sdeflow.experiments.images import image_model_config
+from sdeflow.plotting import save_image_grid
 
 from training_helpers import (distributed_worker, single_thread, tiny_config, tiny_images, tiny_model,
                               tiny_train_config)
@@ -45,7 +51,7 @@ def test_checkpoint_holds_every_rank_rng_and_resumes_on_one_process(two_ranks, t
     for name, value in state["model"].items():
         assert torch.equal(value, rank0["params"][name])
     config = tiny_config()
-    result = training.train(tiny_model(config), tiny_images(), run,
+    result = images_app.train_images(tiny_model(config), tiny_images(), run,
                             tiny_train_config(steps=5, checkpoint_every=5, batch_size=4), config, resume=True)
     assert result["step"] == 5
     assert ckpt.load_checkpoint(run / "ckpt-00000005.pt")["trainer"]["world_size"] == 1
@@ -57,7 +63,7 @@ def test_sharded_evaluation_gathers_the_single_process_answer(two_ranks):
     assert torch.equal(rank0["bpd_per_image"], rank1["bpd_per_image"])
     model = tiny_model(tiny_config())
     model.load_state_dict(rank0["params"])
-    single = training.evaluate_bpd(model, tiny_images(8), tiny_config(), batch_size=2, seed=4)
+    single = evaluate_bpd(model, tiny_images(8), tiny_config(), batch_size=2, seed=4)
     assert torch.equal(single["bpd_per_image"], rank0["bpd_per_image"])
 
 

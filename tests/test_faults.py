@@ -20,10 +20,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdeflow import checkpoint as ckpt
-from sdeflow import cli, training
+from sdeflow.config import TrainConfig, build_model
+from sdeflow.engine import EMA
+from sdeflow.engine.state import make_generator, step_seed
+from sdeflow.evaluation import evaluate_bpd
+from sdeflow.experiments import images as images_app
+from sdeflow.experiments.images import image_model_config
+from sdeflow.plotting import save_image_grid
+from sdeflow import cli
 from sdeflow.model import PluginReverseSDE
 
-from training_helpers import (single_thread, one_thread, REPO, cli_env, tiny_config, tiny_images, tiny_model,
+from training_helpers import (OnRecord, single_thread, one_thread, REPO, cli_env, tiny_config, tiny_images, tiny_model,
                               tiny_train_config, train_args, write_cifar_batches)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -59,7 +66,7 @@ def _assert_same_state(a, b):
 def _train_tiny(run, resume=False):
     config = tiny_config()
     with one_thread():
-        training.train(tiny_model(config), tiny_images(), run,
+        images_app.train_images(tiny_model(config), tiny_images(), run,
                        tiny_train_config(steps=6, checkpoint_every=2, keep_checkpoints=10), config, resume=resume)
 
 
@@ -114,15 +121,15 @@ def test_sigkill_at_an_arbitrary_moment_then_resume(tmp_path, reference_run):
 def test_signal_writes_checkpoint_of_current_step_and_exits_clearly(tmp_path, monkeypatch, capsys, signum, status):
     root = write_cifar_batches(tmp_path / "data")
     run = tmp_path / "run"
-    real_train = training.train
+    real_train = images_app.train_images
 
     def train_and_signal_at_step_3(*args, **kwargs):
         def on_event(record):
             if record.get("step") == 3 and "loss" in record:
                 os.kill(os.getpid(), signum)
-        return real_train(*args, **kwargs, on_event=on_event)
+        return real_train(*args, **{**kwargs, "hooks": [*kwargs.get("hooks", []), OnRecord(on_event)]})
 
-    monkeypatch.setattr(training, "train", train_and_signal_at_step_3)
+    monkeypatch.setattr(images_app, "train_images", train_and_signal_at_step_3)
     code = cli.main(train_args(root, run, 1000, "--checkpoint-every", "100"))
     err = capsys.readouterr().err.strip()
     assert code == status
@@ -156,8 +163,8 @@ def test_non_finite_loss_step_is_skipped_and_counted(tmp_path, monkeypatch):
         if record.get("step") == 1 and "loss" in record:
             before.update({k: v.clone() for k, v in model.state_dict().items()})
 
-    result = training.train(model, tiny_images(), tmp_path / "run", tiny_train_config(steps=3), config,
-                            on_event=remember)
+    result = images_app.train_images(model, tiny_images(), tmp_path / "run", tiny_train_config(steps=3), config,
+                            hooks=[OnRecord(remember)])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     skipped = [r for r in records if r.get("event") == "skipped"]
     assert result["skipped"] == 1 and len(skipped) == 1 and skipped[0]["step"] == 2
@@ -175,7 +182,7 @@ def test_non_finite_gradient_is_skipped(tmp_path):
         return grad * float("inf") if calls["n"] == 1 else grad
 
     next(model.parameters()).register_hook(poison_grad)
-    result = training.train(model, tiny_images(), tmp_path / "run", tiny_train_config(steps=2), config)
+    result = images_app.train_images(model, tiny_images(), tmp_path / "run", tiny_train_config(steps=2), config)
     assert result["skipped"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -317,7 +324,7 @@ def test_bad_data_batch_refused_naming_the_file(tmp_path, capsys, damage):
 def test_wrong_image_shape_refused_by_library(tmp_path):
     config = tiny_config()
     with pytest.raises(ValueError, match=r"must have shape \(N, 1, 8, 8\) for this model; got \(4, 1, 9, 9\)"):
-        training.train(tiny_model(config), torch.zeros(4, 1, 9, 9, dtype=torch.uint8), tmp_path / "r",
+        images_app.train_images(tiny_model(config), torch.zeros(4, 1, 9, 9, dtype=torch.uint8), tmp_path / "r",
                        tiny_train_config(), config)
 
 

@@ -13,8 +13,12 @@ import torch
 from sdeflow.cli import main
 from sdeflow.data.toy import sample_toy
 from sdeflow.commands.swissroll import summary
-from sdeflow.toy import (OUTPUT_FILES, ToyConfig, _lr_factor, evaluate_toy, make_toy_model, train_toy,
-                         write_metrics)
+from sdeflow.experiments.toy import (OUTPUT_FILES, ToyConfig, ToyEvalConfig, evaluate_toy, make_toy_model,
+                                     toy_train_config, train_toy, write_metrics)
+
+
+def _net(hidden):
+    return {**ToyConfig().net, "hidden": hidden}
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--steps", "40", "--batch-size", "64", "--sample-steps", "20", "--n-samples", "300",
@@ -42,20 +46,22 @@ def test_end_to_end_writes_every_file_with_finite_metrics(tmp_path, capsys):
     assert "test ELBO" in printed and "sliced W1" in printed and "λ=0.5" in printed
 
 
-def test_training_is_reproducible_from_its_seed():
-    config = ToyConfig(steps=30, batch_size=32, hidden=8, elbo_every=10, elbo_batch=16)
+def test_training_is_reproducible_from_its_seed(tmp_path):
+    config = ToyConfig(net=_net(8), train=toy_train_config(steps=30, batch_size=32, monitor_every=10, monitor_batch=16,
+                                                           log_every=1, seed=5))
     runs = []
-    for _ in range(2):
+    for i in range(2):
         torch.manual_seed(5)
-        model, history = train_toy(make_toy_model(config), config, torch.Generator().manual_seed(5))
+        model, history, _ = train_toy(make_toy_model(config), config, tmp_path / f"run{i}")
         runs.append((torch.cat([p.flatten() for p in model.parameters()]), history))
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
     assert len(runs[0][1]["loss"]) == 30 and runs[0][1]["elbo_step"] == [10, 20, 30]
     assert all(math.isfinite(v) for v in runs[0][1]["running_elbo"])
 
 
-def test_the_last_fraction_of_steps_trains_with_second_order_dsm(monkeypatch):
-    config = ToyConfig(steps=16, second_order_fraction=0.25, batch_size=16, hidden=8, elbo_every=100, elbo_batch=8)
+def test_the_last_fraction_of_steps_trains_with_second_order_dsm(monkeypatch, tmp_path):
+    config = ToyConfig(net=_net(8), train=toy_train_config(steps=16, second_order_fraction=0.25, batch_size=16,
+                                                           monitor_every=100, monitor_batch=8))
     model = make_toy_model(config)
     orders = []
     dsm = model.dsm
@@ -65,20 +71,20 @@ def test_the_last_fraction_of_steps_trains_with_second_order_dsm(monkeypatch):
         return dsm(*args, order=order, **kwargs)
 
     monkeypatch.setattr(model, "dsm", spy)
-    train_toy(model, config, torch.Generator().manual_seed(0))
+    train_toy(model, config, tmp_path / "run")
     assert orders == [1] * 12 + [2] * 4
     with pytest.raises(ValueError, match="second_order_fraction"):
-        ToyConfig(second_order_fraction=-0.1).validate()
+        ToyConfig(train=toy_train_config(second_order_fraction=-0.1)).validate()
     with pytest.raises(ValueError, match="second_order_weight"):
-        ToyConfig(second_order_weight=float("nan")).validate()
+        ToyConfig(train=toy_train_config(second_order_weight=float("nan"))).validate()
 
 
 def test_evaluation_of_the_zero_network_matches_closed_forms():
     # The MLP's output layer starts at zero, so a = 0: the ODE is dy/dt = f(t)·y, giving
     # log p_ODE(x) = log p_T(m(T)·x) − D·B(T)/2 exactly, and the ELBO integrand is the constant
     # D·f(t), giving ELBO(x) = −D·B(T)/2 + E[log p_T(y_T)]. The gap between them is −D·v(T)/2.
-    config = ToyConfig(dataset="gaussian_mixture", n_likelihood=200, n_samples=200, sample_steps=20,
-                       n_trajectories=10, hidden=8)
+    config = ToyConfig(dataset="gaussian_mixture", net=_net(8),
+                       eval=ToyEvalConfig(n_likelihood=200, n_samples=200, n_steps=20, n_trajectories=10))
     torch.manual_seed(0)
     model = make_toy_model(config)
     metrics, artefacts = evaluate_toy(model, config, torch.Generator().manual_seed(0))
@@ -98,8 +104,8 @@ def test_evaluation_of_the_zero_network_matches_closed_forms():
 
 
 def test_lr_schedule_warms_up_then_decays():
-    config = ToyConfig(steps=1000, warmup_steps=100, final_lr_fraction=0.1)
-    factors = [_lr_factor(step, config) for step in range(1000)]
+    config = toy_train_config(steps=1000, warmup_steps=100, final_lr_fraction=0.1)
+    factors = [config.lr_at(step) / config.lr for step in range(1000)]
     assert factors[0] == pytest.approx(0.01) and factors[99] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[100:], factors[101:]))
     assert factors[-1] == pytest.approx(0.1, abs=1e-4)

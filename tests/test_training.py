@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from sdeflow import checkpoint as ckpt
-from sdeflow import training
+from sdeflow.config import TrainConfig, build_model
+from sdeflow.engine import EMA
+from sdeflow.engine.state import make_generator, step_seed
+from sdeflow.evaluation import evaluate_bpd
+from sdeflow.experiments import images as images_app
+from sdeflow.experiments.images import image_model_config
+from sdeflow.plotting import save_image_grid
 from sdeflow.data import transforms
 
 from training_helpers import single_thread, tiny_config, tiny_images, tiny_model, tiny_train_config
@@ -22,7 +28,7 @@ def _log(run_dir):
 
 def test_ema_averages_parameters_and_copies_buffers():
     model = nn.BatchNorm1d(3)  # has parameters and buffers
-    ema = training.EMA(model, decay=0.9)
+    ema = EMA(model, decay=0.9)
     with torch.no_grad():
         model.weight.fill_(2.0)
         model.running_mean.fill_(5.0)
@@ -34,11 +40,11 @@ def test_ema_averages_parameters_and_copies_buffers():
 
 
 def test_learning_rate_warmup_and_cosine():
-    config = training.TrainConfig(steps=10, batch_size=1, lr=1.0, warmup_steps=4, lr_schedule="cosine")
+    config = TrainConfig(steps=10, batch_size=1, lr=1.0, warmup_steps=4, lr_schedule="cosine")
     assert [config.lr_at(s) for s in range(3)] == [0.25, 0.5, 0.75]
     assert config.lr_at(3) == pytest.approx(1.0)
     assert config.lr_at(9) == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 6)))
-    assert training.TrainConfig(steps=5, batch_size=1, lr=0.3).lr_at(4) == 0.3
+    assert TrainConfig(steps=5, batch_size=1, lr=0.3).lr_at(4) == 0.3
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -48,7 +54,7 @@ def test_learning_rate_warmup_and_cosine():
     ("keep_checkpoints", 0, "keep_checkpoints"), ("lr_schedule", "step", "lr_schedule"),
 ])
 def test_train_config_validation(field, value, match):
-    config = training.TrainConfig(steps=2, batch_size=2)
+    config = TrainConfig(steps=2, batch_size=2)
     setattr(config, field, value)
     with pytest.raises(ValueError, match=match):
         config.validate()
@@ -57,7 +63,7 @@ def test_train_config_validation(field, value, match):
 def test_train_logs_checkpoints_keeps_last_k_and_resumes(tmp_path):
     config, images = tiny_config(), tiny_images()
     run = tmp_path / "run"
-    result = training.train(tiny_model(config), images, run, tiny_train_config(steps=4, keep_checkpoints=1),
+    result = images_app.train_images(tiny_model(config), images, run, tiny_train_config(steps=4, keep_checkpoints=1),
                             config)
     assert result["step"] == 4 and result["skipped"] == 0
     assert [p.name for _, p in ckpt.list_checkpoints(run)] == ["ckpt-00000004.pt"]
@@ -71,8 +77,8 @@ def test_train_logs_checkpoints_keeps_last_k_and_resumes(tmp_path):
     assert state["optimizer"]["state"]  # Adam moments are saved
 
     with pytest.raises(ValueError, match="already holds checkpoints"):
-        training.train(tiny_model(config), images, run, tiny_train_config(steps=6), config)
-    result = training.train(tiny_model(config), images, run, tiny_train_config(steps=6, keep_checkpoints=1),
+        images_app.train_images(tiny_model(config), images, run, tiny_train_config(steps=6), config)
+    result = images_app.train_images(tiny_model(config), images, run, tiny_train_config(steps=6, keep_checkpoints=1),
                             config, resume=True)
     assert result["step"] == 6
     assert [r["step"] for r in _log(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
@@ -82,11 +88,11 @@ def test_train_logs_checkpoints_keeps_last_k_and_resumes(tmp_path):
 def test_resume_refuses_missing_checkpoint_and_other_configuration(tmp_path):
     config, images = tiny_config(), tiny_images()
     with pytest.raises(ValueError, match="no checkpoint to resume"):
-        training.train(tiny_model(config), images, tmp_path / "empty", tiny_train_config(), config, resume=True)
-    training.train(tiny_model(config), images, tmp_path / "run", tiny_train_config(steps=2), config)
+        images_app.train_images(tiny_model(config), images, tmp_path / "empty", tiny_train_config(), config, resume=True)
+    images_app.train_images(tiny_model(config), images, tmp_path / "run", tiny_train_config(steps=2), config)
     other = tiny_config(parameterization="drift")
     with pytest.raises(ckpt.CheckpointError, match="parameterization: checkpoint has 'noise', asked for 'drift'"):
-        training.train(tiny_model(other), images, tmp_path / "run", tiny_train_config(steps=3), other, resume=True)
+        images_app.train_images(tiny_model(other), images, tmp_path / "run", tiny_train_config(steps=3), other, resume=True)
 
 
 def test_loss_options_reach_the_model(tmp_path, monkeypatch):
@@ -100,14 +106,14 @@ def test_loss_options_reach_the_model(tmp_path, monkeypatch):
         return original(x, time_sampling=time_sampling, weighting=weighting, generator=generator)
 
     monkeypatch.setattr(model, "dsm", spy)
-    training.train(model, images, tmp_path / "run", tiny_train_config(
+    images_app.train_images(model, images, tmp_path / "run", tiny_train_config(
         steps=1, time_sampling="uniform", weighting="noise"), config)
     assert seen == [("uniform", "noise", torch.float32, (4, 1, 8, 8))]
 
 
 def test_bf16_autocast_trains(tmp_path):
     config = tiny_config()
-    result = training.train(tiny_model(config), tiny_images(), tmp_path / "run",
+    result = images_app.train_images(tiny_model(config), tiny_images(), tmp_path / "run",
                             tiny_train_config(steps=2, precision="bf16"), config)
     assert result["skipped"] == 0
     assert all(math.isfinite(r["loss"]) for r in _log(tmp_path / "run") if "loss" in r)
@@ -121,29 +127,29 @@ def test_bf16_autocast_trains(tmp_path):
 def test_bad_images_refused(tmp_path, images, match):
     config = tiny_config()
     with pytest.raises(ValueError, match=match):
-        training.train(tiny_model(config), images, tmp_path / "run", tiny_train_config(), config)
+        images_app.train_images(tiny_model(config), images, tmp_path / "run", tiny_train_config(), config)
     with pytest.raises(ValueError, match=match):
-        training.evaluate_bpd(tiny_model(config), images, config)
+        evaluate_bpd(tiny_model(config), images, config)
 
 
 def test_batch_larger_than_data_refused(tmp_path):
     config = tiny_config()
     with pytest.raises(ValueError, match="larger than the data set"):
-        training.train(tiny_model(config), tiny_images(3), tmp_path / "run", tiny_train_config(), config)
+        images_app.train_images(tiny_model(config), tiny_images(3), tmp_path / "run", tiny_train_config(), config)
 
 
 def test_evaluate_bpd_is_the_mean_of_per_image_bits_per_dim():
     config = tiny_config()
     model = tiny_model(config).eval()
     images = tiny_images(10)
-    result = training.evaluate_bpd(model, images, config, batch_size=4, time_sampling="importance", seed=5)
+    result = evaluate_bpd(model, images, config, batch_size=4, time_sampling="importance", seed=5)
     per_image = result["bpd_per_image"]
     assert result["n_images"] == 10 and per_image.shape == (10,)
     assert result["bpd"] == pytest.approx(float(per_image.mean()), rel=1e-12)
     assert result["bpd_se"] == pytest.approx(float(per_image.std() / math.sqrt(10)), rel=1e-12)
     # The first batch again, by hand, with the same generator: the same numbers.
-    gen = training._generator(torch.device("cpu"), training._step_seed(5, 0, 0, stream=3))
-    batch = training.preprocess(images[:4], config["data"], gen)
+    gen = make_generator(torch.device("cpu"), step_seed(5, 0, 0, stream=3))
+    batch = images_app.preprocess(images[:4], config["data"], gen)
     elbo = model.elbo(batch.y, time_sampling="importance", generator=gen)
     by_hand = transforms.bits_per_dim(elbo.detach().double(), batch.logdet.double(), 64)
     assert torch.allclose(per_image[:4], by_hand, rtol=1e-10)
@@ -153,21 +159,21 @@ def test_evaluate_bpd_reproducible_fitted_default_and_ode_nfe():
     config = tiny_config()
     model = tiny_model(config)
     images = tiny_images(6)
-    first = training.evaluate_bpd(model, images, config, batch_size=3, seed=2)
-    again = training.evaluate_bpd(model, images, config, batch_size=3, seed=2)
-    other = training.evaluate_bpd(model, images, config, batch_size=3, seed=3)
+    first = evaluate_bpd(model, images, config, batch_size=3, seed=2)
+    again = evaluate_bpd(model, images, config, batch_size=3, seed=2)
+    other = evaluate_bpd(model, images, config, batch_size=3, seed=3)
     assert first["bpd"] == again["bpd"] and first["bpd_se"] == again["bpd_se"]
     assert first["bpd"] != other["bpd"]
     assert model.time_proposal is not None  # the default fits a proposal on a pilot batch
-    ode = training.evaluate_bpd(model, images[:2], config, batch_size=2, ode=True, rtol=1e-3, atol=1e-3)
+    ode = evaluate_bpd(model, images[:2], config, batch_size=2, ode=True, rtol=1e-3, atol=1e-3)
     assert ode["nfe"] > 0 and math.isfinite(ode["bpd"])
 
 
 def test_sample_images_deterministic_and_grid_written(tmp_path):
     config = tiny_config()
     model = tiny_model(config)
-    a = training.sample_images(model, config, 5, n_steps=4, seed=1)
-    b = training.sample_images(model, config, 5, n_steps=4, seed=1)
+    a = images_app.sample_images(model, config, 5, n_steps=4, seed=1)
+    b = images_app.sample_images(model, config, 5, n_steps=4, seed=1)
     assert a.dtype == torch.uint8 and a.shape == (5, 1, 8, 8) and torch.equal(a, b)
-    path = training.save_image_grid(a, tmp_path / "grid.png", title="test")
+    path = save_image_grid(a, tmp_path / "grid.png", title="test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

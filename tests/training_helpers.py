@@ -12,8 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sdeflow.config import TrainConfig, build_model
+from sdeflow.engine import EMA, Hook
+from sdeflow.engine.state import make_generator, step_seed
+from sdeflow.evaluation import evaluate_bpd
+from sdeflow.experiments import images as images_app
+from sdeflow.experiments.images import image_model_config
+from sdeflow.plotting import save_image_grid
 
-from sdeflow import training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,12 +52,12 @@ def single_thread():
 def tiny_config(**kwargs) -> dict:
     kwargs.setdefault("in_channels", 1)
     kwargs.setdefault("image_size", 8)
-    return training.default_model_config("toy", "small", net_overrides=TINY_NET, **kwargs)
+    return image_model_config("toy", "small", net_overrides=TINY_NET, **kwargs)
 
 
 def tiny_model(config: dict | None = None, seed: int = 0):
     torch.manual_seed(seed)
-    return training.build_model(config or tiny_config())
+    return build_model(config or tiny_config())
 
 
 def tiny_images(n: int = 24, channels: int = 1, size: int = 8, seed: int = 0) -> torch.Tensor:
@@ -63,10 +69,20 @@ def tiny_images(n: int = 24, channels: int = 1, size: int = 8, seed: int = 0) ->
     return (base + noise).clamp(0, 255).to(torch.uint8).expand(n, channels, size, size).contiguous()
 
 
-def tiny_train_config(**kwargs) -> training.TrainConfig:
-    defaults = dict(steps=4, batch_size=4, checkpoint_every=2, log_every=1, progress=False, seed=1)
+class OnRecord(Hook):
+    """A logging hook that hands every record to ``fn`` (as a user's own hook would)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_record(self, trainer, record):
+        self.fn(record)
+
+
+def tiny_train_config(**kwargs) -> TrainConfig:
+    defaults = dict(steps=4, batch_size=4, checkpoint_every=2, log_every=1, seed=1)
     defaults.update(kwargs)
-    return training.TrainConfig(**defaults)
+    return TrainConfig(**defaults)
 
 
 def write_cifar_batches(root: Path, n_train: int = 16, n_test: int = 8, seed: int = 0) -> Path:
@@ -119,14 +135,14 @@ def distributed_worker(rank: int, world: int, init_file: str, run_dir: str, out_
         config = tiny_config()
         report = {}
         try:
-            training.train(tiny_model(config), tiny_images(), run_dir, tiny_train_config(batch_size=5), config)
+            images_app.train_images(tiny_model(config), tiny_images(), run_dir, tiny_train_config(batch_size=5), config)
         except ValueError as err:
             report["indivisible"] = str(err)
         model = tiny_model(config)
-        result = training.train(model, tiny_images(), run_dir,
+        result = images_app.train_images(model, tiny_images(), run_dir,
                                 tiny_train_config(steps=3, checkpoint_every=3, batch_size=4), config)
         report["step"] = result["step"]
-        evaluation = training.evaluate_bpd(model, tiny_images(8), config, batch_size=2, seed=4)
+        evaluation = evaluate_bpd(model, tiny_images(8), config, batch_size=2, seed=4)
         report["bpd_per_image"] = evaluation["bpd_per_image"]
         report["n_images"] = evaluation["n_images"]
         report["params"] = {k: v.detach().clone() for k, v in model.state_dict().items()}

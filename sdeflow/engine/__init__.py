@@ -1,12 +1,24 @@
 """The engine under every application: one training loop (:func:`fit`), its hooks, state and
-distributed helpers. See :mod:`sdeflow.engine.loop` for what a run writes and guarantees."""
+distributed helpers. See :mod:`sdeflow.engine.loop` for what a run writes and guarantees.
 
-from .batches import DatasetBatches, StreamBatches
-from .distributed import init_distributed, world_info
-from .ema import EMA
-from .hooks import HOOKS, ElboMonitor, Hook, JSONLLog, ProgressBar, SampleFigures, TimeBudget, make_hook, register_hook
-from .loop import DSMObjective, NonFiniteError, Trainer, TrainingError, TrainingInterrupted, fit
+Names are loaded on first use, so that code that only needs :mod:`sdeflow.engine.distributed` or
+:mod:`sdeflow.engine.state` (evaluation, ``sdeflow eval``) never imports the training loop.
+"""
 
-__all__ = ["fit", "Trainer", "DSMObjective", "TrainingError", "NonFiniteError", "TrainingInterrupted", "EMA",
-           "DatasetBatches", "StreamBatches", "Hook", "JSONLLog", "ProgressBar", "SampleFigures", "ElboMonitor",
-           "TimeBudget", "HOOKS", "register_hook", "make_hook", "init_distributed", "world_info"]
+import importlib
+
+_WHERE = {
+    "fit": "loop", "Trainer": "loop", "DSMObjective": "loop", "TrainingError": "errors", "NonFiniteError": "errors",
+    "TrainingInterrupted": "errors", "EMA": "ema", "DatasetBatches": "batches", "StreamBatches": "batches",
+    "Hook": "hooks", "JSONLLog": "hooks", "ProgressBar": "hooks", "SampleFigures": "hooks", "ElboMonitor": "hooks",
+    "TimeBudget": "hooks", "HOOKS": "hooks", "register_hook": "hooks", "make_hook": "hooks",
+    "init_distributed": "distributed", "world_info": "distributed",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,27 +37,10 @@ from ..config import TrainConfig
 from .distributed import all_gather_objects, all_reduce, world_info
 from .ema import EMA
 from .hooks import Hook, TimeBudget
+from .errors import NonFiniteError, TrainingError, TrainingInterrupted
 from .state import make_generator, rng_state, seed_everything, set_rng_state, step_seed
 
 __all__ = ["fit", "Trainer", "TrainingError", "NonFiniteError", "TrainingInterrupted", "DSMObjective"]
-
-
-class TrainingError(RuntimeError):
-    """Training stopped for a reason the user must act on (message says what happened)."""
-
-
-class NonFiniteError(TrainingError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-class TrainingInterrupted(TrainingError):
-    """SIGTERM / SIGINT received: a checkpoint of the current step was written."""
-
-    def __init__(self, signum: int, step: int, checkpoint):
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        name = signal.Signals(signum).name
-        super().__init__(f"received {name} at step {step}: checkpoint written to {checkpoint}; "
-                         f"resume the run to continue")
 
 
 class DSMObjective(nn.Module):

@@ -16,7 +16,6 @@ import torch
 from .. import checkpoint as ckpt
 from ..config import TrainConfig, build_model, model_config
 from ..data.transforms import TRANSFORMS, Preprocess
-from ..engine import DatasetBatches, JSONLLog, SampleFigures, fit
 from ..engine.state import make_generator
 from ..utils import check_choice, check_positive_int
 
@@ -153,6 +152,7 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
     the step's generator. Writes ``metrics.jsonl`` (:class:`~sdeflow.engine.JSONLLog`), checkpoints
     and, every ``config.sample_every`` steps, ``samples-<step>.png`` grids of EMA samples, plus
     whatever ``hooks`` do. Returns what :func:`~sdeflow.engine.fit` returns."""
+    from ..engine import DatasetBatches, JSONLLog, SampleFigures, fit
     from ..plotting import save_image_grid
 
     config.validate()

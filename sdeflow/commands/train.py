@@ -1,0 +1,135 @@
+"""``sdeflow train``: train a U-Net diffusion model on an image data set of the registry.
+
+Only parses arguments and calls :func:`sdeflow.experiments.images.train_images`. Every training
+setting is a flag built from :class:`sdeflow.config.TrainConfig`; the SDE and its parameters from
+:data:`sdeflow.sdes.SDES`; the data sets from :data:`sdeflow.data.DATASETS`. Under ``torchrun`` the
+same command runs data-parallel (``--batch-size`` is global).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..cli import (CLIError, add_config_arguments, add_sde_arguments, config_from_args, device, int_list, number,
+                   positive_int, sde_from_args)
+
+#: Flags kept from earlier releases of this command.
+ALIASES = {"warmup_steps": ["--warmup"], "keep_checkpoints": ["--keep"], "sample_n_samples": ["--sample-n"],
+           "sample_n_steps": ["--sample-steps"]}
+
+
+def image_datasets() -> tuple[str, ...]:
+    from ..data import DATASETS
+
+    return tuple(name for name, entry in DATASETS.items() if entry.kind == "image")
+
+
+def add_data_arguments(parser, split_default: str | None = None) -> None:
+    """--dataset (image sets of the registry), --data-root, --download and, if given a default, --split."""
+    from ..data import DATASETS
+
+    names = image_datasets()
+    parser.add_argument("--dataset", choices=names, required=True,
+                        help="image data set: " + ", ".join(f"{n} ({DATASETS[n].description})" for n in names))
+    parser.add_argument("--data-root", required=True, metavar="DIR",
+                        help="folder holding the data set's files (cifar-10-batches-py/ for CIFAR-10)")
+    parser.add_argument("--download", action="store_true",
+                        help="fetch the official archive into --data-root if missing, verify its MD5, unpack it")
+    if split_default is not None:
+        parser.add_argument("--split", choices=("train", "test"), default=split_default,
+                            help=f"which part of the data set to use (default: {split_default})")
+
+
+def load_images(args, split: str):
+    """The uint8 images of ``args.dataset`` (split ``split``) from ``args.data_root``."""
+    from ..data import get_dataset
+
+    root = Path(args.data_root)
+    if not args.download and not root.is_dir():
+        raise CLIError(f"--data-root {root} is not a directory (pass --download to fetch the data set there)")
+    return get_dataset(args.dataset).load(root, split, download=args.download)
+
+
+def register(subparsers) -> None:
+    from ..config import TrainConfig
+    from ..engine import HOOKS
+    from ..nets.unet import PRESETS
+
+    p = subparsers.add_parser(
+        "train", help="train a U-Net diffusion model on an image data set",
+        description="Train a U-Net by denoising score matching. Checkpoints, metrics.jsonl and sample grids "
+                    "go to --out; --resume continues from its newest checkpoint. Runs data-parallel under "
+                    "torchrun (--batch-size is global and must divide across processes).")
+    add_data_arguments(p)
+    p.add_argument("--out", required=True, metavar="RUN", help="run directory for checkpoints, metrics.jsonl and grids")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--device", type=device, default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.add_argument("--hook", action="append", default=[], choices=tuple(HOOKS), metavar="NAME",
+                   help=f"extra logging hook from sdeflow.engine.HOOKS ({', '.join(HOOKS)}); repeatable")
+    net = p.add_argument_group("network (sdeflow.nets.unet)")
+    net.add_argument("--preset", choices=tuple(PRESETS), default="small",
+                     help="U-Net size: small (1.6 M parameters, CPU), cifar10 (35.7 M, DDPM), mnist (default: small)")
+    net.add_argument("--base-channels", type=positive_int, help="override the preset's base channel count")
+    net.add_argument("--channel-mult", type=int_list, metavar="M1,M2,...",
+                     help="override the preset's channel multipliers, one per resolution level")
+    net.add_argument("--num-res-blocks", type=positive_int, help="override residual blocks per level")
+    net.add_argument("--attn-resolutions", type=lambda s: [] if s == "none" else int_list(s), metavar="R1,...|none",
+                     help="override the resolutions with self-attention ('none' for none)")
+    net.add_argument("--dropout", type=number(0, 1, high_open=True), help="override the dropout probability")
+    add_sde_arguments(p)
+    model = p.add_argument_group("model")
+    model.add_argument("--parameterization", choices=("drift", "score", "noise"), default="noise",
+                       help="what the network predicts: the drift a, the score s, or the noise ε (default: noise)")
+    model.add_argument("--transform", choices=("logit", "centered", "identity"), default="logit",
+                       help="map from dequantised pixels x in [0,1] to model space: logit(0.05 + 0.9x) (default, "
+                            "as sdeflow-light), centered 2x-1, or identity")
+    add_config_arguments(p, TrainConfig, {f.name: f.default for f in __import__("dataclasses").fields(TrainConfig)},
+                         aliases=ALIASES, required=("steps", "batch_size"))
+    p.set_defaults(func=run_train)
+
+
+def _model_config(args) -> dict:
+    from ..data import get_dataset
+    from ..experiments.images import image_model_config
+
+    channels, size, _ = get_dataset(args.dataset).shape
+    overrides = {key: getattr(args, key) for key in ("base_channels", "channel_mult", "num_res_blocks",
+                                                     "attn_resolutions", "dropout")
+                 if getattr(args, key) is not None}
+    return image_model_config(args.dataset, args.preset, in_channels=channels, image_size=size,
+                              net_overrides=overrides, sde=sde_from_args(args),
+                              parameterization=args.parameterization, transform=args.transform)
+
+
+def run_train(args) -> int:
+    import torch
+
+    from .. import checkpoint as ckpt
+    from ..config import TrainConfig, build_model
+    from ..engine import ProgressBar, init_distributed, make_hook
+    from ..experiments.images import train_images
+
+    model_config = _model_config(args)
+    config = config_from_args(TrainConfig, args, grad_clip=args.grad_clip or None)
+    rank, world, dev = init_distributed(args.device)
+    if args.batch_size % world:
+        raise CLIError(f"--batch-size {args.batch_size} does not divide across {world} processes; "
+                       f"use a multiple of {world}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
+    if not args.resume and ckpt.latest_checkpoint(out) is not None:
+        raise CLIError(f"--out {out} already holds checkpoints; pass --resume to continue that run "
+                       f"or choose another directory")
+    if args.resume and ckpt.latest_checkpoint(out) is None:
+        raise CLIError(f"--resume: no checkpoint in {out}; start without --resume")
+    images = load_images(args, "train")
+    torch.manual_seed(args.seed)  # initial weights; every later random choice has its own seeded generator
+    model = build_model(model_config)
+    hooks = [make_hook(name) for name in args.hook] + ([ProgressBar()] if args.progress else [])
+    result = train_images(model, images, out, config, model_config, resume=args.resume, device=dev, hooks=hooks)
+    if rank == 0:
+        print(f"trained to step {result['step']} in {result['seconds']:.1f} s "
+              f"({result['skipped']} skipped steps); checkpoint: {result['checkpoint']}")
+    return 0
