@@ -100,51 +100,71 @@ def plot_samples(data: torch.Tensor, samples: dict, metrics: dict, path: str, ti
     save_figure(fig, path, dpi=130, bbox_inches="tight")
 
 
+def _snapshot_row(spec, trajectory, times, data, lims, cmap, fractions=(1.0, 0.5, 0.2, 0.05, 0.0)):
+    """A row of small panels under ``spec``: all N particles at t ≈ f·T for each f in ``fractions``,
+    coloured like the paths at that time, over the faint data cloud, with the limits ``lims``."""
+    t_max, t_min = float(times.max()), float(times.min())
+    axes = spec.subgridspec(1, len(fractions), wspace=0.06).subplots()
+    for ax, f in zip(axes, fractions):
+        k = int(torch.argmin((times - f * t_max).abs()))
+        ax.scatter(data[:, 0], data[:, 1], s=0.5, color="0.6", alpha=0.3, linewidths=0, rasterized=True)
+        colour = cmap((float(times[k]) - t_min) / max(t_max - t_min, 1e-12))
+        ax.scatter(trajectory[k, :, 0], trajectory[k, :, 1], s=3, color=colour, edgecolors="none", rasterized=True)
+        ax.set(xlim=lims[0], ylim=lims[1], aspect="equal", xticks=[], yticks=[])
+        ax.set_title(f"t = {float(times[k]):.3g}" + (" (prior)" if f == 1 else " (data)" if f == 0 else ""),
+                     fontsize=8)
+    axes[0].set_ylabel(f"all {trajectory.shape[1]}\nparticles", fontsize=8)
+
+
 def plot_trajectories(trajectory: torch.Tensor, times: torch.Tensor, data: torch.Tensor, lmbd: float,
                       path: str, title: str) -> None:
     """Particle paths (n_steps + 1, N, 2) from the prior (t = T) to the data (t = 0), each segment
-    coloured by its time, under a faint cloud of data; as Figure 5 of Song et al. (2021)."""
+    coloured by its time, under a faint cloud of data (as Figure 5 of Song et al., 2021); below them,
+    snapshots of all N particles at t = T, T/2, T/5, T/20 and 0 with the same limits."""
     plt = _pyplot()
     from matplotlib.collections import LineCollection
 
-    # Stochastic paths (λ < 1) criss-cross, so fewer of them are drawn, on a coarser time grid:
-    # 45 paths of 50 segments for λ < 1, 150 smooth paths of 100 segments for the ODE (λ = 1).
+    # Stochastic paths (λ < 1) criss-cross, so only a few are followed, on a thinned time grid:
+    # 12 paths of 24 segments for λ < 1, 150 smooth paths of 100 segments for the ODE (λ = 1).
     lmbd = float(lmbd)
     stochastic = lmbd < 1
-    n = max(1, min(trajectory.shape[1], 45 if stochastic else 150))
-    trajectory = trajectory[:, :n]
+    trajectory, times, data = trajectory.detach().cpu().float(), times.detach().cpu().float(), data.cpu()
+    n = max(1, min(trajectory.shape[1], 12 if stochastic else 150))
     steps = trajectory.shape[0]
-    stride = max(1, (steps - 1) // (50 if stochastic else 100))
-    index = torch.arange(0, steps, stride)
-    if index[-1] != steps - 1:
-        index = torch.cat([index, torch.tensor([steps - 1])])
-    path_points = trajectory[index].numpy()
+    index = torch.linspace(0, steps - 1, min(steps, 25 if stochastic else 101)).round().long().unique()
+    path_points = trajectory[index, :n].numpy()
     segment_times = times[index][:-1].numpy()
     segments = [path_points[i:i + 2, j] for j in range(n) for i in range(len(index) - 1)]
     colours = [segment_times[i] for j in range(n) for i in range(len(index) - 1)]
-    fig, ax = plt.subplots(figsize=(6.2, 5.4))
-    lines = LineCollection(segments, cmap="viridis", linewidths=0.6, alpha=0.75, rasterized=True, zorder=1)
+    fig = plt.figure(figsize=(8.5, 8.6))
+    top, bottom = fig.add_gridspec(2, 1, height_ratios=[3.4, 1], hspace=0.18)
+    ax = fig.add_subplot(top)
+    cmap = plt.get_cmap("viridis")
+    # Stochastic paths thicken as t -> 0, so the late, data-seeking moves stand out from the early noise.
+    widths = [0.5 + 1.7 * (1 - (t - times.min()) / (times.max() - times.min() + 1e-12)) for t in colours]
+    lines = LineCollection(segments, cmap=cmap, linewidths=widths if stochastic else 0.6,
+                           alpha=0.8 if stochastic else 0.75, rasterized=True, zorder=2)
     lines.set_array(colours)
     lines.set_clim(float(times.min()), float(times.max()))
     ax.add_collection(lines)
-    # The data on top of the paths, faint, so that where the paths end can be compared with it.
-    ax.scatter(data[:, 0], data[:, 1], s=0.6, color="0.35", alpha=0.35, rasterized=True, linewidths=0,
-               label="data", zorder=2)
-    ax.scatter(path_points[0, :, 0], path_points[0, :, 1], s=3, color="gold", edgecolors="none",
+    ax.scatter(data[:, 0], data[:, 1], s=0.6, color="0.45", alpha=0.3, rasterized=True, linewidths=0,
+               label="data", zorder=1)
+    big = 45 if stochastic else 6
+    ax.scatter(path_points[0, :, 0], path_points[0, :, 1], s=big, marker="o", color="gold",
+               edgecolors="black" if stochastic else "none", linewidths=0.7,
                label="start: prior sample (t = T)", zorder=3)
-    ax.scatter(path_points[-1, :, 0], path_points[-1, :, 1], s=3, color="crimson", edgecolors="none",
-               label="end: generated point (t = 0)", zorder=4)
-    xlim, ylim = _limits(data, trajectory[0], quantile=0.98)
-    ax.set_xlim(xlim)
-    ax.set_ylim(ylim)
-    ax.set_aspect("equal")
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
-    kind = {0.0: "reverse SDE", 1.0: "probability-flow ODE"}.get(float(lmbd), "λ-process")
-    ax.set_title(f"{title}\nλ = {lmbd_key(lmbd)} ({kind}), {n} particles", fontsize=10)
+    ax.scatter(path_points[-1, :, 0], path_points[-1, :, 1], s=big * (1.6 if stochastic else 1),
+               marker="*" if stochastic else "o", color="crimson", edgecolors="black" if stochastic else "none",
+               linewidths=0.7, label="end: generated point (t = 0)", zorder=4)
+    lims = _limits(data, trajectory[0], quantile=0.98)
+    ax.set(xlim=lims[0], ylim=lims[1], aspect="equal", xlabel="$x_1$", ylabel="$x_2$")
+    kind = {0.0: "reverse SDE", 1.0: "probability-flow ODE"}.get(lmbd, "λ-process")
+    grid = f", {len(index)} time points" if stochastic else ""
+    ax.set_title(f"{title}\nλ = {lmbd_key(lmbd)} ({kind}), {n} of {trajectory.shape[1]} particles{grid}",
+                 fontsize=10)
     fig.colorbar(lines, ax=ax, label="time t (T = prior, 0 = data)", fraction=0.046, pad=0.03)
-    ax.legend(loc="upper right", fontsize=7, markerscale=3, framealpha=0.8)
-    fig.tight_layout()
+    ax.legend(loc="upper right", fontsize=7, markerscale=1 if stochastic else 3, framealpha=0.8)
+    _snapshot_row(bottom, trajectory, times, data, lims, cmap)
     save_figure(fig, path, dpi=130, bbox_inches="tight")
 
 
