@@ -24,7 +24,8 @@ from torchdiffeq import odeint
 from . import divergence as _div
 from .sdes import SDE
 from .time_sampling import FittedTime, ImportanceTime, TimeProposal, UniformTime
-from .utils import append_dims, as_time, check_choice, check_finite, check_positive_int, sum_except_batch
+from .utils import (append_dims, as_time, check_choice, check_finite, check_new_name, check_positive_int,
+                    sum_except_batch)
 
 __all__ = ["PluginReverseSDE", "PARAMETERIZATIONS", "TIME_SAMPLINGS", "WEIGHTINGS", "register_weighting",
            "noise_weighting", "likelihood_weighting"]
@@ -55,7 +56,8 @@ MIN_STD = 1e-5
 
 # ---- loss weightings -----------------------------------------------------------------------------
 def noise_weighting(sde: SDE, t: torch.Tensor) -> torch.Tensor:
-    r""":math:`\lambda(t) = 1`: the DDPM ε-loss :math:`\tfrac12\|std\cdot s + \varepsilon\|^2` unweighted. (B,) -> (B,)."""
+    r""":math:`\lambda(t) = 1`: the DDPM ε-loss :math:`\tfrac12\|std\cdot s + \varepsilon\|^2` unweighted.
+    (B,) -> (B,)."""
     return torch.ones_like(t)
 
 
@@ -81,10 +83,7 @@ def register_weighting(name: str, fn: Callable[[SDE, torch.Tensor], torch.Tensor
     """Add the loss weighting ``fn(sde, t) -> λ(t)`` (times (B,) -> weights (B,), positive) to
     :data:`WEIGHTINGS` under ``name`` and return it. ValueError if ``name`` is taken or ``fn`` is
     not callable."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string; got {name!r}")
-    if name in WEIGHTINGS:
-        raise ValueError(f"name {name!r} is already a registered weighting; registered: {', '.join(WEIGHTINGS)}")
+    check_new_name(name, WEIGHTINGS, "weighting")
     if not callable(fn):
         raise ValueError(f"fn must be a callable fn(sde, t) -> weights; got {fn!r}")
     WEIGHTINGS[name] = fn

@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from .utils import append_dims, check_positive_float, sum_except_batch
+from .utils import append_dims, check_new_name, check_positive_float, sum_except_batch
 
 __all__ = ["SDE", "VPSDE", "VESDE", "SubVPSDE", "SDES", "register_sde", "make_sde", "sde_parameters",
            "sde_config"]
@@ -291,11 +291,7 @@ def register_sde(name: str, cls: type) -> type:
     each with a default and each stored as an attribute of the same name. ValueError if ``name`` is
     taken or ``cls`` is not such a class.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string; got {name!r}")
-    if name in SDES:
-        raise ValueError(f"name {name!r} is already registered (to {SDES[name].__name__}); "
-                         f"registered SDEs: {', '.join(SDES)}")
+    check_new_name(name, SDES, "forward SDE")
     if not (isinstance(cls, type) and issubclass(cls, SDE)) or inspect.isabstract(cls):
         raise ValueError(f"cls must be a concrete subclass of sdeflow.SDE; got {cls!r}")
     required = [p for p, default in _init_parameters(cls).items() if default is inspect.Parameter.empty]

@@ -32,6 +32,18 @@ def check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {allowed_text}; got {value!r}")
 
 
+def check_new_name(name, registry, what: str) -> str:
+    """Return ``name`` if it can key a new entry of ``registry`` (a non-empty string without
+    surrounding spaces, not taken yet); otherwise raise ``ValueError`` naming the argument and, for a
+    taken name, listing the registered ones. ``what`` says what the registry holds ("SDE", "net")."""
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ValueError(f"name must be a non-empty string without surrounding spaces; got {name!r}")
+    if name in registry:
+        raise ValueError(f"a {what} named {name!r} is already registered; choose another name "
+                         f"(registered: {', '.join(registry)})")
+    return name
+
+
 def _as_real(value) -> float | None:
     # A real number (Python, numpy or a 0-d tensor) as a float; None for bools, strings and the rest.
     if isinstance(value, (bool, str, bytes)):

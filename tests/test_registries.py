@@ -111,8 +111,10 @@ def test_built_in_sdes_round_trip_through_their_config(name):
 
 
 def test_sde_registry_refuses_duplicates_bad_classes_and_bad_parameters():
-    with pytest.raises(ValueError, match="name 'vp' is already registered"):
+    with pytest.raises(ValueError, match="a forward SDE named 'vp' is already registered; choose another name"):
         register_sde("vp", ConstantVPSDE)
+    with pytest.raises(ValueError, match="name must be a non-empty string without surrounding spaces"):
+        register_sde(" constant_vp", ConstantVPSDE)
     with pytest.raises(ValueError, match="cls must be a concrete subclass of sdeflow.SDE"):
         register_sde("dict", dict)
     with pytest.raises(ValueError, match="cls must be a concrete subclass"):
@@ -170,7 +172,7 @@ def test_likelihood_weighting_is_its_documented_formula():
 
 
 def test_data_and_weighting_registries_refuse_duplicates_and_bad_names():
-    with pytest.raises(ValueError, match="dataset name 'moons' is already registered"):
+    with pytest.raises(ValueError, match="a dataset named 'moons' is already registered"):
         register_dataset(Dataset("moons", "toy", (2,), "again", sample=_ring))
     with pytest.raises(ValueError, match="dataset must be an sdeflow.data.Dataset"):
         register_dataset({"name": "ring"})
@@ -185,7 +187,7 @@ def test_data_and_weighting_registries_refuse_duplicates_and_bad_names():
     with pytest.raises(ValueError, match="dataset must be one of .*'moons'.*got 'cifar10'"):
         sample_toy("cifar10", 4)  # an image set is not a toy set
 
-    with pytest.raises(ValueError, match="name 'noise' is already a registered weighting"):
+    with pytest.raises(ValueError, match="a weighting named 'noise' is already registered"):
         register_weighting("noise", lambda sde, t: torch.ones_like(t))
     with pytest.raises(ValueError, match="fn must be a callable"):
         register_weighting("constant", 1.0)
@@ -211,7 +213,7 @@ def test_net_registry():
     unet = make_net("unet", preset="small", in_channels=1, image_size=8, channel_mult=[1, 2])
     assert unet(torch.zeros(2, 1, 8, 8), torch.rand(2)).shape == (2, 1, 8, 8)
 
-    with pytest.raises(ValueError, match="name 'mlp' is already a registered net"):
+    with pytest.raises(ValueError, match="a net named 'mlp' is already registered"):
         register_net("mlp", Linear)
     with pytest.raises(ValueError, match="builder must be callable"):
         register_net("nothing", None)

@@ -17,7 +17,7 @@ import torch
 
 from . import images as _images
 from . import toy as _toy
-from ..utils import check_positive_int
+from ..utils import check_new_name, check_positive_int
 
 __all__ = ["Dataset", "DATASETS", "KINDS", "register_dataset", "get_dataset"]
 
@@ -70,8 +70,7 @@ def register_dataset(dataset: Dataset) -> Dataset:
     name is taken or ``dataset`` is not a :class:`Dataset`."""
     if not isinstance(dataset, Dataset):
         raise ValueError(f"dataset must be an sdeflow.data.Dataset; got {type(dataset).__name__}")
-    if dataset.name in DATASETS:
-        raise ValueError(f"dataset name {dataset.name!r} is already registered; registered: {', '.join(DATASETS)}")
+    check_new_name(dataset.name, DATASETS, "dataset")
     DATASETS[dataset.name] = dataset
     return dataset
 

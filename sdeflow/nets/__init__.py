@@ -12,6 +12,7 @@ from typing import Callable
 
 from torch import nn
 
+from ..utils import check_new_name
 from .mlp import MLP
 from .unet import make_unet
 
@@ -25,10 +26,7 @@ NETS: dict[str, Callable[..., nn.Module]] = {"unet": make_unet, "mlp": MLP}
 def register_net(name: str, builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Add ``builder(**params) -> nn.Module`` (a class or a function) to :data:`NETS` under ``name``
     and return it. ValueError if ``name`` is taken or ``builder`` is not callable."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string; got {name!r}")
-    if name in NETS:
-        raise ValueError(f"name {name!r} is already a registered net; registered: {', '.join(NETS)}")
+    check_new_name(name, NETS, "net")
     if not callable(builder):
         raise ValueError(f"builder must be callable (a class or a function); got {builder!r}")
     NETS[name] = builder
