@@ -1,7 +1,7 @@
 """Held-out CIFAR-10 bits/dim after a fixed wall-clock training budget (issue 4).
 
 Trains the ``small`` U-Net preset for ``--budget-min`` minutes (default 12) on the shared subset
-``/work/shared/data/cifar10-subset`` (4,660 real CIFAR-10 training images), holding one batch file
+``../shared/data/cifar10-subset`` (beside the repository) (4,660 real CIFAR-10 training images), holding one batch file
 out (``data_batch_5``, 932 images), then reports the held-out bits/dim ± standard error with the
 library's default estimator (ELBO, time proposal fitted on a pilot batch, EMA weights).
 
@@ -36,7 +36,9 @@ from pathlib import Path
 
 import torch
 
-from sdeflow import training
+from sdeflow.config import TrainConfig, build_model
+from sdeflow.evaluation import evaluate_bpd
+from sdeflow.experiments.images import image_model_config, load_model, train_images
 from sdeflow.data.images import load_cifar10
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-subset"
@@ -67,25 +69,25 @@ def main(argv=None) -> None:
 
     images = load_cifar10(args.data_root, "train")
     per_file = images.shape[0] // 5
-    train_images, held_out = images[:-per_file], images[-per_file:]
+    train_set, held_out = images[:-per_file], images[-per_file:]
     if args.eval_limit:
         held_out = held_out[:args.eval_limit]
-    print(f"data: {train_images.shape[0]} training images, {held_out.shape[0]} held out (data_batch_5); "
+    print(f"data: {train_set.shape[0]} training images, {held_out.shape[0]} held out (data_batch_5); "
           f"device {args.device}, torch threads {torch.get_num_threads()}")
 
-    model_config = training.default_model_config("cifar10", "small", parameterization=args.parameterization)
+    model_config = image_model_config("cifar10", "small", parameterization=args.parameterization)
     budget_s = args.budget_min * 60.0
 
     # Calibration: seconds per step on this machine now, to fit the cosine schedule to the budget.
     with tempfile.TemporaryDirectory() as scratch:
         torch.manual_seed(args.seed)
-        probe = training.build_model(model_config)
-        calib = training.TrainConfig(steps=6, batch_size=args.batch_size, progress=False, checkpoint_every=10**6,
-                                     log_every=10**6, seed=args.seed, precision=args.precision)
-        training.train(probe, train_images, Path(scratch) / "run", calib, model_config, device=args.device)
+        probe = build_model(model_config)
+        calib = TrainConfig(steps=6, batch_size=args.batch_size, checkpoint_every=10**6,
+                            log_every=10**6, seed=args.seed, precision=args.precision)
+        train_images(probe, train_set, Path(scratch) / "run", calib, model_config, device=args.device)
         started = time.perf_counter()
         calib.steps = 12
-        training.train(probe, train_images, Path(scratch) / "run", calib, model_config, device=args.device,
+        train_images(probe, train_set, Path(scratch) / "run", calib, model_config, device=args.device,
                        resume=True)
         seconds_per_step = (time.perf_counter() - started) / 6
     planned_steps = max(50, int(budget_s / seconds_per_step))
@@ -95,25 +97,25 @@ def main(argv=None) -> None:
     if out.exists():
         shutil.rmtree(out)
     torch.manual_seed(args.seed)
-    model = training.build_model(model_config)
-    config = training.TrainConfig(
+    model = build_model(model_config)
+    config = TrainConfig(
         steps=planned_steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(100, planned_steps // 10),
         lr_schedule="cosine", grad_clip=1.0, ema_decay=args.ema_decay, time_sampling="importance",
         weighting="likelihood", checkpoint_every=max(1, planned_steps // 4), keep_checkpoints=1, log_every=25,
-        sample_every=0, seed=args.seed, progress=False, max_seconds=budget_s, precision=args.precision)
-    result = training.train(model, train_images, out, config, model_config, device=args.device)
+        sample_every=0, seed=args.seed, max_seconds=budget_s, precision=args.precision)
+    result = train_images(model, train_set, out, config, model_config, device=args.device)
     print(f"trained {result['step']} steps in {result['seconds'] / 60:.1f} min "
           f"({result['seconds'] / max(result['step'], 1):.3f} s/step, {result['skipped']} skipped)")
 
-    ema_model, _, _ = training.load_model(result["checkpoint"], use_ema=True, device=args.device)
-    evaluation = training.evaluate_bpd(ema_model, held_out, model_config, batch_size=args.eval_batch_size,
+    ema_model, _, _ = load_model(result["checkpoint"], use_ema=True, device=args.device)
+    evaluation = evaluate_bpd(ema_model, held_out, model_config, batch_size=args.eval_batch_size,
                                        seed=args.seed, device=args.device)
     raw = None
     if args.compare_raw:
-        raw_model, _, _ = training.load_model(result["checkpoint"], use_ema=False, device=args.device)
-        raw = training.evaluate_bpd(raw_model, held_out, model_config, batch_size=args.eval_batch_size,
+        raw_model, _, _ = load_model(result["checkpoint"], use_ema=False, device=args.device)
+        raw = evaluate_bpd(raw_model, held_out, model_config, batch_size=args.eval_batch_size,
                                     seed=args.seed, device=args.device)
-    uniform = training.evaluate_bpd(ema_model, held_out, model_config, batch_size=args.eval_batch_size,
+    uniform = evaluate_bpd(ema_model, held_out, model_config, batch_size=args.eval_batch_size,
                                     time_sampling="uniform", seed=args.seed, device=args.device)
     summary = {
         "budget_min": args.budget_min, "steps": result["step"], "batch_size": args.batch_size,

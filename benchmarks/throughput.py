@@ -305,16 +305,16 @@ def bench_preset(preset, args, device, out):
 def bench_checkpoint(args, device, out):
     """The default ELBO of a trained model (fitted proposal) against the baseline network's
     Hutchinson ELBO with q ∝ g²/v, on held-out real images; speed and per-image spread."""
-    from sdeflow import training
     from sdeflow.data.images import load_cifar10
+    from sdeflow.experiments.images import load_model, preprocess
 
-    model, config, step = training.load_model(args.checkpoint, device=device)
+    model, config, step = load_model(args.checkpoint, device=device)
     model.requires_grad_(False)
     baseline = PluginReverseSDE(model.sde, BaselineUNet(model.net), parameterization=model.parameterization)
     baseline = baseline.to(device).eval().requires_grad_(False)
     images = load_cifar10(args.data_root, "train")[-(args.batches + 1) * args.batch_size:]
     gen = torch.Generator().manual_seed(0)
-    ys = [training.preprocess(images[i:i + args.batch_size], config["data"], gen).y.to(device)
+    ys = [preprocess(images[i:i + args.batch_size], config["data"], gen).y.to(device)
           for i in range(0, images.shape[0], args.batch_size)]
     pilot, batches = ys[0], ys[1:]
     out(f"\n== trained checkpoint {args.checkpoint} (step {step}, {model.parameterization} network), "

@@ -61,8 +61,12 @@ def _score(model, n: int, batch: Callable, *, estimator: str, batch_size: int, n
         gen = make_generator(device, step_seed(seed, start, 0, stream=STREAM_EVAL))
         y, logdet = batch(start, stop, gen)
         if estimator == "ode":
-            logp, info = model.log_prob_ode(y, rtol=rtol, atol=atol, divergence=divergence, generator=gen,
-                                            return_info=True)
+            try:
+                logp, info = model.log_prob_ode(y, rtol=rtol, atol=atol, divergence=divergence, generator=gen,
+                                                return_info=True)
+            except AssertionError as err:  # torchdiffeq's step-size underflow: the dynamics are too stiff
+                raise EvaluationError(f"the ODE solver failed on examples {start}-{stop - 1} ({err}); the "
+                                      f"model's probability flow is too stiff for rtol={rtol}, atol={atol}") from None
             nfes.append(info["nfe"])
         else:
             logp = model.elbo(y, n_slices=n_slices, time_sampling=time_sampling, divergence=divergence,

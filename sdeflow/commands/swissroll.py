@@ -63,7 +63,7 @@ def add_arguments(parser) -> None:
                     help="particle paths per λ (default: %(default)s)")
     ev.add_argument("--n-likelihood", type=positive_int, default=ev_defaults.n_likelihood,
                     help="test points for the ELBO and the ODE log-likelihood (default: %(default)s)")
-    ev.add_argument("--elbo-slices", type=positive_int, default=ev_defaults.elbo_slices,
+    ev.add_argument("--n-slices", type=positive_int, default=ev_defaults.n_slices,
                     help="time draws per test point of the ELBO (default: %(default)s)")
 
 
@@ -76,7 +76,7 @@ def config_from_args(args):
     train = dataclass_from_args(TrainConfig, args, grad_clip=args.grad_clip or None)
     evaluation = ToyEvalConfig(lmbds=tuple(sorted({0.0, 1.0, *args.lmbd})), n_steps=args.eval_n_steps,
                                n_samples=args.n_samples, n_trajectories=args.n_trajectories,
-                               n_likelihood=args.n_likelihood, elbo_slices=args.elbo_slices)
+                               n_likelihood=args.n_likelihood, n_slices=args.n_slices)
     net = {"name": "mlp", "dim": 2, "hidden": args.hidden, "n_blocks": args.blocks,
            "fourier_features": args.fourier_features, "fourier_scale": args.fourier_scale}
     return ToyConfig(dataset=args.dataset, sde=sde_from_args(args), net=net, parameterization=args.parameterization,

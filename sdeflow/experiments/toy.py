@@ -15,7 +15,7 @@ a run can be resumed like an image run.
 Evaluation (:func:`evaluate_toy`), all on fresh data:
 
 - ``elbo_nats``/``elbo_se``: the test ELBO per point (exact divergence, a time proposal fitted on
-  every test point), ``elbo_slices`` time draws each; its standard error over points.
+  every test point), ``n_slices`` time draws each; its standard error over points.
 - ``ode_logp_nats``/``ode_logp_se``: the probability-flow ODE log-likelihood (exact divergence).
 - ``true_logp_nats``, ``elbo_gap_nats`` = E[log p − ELBO], ``ode_gap_nats`` = E[log p − log p_ODE]
   with paired standard errors, where the data set has an exact density.
@@ -80,13 +80,13 @@ class ToyEvalConfig:
     n_samples: int = 5000
     n_trajectories: int = 150
     n_likelihood: int = 1000
-    elbo_slices: int = 128
+    n_slices: int = 128
     swd_projections: int = 200
     ode_rtol: float = 1e-5
     ode_atol: float = 1e-5
 
     def validate(self) -> "ToyEvalConfig":
-        for name in ("n_steps", "n_samples", "n_trajectories", "n_likelihood", "elbo_slices", "swd_projections"):
+        for name in ("n_steps", "n_samples", "n_trajectories", "n_likelihood", "n_slices", "swd_projections"):
             check_positive_int(name, getattr(self, name))
         if not self.lmbds:
             raise ValueError("lmbds must hold at least one value in [0, 1]")
@@ -191,8 +191,8 @@ def _likelihoods(model, x: torch.Tensor, config: ToyConfig, seed: int) -> dict:
     ev = config.eval
     # Chunks of ~16k rows (points × slices) bound the memory of the divergence's graph; the proposal is
     # fitted on every point (well under a second in 2-D), so it sees the rare points near a sharp edge.
-    elbo = log_likelihood(model, x, n_slices=ev.elbo_slices, divergence="exact", seed=seed,
-                          batch_size=max(1, 16384 // ev.elbo_slices), fit_examples=x.shape[0])
+    elbo = log_likelihood(model, x, n_slices=ev.n_slices, divergence="exact", seed=seed,
+                          batch_size=max(1, 16384 // ev.n_slices), fit_examples=x.shape[0])
     ode = log_likelihood(model, x, estimator="ode", divergence="exact", rtol=ev.ode_rtol, atol=ev.ode_atol,
                          seed=seed, batch_size=x.shape[0])
     metrics = {}
