@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sdeflow  # noqa: E402
 from sdeflow.oracles import ExactScoreNet, GaussianMixture  # noqa: E402
+from sdeflow.sdes import SDES, make_sde  # noqa: E402
 
-SDES = {"vp": sdeflow.VPSDE, "ve": sdeflow.VESDE, "subvp": sdeflow.SubVPSDE}
 
 OPTIONS = [
     ("sdeflow-light slice: uniform t, Rademacher", dict(time_sampling="uniform", probe="rademacher")),
@@ -61,7 +61,7 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
     scales = torch.logspace(-2, 0, args.dim, dtype=torch.float64)
     data = GaussianMixture.gaussian(torch.rand(args.dim, generator=gen, dtype=torch.float64) - 0.5, scales)
-    sde = SDES[args.sde]()
+    sde = make_sde(args.sde)
     model = sdeflow.PluginReverseSDE(sde, ExactScoreNet(sde, data, "drift"), "drift")
     x = data.sample(args.batch, generator=gen)
     truth = exact_bound(sde, data, x)

@@ -53,13 +53,8 @@ DEFAULT_T_MIN = 1e-3  # in units of T, where the schedule or the method needs t_
 
 
 def eight_gaussians() -> GaussianMixture:
-    try:
-        from sdeflow.data.toy import EIGHT_GAUSSIANS
-        return EIGHT_GAUSSIANS
-    except ImportError:  # the toy data module is optional for this benchmark
-        angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
-        means = 2.0 * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
-        return GaussianMixture(means, torch.full_like(means, 0.2))
+    from sdeflow.data.toy import EIGHT_GAUSSIANS
+    return EIGHT_GAUSSIANS
 
 
 def high_dim_mixture(dim: int = 64, n_components: int = 8, seed: int = 0) -> GaussianMixture:
@@ -71,20 +66,19 @@ def high_dim_mixture(dim: int = 64, n_components: int = 8, seed: int = 0) -> Gau
 
 
 def trained_swissroll(steps: int, seed: int):
-    """A Swissroll MLP trained with ``sdeflow.toy.train_toy`` for ``steps`` steps, and a sampler of
-    true points; None when the toy modules are not there."""
-    try:
-        from sdeflow.toy import ToyConfig, make_toy_model, train_toy
-        from sdeflow.data.toy import sample_toy
-    except ImportError:
-        return None
-    config = ToyConfig(dataset="swissroll", steps=steps, seed=seed, elbo_every=steps,
-                       warmup_steps=min(200, steps // 10))
-    gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=steps, desc="training swissroll", disable=not sys.stderr.isatty(), leave=False)
-    model, _ = train_toy(make_toy_model(config), config, gen, callback=lambda info: bar.update(1))
-    bar.close()
-    return model, lambda n, generator: sample_toy("swissroll", n, generator=generator)
+    """A Swissroll MLP trained with the toy example's defaults (:mod:`sdeflow.experiments.toy`) for
+    ``steps`` steps, and a sampler of true points."""
+    from sdeflow.data import get_dataset
+    from sdeflow.engine import ProgressBar
+    from sdeflow.experiments.toy import ToyConfig, make_toy_model, toy_train_config, train_toy
+
+    config = ToyConfig(dataset="swissroll", train=toy_train_config(steps=steps, seed=seed, monitor_every=0,
+                                                                    warmup_steps=min(200, steps // 10)))
+    torch.manual_seed(seed)
+    hooks = [ProgressBar(desc="training swissroll")] if sys.stderr.isatty() else []
+    with tempfile.TemporaryDirectory() as run_dir:
+        model, _, _ = train_toy(make_toy_model(config), config, run_dir, hooks=hooks)
+    return model, lambda n, generator: get_dataset("swissroll").sample(n, generator=generator)
 
 
 def run_config(model, shape, variant, schedule, nfe_budget, x_T, generator):
@@ -246,12 +240,8 @@ def main(argv=None):
         model, lambda n, generator, m=mixture: m.sample(n, generator=generator), args.high_dim_samples,
         1 if args.quick else args.high_dim_repeats, QUICK_NFE_BUDGETS if args.quick else HIGH_DIM_NFE_BUDGETS)
     if args.swissroll_steps > 0 and not args.quick:
-        trained = trained_swissroll(args.swissroll_steps, seed=0)
-        if trained is None:
-            print("Swissroll skipped: sdeflow.toy is not available")
-        else:
-            problems[f"Swissroll, MLP trained {args.swissroll_steps} steps, vp"] = (*trained, args.n_samples,
-                                                                                   repeats, budgets)
+        problems[f"Swissroll, MLP trained {args.swissroll_steps} steps, vp"] = (
+            *trained_swissroll(args.swissroll_steps, seed=0), args.n_samples, repeats, budgets)
 
     print(f"sliced Wasserstein-1 (SW) to as many true samples, {args.projections} projections; "
           f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU")

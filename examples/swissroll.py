@@ -3,7 +3,7 @@
     python examples/swissroll.py --out runs/swissroll            # same as: sdeflow swissroll ...
     python examples/swissroll.py --dataset checkerboard --lmbd 0.5
 
-All the work is in :func:`sdeflow.toy.run_toy`; this script is the ``sdeflow swissroll`` command.
+All the work is in :func:`sdeflow.experiments.toy.run_toy`; this script is the ``sdeflow swissroll`` command.
 """
 
 import sys

@@ -50,10 +50,16 @@ def _score(model, n: int, batch: Callable, *, estimator: str, batch_size: int, n
 
     rank, world = world_info()
     bounds = np.linspace(0, n, world + 1).astype(int)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise EvaluationError("the model has non-finite parameters: training diverged")
     if estimator == "elbo" and time_sampling == "fitted":
         pilot_gen = make_generator(device, step_seed(seed, 0, 0, stream=STREAM_PILOT))
         pilot, _ = batch(0, min(n, fit_examples), pilot_gen)
-        model.fit_time_proposal(pilot, max_examples=pilot.shape[0], divergence=divergence, generator=pilot_gen)
+        try:
+            model.fit_time_proposal(pilot, max_examples=pilot.shape[0], divergence=divergence, generator=pilot_gen)
+        except ValueError as err:  # the pilot's integrands were not finite: not the caller's input
+            raise EvaluationError(f"the ELBO's time proposal could not be fitted ({err}); the model gives "
+                                  f"non-finite values and has probably diverged") from None
     results, nfes = [], []
     starts = range(bounds[rank], bounds[rank + 1], batch_size)
     for start in tqdm(starts, desc="eval", disable=(not progress) or rank != 0, dynamic_ncols=True):

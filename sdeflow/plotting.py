@@ -10,7 +10,7 @@ import torch
 
 from .checkpoint import save_figure
 
-__all__ = ["save_image_grid", "save_image_rows", "plot_samples", "plot_trajectories", "plot_training", "lmbd_key"]
+__all__ = ["save_image_grid", "save_image_rows", "plot_points", "plot_samples", "plot_trajectories", "plot_training", "lmbd_key"]
 
 
 def lmbd_key(lmbd: float) -> str:
@@ -73,6 +73,26 @@ def save_image_rows(rows: list[tuple[str, torch.Tensor]], path, title: str = "")
             ax.set_yticks([])
         axes[r, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)
+
+
+def plot_points(points: torch.Tensor, path, title: str = "", reference: torch.Tensor | None = None) -> Path:
+    """A scatter of 2-D ``points`` (N, 2) over a faint ``reference`` cloud (e.g. the data), square axes."""
+    plt = _pyplot()
+    points = points.detach().cpu().float()
+    fig, ax = plt.subplots(figsize=(4.2, 4.4))
+    if reference is not None:
+        reference = reference.detach().cpu().float()
+        ax.scatter(reference[:, 0], reference[:, 1], s=1.0, color="0.75", linewidths=0, rasterized=True, label="data")
+    ax.scatter(points[:, 0], points[:, 1], s=1.5, color="tab:blue", alpha=0.6, linewidths=0, rasterized=True,
+               label="samples")
+    xlim, ylim = _limits(points if reference is None else reference)
+    ax.set_xlim(xlim)
+    ax.set_ylim(ylim)
+    ax.set_aspect("equal")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper right", fontsize=7, markerscale=4)
     fig.tight_layout()
     return save_figure(fig, path, dpi=120)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import checkpoint as ckpt
+from ..utils import check_new_name
 
 __all__ = ["Hook", "JSONLLog", "ProgressBar", "SampleFigures", "ElboMonitor", "TimeBudget", "HOOKS",
            "register_hook", "make_hook", "LOG_NAME", "read_log"]
@@ -106,7 +107,7 @@ class ProgressBar(Hook):
         if record.get("loss") is not None and "event" not in record:
             self.postfix.update(loss=f"{record['loss']:.4g}", skipped=record["skipped"])
         if record.get("event") == "elbo":
-            self.postfix["elbo"] = f"{record['running_elbo']:.4g}"
+            self.postfix["bpd" if record.get("unit") == "bits/dim" else "elbo"] = f"{record['running_elbo']:.4g}"
         self.bar.set_postfix(self.postfix, refresh=False)
 
     def on_end(self, trainer) -> None:
@@ -130,13 +131,15 @@ class SampleFigures(Hook):
 
 class ElboMonitor(Hook):
     """Every ``config.monitor_every`` steps (and at the last), ``estimate(ema_model, step)`` gives the
-    mean ELBO of the EMA model on a fresh batch; records {"event": "elbo", "step", "elbo",
-    "running_elbo"}, the running value an exponential average 0.7·old + 0.3·new, which survives a
-    resume."""
+    mean ELBO of the EMA model on a batch, in ``unit`` ("nats" per example, or "bits/dim", where
+    lower is better); records {"event": "elbo", "step", "elbo", "running_elbo", "unit"}, the running
+    value an exponential average 0.7·old + 0.3·new, which survives a resume. It runs on every rank,
+    so that an estimate that is itself data-parallel (:mod:`sdeflow.evaluation`) joins its collectives."""
     name = "elbo_monitor"
+    all_ranks = True
 
-    def __init__(self, estimate: Callable):
-        self.estimate, self.running = estimate, None
+    def __init__(self, estimate: Callable, unit: str = "nats"):
+        self.estimate, self.unit, self.running = estimate, unit, None
 
     def on_step(self, trainer) -> None:
         every = trainer.config.monitor_every
@@ -144,7 +147,8 @@ class ElboMonitor(Hook):
             return
         value = float(self.estimate(trainer.ema.model, trainer.step))
         self.running = value if self.running is None else 0.7 * self.running + 0.3 * value
-        trainer.emit({"event": "elbo", "step": trainer.step, "elbo": value, "running_elbo": self.running})
+        trainer.emit({"event": "elbo", "step": trainer.step, "elbo": value, "running_elbo": self.running,
+                      "unit": self.unit})
 
     def state_dict(self) -> dict:
         return {"running": self.running}
@@ -178,10 +182,7 @@ HOOKS: dict[str, Callable[[], Hook]] = {"jsonl": JSONLLog, "progress": ProgressB
 
 def register_hook(name: str, factory: Callable[[], Hook]) -> None:
     """Make ``factory()`` (a Hook class or a function returning a hook) available by ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string; got {name!r}")
-    if name in HOOKS:
-        raise ValueError(f"a hook named {name!r} is already registered")
+    check_new_name(name, HOOKS, "hook")
     if not callable(factory):
         raise ValueError(f"factory must be callable (a Hook class or a function returning a hook); got {factory!r}")
     HOOKS[name] = factory

@@ -152,7 +152,8 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
     the step's generator. Writes ``metrics.jsonl`` (:class:`~sdeflow.engine.JSONLLog`), checkpoints
     and, every ``config.sample_every`` steps, ``samples-<step>.png`` grids of EMA samples, plus
     whatever ``hooks`` do. Returns what :func:`~sdeflow.engine.fit` returns."""
-    from ..engine import DatasetBatches, JSONLLog, SampleFigures, fit
+    from ..engine import DatasetBatches, ElboMonitor, JSONLLog, SampleFigures, fit
+    from ..evaluation import evaluate_bpd
     from ..plotting import save_image_grid
 
     config.validate()
@@ -167,6 +168,11 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
                              seed=config.seed, device=device)
         save_image_grid(grid, path, title=f"EMA samples at step {step} ({config.sample_n_steps} Euler steps, λ=0)")
 
+    def estimate(ema_model, step):
+        # Bits/dim of a fixed batch of training images, a new draw of the ELBO's noise each time.
+        return evaluate_bpd(ema_model, images[:config.monitor_batch], model_config, n_slices=config.monitor_slices,
+                            time_sampling="importance", seed=step, device=device)["bpd"]
+
     batches = DatasetBatches(images, config.batch_size, config.seed, transform)
     return fit(model, batches, config, run_dir, model_config, resume=resume, device=device,
-               hooks=[JSONLLog(), SampleFigures(draw), *hooks])
+               hooks=[JSONLLog(), SampleFigures(draw), ElboMonitor(estimate, unit="bits/dim"), *hooks])

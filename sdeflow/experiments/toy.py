@@ -38,12 +38,12 @@ import torch
 from ..checkpoint import atomic_write_bytes
 from ..config import TrainConfig, build_model, model_config
 from ..data import get_dataset
-from ..engine import ElboMonitor, JSONLLog, StreamBatches, fit
+from ..engine import ElboMonitor, JSONLLog, SampleFigures, StreamBatches, fit
 from ..engine.hooks import LOG_NAME, read_log
 from ..engine.state import STREAM_MONITOR, make_generator, step_seed
 from ..evaluation import log_likelihood, mean_se
 from ..metrics import sliced_wasserstein
-from ..plotting import lmbd_key, plot_samples, plot_training, plot_trajectories
+from ..plotting import lmbd_key, plot_points, plot_samples, plot_training, plot_trajectories
 from ..samplers import sample
 from ..utils import check_positive_int
 
@@ -176,14 +176,28 @@ def history_from_log(run_dir) -> dict:
     return history
 
 
+def _sample_figure(config: ToyConfig):
+    """The figure of :class:`~sdeflow.engine.SampleFigures`: EMA samples (reverse SDE, Euler) over data."""
+    train, sample_data = config.train, get_dataset(config.dataset).sample
+
+    def draw(ema_model, path, step):
+        gen = make_generator("cpu", step_seed(train.seed, step, 0, stream=STREAM_MONITOR))
+        points = sample(ema_model, (train.sample_n_samples, 2), n_steps=train.sample_n_steps, generator=gen,
+                        device=config.device)
+        plot_points(points, path, f"{config.dataset}: EMA samples at step {step} ({train.sample_n_steps} Euler "
+                                  f"steps, λ=0)", reference=sample_data(5000, generator=gen))
+    return draw
+
+
 def train_toy(model, config: ToyConfig, run_dir, *, resume: bool = False, hooks=()) -> tuple:
     """Train ``model`` with :func:`sdeflow.engine.fit` on fresh batches of the data set, writing
-    checkpoints and ``metrics.jsonl`` into ``run_dir``. Returns (EMA model in eval mode, history
-    from :func:`history_from_log`, fit's result)."""
+    checkpoints, ``metrics.jsonl`` and, every ``sample_every`` steps, ``samples-<step>.png`` into
+    ``run_dir``. Returns (EMA model in eval mode, history from :func:`history_from_log`, fit's result)."""
     config.validate()
     batches = StreamBatches(get_dataset(config.dataset).sample, config.train.batch_size, config.train.seed)
+    own = [JSONLLog(), ElboMonitor(_elbo_estimate(config)), SampleFigures(_sample_figure(config))]
     result = fit(model, batches, config.train, run_dir, config.model_config(), resume=resume,
-                 device=config.device, hooks=[JSONLLog(), ElboMonitor(_elbo_estimate(config)), *hooks])
+                 device=config.device, hooks=[*own, *hooks])
     return result["ema_model"].eval(), history_from_log(run_dir), result
 
 
