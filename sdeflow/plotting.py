@@ -197,11 +197,13 @@ def plot_training(history: dict, metrics: dict, path: str, title: str, weighting
     fig, (ax_loss, ax_elbo) = plt.subplots(1, 2, figsize=(11, 4))
     steps = torch.tensor(history["step"], dtype=torch.float64)
     loss = torch.tensor(history["loss"], dtype=torch.float64)
-    ax_loss.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.5, label="per step")
+    ax_loss.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.5, label="per log record")
     window = max(1, len(loss) // 100)
     if len(loss) >= window:
         smooth = torch.nn.functional.avg_pool1d(loss[None, None], window, stride=1)[0, 0]
-        ax_loss.plot(steps[window - 1:], smooth, color="tab:blue", linewidth=1.5, label=f"mean of {window} steps")
+        spacing = int(steps[1] - steps[0]) if len(steps) > 1 else 1  # steps between log records
+        ax_loss.plot(steps[window - 1:], smooth, color="tab:blue", linewidth=1.5,
+                     label=f"mean over {window * spacing} steps")
     ax_loss.set_yscale("log")
     if second_order_from is not None:
         for ax in (ax_loss, ax_elbo):

@@ -15,13 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from sdeflow import checkpoint as ckpt  # noqa: E402
-from sdeflow.config import TrainConfig, build_model
-from sdeflow.engine import EMA
-from sdeflow.engine.state import make_generator, step_seed
-from sdeflow.evaluation import evaluate_bpd
 from sdeflow.experiments import images as images_app
-from sdeflow.experiments.images import image_model_config
-from sdeflow.plotting import save_image_grid
 from training_helpers import tiny_config, tiny_images, tiny_model, tiny_train_config  # noqa: E402
 
 

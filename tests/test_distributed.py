@@ -5,15 +5,10 @@ import torch
 import torch.multiprocessing as mp
 
 from sdeflow import checkpoint as ckpt
-from sdeflow.config import TrainConfig, build_model
-from sdeflow.engine import EMA
-from sdeflow.engine.state import make_generator, step_seed
 from sdeflow.evaluation import evaluate_bpd
 from sdeflow.experiments import images as images_app
-from sdeflow.experiments.images import image_model_config
-from sdeflow.plotting import save_image_grid
 
-from training_helpers import (distributed_worker, single_thread, tiny_config, tiny_images, tiny_model,
+from training_helpers import (distributed_worker, single_thread, toy_distributed_worker, tiny_config, tiny_images, tiny_model,
                               tiny_train_config)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -94,3 +89,15 @@ def test_torchrun_cli_two_processes_then_resume_on_one(tmp_path):
                              capture_output=True, text=True, timeout=300, env=cli_env())
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert ckpt.load_checkpoint(run / "ckpt-00000004.pt")["step"] == 4
+
+
+def test_the_toy_trains_data_parallel_on_the_same_loop(tmp_path):
+    mp.spawn(toy_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "run"), str(tmp_path)),
+             nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"toy{r}.pt", weights_only=True) for r in range(2))
+    assert rank0["step"] == rank1["step"] == 3
+    for name in rank0["params"]:
+        assert torch.equal(rank0["params"][name], rank1["params"][name]), name
+    assert rank0["history"]["elbo_step"] == [2, 3]  # the ELBO monitor ran (on every rank, logged by rank 0)
+    state = ckpt.load_checkpoint(tmp_path / "run" / "ckpt-00000003.pt")
+    assert state["trainer"]["world_size"] == 2 and state["config"]["net"]["name"] == "mlp"

@@ -20,13 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdeflow import checkpoint as ckpt
-from sdeflow.config import TrainConfig, build_model
-from sdeflow.engine import EMA
-from sdeflow.engine.state import make_generator, step_seed
-from sdeflow.evaluation import evaluate_bpd
 from sdeflow.experiments import images as images_app
-from sdeflow.experiments.images import image_model_config
-from sdeflow.plotting import save_image_grid
 from sdeflow import cli
 from sdeflow.model import PluginReverseSDE
 

@@ -8,12 +8,11 @@ import torch
 from torch import nn
 
 from sdeflow import checkpoint as ckpt
-from sdeflow.config import TrainConfig, build_model
+from sdeflow.config import TrainConfig
 from sdeflow.engine import EMA
 from sdeflow.engine.state import make_generator, step_seed
 from sdeflow.evaluation import evaluate_bpd
 from sdeflow.experiments import images as images_app
-from sdeflow.experiments.images import image_model_config
 from sdeflow.plotting import save_image_grid
 from sdeflow.data import transforms
 

@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 import torch
 from sdeflow.config import TrainConfig, build_model
-from sdeflow.engine import EMA, Hook
-from sdeflow.engine.state import make_generator, step_seed
+from sdeflow.engine import Hook
 from sdeflow.evaluation import evaluate_bpd
 from sdeflow.experiments import images as images_app
 from sdeflow.experiments.images import image_model_config
-from sdeflow.plotting import save_image_grid
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,5 +145,25 @@ def distributed_worker(rank: int, world: int, init_file: str, run_dir: str, out_
         report["n_images"] = evaluation["n_images"]
         report["params"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         torch.save(report, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def toy_distributed_worker(rank: int, world: int, init_file: str, run_dir: str, out_dir: str) -> None:
+    """One rank of the toy example trained data-parallel (gloo): the same loop as the images."""
+    import torch.distributed as dist
+
+    from sdeflow.experiments.toy import ToyConfig, make_toy_model, toy_train_config, train_toy
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        config = ToyConfig(net={**ToyConfig().net, "hidden": 8},
+                           train=toy_train_config(steps=3, batch_size=16, monitor_every=2, monitor_batch=8,
+                                                  checkpoint_every=3, seed=2))
+        torch.manual_seed(0)
+        _, history, result = train_toy(make_toy_model(config), config, run_dir)
+        params = {k: v.detach().clone() for k, v in result["ema_model"].state_dict().items()}
+        torch.save({"step": result["step"], "params": params, "history": history}, f"{out_dir}/toy{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -6,9 +6,8 @@ toy's defaults), the SDE from :data:`sdeflow.sdes.SDES`, the data sets from :dat
 
 from __future__ import annotations
 
-import sys
 
-from ..cli import (add_config_arguments, add_sde_arguments, config_from_args, device, lmbd, positive_float,
+from ..cli import (add_config_arguments, add_sde_arguments, device, lmbd, positive_float,
                    positive_int, sde_from_args)
 
 DESCRIPTION = """Train a plug-in reverse SDE (small MLP) on a 2-D toy data set, then write into --out:
@@ -67,7 +66,7 @@ def add_arguments(parser) -> None:
                     help="time draws per test point of the ELBO (default: %(default)s)")
 
 
-def config_from_args(args):
+def toy_config_from_args(args):
     """The :class:`~sdeflow.experiments.toy.ToyConfig` the parsed ``args`` ask for (validated)."""
     from ..cli import config_from_args as dataclass_from_args
     from ..config import TrainConfig
@@ -109,7 +108,7 @@ def handler(args) -> int:
     from ..engine import ProgressBar, make_hook
     from ..experiments.toy import run_toy
 
-    config = config_from_args(args)
+    config = toy_config_from_args(args)
     torch.set_num_threads(args.threads)
     hooks = [make_hook(name) for name in args.hook]
     if not args.no_progress:

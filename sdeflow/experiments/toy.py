@@ -38,7 +38,6 @@ import torch
 from ..checkpoint import atomic_write_bytes
 from ..config import TrainConfig, build_model, model_config
 from ..data import get_dataset
-from ..engine import ElboMonitor, JSONLLog, SampleFigures, StreamBatches, fit
 from ..engine.hooks import LOG_NAME, read_log
 from ..engine.state import STREAM_MONITOR, make_generator, step_seed
 from ..evaluation import log_likelihood, mean_se
@@ -193,6 +192,8 @@ def train_toy(model, config: ToyConfig, run_dir, *, resume: bool = False, hooks=
     """Train ``model`` with :func:`sdeflow.engine.fit` on fresh batches of the data set, writing
     checkpoints, ``metrics.jsonl`` and, every ``sample_every`` steps, ``samples-<step>.png`` into
     ``run_dir``. Returns (EMA model in eval mode, history from :func:`history_from_log`, fit's result)."""
+    from ..engine import ElboMonitor, JSONLLog, SampleFigures, StreamBatches, fit
+
     config.validate()
     batches = StreamBatches(get_dataset(config.dataset).sample, config.train.batch_size, config.train.seed)
     own = [JSONLLog(), ElboMonitor(_elbo_estimate(config)), SampleFigures(_sample_figure(config))]
