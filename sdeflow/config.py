@@ -19,7 +19,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .utils import check_choice, check_positive_int
+from .utils import check_choice, check_nonneg_float, check_nonneg_int, check_positive_float, check_positive_int
 
 __all__ = ["TrainConfig", "LR_SCHEDULES", "PRECISIONS", "model_config", "build_model", "config_fields"]
 
@@ -83,22 +83,18 @@ class TrainConfig:
                      "log_every", "sample_n_samples", "sample_n_steps", "monitor_batch", "monitor_slices"):
             check_positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "sample_every", "monitor_every", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
-        if self.max_seconds is not None and not (self.max_seconds > 0):
-            raise ValueError(f"max_seconds must be positive or None; got {self.max_seconds!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number; got {self.lr!r}")
-        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
-            raise ValueError(f"grad_clip must be a non-negative number (0: no clipping); got {self.grad_clip!r}")
+            check_nonneg_int(name, getattr(self, name))
+        if self.max_seconds is not None:
+            check_positive_float("max_seconds", self.max_seconds)
+        check_positive_float("lr", self.lr)
+        if self.grad_clip is not None:
+            check_nonneg_float("grad_clip", self.grad_clip)
+        check_nonneg_float("second_order_weight", self.second_order_weight)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1); got {self.ema_decay!r}")
         for name in ("final_lr_fraction", "second_order_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1]; got {getattr(self, name)!r}")
-        if not (math.isfinite(self.second_order_weight) and self.second_order_weight >= 0):
-            raise ValueError(f"second_order_weight must be a finite number >= 0; got {self.second_order_weight!r}")
         check_choice("time_sampling", self.time_sampling, ("uniform", "importance"))
         check_choice("weighting", self.weighting, tuple(WEIGHTINGS))
         check_choice("precision", self.precision, PRECISIONS)
