@@ -36,7 +36,8 @@ from tqdm import tqdm
 import sdeflow
 from sdeflow.metrics import sliced_wasserstein
 from sdeflow.oracles import ExactScoreNet, GaussianMixture
-from sdeflow.samplers import METHODS, SCHEDULES
+from sdeflow.samplers import METHODS
+from sdeflow.schedules import SCHEDULES
 
 # (label, method, λ): stochastic variants where the method has them.
 VARIANTS = [

@@ -1,7 +1,8 @@
 """sdeflow: continuous-time diffusion models you can measure.
 
 The method in three modules: forward SDEs (:mod:`sdeflow.sdes`), the plug-in reverse SDE with its
-loss, ELBO and exact likelihood (:mod:`sdeflow.model`), and samplers (:mod:`sdeflow.samplers`).
+loss, ELBO and exact likelihood (:mod:`sdeflow.model`), and samplers (:mod:`sdeflow.samplers`, on the time grids of
+:mod:`sdeflow.schedules`; the probability-flow ODE in :mod:`sdeflow.ode`).
 Around them: :mod:`sdeflow.evaluation` (likelihoods over data sets), :mod:`sdeflow.engine` (the
 training loop), :mod:`sdeflow.config` and :mod:`sdeflow.experiments` (the toy example and images).
 Each kind of extension has one registry, owned by the module that defines it: ``SDES``
@@ -14,7 +15,9 @@ from .sdes import SDE, SDES, VPSDE, VESDE, SubVPSDE, make_sde, register_sde
 from .model import WEIGHTINGS, PluginReverseSDE, register_weighting
 from .time_sampling import FittedTime, ImportanceTime, TimeProposal, UniformTime
 from .divergence import divergence
-from .samplers import METHODS, SCHEDULES, Method, Option, register_method, sample, sample_ode, time_grid
+from .samplers import METHODS, Method, Option, register_method, sample
+from .schedules import SCHEDULES, time_grid
+from .ode import sample_ode
 from .conditional import denoise, inpaint, posterior_sample
 
 __version__ = "0.1.0"

@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torchdiffeq import odeint
 
 from . import divergence as _div
+from .ode import SOLVERS, odeint_within, probability_flow_velocity
 from .sdes import SDE
 from .time_sampling import FittedTime, ImportanceTime, TimeProposal, UniformTime
 from .utils import (append_dims, as_time, check_choice, check_finite, check_new_name, check_positive_int,
@@ -32,21 +32,9 @@ __all__ = ["PluginReverseSDE", "PARAMETERIZATIONS", "TIME_SAMPLINGS", "WEIGHTING
 
 PARAMETERIZATIONS = ("drift", "score", "noise")
 TIME_SAMPLINGS = ("uniform", "importance", "fitted")
-ADAPTIVE_ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-ODE_METHODS = ADAPTIVE_ODE_METHODS + ("rk4", "midpoint", "euler")
 #: Largest data dimension for which ``dsm(order=2)`` forms the exact Jacobian of the score.
 MAX_SECOND_ORDER_DIM = 64
 
-
-def odeint_within(func, y0, t0: float, t1: float, *, rtol: float, atol: float, method: str):
-    """torchdiffeq's odeint from t0 to t1, returning the state at t1. Adaptive solvers are made to
-    land on t1 rather than step past it, since the SDE coefficients may be undefined beyond
-    [0, T] (v(t) < 0 for t < 0)."""
-    like = y0[0] if isinstance(y0, tuple) else y0
-    times = torch.tensor([t0, t1], dtype=like.dtype, device=like.device)
-    options = {"step_t": times[1:]} if method in ADAPTIVE_ODE_METHODS else None
-    out = odeint(func, y0, times, rtol=rtol, atol=atol, method=method, options=options)
-    return tuple(o[-1] for o in out) if isinstance(out, tuple) else out[-1]
 
 # The noise parameterization divides by std(t), which is 0 at t = 0 for VP/sub-VP/VE; the
 # network is never asked for that limit by the estimators (t = 0 has probability zero), but a
@@ -376,33 +364,25 @@ class PluginReverseSDE(nn.Module):
         .. math::  \log p_{t_{min}}(x) = \log p_T(y_T) + \int_{t_{min}}^T \nabla\cdot v(y_t, t)\, dt,
 
         integrated from the data (y = x at t_min) to T by torchdiffeq's ``solver`` (one of
-        ``ODE_METHODS``) with
+        ``sdeflow.ode.SOLVERS``) with
         ``rtol``/``atol``; the divergence is Hutchinson's with one probe held fixed over the solve
         (unbiased) or exact. With ``return_info=True`` returns (log p, {"nfe": n}) where n counts
         evaluations of the network.
         """
         check_finite("x", x)
-        check_choice("solver", solver, ODE_METHODS)
+        check_choice("solver", solver, SOLVERS)
         check_choice("divergence", divergence, _div.ESTIMATORS)
         if not 0.0 <= t_min < self.T:
             raise ValueError(f"t_min must lie in [0, T={self.T}); got {t_min}")
         probe_noise = _div.make_probe(x, probe, generator) if divergence == "hutchinson" else None
-        nfe = 0
-
-        def velocity(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            tb = t.expand(y.shape[0])
-            return -self.mu(y, tb, lmbd=1.0)
+        velocity = probability_flow_velocity(self)
 
         def dynamics(t, state):
-            nonlocal nfe
-            nfe += 1
-            y = state[0]
-            v, div = _div.divergence(lambda z: velocity(t, z), y, estimator=divergence, noise=probe_noise)
-            return v, div
+            return _div.divergence(lambda z: velocity(t, z), state[0], estimator=divergence, noise=probe_noise)
 
         state0 = (x.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
         with torch.no_grad():
             y_T, div_integral = odeint_within(dynamics, state0, t_min, self.T, rtol=rtol, atol=atol,
-                                              method=solver)
+                                              solver=solver)
         logp = self.sde.prior_log_prob(y_T) + div_integral
-        return (logp, {"nfe": nfe}) if return_info else logp
+        return (logp, {"nfe": velocity.nfe}) if return_info else logp

@@ -1,9 +1,9 @@
 r"""Samplers: plain functions that integrate the generative λ-family of a model from t = T to t_min.
 
-``sample`` runs a fixed-step method (``METHODS``) on a time grid (``time_grid``, ``SCHEDULES``);
-``sample_ode`` solves the probability-flow ODE with a torchdiffeq solver. Both hand back the number
-of network evaluations (NFE) with ``return_info=True``, and both take a ``generator`` so that a seed
-reproduces a batch exactly.
+``sample`` runs a fixed-step method (``METHODS``) on a time grid (:func:`sdeflow.schedules.time_grid`,
+``SCHEDULES``); :func:`sdeflow.ode.sample_ode` solves the probability-flow ODE with a torchdiffeq solver
+instead. Both hand back the number of network evaluations (NFE) with ``return_info=True``, and both
+take a ``generator`` so that a seed reproduces a batch exactly.
 
 Notation. The forward SDE has marginals :math:`q(y_t\mid x) = N(\alpha_t x, \sigma_t^2 I)` with
 :math:`\alpha_t` = ``sde.mean_weight(t)``, :math:`\sigma_t` = ``sde.std(t)``; the half log-SNR is
@@ -53,75 +53,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
-from torchdiffeq import odeint
 
-from .model import ADAPTIVE_ODE_METHODS, ODE_METHODS, PluginReverseSDE, check_lmbd, odeint_within
-from .utils import append_dims, check_choice, check_nonneg_int, check_positive_float
+from .model import PluginReverseSDE, check_lmbd
+from .schedules import SCHEDULES, time_grid
+from .utils import (append_dims, check_choice, check_nonneg_int, check_positive_float,
+                    model_device_dtype)
 
-__all__ = ["sample", "sample_ode", "time_grid", "register_method", "METHODS", "SCHEDULES", "Method",
-           "Option"]
-
-SCHEDULES = ("uniform", "quadratic", "logsnr", "karras")
-# Schedules that place points by log-SNR, infinite at t = 0.
-_SCHEDULES_NEEDING_POSITIVE_T_MIN = ("logsnr", "karras")
-
-
-# ---- time grids --------------------------------------------------------------------------------
-def _check_n_steps(n_steps) -> int:
-    if isinstance(n_steps, bool) or int(n_steps) != n_steps or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive integer; got {n_steps!r}")
-    return int(n_steps)
-
-
-def time_grid(sde, n_steps: int, schedule: str = "uniform", t_min: float = 0.0,
-              t_start: float | None = None, device=None, dtype=None, rho: float = 7.0) -> torch.Tensor:
-    r"""Decreasing times t_start = t_0 > … > t_N = t_min (t_start defaults to T), shape (n_steps + 1,).
-
-    With u_i = i/N:
-
-    * ``"uniform"``: :math:`t_i = t_0 + u_i (t_{min} - t_0)`;
-    * ``"quadratic"``: :math:`t_i = t_{min} + (t_0 - t_{min})(1 - u_i)^2` (DDIM's; short steps near the data);
-    * ``"logsnr"``: uniform in the log-SNR λ(t) (DPM-Solver's), :math:`t_i = λ^{-1}(λ_0 + u_i(λ_N - λ_0))`;
-    * ``"karras"``: Karras et al. (2022), uniform in :math:`\tilde\sigma^{1/\rho}` with
-      :math:`\tilde\sigma = \sigma_t/\alpha_t = e^{-λ/2}`,
-      :math:`\tilde\sigma_i = (\tilde\sigma_0^{1/\rho} + u_i(\tilde\sigma_N^{1/\rho} - \tilde\sigma_0^{1/\rho}))^\rho`.
-
-    "logsnr" and "karras" need t_min > 0 (λ(0) = +∞).
-    """
-    check_choice("schedule", schedule, SCHEDULES)
-    n_steps = _check_n_steps(n_steps)
-    t_start = sde.T if t_start is None else float(t_start)
-    if not 0.0 < t_start <= sde.T:
-        raise ValueError(f"t_start must lie in (0, T={sde.T}]; got {t_start}")
-    t_min = float(t_min)
-    if schedule in _SCHEDULES_NEEDING_POSITIVE_T_MIN:
-        if not 0.0 < t_min < t_start:
-            raise ValueError(f"schedule {schedule!r} needs t_min in (0, t_start={t_start}) "
-                             f"(the log-SNR is infinite at t = 0); got t_min={t_min}")
-    elif not 0.0 <= t_min < t_start:
-        raise ValueError(f"t_min must lie in [0, t_start={t_start}); got {t_min}")
-    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
-        raise ValueError(f"rho must be a positive number; got {rho!r}")
-    u = torch.linspace(0.0, 1.0, n_steps + 1, dtype=torch.float64)
-    ends = torch.tensor([t_start, t_min], dtype=torch.float64)
-    if schedule == "uniform":
-        ts = t_start + u * (t_min - t_start)
-    elif schedule == "quadratic":
-        ts = t_min + (t_start - t_min) * (1 - u) ** 2
-    elif schedule == "logsnr":
-        lam_start, lam_end = sde.log_snr(ends)
-        ts = sde.t_from_log_snr(lam_start + u * (lam_end - lam_start))
-    else:
-        sigma_start, sigma_end = torch.exp(-0.5 * sde.log_snr(ends))
-        sigmas = (sigma_start ** (1 / rho) + u * (sigma_end ** (1 / rho) - sigma_start ** (1 / rho))) ** rho
-        ts = sde.t_from_log_snr(-2 * torch.log(sigmas))
-    # The inverse maps round; pin the ends exactly and keep the grid strictly decreasing.
-    ts[0], ts[-1] = t_start, t_min
-    ts = ts.to(device=device, dtype=dtype)
-    if not bool((ts[1:] < ts[:-1]).all()):
-        raise ValueError(f"n_steps={n_steps} is too many for schedule {schedule!r} on [{t_min}, {t_start}] "
-                         f"in {ts.dtype}: the grid is not strictly decreasing")
-    return ts
+__all__ = ["sample", "register_method", "METHODS", "Method", "Option"]
 
 
 # ---- shared pieces -----------------------------------------------------------------------------
@@ -446,13 +384,6 @@ register_method("pc", Method(
     step_nfe=lambda options: 1 + options["n_corrector"]))
 
 
-def _model_device_dtype(model, device, dtype):
-    param = next(model.parameters(), None)
-    device = device if device is not None else (param.device if param is not None else None)
-    dtype = dtype if dtype is not None else (param.dtype if param is not None else torch.get_default_dtype())
-    return device, dtype
-
-
 @torch.no_grad()
 def sample(model: PluginReverseSDE, shape, n_steps: int = 1000, lmbd: float | None = None,
            method: str = "euler", schedule: str | None = None, t_min: float | None = None,
@@ -484,7 +415,7 @@ def sample(model: PluginReverseSDE, shape, n_steps: int = 1000, lmbd: float | No
     low, high = spec.lmbd_range
     if not low <= lmbd <= high:
         raise ValueError(f"method {method!r} supports {spec.lmbd}; got lmbd={lmbd}")
-    device, dtype = _model_device_dtype(model, device, dtype)
+    device, dtype = model_device_dtype(model, device, dtype)
     schedule = spec.default_schedule if schedule is None else schedule
     t_min = spec.default_t_min * model.T if t_min is None else float(t_min)
     if spec.needs_positive_t_min and not 0.0 < t_min < model.T:
@@ -512,44 +443,3 @@ def sample(model: PluginReverseSDE, shape, n_steps: int = 1000, lmbd: float | No
     if return_info:
         out += ({"nfe": nfe, "times": ts, "lmbd": lmbd},)
     return out[0] if len(out) == 1 else out
-
-
-FIXED_GRID_ODE_METHODS = tuple(m for m in ODE_METHODS if m not in ADAPTIVE_ODE_METHODS)
-
-
-@torch.no_grad()
-def sample_ode(model: PluginReverseSDE, shape, rtol: float = 1e-5, atol: float = 1e-5, solver: str = "dopri5",
-               t_min: float = 0.0, x_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               device=None, dtype=None, return_info: bool = False, step_size: float | None = None):
-    """Solve the probability-flow ODE dx/dt = f − ½ g a from T down to ``t_min`` with torchdiffeq's
-    ``solver``: an adaptive one (``ADAPTIVE_ODE_METHODS``: dopri5, dopri8, bosh3, fehlberg2,
-    adaptive_heun) with ``rtol``/``atol``, or a fixed-grid one ("rk4", "midpoint", "euler"), which
-    needs ``step_size`` (in units of t; the last step is shortened to land on t_min) and refuses
-    it for the adaptive ones. ``x_T`` (default: a prior draw with ``generator``) has shape ``shape``.
-    Returns samples, and {"nfe": n} (network evaluations) with ``return_info``.
-    """
-    check_choice("solver", solver, ODE_METHODS)
-    if not 0.0 <= t_min < model.T:
-        raise ValueError(f"t_min must lie in [0, T={model.T}); got {t_min}")
-    if solver in ADAPTIVE_ODE_METHODS:
-        if step_size is not None:
-            raise ValueError(f"step_size is for the fixed-grid solvers {', '.join(FIXED_GRID_ODE_METHODS)}; "
-                             f"the adaptive solver {solver!r} sets its own steps from rtol/atol")
-    elif step_size is None or not (isinstance(step_size, (int, float)) and 0 < step_size <= model.T - t_min):
-        raise ValueError(f"the fixed-grid solver {solver!r} needs step_size in (0, T - t_min = {model.T - t_min}]; "
-                         f"got {step_size!r} (or use an adaptive solver: {', '.join(ADAPTIVE_ODE_METHODS)})")
-    device, dtype = _model_device_dtype(model, device, dtype)
-    x = model.sde.prior_sample(shape, generator=generator, device=device, dtype=dtype) if x_T is None else x_T
-    nfe = 0
-
-    def velocity(t, y):
-        nonlocal nfe
-        nfe += 1
-        return -model.mu(y, t.expand(y.shape[0]), lmbd=1.0)
-
-    if solver in ADAPTIVE_ODE_METHODS:
-        x0 = odeint_within(velocity, x, model.T, t_min, rtol=rtol, atol=atol, method=solver)
-    else:
-        times = torch.tensor([model.T, t_min], dtype=x.dtype, device=x.device)
-        x0 = odeint(velocity, x, times, method=solver, options={"step_size": float(step_size)})[-1]
-    return (x0, {"nfe": nfe}) if return_info else x0

@@ -102,3 +102,12 @@ def as_time(t, batch: int, like: torch.Tensor) -> torch.Tensor:
     if t.ndim == 0:
         t = t.expand(batch)
     return t
+
+
+def model_device_dtype(model, device, dtype):
+    """``device`` and ``dtype``, each defaulting (None) to that of the model's first parameter
+    (no parameters: no device, the default dtype)."""
+    param = next(model.parameters(), None)
+    device = device if device is not None else (param.device if param is not None else None)
+    dtype = dtype if dtype is not None else (param.dtype if param is not None else torch.get_default_dtype())
+    return device, dtype

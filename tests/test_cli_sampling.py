@@ -7,7 +7,8 @@ import re
 import pytest
 
 from sdeflow import cli
-from sdeflow.samplers import METHODS, SCHEDULES
+from sdeflow.samplers import METHODS
+from sdeflow.schedules import SCHEDULES
 from training_helpers import one_thread, single_thread, train_args, write_cifar_batches  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -77,7 +77,8 @@ def _add_method_options(parser) -> None:
 
 
 def _sampler_arguments(p, *, steps: int, method: str, with_lmbd: bool = True) -> None:
-    from ..samplers import METHODS, SCHEDULES
+    from ..samplers import METHODS
+    from ..schedules import SCHEDULES
 
     p.add_argument("--method", choices=tuple(METHODS), default=method, help=_method_help())
     p.add_argument("--schedule", choices=SCHEDULES, default=None,

@@ -1,0 +1,86 @@
+r"""The torchdiffeq glue and the probability-flow velocity, written once.
+
+The probability-flow ODE of a model is the λ = 1 member of its generative family,
+
+.. math::  \frac{dy}{dt} = v(y, t) = -\mu_1(y, t) = f(y, t) - \tfrac12 g(t)\, a(y, t),
+
+integrated from T down to the data by :func:`sample_ode` and from the data up to T by
+:meth:`sdeflow.model.PluginReverseSDE.log_prob_ode` (with the divergence of v alongside).
+Both use :func:`probability_flow_velocity`, which counts network evaluations, and
+:func:`odeint_within`, which keeps adaptive solvers inside [0, T]. ``solver`` is one of ``SOLVERS``:
+the adaptive ``ADAPTIVE_SOLVERS`` (rtol/atol) or the fixed-grid ``FIXED_GRID_SOLVERS`` (a step size).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torchdiffeq import odeint
+
+from .utils import check_choice, model_device_dtype
+
+if TYPE_CHECKING:  # model.py imports this module
+    from .model import PluginReverseSDE
+
+__all__ = ["sample_ode", "odeint_within", "probability_flow_velocity", "SOLVERS", "ADAPTIVE_SOLVERS",
+           "FIXED_GRID_SOLVERS"]
+
+ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+SOLVERS = ADAPTIVE_SOLVERS + ("rk4", "midpoint", "euler")
+FIXED_GRID_SOLVERS = tuple(m for m in SOLVERS if m not in ADAPTIVE_SOLVERS)
+
+
+def odeint_within(func, y0, t0: float, t1: float, *, rtol: float, atol: float, solver: str):
+    """torchdiffeq's odeint from t0 to t1, returning the state at t1. Adaptive solvers are made to
+    land on t1 rather than step past it, since the SDE coefficients may be undefined beyond
+    [0, T] (v(t) < 0 for t < 0)."""
+    like = y0[0] if isinstance(y0, tuple) else y0
+    times = torch.tensor([t0, t1], dtype=like.dtype, device=like.device)
+    options = {"step_t": times[1:]} if solver in ADAPTIVE_SOLVERS else None
+    out = odeint(func, y0, times, rtol=rtol, atol=atol, method=solver, options=options)
+    return tuple(o[-1] for o in out) if isinstance(out, tuple) else out[-1]
+
+
+def probability_flow_velocity(model: PluginReverseSDE) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The function torchdiffeq integrates, ``velocity(t, y) = −μ₁(y, t) = f − ½ g a`` with t a
+    scalar tensor and y of shape (B, ...); ``velocity.nfe`` counts its calls (network evaluations)."""
+
+    def velocity(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        velocity.nfe += 1
+        return -model.mu(y, t.expand(y.shape[0]), lmbd=1.0)
+
+    velocity.nfe = 0
+    return velocity
+
+
+@torch.no_grad()
+def sample_ode(model: PluginReverseSDE, shape, rtol: float = 1e-5, atol: float = 1e-5, solver: str = "dopri5",
+               t_min: float = 0.0, x_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               device=None, dtype=None, return_info: bool = False, step_size: float | None = None):
+    """Solve the probability-flow ODE dx/dt = f − ½ g a from T down to ``t_min`` with torchdiffeq's
+    ``solver``: an adaptive one (``ADAPTIVE_SOLVERS``: dopri5, dopri8, bosh3, fehlberg2,
+    adaptive_heun) with ``rtol``/``atol``, or a fixed-grid one ("rk4", "midpoint", "euler"), which
+    needs ``step_size`` (in units of t; the last step is shortened to land on t_min) and refuses
+    it for the adaptive ones. ``x_T`` (default: a prior draw with ``generator``) has shape ``shape``.
+    Returns samples, and {"nfe": n} (network evaluations) with ``return_info``.
+    """
+    check_choice("solver", solver, SOLVERS)
+    if not 0.0 <= t_min < model.T:
+        raise ValueError(f"t_min must lie in [0, T={model.T}); got {t_min}")
+    if solver in ADAPTIVE_SOLVERS:
+        if step_size is not None:
+            raise ValueError(f"step_size is for the fixed-grid solvers {', '.join(FIXED_GRID_SOLVERS)}; "
+                             f"the adaptive solver {solver!r} sets its own steps from rtol/atol")
+    elif step_size is None or not (isinstance(step_size, (int, float)) and 0 < step_size <= model.T - t_min):
+        raise ValueError(f"the fixed-grid solver {solver!r} needs step_size in (0, T - t_min = {model.T - t_min}]; "
+                         f"got {step_size!r} (or use an adaptive solver: {', '.join(ADAPTIVE_SOLVERS)})")
+    device, dtype = model_device_dtype(model, device, dtype)
+    x = model.sde.prior_sample(shape, generator=generator, device=device, dtype=dtype) if x_T is None else x_T
+    velocity = probability_flow_velocity(model)
+    if solver in ADAPTIVE_SOLVERS:
+        x0 = odeint_within(velocity, x, model.T, t_min, rtol=rtol, atol=atol, solver=solver)
+    else:
+        times = torch.tensor([model.T, t_min], dtype=x.dtype, device=x.device)
+        x0 = odeint(velocity, x, times, method=solver, options={"step_size": float(step_size)})[-1]
+    return (x0, {"nfe": velocity.nfe}) if return_info else x0

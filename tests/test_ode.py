@@ -1,0 +1,91 @@
+"""The probability-flow ODE (``sdeflow.ode``) against closed forms: a diagonal Gaussian under a linear
+SDE has an exact score (``ExactScoreNet``) and an exact probability-flow map."""
+
+import math
+
+import pytest
+import torch
+
+import sdeflow
+from sdeflow.ode import probability_flow_velocity
+from oracle_helpers import SDES, assert_gaussian_moments, exact_flow, exact_model, gaussian, true_marginal_T
+
+N_SAMPLES = 4000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Batches here are small: intra-op threads only contend with each other (10× slower on a
+    busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- sample_ode: distribution and order -----------------------------------------------------------
+@pytest.mark.parametrize("name", list(SDES))
+def test_sample_ode_has_the_data_mean_and_covariance(name):
+    sde, data = SDES[name](), gaussian(2)
+    model = exact_model(sde, data)
+    gen = torch.Generator().manual_seed(0)
+    x_T = true_marginal_T(sde, data, N_SAMPLES, gen)
+    x = sdeflow.sample_ode(model, x_T.shape, x_T=x_T, rtol=1e-6, atol=1e-6, dtype=torch.float64)
+    assert_gaussian_moments(x, data)
+    assert (x - exact_flow(sde, data, x_T, 0.0)).abs().max() < 1e-3
+
+
+def test_fixed_grid_ode_solver_converges_at_its_order():
+    sde, data = SDES["vp"](), gaussian(2)
+    model = exact_model(sde, data)
+    x_T = sde.prior_sample((16, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t_min = 0.2
+    exact = exact_flow(sde, data, x_T, t_min)
+    errors = [float((sdeflow.sample_ode(model, x_T.shape, solver="rk4", step_size=h, t_min=t_min, x_T=x_T)
+                     - exact).abs().max()) for h in (0.8 / 16, 0.8 / 32)]
+    assert abs(math.log2(errors[0] / errors[1]) - 4) < 0.5, errors
+
+
+# ---- accounting ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("solver,options", [("dopri5", {}), ("bosh3", {}), ("rk4", {"step_size": 0.1}),
+                                            ("midpoint", {"step_size": 0.25})])
+def test_sample_ode_reports_nfe(solver, options):
+    sde, data = SDES["vp"](), gaussian(2)
+    model = exact_model(sde, data)
+    _, info = sdeflow.sample_ode(model, (5, 2), solver=solver, rtol=1e-4, atol=1e-4, dtype=torch.float64,
+                                 return_info=True, **options)
+    assert info["nfe"] == model.net.calls > 0
+    if solver == "rk4":
+        assert info["nfe"] == 4 * 10
+    if solver == "midpoint":
+        assert info["nfe"] == 2 * 4
+
+
+def test_probability_flow_velocity_is_minus_mu_1_and_counts_calls():
+    model = exact_model(SDES["vp"](), gaussian(2))
+    velocity = probability_flow_velocity(model)
+    y = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.tensor(0.3, dtype=torch.float64)
+    assert torch.equal(velocity(t, y), -model.mu(y, t.expand(5), lmbd=1.0))
+    velocity(t, y)
+    assert velocity.nfe == 2
+
+
+def test_log_prob_ode_counts_network_calls():
+    model = exact_model(SDES["vp"](), gaussian(2))
+    _, info = model.log_prob_ode(torch.zeros(3, 2, dtype=torch.float64), rtol=1e-4, atol=1e-4, return_info=True)
+    assert info["nfe"] == model.net.calls > 0
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(solver="rk45"), "solver must be one of"),
+    (dict(solver="rk4"), "needs step_size"),
+    (dict(solver="rk4", step_size=-0.1), "needs step_size"),
+    (dict(solver="dopri5", step_size=0.1), "sets its own steps"),
+    (dict(t_min=1.0), r"t_min must lie in \[0, T"),
+])
+def test_bad_input_to_sample_ode_says_what_is_allowed(kwargs, match):
+    model = exact_model(SDES["vp"](), gaussian(2))
+    with pytest.raises(ValueError, match=match):
+        sdeflow.sample_ode(model, (2, 2), **kwargs)
