@@ -23,7 +23,7 @@ import torch
 from .engine.distributed import all_gather_objects, world_info
 from .engine.state import STREAM_EVAL, STREAM_PILOT, make_generator, step_seed
 from .model import TIME_SAMPLINGS
-from .utils import check_choice, check_positive_int
+from .utils import check_choice, check_positive_int, model_device_dtype
 
 __all__ = ["ESTIMATORS", "mean_se", "log_likelihood", "evaluate_bpd"]
 
@@ -106,7 +106,7 @@ def log_likelihood(model, x: torch.Tensor | None = None, *, n: int | None = None
         check_choice("time_sampling", time_sampling, TIME_SAMPLINGS)
     if (x is None) == (batch is None):
         raise ValueError("pass either x (examples in model space) or n and batch (a function giving them)")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(model_device_dtype(model, device, None)[0] or "cpu")
     if x is not None:
         if x.shape[0] == 0:
             raise ValueError("x is empty")
@@ -152,7 +152,7 @@ def evaluate_bpd(model, images: torch.Tensor, config: dict, *, batch_size: int =
     from .experiments.images import check_images, preprocess
 
     images = check_images(images, config)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(model_device_dtype(model, device, None)[0] or "cpu")
     num_dims = int(np.prod(images.shape[1:]))
 
     def batch(start, stop, generator):

@@ -56,7 +56,7 @@ import torch
 
 from .model import PluginReverseSDE, check_lmbd
 from .schedules import SCHEDULES, time_grid
-from .utils import (append_dims, check_choice, check_nonneg_int, check_positive_float,
+from .utils import (append_dims, check_choice, check_nonneg_int, check_positive_float, check_new_name,
                     model_device_dtype)
 
 __all__ = ["sample", "register_method", "METHODS", "Method", "Option"]
@@ -346,11 +346,7 @@ def register_method(name: str, method: Method) -> Method:
     """Add ``method`` to ``METHODS`` under ``name``, so that :func:`sample` (and everything built on
     it: :mod:`sdeflow.conditional`, the command line) can use it. Refuses a name already taken and a
     ``Method`` whose defaults contradict themselves (``ValueError``). Returns ``method``."""
-    if not isinstance(name, str) or not name or name != name.strip():
-        raise ValueError(f"name must be a non-empty string without surrounding spaces; got {name!r}")
-    if name in METHODS:
-        raise ValueError(f"a method named {name!r} is already registered; choose another name "
-                         f"(registered: {', '.join(METHODS)})")
+    check_new_name(name, METHODS, "method")
     _check_method(name, method)
     METHODS[name] = method
     return method
