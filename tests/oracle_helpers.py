@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 import sdeflow
@@ -85,3 +86,44 @@ def exact_flow(sde, data, x_T, t_min):
     m_T, v_T, m_t, v_t = sde.mean_weight(T), sde.var(T), sde.mean_weight(t), sde.var(t)
     mu, s = data.means[0], data.stds[0]
     return m_t * mu + ((m_t ** 2 * s ** 2 + v_t) / (m_T ** 2 * s ** 2 + v_T)).sqrt() * (x_T - m_T * mu)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Batches here are small: intra-op threads only contend with each other (10× slower on a
+    busy 2-core machine). Import it into a test module to apply it there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ConstantVPSDE(sdeflow.SDE):
+    r"""VP with constant β: dY = −½β Y dt + √β dB, so m = e^{−βt/2}, v = 1 − e^{−βt},
+    λ = −log(e^{βt} − 1), and the prior N(0, I)."""
+
+    def __init__(self, beta: float = 8.0, T: float = 1.0):
+        super().__init__(T)
+        self.beta = float(beta)
+
+    def f_coef(self, t):
+        return torch.full_like(self._t(t), -0.5 * self.beta)
+
+    def g2(self, t):
+        return torch.full_like(self._t(t), self.beta)
+
+    def mean_weight(self, t):
+        return torch.exp(-0.5 * self.beta * self._t(t))
+
+    def var(self, t):
+        return -torch.expm1(-self.beta * self._t(t))
+
+    def log_snr(self, t):
+        return -torch.log(torch.expm1(self.beta * self._t(t)))
+
+    def t_from_log_snr(self, log_snr):
+        return torch.nn.functional.softplus(-log_snr) / self.beta
+
+    @property
+    def prior_var(self) -> float:
+        return 1.0

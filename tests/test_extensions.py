@@ -26,6 +26,7 @@ from sdeflow.experiments.toy import ToyConfig, ToyEvalConfig, make_toy_model, ru
 from sdeflow.samplers import METHODS, Method, Option, register_method
 from sdeflow.sdes import SDES, register_sde
 
+from oracle_helpers import ConstantVPSDE
 from training_helpers import one_thread
 
 RECORDS: list = []  # what the registered hook saw
@@ -45,36 +46,6 @@ class Collector(Hook):
 
     def on_end(self, trainer):
         RECORDS.append({"event": "collector-end"})
-
-
-class ConstantVPSDE(sdeflow.SDE):
-    """VP with a constant β: m = e^{−βt/2}, v = 1 − e^{−βt}, prior N(0, I)."""
-
-    def __init__(self, beta: float = 8.0, T: float = 1.0):
-        super().__init__(T)
-        self.beta = float(beta)
-
-    def f_coef(self, t):
-        return torch.full_like(self._t(t), -0.5 * self.beta)
-
-    def g2(self, t):
-        return torch.full_like(self._t(t), self.beta)
-
-    def mean_weight(self, t):
-        return torch.exp(-0.5 * self.beta * self._t(t))
-
-    def var(self, t):
-        return -torch.expm1(-self.beta * self._t(t))
-
-    def log_snr(self, t):
-        return -torch.log(torch.expm1(self.beta * self._t(t)))
-
-    def t_from_log_snr(self, log_snr):
-        return torch.nn.functional.softplus(-log_snr) / self.beta
-
-    @property
-    def prior_var(self) -> float:
-        return 1.0
 
 
 BLOB_MEAN, BLOB_STD = torch.tensor([1.0, -0.5]), 0.3

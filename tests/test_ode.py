@@ -8,19 +8,12 @@ import torch
 
 import sdeflow
 from sdeflow.ode import probability_flow_velocity
+from oracle_helpers import _one_thread  # noqa: F401 (fixture)
 from oracle_helpers import SDES, assert_gaussian_moments, exact_flow, exact_model, gaussian, true_marginal_T
 
 N_SAMPLES = 4000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batches here are small: intra-op threads only contend with each other (10× slower on a
-    busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- sample_ode: distribution and order -----------------------------------------------------------

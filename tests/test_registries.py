@@ -17,38 +17,7 @@ from sdeflow.nets import NETS, make_net, register_net
 from sdeflow.oracles import ExactScoreNet, GaussianMixture
 from sdeflow.sdes import SDES, make_sde, register_sde, sde_config, sde_parameters
 
-from oracle_helpers import expected_elbo
-
-
-class ConstantVPSDE(sdeflow.SDE):
-    r"""VP with constant β: dY = −½β Y dt + √β dB, so m = e^{−βt/2}, v = 1 − e^{−βt},
-    λ = −log(e^{βt} − 1), and the prior N(0, I)."""
-
-    def __init__(self, beta: float = 8.0, T: float = 1.0):
-        super().__init__(T)
-        self.beta = float(beta)
-
-    def f_coef(self, t):
-        return torch.full_like(self._t(t), -0.5 * self.beta)
-
-    def g2(self, t):
-        return torch.full_like(self._t(t), self.beta)
-
-    def mean_weight(self, t):
-        return torch.exp(-0.5 * self.beta * self._t(t))
-
-    def var(self, t):
-        return -torch.expm1(-self.beta * self._t(t))
-
-    def log_snr(self, t):
-        return -torch.log(torch.expm1(self.beta * self._t(t)))
-
-    def t_from_log_snr(self, log_snr):
-        return torch.nn.functional.softplus(-log_snr) / self.beta
-
-    @property
-    def prior_var(self) -> float:
-        return 1.0
+from oracle_helpers import ConstantVPSDE, expected_elbo
 
 
 @pytest.fixture(autouse=True)

@@ -9,19 +9,12 @@ import torch
 
 import sdeflow
 from sdeflow.samplers import METHODS
+from oracle_helpers import _one_thread  # noqa: F401 (fixture)
 from oracle_helpers import SDES, assert_gaussian_moments, exact_flow, exact_model, gaussian, true_marginal_T
 
 N_SAMPLES = 4000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batches here are small: intra-op threads only contend with each other (10× slower on a
-    busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 # ---- distribution: mean and covariance of the samples ------------------------------------------
 # (method, lmbd, n_steps, schedule): enough steps that the bias is well below the MC error.
 MOMENT_CASES = [
