@@ -216,19 +216,22 @@ class Trainer:
             group["lr"] = config.lr_at(step)
         self.optimizer.zero_grad(set_to_none=True)
         order = 2 if step >= config.steps - config.second_order_steps() else 1
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        if config.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                loss = self.objective(y, gen, order).float()
+        else:
             loss = self.objective(y, gen, order)
-        loss = loss.float()
         # backward even for a non-finite loss: under DDP every rank must join the gradient
         # all-reduce; the NaN gradients it gives are discarded below.
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip or float("inf"))
+        if self.world == 1:
+            loss_value, norm = loss.item(), grad_norm.item()
+            return loss_value, norm, not (math.isfinite(loss_value) and math.isfinite(norm)), 0
         # One collective per step: the mean loss, and a max over ranks of "bad step" and "stop".
         stats = torch.stack([loss.detach(), grad_norm.detach().float().to(self.device),
                              torch.tensor(float(stop_signum), device=self.device)])
         bad = torch.tensor([0.0 if torch.isfinite(stats[:2]).all() else 1.0], device=self.device)
-        if self.world == 1:
-            return stats[0].item(), float(grad_norm), bool(bad.item()), 0
         summed = stats[:1].clone().nan_to_num(nan=float("inf"))
         torch.distributed.all_reduce(summed)
         flags = torch.cat([bad, stats[2:]])
