@@ -125,7 +125,7 @@ def add_config_arguments(parser, cls, defaults, *, skip=(), aliases=None, requir
 
     defaults = defaults if isinstance(defaults, dict) else dataclasses.asdict(defaults)
     aliases = aliases or {}
-    group = parser.add_argument_group(f"{cls.__name__} (sdeflow.{cls.__module__.split('.', 1)[-1]})")
+    group = parser.add_argument_group(f"settings of {cls.__module__}.{cls.__name__}")
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
