@@ -3,7 +3,7 @@ denoising, from one unconditional model.
 
     python examples/inpaint_swissroll.py --out swissroll_conditional.png [--steps 2000]
 
-Trains the toy model of :mod:`sdeflow.toy` (VP SDE, MLP; fewer steps than its tuned default to
+Trains the toy model of :mod:`sdeflow.experiments.toy` (VP SDE, MLP; fewer steps than its tuned default to
 stay quick), then draws
   (a) the data, with the points whose x lies in a narrow band around each conditioning value:
       a reference for p(y | x),
@@ -15,6 +15,7 @@ stay quick), then draws
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 import matplotlib
 
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 from sdeflow.checkpoint import save_figure  # noqa: E402
 from sdeflow.conditional import denoise, inpaint  # noqa: E402
 from sdeflow.data.toy import sample_toy  # noqa: E402
-from sdeflow.toy import ToyConfig, make_toy_model, train_toy  # noqa: E402
+from sdeflow.experiments.toy import ToyConfig, make_toy_model, toy_train_config, train_toy  # noqa: E402
 
 X_VALUES = (-1.5, -0.5, 0.3, 1.0, 1.7)
 COLORS = plt.get_cmap("tab10").colors
@@ -41,9 +42,10 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    config = ToyConfig(steps=args.steps, seed=args.seed)
+    config = ToyConfig(train=toy_train_config(steps=args.steps, seed=args.seed, monitor_every=0))
     gen = torch.Generator().manual_seed(args.seed)
-    model, _ = train_toy(make_toy_model(config), config, gen)
+    with tempfile.TemporaryDirectory() as run_dir:  # the run's checkpoints are not kept
+        model, _, _ = train_toy(make_toy_model(config), config, run_dir)
     data = sample_toy("swissroll", 5000, generator=gen)
 
     observed = torch.tensor([True, False])  # x observed, y missing
