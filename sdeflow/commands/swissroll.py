@@ -54,8 +54,9 @@ def add_arguments(parser) -> None:
     ev_defaults = ToyEvalConfig()
     ev.add_argument("--lmbd", type=lmbd, nargs="+", default=[], metavar="λ",
                     help="extra λ values to sample besides 0 (reverse SDE) and 1 (ODE), e.g. --lmbd 0.5 0.9")
-    ev.add_argument("--sample-steps", dest="eval_n_steps", type=positive_int, default=ev_defaults.n_steps,
-                    help="Euler steps of the sampler (default: %(default)s)")
+    ev.add_argument("--eval-steps", "--sample-steps", dest="eval_n_steps", type=positive_int,
+                    default=ev_defaults.n_steps,
+                    help="Euler steps of the evaluation's samples and trajectories (default: %(default)s)")
     ev.add_argument("--n-samples", type=positive_int, default=ev_defaults.n_samples,
                     help="samples per λ for the figure and the sliced Wasserstein distance (default: %(default)s)")
     ev.add_argument("--n-trajectories", type=positive_int, default=ev_defaults.n_trajectories,
