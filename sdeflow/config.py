@@ -73,7 +73,10 @@ class TrainConfig:
     monitor_slices: int = _help("time draws per example of the monitoring ELBO", default=4)
     flip: bool = _help("random horizontal flips of images", default=True)
     seed: int = _help("seed of every random choice", default=0)
-    max_seconds: float | None = _help("stop with a checkpoint after this many seconds of training", default=None)
+    max_seconds: float | None = _help("stop with a checkpoint after this many seconds of training in this call",
+                                      default=None)
+    fit_schedule: bool = _help("with max_seconds: fit the schedule (cosine decay, second-order phase, last step) "
+                               "to the steps the time affords, measured as training runs", default=False)
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first bad setting; return self."""

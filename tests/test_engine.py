@@ -1,5 +1,6 @@
 """The one training loop (sdeflow.engine): seeded global generators, hooks, exact resume of the toy."""
 
+import dataclasses
 import json
 import random
 
@@ -107,3 +108,54 @@ def test_sde_parameter_of_another_sde_is_refused(tmp_path, capsys):
     assert main(["swissroll", "--out", str(tmp_path / "o"), "--sde", "vp", "--sigma-max", "5", *TINY_TOY]) == 2
     err = capsys.readouterr().err
     assert "--sigma-max does not apply to --sde vp" in err and len(err.strip().splitlines()) == 1
+
+
+class FakeClock:
+    """time.perf_counter that advances one second per training step (read by the time budget)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Tick(Hook):
+    def __init__(self, clock):
+        self.clock = clock
+
+    def on_step(self, trainer):
+        self.clock.now += 1.0
+
+
+def test_time_budget_fits_the_schedule_to_the_steps_it_affords(tmp_path, monkeypatch):
+    from sdeflow.engine import hooks as hooks_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(hooks_module.time, "perf_counter", clock)
+    torch.manual_seed(0)
+    train = toy_train_config(steps=1000, batch_size=8, monitor_every=0, checkpoint_every=10_000, log_every=1,
+                             warmup_steps=2, max_seconds=40.0, fit_schedule=True, second_order_fraction=0.25)
+    config = ToyConfig(net={**ToyConfig().net, "hidden": 8}, train=train)
+    batches = StreamBatches(lambda n, generator: torch.randn(n, 2, generator=generator), 8, seed=0)
+    records = []
+
+    class Remember(Hook):
+        def on_record(self, trainer, record):
+            records.append(record)
+
+    orders = []
+    model = make_toy_model(config)
+    dsm = model.dsm
+    monkeypatch.setattr(model, "dsm", lambda *a, order=1, **k: orders.append(order) or dsm(*a, order=order, **k))
+    result = fit(model, batches, train, tmp_path, config.model_config(), hooks=[Tick(clock), Remember()])
+    # One second per step and 40 seconds: the plan ends at step 40, not at the requested 1000 ...
+    assert result["step"] == 40 and result["checkpoint"].name == "ckpt-00000040.pt"
+    assert any(r.get("event") == "schedule fitted" and r["steps"] == 40 for r in records)
+    # ... and the schedule ends there: cosine decayed to its floor, the last quarter second-order.
+    lrs = [r["lr"] for r in records if "lr" in r and "event" not in r]
+    fitted = dataclasses.replace(train, steps=40)
+    assert lrs[-1] == fitted.lr_at(39) and lrs[-1] < 1.1 * train.lr * train.final_lr_fraction
+    assert orders[-10:] == [2] * 10 and orders.count(2) == 10
+    saved = torch.load(tmp_path / "ckpt-00000040.pt", weights_only=True)["trainer"]
+    assert saved["hooks"]["time_budget"]["planned"] == 40 and saved["train_config"]["steps"] == 40

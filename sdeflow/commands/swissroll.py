@@ -86,7 +86,7 @@ def toy_config_from_args(args):
 def summary(metrics: dict, out_dir: str) -> str:
     """A short human summary of the metrics."""
     cfg = metrics["config"]
-    steps = cfg["train"]["steps"] if "train" in cfg else cfg["steps"]
+    steps = metrics.get("steps", cfg["steps"])  # the steps trained: fewer if a time budget ended the run
     lines = [f"{cfg['dataset']}: trained {steps} steps in {metrics['train_seconds']:.0f} s "
              f"(evaluation {metrics['eval_seconds']:.0f} s)",
              f"  test ELBO        {metrics['elbo_nats']:8.3f} ± {metrics['elbo_se']:.3f} nats/point",

@@ -11,7 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_info", "init_distributed", "all_reduce", "all_gather_objects", "broadcast_flag"]
+__all__ = ["world_info", "init_distributed", "all_reduce", "all_gather_objects", "broadcast_flag", "broadcast_int"]
 
 
 def world_info() -> tuple[int, int]:
@@ -60,3 +60,12 @@ def broadcast_flag(flag: bool, device) -> bool:
     value = torch.tensor([float(flag)], device=device)
     dist.broadcast(value, 0)
     return bool(value.item())
+
+
+def broadcast_int(value: int, device) -> int:
+    """Rank 0's integer ``value`` on every rank."""
+    if world_info()[1] == 1:
+        return int(value)
+    tensor = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.broadcast(tensor, 0)
+    return int(tensor.item())

@@ -13,6 +13,7 @@ exposes ``step``, ``config``, ``model``, ``ema``, ``run_dir``, ``device``, ``ran
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -106,6 +107,8 @@ class ProgressBar(Hook):
     def on_record(self, trainer, record: dict) -> None:
         if record.get("loss") is not None and "event" not in record:
             self.postfix.update(loss=f"{record['loss']:.4g}", skipped=record["skipped"])
+        if record.get("event") == "schedule fitted":
+            self.bar.total = record["steps"]
         if record.get("event") == "elbo":
             self.postfix["bpd" if record.get("unit") == "bits/dim" else "elbo"] = f"{record['running_elbo']:.4g}"
         self.bar.set_postfix(self.postfix, refresh=False)
@@ -159,12 +162,26 @@ class ElboMonitor(Hook):
 
 class TimeBudget(Hook):
     """Stops training (with a checkpoint) once ``config.max_seconds`` of wall-clock time have been
-    spent in this call; rank 0's clock decides, so every rank stops at the same step."""
+    spent in this call; rank 0's clock decides, so every rank stops at the same step.
+
+    With ``config.fit_schedule`` it also fits the run to the budget: from the seconds per step
+    measured so far (after ``WARMUP`` steps of this call) it plans the last step,
+    S = min(steps, s + ⌊(budget − elapsed)/(seconds per step)⌋), at ``PLANS`` evenly spaced moments
+    of the budget, and makes S the run's ``steps``, so the cosine decay, the second-order phase
+    and the final checkpoint end where the time does. The plan is saved in checkpoints; a run
+    fitted to a clock is not bit-reproducible, since the clock is not."""
     name = "time_budget"
     all_ranks = True
+    WARMUP, PLANS = 3, 20
+
+    def __init__(self):
+        self.planned = None
 
     def on_start(self, trainer) -> None:
-        self.started = time.perf_counter()
+        self.started, self.start_step, self.next_plan = time.perf_counter(), trainer.step, 1
+        self.requested = trainer.config.steps
+        if self.planned is not None:  # a resumed run keeps the plan of the call that made it
+            trainer.config = dataclasses.replace(trainer.config, steps=min(self.planned, self.requested))
 
     def on_step(self, trainer) -> None:
         from .distributed import broadcast_flag
@@ -172,8 +189,36 @@ class TimeBudget(Hook):
         limit = trainer.config.max_seconds
         if limit is None or trainer.step >= trainer.config.steps:
             return
-        if broadcast_flag(time.perf_counter() - self.started >= limit, trainer.device):
+        elapsed = time.perf_counter() - self.started
+        if trainer.config.fit_schedule:
+            self._plan(trainer, elapsed, limit)
+        if broadcast_flag(elapsed >= limit, trainer.device):
             trainer.stop("time budget spent")
+
+    def _plan(self, trainer, elapsed: float, limit: float) -> None:
+        from .distributed import broadcast_flag, broadcast_int
+
+        if trainer.step - self.start_step <= self.WARMUP:
+            self.warm = (trainer.step, elapsed)
+            return
+        if broadcast_flag(elapsed < self.next_plan * limit / self.PLANS, trainer.device):
+            return
+        self.next_plan = int(elapsed * self.PLANS / limit) + 1
+        warm_step, warm_elapsed = self.warm
+        per_step = (elapsed - warm_elapsed) / (trainer.step - warm_step)
+        planned = min(self.requested, trainer.step + max(1, int((limit - elapsed) / per_step)))
+        planned = broadcast_int(planned, trainer.device)
+        if planned != trainer.config.steps:
+            self.planned = planned
+            trainer.config = dataclasses.replace(trainer.config, steps=planned)
+            trainer.emit({"event": "schedule fitted", "step": trainer.step, "steps": planned,
+                          "seconds_per_step": per_step})
+
+    def state_dict(self) -> dict:
+        return {"planned": self.planned}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.planned = state.get("planned")
 
 
 #: Hooks a configuration or the command line can name.
