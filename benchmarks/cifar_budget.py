@@ -8,7 +8,8 @@ library's default estimator (ELBO, time proposal fitted on a pilot batch, EMA we
 Training choices (vs sdeflow-light's pipeline: drift network, uniform-in-time ELBO loss, no EMA):
 ε-parameterisation with the likelihood weighting (the loss *is* the ELBO's path term) and
 importance-sampled time (q ∝ g²/σ², lower-variance gradients), Adam with warm-up and a cosine
-decay fitted to the number of steps the budget allows (measured on a short calibration run),
+decay fitted to the number of steps the budget allows (the engine's ``fit_schedule``, which
+measures the seconds per step as training runs),
 gradient clipping, and an EMA of the parameters with a warm-up.
 
 ``--parameterization`` picks what the network predicts. In 12 minutes the ε network is far
@@ -30,8 +31,6 @@ import argparse
 import json
 import math
 import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -78,31 +77,18 @@ def main(argv=None) -> None:
     model_config = image_model_config("cifar10", "small", parameterization=args.parameterization)
     budget_s = args.budget_min * 60.0
 
-    # Calibration: seconds per step on this machine now, to fit the cosine schedule to the budget.
-    with tempfile.TemporaryDirectory() as scratch:
-        torch.manual_seed(args.seed)
-        probe = build_model(model_config)
-        calib = TrainConfig(steps=6, batch_size=args.batch_size, checkpoint_every=10**6,
-                            log_every=10**6, seed=args.seed, precision=args.precision)
-        train_images(probe, train_set, Path(scratch) / "run", calib, model_config, device=args.device)
-        started = time.perf_counter()
-        calib.steps = 12
-        train_images(probe, train_set, Path(scratch) / "run", calib, model_config, device=args.device,
-                       resume=True)
-        seconds_per_step = (time.perf_counter() - started) / 6
-    planned_steps = max(50, int(budget_s / seconds_per_step))
-    print(f"calibration: {seconds_per_step:.3f} s/step -> planning {planned_steps} steps for {args.budget_min:g} min")
-
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
     torch.manual_seed(args.seed)
     model = build_model(model_config)
+    # The schedule is fitted to the steps the budget affords as training runs (TrainConfig.fit_schedule):
+    # steps is only an upper bound.
     config = TrainConfig(
-        steps=planned_steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(100, planned_steps // 10),
-        lr_schedule="cosine", grad_clip=1.0, ema_decay=args.ema_decay, time_sampling="importance",
-        weighting="likelihood", checkpoint_every=max(1, planned_steps // 4), keep_checkpoints=1, log_every=25,
-        sample_every=0, seed=args.seed, max_seconds=budget_s, precision=args.precision)
+        steps=100_000, batch_size=args.batch_size, lr=args.lr, warmup_steps=100, lr_schedule="cosine",
+        grad_clip=1.0, ema_decay=args.ema_decay, time_sampling="importance", weighting="likelihood",
+        checkpoint_every=100_000, keep_checkpoints=1, log_every=25, sample_every=0, seed=args.seed,
+        max_seconds=budget_s, fit_schedule=True, precision=args.precision)
     result = train_images(model, train_set, out, config, model_config, device=args.device)
     print(f"trained {result['step']} steps in {result['seconds'] / 60:.1f} min "
           f"({result['seconds'] / max(result['step'], 1):.3f} s/step, {result['skipped']} skipped)")
