@@ -1,6 +1,7 @@
 """sdeflow.evaluation: log-likelihoods over data sets against closed forms, reproducibility, and
 the promise that `sdeflow eval` never loads the training loop."""
 
+import math
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from sdeflow.data import get_dataset
-from sdeflow.evaluation import EvaluationError, log_likelihood, mean_se
+from sdeflow.evaluation import EvaluationError, describe_estimator, log_likelihood, mean_se, tail_diagnostics
 
 from oracle_helpers import SDES, exact_model, expected_elbo, expected_ode_log_prob, gaussian
 from sdeflow.experiments import images as images_app
@@ -59,6 +60,86 @@ def test_bad_arguments_and_diverged_models():
     model.register_module("broken", broken)
     with pytest.raises(EvaluationError, match="non-finite parameters"):
         log_likelihood(model, x)
+
+
+def test_tail_diagnostics_against_hand_computed_values():
+    # d = (-.2, -.2, -.2, -.2, .8): Σd² = .8, Σd⁴ = .416, so share = .64/.8 and kurtosis = 5·.416/.64.
+    values = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])
+    found = tail_diagnostics(values)
+    assert found["tail_share"] == pytest.approx(0.8) and found["kurtosis"] == pytest.approx(3.25)
+    assert found["tail_count"] == 1 and found["heavy_tailed"] is False  # 5 values: too few to tell
+    assert tail_diagnostics(-7.0 * values + 3.0)["tail_share"] == pytest.approx(0.8)  # nats or bits/dim alike
+    for degenerate in (torch.ones(30), torch.ones(1)):
+        found = tail_diagnostics(degenerate)
+        assert math.isnan(found["tail_share"]) and math.isnan(found["kurtosis"]) and not found["heavy_tailed"]
+
+
+def test_gaussian_values_are_not_heavy_tailed_and_a_few_huge_outliers_are():
+    gen = torch.Generator().manual_seed(0)
+    big = tail_diagnostics(torch.randn(200_000, generator=gen, dtype=torch.float64))
+    z = 2.5758293035489  # the 99.5 % quantile: the top 1 % of d² is |z| above it, a share 2(zφ(z) + 1 − Φ(z))
+    expected_share = 2 * (z * math.exp(-z * z / 2) / math.sqrt(2 * math.pi) + 0.5 * math.erfc(z / math.sqrt(2)))
+    assert big["tail_count"] == 2000 and big["tail_share"] == pytest.approx(expected_share, abs=0.003)
+    assert big["kurtosis"] == pytest.approx(3.0, abs=0.05) and not big["heavy_tailed"]
+    for n in (20, 50, 200, 1000):
+        for _ in range(20):
+            assert not tail_diagnostics(torch.randn(n, generator=gen))["heavy_tailed"], n
+    for n, outliers in ((20, 1), (1000, 5), (5000, 20)):
+        values = torch.randn(n, generator=gen, dtype=torch.float64)
+        values[:outliers] += 1e3
+        found = tail_diagnostics(values)
+        assert found["heavy_tailed"] and found["tail_share"] > 0.9 and found["kurtosis"] > n / (2 * outliers), n
+    one_outlier = torch.randn(19, generator=gen)
+    one_outlier[0] = 1e3
+    assert not tail_diagnostics(one_outlier)["heavy_tailed"]  # below 20 values a Gaussian meets the share too
+
+
+def test_results_carry_the_estimator_and_the_tail_diagnostics():
+    sde, data = SDES["vp"](), gaussian(2)
+    model = exact_model(sde, data)
+    x = data.sample(40, generator=torch.Generator().manual_seed(2)).double()
+    elbo = log_likelihood(model, x, batch_size=16, fit_examples=64)
+    assert elbo["estimator"] == describe_estimator("elbo", fit_examples=40) == (
+        "ELBO, time proposal fitted on 40 pilot examples, Hutchinson divergence (rademacher probe), "
+        "1 slice per example")
+    assert {k: elbo[k] for k in ("tail_share", "tail_count", "kurtosis", "heavy_tailed")} == tail_diagnostics(
+        elbo["per_example"])
+    ode = log_likelihood(model, x[:4], estimator="ode", divergence="exact", rtol=1e-3, atol=1e-4, solver="bosh3")
+    assert ode["estimator"] == "probability-flow ODE, bosh3, rtol 0.001, atol 0.0001, exact divergence"
+    assert describe_estimator("elbo", time_sampling="importance", divergence="exact", n_slices=4) == (
+        "ELBO, importance time proposal q ∝ g²/v, exact divergence, 4 slices per example")
+    assert describe_estimator("elbo", time_sampling="uniform", probe="gaussian").startswith(
+        "ELBO, uniform time, Hutchinson divergence (gaussian probe)")
+    with pytest.raises(ValueError, match="solver must be one of"):
+        log_likelihood(model, x, estimator="ode", solver="euler")  # fixed-grid: no rtol/atol to honour
+
+
+def test_ode_standard_error_counts_each_examples_own_probe_noise():
+    """For N(μ, diag σ²) data the flow is linear per coordinate, y_i(t) − m μ_i ∝ s_i(t) with
+    s_i² = m² σ_i² + v, so ∫₀ᵀ ∇·v dt = Σ_i M_i with M_i = log(s_i(T)/σ_i). A Gaussian probe z
+    gives Σ_i M_i z_i² instead: an error of mean 0 and variance 2 Σ_i M_i², independent between
+    examples if each has its own probe. So the Hutchinson estimates' variance is the exact ones'
+    plus 2 Σ M², and the standard error of their mean carries the probe noise."""
+    sde, data = SDES["vp"](), gaussian(3)
+    model = exact_model(sde, data)
+    x = data.sample(800, generator=torch.Generator().manual_seed(0)).double()
+    options = dict(estimator="ode", batch_size=400, rtol=1e-5, atol=1e-5)
+    exact = log_likelihood(model, x, divergence="exact", **options)
+    hutch = log_likelihood(model, x, probe="gaussian", seed=3, **options)
+    T = torch.tensor(sde.T, dtype=torch.float64)
+    std = torch.linspace(0.3, 1.0, 3, dtype=torch.float64)  # gaussian(3)'s
+    log_spread = 0.5 * torch.log((sde.mean_weight(T) ** 2 * std ** 2 + sde.var(T)) / std ** 2)  # M_i
+    probe_variance = float(2 * (log_spread ** 2).sum())
+    error = hutch["per_example"] - exact["per_example"]
+    n = error.numel()
+    assert abs(float(error.mean())) < 4 * math.sqrt(probe_variance / n)
+    centred = error - error.mean()
+    variance_se = math.sqrt(float((centred ** 4).mean() - (centred ** 2).mean() ** 2) / n)
+    assert abs(float(error.var()) - probe_variance) < 4 * variance_se
+    pairs = error.reshape(2, 400)  # neighbours in one batch: independent probes, uncorrelated errors
+    correlation = torch.corrcoef(torch.stack([pairs[:, :-1].flatten(), pairs[:, 1:].flatten()]))[0, 1]
+    assert abs(float(correlation)) < 4 / math.sqrt(n)
+    assert hutch["se"] ** 2 * n == pytest.approx(exact["se"] ** 2 * n + probe_variance, rel=0.2)
 
 
 def test_eval_command_never_imports_the_training_loop(tmp_path):
