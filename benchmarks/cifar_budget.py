@@ -1,46 +1,65 @@
-"""Held-out CIFAR-10 bits/dim after a fixed wall-clock training budget (issue 4).
+"""Held-out CIFAR-10 bits/dim after a fixed wall-clock training budget, on the user's own path.
 
-Trains the ``small`` U-Net preset for ``--budget-min`` minutes (default 12) on the shared subset
-``../shared/data/cifar10-subset`` (beside the repository) (4,660 real CIFAR-10 training images), holding one batch file
-out (``data_batch_5``, 932 images), then reports the held-out bits/dim ± standard error with the
-library's default estimator (ELBO, time proposal fitted on a pilot batch, EMA weights).
+Runs exactly what a user runs, in process: ``sdeflow train`` with the command line's defaults and
+``--max-seconds B --fit-schedule`` (the cosine decay and the last step fitted to the steps the
+budget affords, measured as training runs), then ``sdeflow eval`` on held-out images with the
+default estimator (ELBO, time proposal fitted on a pilot batch, EMA weights) and, for scale, with
+sdeflow-light's uniform-time slice.
 
-Training choices (vs sdeflow-light's pipeline: drift network, uniform-in-time ELBO loss, no EMA):
-ε-parameterisation with the likelihood weighting (the loss *is* the ELBO's path term) and
-importance-sampled time (q ∝ g²/σ², lower-variance gradients), Adam with warm-up and a cosine
-decay fitted to the number of steps the budget allows (the engine's ``fit_schedule``, which
-measures the seconds per step as training runs),
-gradient clipping, and an EMA of the parameters with a warm-up.
-
-``--parameterization`` picks what the network predicts. In 12 minutes the ε network is far
-ahead: on the same day, a score network reached 4.833 ± 0.019 bits/dim in 824 steps and the ε
-network 3.993 ± 0.055 in 890, because the score's output must grow like 1/std at low noise.
-``--precision bf16`` trains under bf16 autocast (evaluation stays fp32): on the 2-core
-AVX512-BF16 machine 1,236 steps fit in the budget and reached 3.890 ± 0.049.
-
-For scale (issue 4): sdeflow-light reaches about 4.85 bits/dim after 12 minutes on these machines,
-with a standard error of about 0.2 over 846 images. The machine's load matters: the script prints
-the steps it managed and the seconds per step.
+Data: the shared subset ``../shared/data/cifar10-subset`` (4,660 real CIFAR-10 training images)
+has no test batch, so the script writes a data root of its own beside the run: the training split
+holds ``data_batch_1`` … ``data_batch_4`` (3,728 images, re-chunked into five files) and the test
+split ``data_batch_5`` (932 images), which training never sees.
 
     python benchmarks/cifar_budget.py [--budget-min 12] [--batch-size 32] [--out runs/cifar_budget]
+        [-- extra sdeflow train flags, e.g. --precision bf16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import pickle
 import shutil
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from sdeflow.config import TrainConfig, build_model
-from sdeflow.evaluation import evaluate_bpd
-from sdeflow.experiments.images import image_model_config, load_model, train_images
+from sdeflow.cli import main as sdeflow
 from sdeflow.data.images import load_cifar10
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-subset"
+
+
+def write_split(source_root: Path, dest_root: Path) -> tuple[int, int]:
+    """A cifar-10-batches-py folder whose train split is batches 1-4 of ``source_root`` and whose
+    test split is its batch 5, in the official format. Returns (train images, test images)."""
+    images, labels = load_cifar10(source_root, "train", return_labels=True)
+    per_file = images.shape[0] // 5
+    folder = dest_root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    flat, labels = images.reshape(images.shape[0], -1).numpy(), labels.tolist()
+    train, test = slice(0, 4 * per_file), slice(4 * per_file, images.shape[0])
+    chunks = np.array_split(np.arange(train.stop), 5)
+    for i, index in enumerate(chunks, 1):
+        _write_batch(folder / f"data_batch_{i}", flat[index], [labels[j] for j in index])
+    _write_batch(folder / "test_batch", flat[test], labels[test])
+    return train.stop, images.shape[0] - train.stop
+
+
+def _write_batch(path: Path, data: np.ndarray, labels: list) -> None:
+    with open(path, "wb") as handle:
+        pickle.dump({b"data": np.ascontiguousarray(data, dtype=np.uint8), b"labels": labels}, handle, protocol=2)
+
+
+def _eval(run: Path, root: Path, out: Path, *extra) -> dict:
+    code = sdeflow(["eval", "--checkpoint", str(run), "--dataset", "cifar10", "--data-root", str(root),
+                    "--split", "test", "--json", str(out), "--no-progress", *extra])
+    if code != 0:
+        raise SystemExit(f"sdeflow eval failed with exit status {code}")
+    return json.loads(out.read_text())
 
 
 def main(argv=None) -> None:
@@ -48,79 +67,42 @@ def main(argv=None) -> None:
     parser.add_argument("--data-root", default=str(DEFAULT_ROOT))
     parser.add_argument("--budget-min", type=float, default=12.0, help="training wall-clock budget in minutes")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--ema-decay", type=float, default=0.995)
-    parser.add_argument("--eval-batch-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N held-out images (smoke runs)")
     parser.add_argument("--out", default="runs/cifar_budget")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is faster on a machine busy with other work)")
-    parser.add_argument("--compare-raw", action="store_true", help="also evaluate the raw (non-EMA) weights")
-    parser.add_argument("--parameterization", default="noise", choices=("noise", "drift", "score"),
-                        help="what the U-Net predicts (default: %(default)s)")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                        help="training precision; evaluation is always fp32 (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    images = load_cifar10(args.data_root, "train")
-    per_file = images.shape[0] // 5
-    train_set, held_out = images[:-per_file], images[-per_file:]
-    if args.eval_limit:
-        held_out = held_out[:args.eval_limit]
-    print(f"data: {train_set.shape[0]} training images, {held_out.shape[0]} held out (data_batch_5); "
-          f"device {args.device}, torch threads {torch.get_num_threads()}")
-
-    model_config = image_model_config("cifar10", "small", parameterization=args.parameterization)
-    budget_s = args.budget_min * 60.0
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N held-out images")
+    parser.add_argument("--no-uniform", action="store_true", help="skip the uniform-time comparison")
+    args, extra = parser.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
 
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
-    torch.manual_seed(args.seed)
-    model = build_model(model_config)
-    # The schedule is fitted to the steps the budget affords as training runs (TrainConfig.fit_schedule):
-    # steps is only an upper bound.
-    config = TrainConfig(
-        steps=100_000, batch_size=args.batch_size, lr=args.lr, warmup_steps=100, lr_schedule="cosine",
-        grad_clip=1.0, ema_decay=args.ema_decay, time_sampling="importance", weighting="likelihood",
-        checkpoint_every=100_000, keep_checkpoints=1, log_every=25, sample_every=0, seed=args.seed,
-        max_seconds=budget_s, fit_schedule=True, precision=args.precision)
-    result = train_images(model, train_set, out, config, model_config, device=args.device)
-    print(f"trained {result['step']} steps in {result['seconds'] / 60:.1f} min "
-          f"({result['seconds'] / max(result['step'], 1):.3f} s/step, {result['skipped']} skipped)")
+    root, run = out / "data", out / "run"
+    n_train, n_test = write_split(Path(args.data_root), root)
+    print(f"data: {n_train} training images, {n_test} held out; torch threads {torch.get_num_threads()}")
+    limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
 
-    ema_model, _, _ = load_model(result["checkpoint"], use_ema=True, device=args.device)
-    evaluation = evaluate_bpd(ema_model, held_out, model_config, batch_size=args.eval_batch_size,
-                                       seed=args.seed, device=args.device)
-    raw = None
-    if args.compare_raw:
-        raw_model, _, _ = load_model(result["checkpoint"], use_ema=False, device=args.device)
-        raw = evaluate_bpd(raw_model, held_out, model_config, batch_size=args.eval_batch_size,
-                                    seed=args.seed, device=args.device)
-    uniform = evaluate_bpd(ema_model, held_out, model_config, batch_size=args.eval_batch_size,
-                                    time_sampling="uniform", seed=args.seed, device=args.device)
-    summary = {
-        "budget_min": args.budget_min, "steps": result["step"], "batch_size": args.batch_size,
-        "seconds_per_step": result["seconds"] / max(result["step"], 1),
-        "held_out_bpd": evaluation["bpd"], "held_out_bpd_se": evaluation["bpd_se"],
-        "n_images": evaluation["n_images"], "eval_seconds": evaluation["seconds"],
-        "raw_weights_bpd": raw and raw["bpd"], "raw_weights_bpd_se": raw and raw["bpd_se"],
-        "uniform_time_bpd": uniform["bpd"], "uniform_time_bpd_se": uniform["bpd_se"],
-    }
-    print(f"held-out bits/dim (EMA, fitted-time ELBO): {evaluation['bpd']:.3f} ± {evaluation['bpd_se']:.3f} "
-          f"over {evaluation['n_images']} images ({evaluation['seconds']:.0f} s)")
-    if raw is not None:
-        print(f"  raw weights:                              {raw['bpd']:.3f} ± {raw['bpd_se']:.3f}")
-    print(f"  EMA, uniform-time ELBO (sdeflow-light's): {uniform['bpd']:.3f} ± {uniform['bpd_se']:.3f}  "
-          f"(se ratio fitted/uniform {evaluation['bpd_se'] / uniform['bpd_se']:.2f})")
-    print("for scale: sdeflow-light ~4.85 bits/dim after 12 min, se ~0.2 over 846 images")
+    started = time.perf_counter()
+    code = sdeflow(["train", "--dataset", "cifar10", "--data-root", str(root), "--steps", "1000000",
+                    "--batch-size", str(args.batch_size), "--max-seconds", str(args.budget_min * 60),
+                    "--fit-schedule", "--out", str(run), "--no-progress", *extra])
+    seconds = time.perf_counter() - started
+    if code != 0:
+        raise SystemExit(f"sdeflow train failed with exit status {code}")
+    steps = max(int(name.stem.split("-")[1]) for name in run.glob("ckpt-*.pt"))
+    fitted = _eval(run, root, out / "eval.json", *limit)
+    summary = {"budget_min": args.budget_min, "steps": steps, "batch_size": args.batch_size,
+               "seconds_per_step": seconds / steps, "extra_train_flags": extra, "held_out": fitted}
+    if not args.no_uniform:
+        summary["held_out_uniform_time"] = _eval(run, root, out / "eval_uniform.json", "--time-sampling", "uniform",
+                                                 *limit)
+    print(f"trained {steps} steps in {seconds / 60:.1f} min ({seconds / steps:.3f} s/step)")
+    print(f"held-out bits/dim, default estimator: {fitted['bpd']:.3f} ± {fitted['bpd_se']:.3f} "
+          f"over {fitted['n_images']} images ({fitted['seconds']:.0f} s)")
+    if "held_out_uniform_time" in summary:
+        uniform = summary["held_out_uniform_time"]
+        print(f"  uniform-time ELBO (sdeflow-light's slice): {uniform['bpd']:.3f} ± {uniform['bpd_se']:.3f} "
+              f"(standard error {uniform['bpd_se'] / fitted['bpd_se']:.1f}x the default's)")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if not math.isfinite(evaluation["bpd"]):
-        raise SystemExit("non-finite bits/dim")
 
 
 if __name__ == "__main__":

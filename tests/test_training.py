@@ -43,7 +43,7 @@ def test_learning_rate_warmup_and_cosine():
     assert [config.lr_at(s) for s in range(3)] == [0.25, 0.5, 0.75]
     assert config.lr_at(3) == pytest.approx(1.0)
     assert config.lr_at(9) == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 6)))
-    assert TrainConfig(steps=5, batch_size=1, lr=0.3).lr_at(4) == 0.3
+    assert TrainConfig(steps=5, batch_size=1, lr=0.3, warmup_steps=0, lr_schedule="constant").lr_at(4) == 0.3
 
 
 @pytest.mark.parametrize("field,value,match", [
