@@ -7,11 +7,9 @@ from typing import Callable
 
 import torch
 
-from .state import DataOrder, make_generator, step_seed
+from .state import STREAM_DRAWS, DataOrder, make_generator, step_seed
 
 __all__ = ["DatasetBatches", "StreamBatches"]
-
-STREAM_DRAWS = 5
 
 
 class DatasetBatches:

@@ -17,7 +17,8 @@ import torch
 __all__ = ["step_seed", "make_generator", "seed_everything", "rng_state", "set_rng_state", "DataOrder"]
 
 #: Streams of :func:`step_seed`: independent randomness for the same (seed, step, rank).
-STREAM_STEP, STREAM_DATA_ORDER, STREAM_PILOT, STREAM_EVAL, STREAM_MONITOR = 0, 1, 2, 3, 4
+(STREAM_STEP, STREAM_DATA_ORDER, STREAM_PILOT, STREAM_EVAL, STREAM_MONITOR, STREAM_DRAWS,
+ STREAM_MONITOR_DATA) = range(7)
 
 
 def step_seed(seed: int, step: int, rank: int = 0, stream: int = 0) -> int:

@@ -39,7 +39,7 @@ from ..checkpoint import atomic_write_bytes
 from ..config import TrainConfig, build_model, model_config
 from ..data import get_dataset
 from ..engine.hooks import LOG_NAME, read_log
-from ..engine.state import STREAM_MONITOR, make_generator, step_seed
+from ..engine.state import STREAM_MONITOR, STREAM_MONITOR_DATA, make_generator, step_seed
 from ..evaluation import log_likelihood, mean_se
 from ..metrics import sliced_wasserstein
 from ..plotting import lmbd_key, plot_points, plot_samples, plot_training, plot_trajectories
@@ -151,8 +151,9 @@ def _elbo_estimate(config: ToyConfig):
 
     def estimate(ema_model, step: int) -> float:
         gen = make_generator(config.device, step_seed(train.seed, step, 0, stream=STREAM_MONITOR))
+        # The data's own stream: a CPU generator seeded like ``gen`` would repeat its numbers.
         x = sample_data(train.monitor_batch, generator=make_generator("cpu", step_seed(train.seed, step, 0,
-                                                                                         stream=STREAM_MONITOR)))
+                                                                                         stream=STREAM_MONITOR_DATA)))
         x = x.to(config.device)
         with torch.no_grad():
             ema_model.fit_time_proposal(x, max_examples=x.shape[0], divergence="exact", generator=gen)
