@@ -232,6 +232,10 @@ def main(argv=None) -> int:
     except OSError as err:  # the disk filled or a device failed while running: not the user's input
         print(f"sdeflow {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except RuntimeError as err:  # torch refused an operation while running (e.g. out of memory)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"sdeflow {args.command}: error: {first}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"sdeflow {args.command}: interrupted", file=sys.stderr)
         return 130

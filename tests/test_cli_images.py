@@ -169,3 +169,16 @@ def test_unwritable_output_is_one_line_exit_1(tmp_path, capsys, monkeypatch, tra
     assert cli.main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "could not write" in err and "Permission denied" in err
+
+
+def test_a_runtime_error_of_torch_is_one_line_exit_1(tmp_path, capsys, monkeypatch, trained):
+    root, _ = trained
+    from sdeflow.model import PluginReverseSDE
+
+    def out_of_memory(self, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details on a second line")
+
+    monkeypatch.setattr(PluginReverseSDE, "dsm", out_of_memory)
+    assert cli.main(train_args(root, tmp_path / "run", 2)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "sdeflow train: error: CUDA out of memory. Tried to allocate 2.00 GiB"

@@ -176,3 +176,11 @@ def test_sample_images_deterministic_and_grid_written(tmp_path):
     assert a.dtype == torch.uint8 and a.shape == (5, 1, 8, 8) and torch.equal(a, b)
     path = save_image_grid(a, tmp_path / "grid.png", title="test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_second_order_dsm_on_images_is_refused_before_training(tmp_path):
+    config = tiny_config(image_size=9)  # 81 dimensions
+    with pytest.raises(ValueError, match="second_order_fraction must be 0 for these images"):
+        images_app.train_images(tiny_model(config), tiny_images(size=9), tmp_path / "run",
+                                tiny_train_config(second_order_fraction=0.5), config)
+    assert not (tmp_path / "run").exists()  # nothing written

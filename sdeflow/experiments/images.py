@@ -156,8 +156,14 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
     from ..evaluation import evaluate_bpd
     from ..plotting import save_image_grid
 
+    from ..model import MAX_SECOND_ORDER_DIM
+
     config.validate()
     images = check_images(images, model_config)
+    dim = images[0].numel()
+    if config.second_order_steps() and dim > MAX_SECOND_ORDER_DIM:
+        raise ValueError(f"second_order_fraction must be 0 for these images: second-order DSM computes the exact "
+                         f"Jacobian, for data of at most {MAX_SECOND_ORDER_DIM} dimensions; they have {dim}")
     data = model_config["data"]
 
     def transform(batch, generator):
