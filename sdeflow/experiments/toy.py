@@ -181,11 +181,13 @@ def _sample_figure(config: ToyConfig):
     train, sample_data = config.train, get_dataset(config.dataset).sample
 
     def draw(ema_model, path, step):
-        gen = make_generator("cpu", step_seed(train.seed, step, 0, stream=STREAM_MONITOR))
+        gen = make_generator(config.device, step_seed(train.seed, step, 0, stream=STREAM_MONITOR))
         points = sample(ema_model, (train.sample_n_samples, 2), n_steps=train.sample_n_steps, generator=gen,
                         device=config.device)
+        data = sample_data(5000, generator=make_generator("cpu", step_seed(train.seed, step, 0,
+                                                                           stream=STREAM_MONITOR_DATA)))
         plot_points(points, path, f"{config.dataset}: EMA samples at step {step} ({train.sample_n_steps} Euler "
-                                  f"steps, λ=0)", reference=sample_data(5000, generator=gen))
+                                  f"steps, λ=0)", reference=data)
     return draw
 
 
