@@ -23,7 +23,7 @@ from torch import nn
 from . import divergence as _div
 from .ode import SOLVERS, odeint_within, probability_flow_velocity
 from .sdes import SDE
-from .time_sampling import FittedTime, ImportanceTime, TimeProposal, UniformTime
+from .time_sampling import FittedTime, ImportanceTime, TimeProposal, UniformTime, clamped_rate
 from .utils import (append_dims, as_time, check_choice, check_finite, check_new_name, check_positive_int,
                     sum_except_batch)
 
@@ -56,7 +56,7 @@ def likelihood_weighting(sde: SDE, t: torch.Tensor) -> torch.Tensor:
     below t_ε (as in sdeflow-light) where it would diverge. It is T·Z times the density of
     :class:`~sdeflow.time_sampling.ImportanceTime`, so with ``time_sampling="importance"`` the
     estimate's time weight is the constant Z. (B,) -> (B,)."""
-    return sde.T * ImportanceTime(sde).unnormalized(t)
+    return sde.T * clamped_rate(sde, t)
 
 
 #: name → λ(sde, t): the per-time weight of the DSM loss, :math:`E_{t\sim U(0,T)}[\lambda(t)\,\ell(t)]`

@@ -86,6 +86,17 @@ class UniformTime(TimeProposal):
         return t.clamp_min(torch.finfo(t.dtype).tiny), q
 
 
+#: ImportanceTime's default t_ε, as a fraction of T (sdeflow-light's).
+T_EPS_FRACTION = 1e-3
+
+
+def clamped_rate(sde: SDE, t: torch.Tensor, t_eps: float | None = None) -> torch.Tensor:
+    """h(max(t, t_ε)) = g²/v at max(t, t_ε), with t_ε = 10⁻³·T by default: the unnormalised density
+    of :class:`ImportanceTime` and, times T, the likelihood weighting of the DSM loss. (B,) -> (B,)."""
+    t = t.clamp_min(T_EPS_FRACTION * sde.T if t_eps is None else t_eps)
+    return sde.g2(t) / sde.var(t)
+
+
 class ImportanceTime(TimeProposal):
     r"""q(t) ∝ h(max(t, t_ε)) with h = g²/v = −λ'(t).
 
@@ -97,7 +108,7 @@ class ImportanceTime(TimeProposal):
     def __init__(self, sde: SDE, t_eps: float | None = None):
         super().__init__(sde.T)
         self.sde = sde
-        self.t_eps = 1e-3 * sde.T if t_eps is None else float(t_eps)
+        self.t_eps = T_EPS_FRACTION * sde.T if t_eps is None else float(t_eps)
         if not 0 < self.t_eps < sde.T:
             raise ValueError(f"t_eps must lie in (0, T={sde.T}); got {t_eps!r}")
         te = torch.tensor(self.t_eps, dtype=torch.float64)
@@ -109,8 +120,7 @@ class ImportanceTime(TimeProposal):
 
     def unnormalized(self, t: torch.Tensor) -> torch.Tensor:
         """h(max(t, t_ε)) = g²/v at max(t, t_ε)."""
-        t = t.clamp_min(self.t_eps)
-        return self.sde.g2(t) / self.sde.var(t)
+        return clamped_rate(self.sde, t, self.t_eps)
 
     def density(self, t):
         return self.unnormalized(t) / self.normalizer
