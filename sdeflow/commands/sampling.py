@@ -14,16 +14,14 @@ at run time (samples that diverge, a disk that refuses the write): one line, exi
 from __future__ import annotations
 
 import argparse
-import functools
 import math
-import sys
 from pathlib import Path
 
 from ..cli import CLIError, device, nonneg_int, number, positive_float, positive_int
 
 
 class SamplingError(RuntimeError):
-    """A failure at run time (not bad input): exit status 1."""
+    """A failure at run time (not bad input): ``sdeflow.cli.main`` prints it in one line, exit status 1."""
 
 
 # ---- arguments built from the sampler registry --------------------------------------------------
@@ -161,21 +159,6 @@ def register(subparsers) -> None:
 
 
 # ---- shared plumbing ------------------------------------------------------------------------------
-def _runtime_errors_exit_1(handler):
-    """Failures that are not bad input: one line on stderr and exit status 1."""
-    @functools.wraps(handler)
-    def wrapped(args) -> int:
-        from ..checkpoint import CheckpointWriteError
-
-        try:
-            return handler(args)
-        except (SamplingError, CheckpointWriteError, RuntimeError) as err:
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            print(f"sdeflow {args.command}: error: {message}", file=sys.stderr)
-            return 1
-    return wrapped
-
-
 def _check_out(text: str) -> Path:
     out = Path(text)
     if out.suffix.lower() != ".png":
@@ -268,7 +251,6 @@ def _load_conditional(args):
 
 
 # ---- handlers -------------------------------------------------------------------------------------
-@_runtime_errors_exit_1
 def run_sample(args) -> int:
     from ..experiments import images as images_lib
     from ..plotting import save_image_grid
@@ -314,7 +296,6 @@ def _run_conditional(args, observe, draw, title: str, summary: str) -> int:
     return 0
 
 
-@_runtime_errors_exit_1
 def run_inpaint(args) -> int:
     import torch
 
@@ -335,7 +316,6 @@ def run_inpaint(args) -> int:
                             lambda what: f", {args.scheme}")
 
 
-@_runtime_errors_exit_1
 def run_denoise(args) -> int:
     import torch
 
