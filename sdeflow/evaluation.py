@@ -106,26 +106,33 @@ def tail_diagnostics(values: torch.Tensor) -> dict:
 
 def describe_estimator(estimator: str = "elbo", *, n_slices: int = 1, time_sampling: str = "fitted",
                        divergence: str = "hutchinson", probe: str = "rademacher", rtol: float = 1e-5,
-                       atol: float = 1e-5, solver: str = "dopri5", fit_examples: int = 32) -> str:
+                       atol: float = 1e-5, solver: str = "dopri5", fit_examples: int = 16,
+                       t_min: float | None = None, dequantization: str | None = None) -> str:
     """One line saying which estimator the arguments of :func:`log_likelihood` select, e.g.
-    "ELBO, time proposal fitted on 32 pilot examples, Hutchinson divergence (rademacher probe),
-    1 slice per example" or "probability-flow ODE, dopri5, rtol 1e-05, atol 1e-05, Hutchinson
-    divergence (rademacher probe)". The one place such descriptions are built."""
+    "ELBO from t_min 1e-05 (Gaussian decoder), time proposal fitted on 16 pilot examples (denoising
+    form with a fitted control variate), 4 slices per example" or "probability-flow ODE from t_min 0,
+    dopri5, rtol 1e-05, atol 1e-05, Hutchinson divergence (rademacher probe)", followed by ", <d>
+    dequantization" when ``dequantization`` is given. ``t_min`` None: the estimator's default
+    (10⁻⁵·T for the ELBO, printed as "default"; 0 for the ODE). The one place such descriptions are built."""
     check_choice("estimator", estimator, ESTIMATORS)
     check_choice("divergence", divergence, DIVERGENCES)
     div = f"Hutchinson divergence ({probe} probe)" if divergence == "hutchinson" else "exact divergence"
+    tail = f", {dequantization} dequantization" if dequantization else ""
     if estimator == "ode":
-        return f"probability-flow ODE, {solver}, rtol {rtol:g}, atol {atol:g}, {div}"
+        return f"probability-flow ODE from t_min {t_min or 0:g}, {solver}, rtol {rtol:g}, atol {atol:g}, {div}{tail}"
     check_choice("time_sampling", time_sampling, TIME_SAMPLINGS)
-    times = {"uniform": "uniform time",
-             "importance": "importance time proposal q ∝ g²/v",
-             "fitted": f"time proposal fitted on {fit_examples} pilot examples"}[time_sampling]
-    return f"ELBO, {times}, {div}, {n_slices} slice{'s' if n_slices > 1 else ''} per example"
+    start = "ELBO from t_min " + ("1e-05·T" if t_min is None else f"{t_min:g}")
+    start += " (Gaussian decoder)" if t_min is None or t_min > 0 else ""
+    if time_sampling == "fitted":
+        how = f"time proposal fitted on {fit_examples} pilot examples (denoising form with a fitted control variate)"
+    else:
+        how = {"uniform": "uniform time", "importance": "importance time proposal q ∝ g²/v"}[time_sampling] + f", {div}"
+    return f"{start}, {how}, {n_slices} slice{'s' if n_slices > 1 else ''} per example{tail}"
 
 
 def _score(model, n: int, batch: Callable, *, estimator: str, batch_size: int, n_slices: int,
            time_sampling: str, divergence: str, probe: str, solver: str, rtol: float, atol: float, seed: int, device,
-           fit_examples: int, progress: bool) -> tuple[torch.Tensor, list]:
+           fit_examples: int, t_min: float | None, progress: bool) -> tuple[torch.Tensor, list]:
     """Per-example log-likelihoods (nats, plus the batch's log-determinant where ``batch`` gives one)
     of examples [0, n) of this rank's shard; ``batch(start, stop, generator) -> (y, logdet or None)``."""
     from tqdm.auto import tqdm
@@ -138,8 +145,7 @@ def _score(model, n: int, batch: Callable, *, estimator: str, batch_size: int, n
         pilot_gen = make_generator(device, step_seed(seed, 0, 0, stream=STREAM_PILOT))
         pilot, _ = batch(0, min(n, fit_examples), pilot_gen)
         try:
-            model.fit_time_proposal(pilot, max_examples=pilot.shape[0], divergence=divergence, probe=probe,
-                                    generator=pilot_gen)
+            model.fit_time_proposal(pilot, max_examples=pilot.shape[0], t_min=t_min, generator=pilot_gen)
         except ValueError as err:  # the pilot's integrands were not finite: not the caller's input
             raise EvaluationError(f"the ELBO's time proposal could not be fitted ({err}); the model gives "
                                   f"non-finite values and has probably diverged") from None
@@ -153,14 +159,14 @@ def _score(model, n: int, batch: Callable, *, estimator: str, batch_size: int, n
             # The probe is drawn here per example (shape of y), so the examples' errors are independent.
             try:
                 logp, info = model.log_prob_ode(y, rtol=rtol, atol=atol, solver=solver, divergence=divergence,
-                                                probe=probe, generator=gen, return_info=True)
+                                                probe=probe, t_min=t_min or 0.0, generator=gen, return_info=True)
             except AssertionError as err:  # torchdiffeq's step-size underflow: the dynamics are too stiff
                 raise EvaluationError(f"the ODE solver failed on examples {start}-{stop - 1} ({err}); the "
                                       f"model's probability flow is too stiff for rtol={rtol}, atol={atol}") from None
             nfes.append(info["nfe"])
         else:
             logp = model.elbo(y, n_slices=n_slices, time_sampling=time_sampling, divergence=divergence,
-                              probe=probe, generator=gen)
+                              probe=probe, generator=gen, t_min=t_min)
         logp = logp.detach().double()
         results.append((logp if logdet is None else logp + logdet.double()).cpu())
     local = torch.cat(results) if results else torch.zeros(0, dtype=torch.float64)
@@ -171,14 +177,16 @@ def _score(model, n: int, batch: Callable, *, estimator: str, batch_size: int, n
 def log_likelihood(model, x: torch.Tensor | None = None, *, n: int | None = None, batch: Callable | None = None,
                    estimator: str = "elbo", batch_size: int = 64, n_slices: int = 1, time_sampling: str = "fitted",
                    divergence: str = "hutchinson", probe: str = "rademacher", rtol: float = 1e-5, atol: float = 1e-5,
-                   solver: str = "dopri5", seed: int = 0, device=None, fit_examples: int = 32,
-                   progress: bool = False) -> dict:
+                   solver: str = "dopri5", seed: int = 0, device=None, fit_examples: int = 16,
+                   t_min: float | None = None, progress: bool = False) -> dict:
     """Log-likelihood in nats of every example of ``x`` (N, ...) in model space, or of ``n`` examples
     given by ``batch(start, stop, generator) -> (y, logdet)`` (``logdet`` added to each estimate, or
     None), by ``estimator`` "elbo" (``n_slices`` draws, ``time_sampling``) or "ode" (adaptive
     ``solver`` with ``rtol``, ``atol``), either with ``divergence`` "hutchinson" (a ``probe`` per
     example: "rademacher" or "gaussian") or "exact". The proposal of ``time_sampling="fitted"`` is
-    fitted on the first ``fit_examples`` examples. Pass the model unwrapped (not DDP); it is
+    fitted on the first ``fit_examples`` examples. ``t_min``: where the estimator starts (see
+    :meth:`PluginReverseSDE.elbo` and :meth:`PluginReverseSDE.log_prob_ode`); None: 10⁻⁵·T for the
+    ELBO, 0 for the ODE. Pass the model unwrapped (not DDP); it is
     evaluated in eval mode.
 
     Returns {"mean", "se", "per_example" (N,) float64, "n", "seconds", "estimator" (the line of
@@ -215,7 +223,7 @@ def log_likelihood(model, x: torch.Tensor | None = None, *, n: int | None = None
         values, nfes = _score(model, n, batch, estimator=estimator, batch_size=batch_size, n_slices=n_slices,
                               time_sampling=time_sampling, divergence=divergence, probe=probe, solver=solver,
                               rtol=rtol, atol=atol, seed=seed, device=device, fit_examples=fit_examples,
-                              progress=progress)
+                              t_min=t_min, progress=progress)
     finally:
         model.train(was_training)
     if not torch.isfinite(values).all():
@@ -224,7 +232,8 @@ def log_likelihood(model, x: torch.Tensor | None = None, *, n: int | None = None
     mean, se = mean_se(values)
     description = describe_estimator(estimator, n_slices=n_slices, time_sampling=time_sampling,
                                      divergence=divergence, probe=probe, rtol=rtol, atol=atol, solver=solver,
-                                     fit_examples=min(n, fit_examples))
+                                     fit_examples=min(n, fit_examples),
+                                     t_min=model.default_t_min() if t_min is None and estimator == "elbo" else t_min)
     out = {"mean": mean, "se": se, "per_example": values, "n": n, "seconds": time.perf_counter() - started,
            "estimator": description, **tail_diagnostics(values)}
     if estimator == "ode":

@@ -11,6 +11,9 @@ Hutchinson's trace) is
 
 .. math::  \log p(x) \ge E_{t, y_t}\Big[-\tfrac12\|a\|^2 - \nabla\cdot(g a - f)\Big]\cdot T
            + E_{y_T}[\log p_T(y_T)],\quad y_t \sim q(y_t \mid x).
+
+The likelihood estimators stop at a small t_min > 0 (default 10⁻⁵·T) and decode the data from
+y_{t_min} with :math:`p(x \mid y) = N(y/m, v/m^2)`, in closed form (see :meth:`PluginReverseSDE.elbo`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import nn
 from . import divergence as _div
 from .ode import SOLVERS, odeint_within, probability_flow_velocity
 from .sdes import SDE
-from .time_sampling import FittedTime, ImportanceTime, TimeProposal, UniformTime, clamped_rate
+from .time_sampling import T_MIN_FRACTION, FittedTime, ImportanceTime, TimeProposal, UniformTime, clamped_rate
 from .utils import (append_dims, as_time, check_choice, check_finite, check_new_name, check_positive_int,
                     sum_except_batch)
 
@@ -163,33 +166,41 @@ class PluginReverseSDE(nn.Module):
         return (1 - lmbd) ** 0.5 * self.sde.g(y, t)
 
     # ---- time proposals ------------------------------------------------------------------
-    def _proposal(self, time_sampling, x: torch.Tensor | None = None, **fit_kwargs) -> TimeProposal:
+    def default_t_min(self) -> float:
+        """The likelihood estimators' default start time, 10⁻⁵·T (``time_sampling.T_MIN_FRACTION``)."""
+        return T_MIN_FRACTION * self.T
+
+    def _proposal(self, time_sampling, x: torch.Tensor | None = None, t_min: float = 0.0,
+                  **fit_kwargs) -> TimeProposal:
         if isinstance(time_sampling, TimeProposal):
+            if time_sampling.t_min != t_min:
+                raise ValueError(f"t_min ({t_min}) must be the start of the time proposal's support "
+                                 f"({time_sampling.t_min})")
             return time_sampling
         check_choice("time_sampling", time_sampling, TIME_SAMPLINGS)
         if time_sampling == "uniform":
-            return UniformTime(self.T)
+            return UniformTime(self.T, t_min)
         if time_sampling == "importance":
-            return ImportanceTime(self.sde)
-        if self.time_proposal is None:
+            return ImportanceTime(self.sde, t_eps=t_min if t_min > 0 else None, t_min=t_min)
+        if self.time_proposal is None or self.time_proposal.t_min != t_min:
             if x is None:
                 raise ValueError('time_sampling="fitted" needs a fitted proposal: call fit_time_proposal first')
-            self.fit_time_proposal(x, **fit_kwargs)
+            self.fit_time_proposal(x, t_min=t_min, **fit_kwargs)
         return self.time_proposal
 
     @torch.no_grad()
-    def fit_time_proposal(self, x: torch.Tensor, *, n_bins: int = 48, max_examples: int = 32,
-                          probe: str = "rademacher", divergence: str = "hutchinson",
-                          defensive: float = 0.02, chunk_size: int | None = None,
+    def fit_time_proposal(self, x: torch.Tensor, *, n_bins: int = 32, max_examples: int = 16,
+                          defensive: float = 0.02, t_min: float | None = None, chunk_size: int | None = None,
                           generator: torch.Generator | None = None) -> FittedTime:
-        """Fit ``self.time_proposal`` ∝ √E[h(t)²] to the ELBO integrand h of this model on a pilot
-        batch (at most ``max_examples`` of x; one draw of t per bin and example), choosing in each
-        bin the form of h (Hutchinson or denoising, see :meth:`elbo`) of lower second moment.
-        Costs n_bins × examples network evaluations with their divergence, ``chunk_size`` at a
-        time (default: about 2¹⁷ numbers per chunk, 42 CIFAR images: larger batches of images run
-        slower per image on a CPU, 3× at 512). Returns the proposal.
+        """Fit ``self.time_proposal`` on [t_min, T] (default t_min: :meth:`default_t_min`) to the
+        ELBO's denoising integrand h₀ and its control variate w (see :meth:`elbo`) on a pilot batch
+        (at most ``max_examples`` of x; one draw of t per bin and example): per bin the coefficient
+        c of h₀ + c·w of least variance, and q ∝ √E[(h₀ + c w)²]. Costs n_bins × examples forward
+        passes of the network, ``chunk_size`` at a time (default: about 2¹⁷ numbers per chunk, 42
+        CIFAR images: larger batches of images run slower per image on a CPU). Returns the proposal.
         """
         check_finite("x", x)
+        t_min = self._check_t_min(t_min)
         if chunk_size is None:
             chunk_size = max(1, 2 ** 17 // max(1, x[0].numel()))
         chunk_size = check_positive_int("chunk_size", chunk_size)
@@ -198,19 +209,12 @@ class PluginReverseSDE(nn.Module):
 
         def integrands(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             xs = pilot.repeat((t.numel() // batch,) + (1,) * (pilot.ndim - 1))
-            hutchinson, denoising = [], []
-            for start in range(0, t.numel(), chunk_size):
-                sl = slice(start, start + chunk_size)
-                y, noise, std, g = self.sde.sample(xs[sl], t[sl], return_noise=True, generator=generator)
-                a, div_a = _div.divergence(lambda z: self.drift(z, t[sl]), y, estimator=divergence, probe=probe,
-                                           generator=generator)
-                hutchinson.append(self._hutchinson_integrand(a, div_a, t[sl]))
-                denoising.append(self._denoising_integrand(a, noise, std, g, t[sl]))
-            return torch.cat(hutchinson), torch.cat(denoising)
+            parts = [self._denoising_terms(xs[sl], t[sl], generator)
+                     for sl in (slice(i, i + chunk_size) for i in range(0, t.numel(), chunk_size))]
+            return torch.cat([h for h, _ in parts]), torch.cat([w for _, w in parts])
 
-        self.time_proposal = FittedTime.fit(integrands, self.sde, n_bins=n_bins, n_per_bin=batch,
-                                            defensive=defensive, generator=generator,
-                                            dtype=x.dtype, device=x.device)
+        self.time_proposal = FittedTime.fit(integrands, self.sde, n_bins=n_bins, n_per_bin=batch, t_min=t_min,
+                                            defensive=defensive, generator=generator, dtype=x.dtype, device=x.device)
         return self.time_proposal
 
     # ---- training loss -------------------------------------------------------------------
@@ -284,17 +288,43 @@ class PluginReverseSDE(nn.Module):
         return score, frobenius + trace
 
     # ---- the ELBO ------------------------------------------------------------------------
+    def predicted_noise(self, y: torch.Tensor, t) -> torch.Tensor:
+        """ε̂(y, t) = −std·s(y, t): the network's output for "noise", −std·out for "score",
+        −std·out/g for "drift" (no clamping of std). Shape of y."""
+        t = as_time(t, y.shape[0], y)
+        out = self._net(y, t)
+        if self.parameterization == "noise":
+            return out
+        std = append_dims(self.sde.std(t), y.ndim).to(y.dtype)
+        return -std * out if self.parameterization == "score" else -std * out / self.sde.g(y, t)
+
     def _hutchinson_integrand(self, a, div_a, t):
         # g depends on t only, so ∇·(g a) = g ∇·a; ∇·f = D·f(t) for the linear drift.
         g = self.sde.g2(t).sqrt().to(a.dtype)
         return -0.5 * sum_except_batch(a ** 2) - g * div_a + a[0].numel() * self.sde.f_coef(t).to(a.dtype)
 
-    def _denoising_integrand(self, a, noise, std, g, t):
-        # E_y[g ∇·a] = E[g a·ε/std] by parts (∇_y log q(y_t|x) = −ε/std); completing the square
-        # leaves −½‖a + gε/std‖² + ½g²‖ε‖²/v + D f, and E‖ε‖² = D.
-        dim = a[0].numel()
-        constant = dim * (0.5 * self.sde.g2(t) / self.sde.var(t) + self.sde.f_coef(t)).to(a.dtype)
-        return -0.5 * sum_except_batch((a + g * noise / std) ** 2) + constant
+    def _denoising_terms(self, x: torch.Tensor, t: torch.Tensor, generator=None):
+        r"""(h₀, w), float64 of shape (B,), at y_t = m x + std ε: the ELBO's integrand in denoising form
+        and its control variate,
+
+        .. math::  h_0 = -\tfrac12\rho\,(\|\hat\varepsilon - \varepsilon\|^2 - D) + D f,\qquad
+                   w = \tfrac12\rho\,(\|\varepsilon\|^2 - D),\qquad \rho = g^2/v.
+
+        h₀ follows from the Hutchinson form by parts: :math:`E_y[g\nabla\cdot a] = E[g\,a\cdot\varepsilon/std]`
+        (since :math:`\nabla_y\log q(y_t|x) = -\varepsilon/std`) and completing the square, with
+        a = −g ε̂/std. w has mean zero exactly (E‖ε‖² = D). h₀ + w = −½ρ(‖ε̂‖² − 2ε̂·ε) + Df, whose
+        noise vanishes with ε̂: it is the quiet form at small t, where the data's dequantisation noise
+        makes ε unpredictable; h₀ is the quiet one at large t, where ε̂ ≈ ε. Each sum is formed on its
+        own (no difference of large numbers)."""
+        y, noise, _, _ = self.sde.sample(x, t, return_noise=True, generator=generator)
+        eps = self.predicted_noise(y, t)
+        rho = (self.sde.g2(t) / self.sde.var(t)).double()
+        dim = x[0].numel()
+        s_eps = sum_except_batch(eps ** 2).double()
+        s_cross = sum_except_batch(eps * noise).double()
+        s_noise = sum_except_batch(noise ** 2 - 1).double()
+        h0 = -0.5 * rho * (s_eps - 2 * s_cross + s_noise) + dim * self.sde.f_coef(t).double()
+        return h0, 0.5 * rho * s_noise
 
     def elbo_integrand(self, y: torch.Tensor, t: torch.Tensor, *, probe: str = "rademacher",
                        divergence: str = "hutchinson", generator: torch.Generator | None = None,
@@ -304,55 +334,68 @@ class PluginReverseSDE(nn.Module):
                                    generator=generator, create_graph=create_graph)
         return self._hutchinson_integrand(a, div_a, t)
 
+    def _check_t_min(self, t_min, time_sampling=None) -> float:
+        if t_min is None:
+            return time_sampling.t_min if isinstance(time_sampling, TimeProposal) else self.default_t_min()
+        t_min = float(t_min)
+        if not 0.0 <= t_min < self.T:
+            raise ValueError(f"t_min must lie in [0, T={self.T}); got {t_min}")
+        return t_min
+
+    def decoder_log_weight(self, dim: int, t_min: float) -> float:
+        """D·log m(t_min): the closed-form term of the Gaussian decoder p(x | y) = N(y/m, v/m²) in the
+        ELBO started at t_min (0 for t_min = 0 and for VE)."""
+        return dim * float(torch.log(self.sde.mean_weight(torch.tensor(t_min, dtype=torch.float64))))
+
     def elbo(self, x: torch.Tensor, n_slices: int = 1, time_sampling="fitted",
              probe: str = "rademacher", divergence: str = "hutchinson",
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        r"""Unbiased per-example estimate of the ELBO in nats, shape (B,):
+             generator: torch.Generator | None = None, t_min: float | None = None) -> torch.Tensor:
+        r"""Unbiased per-example estimate of the ELBO in nats, shape (B,), of the model that runs the
+        reverse SDE from T down to ``t_min`` and decodes x from y = y_{t_min} with
+        :math:`p(x\mid y) = N(y/m, (v/m^2) I)` (m, v at t_min):
 
-        .. math::  \frac1K \sum_{k=1}^{K} \frac{h(y_{t_k}, t_k)}{q(t_k)} + E_{q(y_T|x)}[\log p_T(y_T)],
-                   \quad t_k \sim q,\ y_{t_k} = m x + std\,\varepsilon_k,
+        .. math::  \log p(x) \ge \int_{t_{min}}^T E_{y_t}[h(y_t, t)]\,dt + E_{q(y_T|x)}[\log p_T(y_T)]
+                   + D\log m(t_{min}),
 
-        with K = ``n_slices`` draws per example, stratified: t_k = Q⁻¹((k − 1 + u_k)/K) with u_k
-        uniform and Q the CDF of q, so each example's K times spread over q's whole range (unbiased,
-        and never noisier than K independent draws); the prior term is in closed form.
-        h is the Hutchinson form :math:`-\tfrac12\|a\|^2 - g\nabla\cdot a + D f` (divergence by
-        ``divergence`` = "hutchinson" with a ``probe``, or "exact"). Where a fitted proposal says so,
-        h is instead the denoising form :math:`-\tfrac12\|a + g\varepsilon/std\|^2 + D(\tfrac12 g^2/v + f)`,
-        of the same expectation at every t (integration by parts, since
-        :math:`\nabla_y \log q(y_t|x) = -\varepsilon/std`); it needs no divergence and is far less
-        noisy at large t. ``time_sampling``: "uniform", "importance" (q ∝ g²/v), "fitted" (the default:
-        ``self.time_proposal``, fitted on this batch if there is none yet; lowest variance) or any
-        :class:`~sdeflow.time_sampling.TimeProposal`. Differentiable when grad is enabled, so it
-        can be maximised directly.
+        since :math:`\log p(x|y) - \log q(y|x) = D\log m` for that decoder and
+        :math:`E_{q(y|x)}\log p_{t_{min}}(y)` is bounded by Huang et al.'s Theorem 1 on [t_min, T].
+        t_min = 0 gives the bound of the SDE run to 0 (no decoder); the default 10⁻⁵·T
+        (:meth:`default_t_min`) leaves out the times at which a network's ε prediction is untrained
+        and need not vanish, where the integrand grows like ‖ε̂‖²/(2t), its integral diverges and
+        every estimate of it is heavy-tailed.
+
+        The path term is :math:`\frac1K \sum_k h(y_{t_k}, t_k)/q(t_k)` with K = ``n_slices`` draws per
+        example, stratified: t_k = Q⁻¹((k − 1 + u_k)/K) with u_k uniform and Q the CDF of q on
+        [t_min, T] (unbiased, and never noisier than K independent draws); the prior term is in
+        closed form. ``time_sampling``: "uniform", "importance" (q ∝ g²/v) or any
+        :class:`~sdeflow.time_sampling.TimeProposal` take h in the Hutchinson form
+        :math:`-\tfrac12\|a\|^2 - g\nabla\cdot a + D f` (divergence by ``divergence`` =
+        "hutchinson" with a ``probe``, or "exact"; sdeflow-light's slice); "fitted" (the default:
+        ``self.time_proposal``, fitted on this batch if there is none for this t_min yet; lowest
+        variance, one forward pass per draw) takes the denoising form h₀ + c·w of
+        :meth:`_denoising_terms` with the control-variate coefficient c of the time's bin. Every form
+        has the same expectation at every t. Differentiable when grad is enabled.
         """
         check_finite("x", x)
         n_slices = check_positive_int("n_slices", n_slices)
         check_choice("probe", probe, _div.PROBES)
         check_choice("divergence", divergence, _div.ESTIMATORS)
-        proposal = self._proposal(time_sampling, x, probe=probe, divergence=divergence, generator=generator)
+        t_min = self._check_t_min(t_min, time_sampling)
+        proposal = self._proposal(time_sampling, x, t_min, generator=generator)
         batch = x.shape[0]
         # Slice k of every example draws its time from the k-th of n_slices quantile strata of q.
         t, q = proposal.sample(n_slices * batch, generator=generator, device=x.device, dtype=x.dtype,
                                strata=n_slices)
         xs = x.repeat((n_slices,) + (1,) * (x.ndim - 1))
-        y, noise, std, g = self.sde.sample(xs, t, return_noise=True, generator=generator)
-        create_graph = torch.is_grad_enabled()
-        use_denoising = proposal.denoising_at(t) if isinstance(proposal, FittedTime) else None
-        if use_denoising is None or not use_denoising.any():
-            h = self.elbo_integrand(y, t, probe=probe, divergence=divergence, generator=generator,
-                                    create_graph=create_graph)
+        if isinstance(proposal, FittedTime):
+            h0, w = self._denoising_terms(xs, t, generator)
+            h = h0 + proposal.control_at(t) * w
         else:
-            h = torch.zeros_like(t)
-            hutch = (~use_denoising).nonzero().squeeze(1)
-            if hutch.numel():
-                h = h.index_put((hutch,), self.elbo_integrand(y[hutch], t[hutch], probe=probe,
-                                                              divergence=divergence, generator=generator,
-                                                              create_graph=create_graph))
-            den = use_denoising.nonzero().squeeze(1)
-            a = self.drift(y[den], t[den])
-            h = h.index_put((den,), self._denoising_integrand(a, noise[den], std[den], g[den], t[den]))
-        path_term = (h / q).reshape(n_slices, batch).mean(dim=0)
-        return path_term + self.sde.expected_prior_log_prob(x)
+            y = self.sde.sample(xs, t, generator=generator)
+            h = self.elbo_integrand(y, t, probe=probe, divergence=divergence, generator=generator,
+                                    create_graph=torch.is_grad_enabled())
+        path_term = (h / q.to(h.dtype)).reshape(n_slices, batch).mean(dim=0).to(x.dtype)
+        return path_term + self.sde.expected_prior_log_prob(x) + self.decoder_log_weight(x[0].numel(), t_min)
 
     # ---- exact likelihood ----------------------------------------------------------------
     def log_prob_ode(self, x: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-5,

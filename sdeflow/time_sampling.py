@@ -1,18 +1,20 @@
-r"""Time proposals: densities q(t) on [0, T] to draw the time of a Monte-Carlo estimate from.
+r"""Time proposals: densities q(t) on [t_min, T] to draw the time of a Monte-Carlo estimate from.
 
-Any estimate of :math:`\int_0^T h(t)\,dt` is written :math:`h(t)/q(t)` with :math:`t \sim q`; it is
+Any estimate of :math:`\int_{t_{min}}^T h(t)\,dt` is written :math:`h(t)/q(t)` with :math:`t \sim q`; it is
 unbiased for every q that is positive where h is not, and its variance
 :math:`\int h^2/q - (\int h)^2` is smallest for :math:`q \propto \sqrt{E[h(t)^2]}`.
 
-- :class:`UniformTime`: q = 1/T (sdeflow-light's ``elbo_random_t_slice``).
+- :class:`UniformTime`: q = 1/(T − t_min) (sdeflow-light's ``elbo_random_t_slice`` for t_min = 0).
 - :class:`ImportanceTime`: q ∝ g(t)²/v(t), flat below t_ε. Because g²/v = −dλ/dt for every
   linear SDE (λ the log-SNR), this density is uniform in log-SNR above t_ε and its CDF and
   inverse CDF are closed forms of each SDE's own parameters.
 - :class:`FittedTime`: a piecewise-constant density on bins equally spaced in log-SNR, fitted to
   the square root of the measured second moment of the integrand, mixed with a share of
   :class:`ImportanceTime` so that weights stay bounded. It approaches the variance-optimal proposal.
+  Each bin may also carry the coefficient of a control variate (a term of known mean zero added
+  to the integrand), fitted with the density.
 
-Every proposal has ``sample(n, ...) -> (t, q(t))`` and ``density(t)``.
+Every proposal has ``sample(n, ...) -> (t, q(t))``, ``density(t)`` and its support's start ``t_min``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import torch
 from .sdes import SDE
 from .utils import check_positive_int
 
-__all__ = ["TimeProposal", "UniformTime", "ImportanceTime", "FittedTime"]
+__all__ = ["TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "T_EPS_FRACTION", "T_MIN_FRACTION",
+           "clamped_rate"]
 
 
 def _uniform(n: int, generator, device, dtype, strata: int = 1) -> torch.Tensor:
@@ -43,10 +46,12 @@ def _uniform(n: int, generator, device, dtype, strata: int = 1) -> torch.Tensor:
 
 
 class TimeProposal(ABC):
-    """A probability density q(t) on [0, T] with an exact sampler."""
+    """A probability density q(t) on [t_min, T] with an exact sampler."""
 
-    def __init__(self, T: float):
-        self.T = float(T)
+    def __init__(self, T: float, t_min: float = 0.0):
+        self.T, self.t_min = float(T), float(t_min)
+        if not 0.0 <= self.t_min < self.T:
+            raise ValueError(f"t_min must lie in [0, T={self.T}); got {t_min!r}")
 
     @abstractmethod
     def density(self, t: torch.Tensor) -> torch.Tensor:
@@ -67,18 +72,18 @@ class TimeProposal(ABC):
         """
         dtype = dtype or torch.get_default_dtype()
         u = _uniform(n, generator, device, dtype, strata)
-        t = self._inverse_cdf(u).clamp(0.0, self.T)
+        t = self._inverse_cdf(u).clamp(self.t_min, self.T)
         return t, self.density(t)
 
 
 class UniformTime(TimeProposal):
-    """q(t) = 1/T."""
+    """q(t) = 1/(T − t_min) on [t_min, T]."""
 
     def density(self, t):
-        return torch.full_like(t, 1.0 / self.T)
+        return torch.full_like(t, 1.0 / (self.T - self.t_min))
 
     def _inverse_cdf(self, u):
-        return u * self.T
+        return self.t_min + u * (self.T - self.t_min)
 
     def sample(self, n, *, generator=None, device=None, dtype=None, strata=1):
         t, q = super().sample(n, generator=generator, device=device, dtype=dtype, strata=strata)
@@ -88,6 +93,9 @@ class UniformTime(TimeProposal):
 
 #: ImportanceTime's default t_ε, as a fraction of T (sdeflow-light's).
 T_EPS_FRACTION = 1e-3
+#: The likelihood estimators' default start time t_min, as a fraction of T (the ε = 10⁻⁵ of Song et
+#: al. 2021 for VP likelihoods): below it a network's ε prediction is untrained and need not vanish.
+T_MIN_FRACTION = 1e-5
 
 
 def clamped_rate(sde: SDE, t: torch.Tensor, t_eps: float | None = None) -> torch.Tensor:
@@ -98,24 +106,25 @@ def clamped_rate(sde: SDE, t: torch.Tensor, t_eps: float | None = None) -> torch
 
 
 class ImportanceTime(TimeProposal):
-    r"""q(t) ∝ h(max(t, t_ε)) with h = g²/v = −λ'(t).
+    r"""q(t) ∝ h(max(t, t_ε)) on [t_min, T], with h = g²/v = −λ'(t).
 
-    Mass below t_ε is t_ε·h(t_ε); above it, λ(t_ε) − λ(t). Normaliser
-    :math:`Z = t_\epsilon h(t_\epsilon) + \lambda(t_\epsilon) - \lambda(T)`.
-    The default t_ε = 10⁻³·T follows sdeflow-light.
+    Mass below t_ε is (t_ε − t_min)·h(t_ε); above it, λ(t_ε) − λ(t). Normaliser
+    :math:`Z = (t_\epsilon - t_{min}) h(t_\epsilon) + \lambda(t_\epsilon) - \lambda(T)`.
+    The default t_ε = max(10⁻³·T, t_min) follows sdeflow-light; t_ε = t_min > 0 gives q ∝ g²/v on the
+    whole support, uniform in log-SNR.
     """
 
-    def __init__(self, sde: SDE, t_eps: float | None = None):
-        super().__init__(sde.T)
+    def __init__(self, sde: SDE, t_eps: float | None = None, t_min: float = 0.0):
+        super().__init__(sde.T, t_min)
         self.sde = sde
-        self.t_eps = T_EPS_FRACTION * sde.T if t_eps is None else float(t_eps)
-        if not 0 < self.t_eps < sde.T:
-            raise ValueError(f"t_eps must lie in (0, T={sde.T}); got {t_eps!r}")
+        self.t_eps = max(T_EPS_FRACTION * sde.T, self.t_min) if t_eps is None else float(t_eps)
+        if not self.t_min <= self.t_eps < sde.T or self.t_eps <= 0:
+            raise ValueError(f"t_eps must lie in [t_min={self.t_min}, T={sde.T}) and be > 0; got {t_eps!r}")
         te = torch.tensor(self.t_eps, dtype=torch.float64)
         T = torch.tensor(sde.T, dtype=torch.float64)
         self._h_eps = float(sde.g2(te) / sde.var(te))
         self._lambda_eps = float(sde.log_snr(te))
-        self._flat_mass = self.t_eps * self._h_eps
+        self._flat_mass = (self.t_eps - self.t_min) * self._h_eps
         self.normalizer = self._flat_mass + self._lambda_eps - float(sde.log_snr(T))
 
     def unnormalized(self, t: torch.Tensor) -> torch.Tensor:
@@ -126,103 +135,113 @@ class ImportanceTime(TimeProposal):
         return self.unnormalized(t) / self.normalizer
 
     def cdf(self, t: torch.Tensor) -> torch.Tensor:
-        """Q(t): linear below t_ε, (t_ε h(t_ε) + λ(t_ε) − λ(t)) / Z above."""
-        below = t * self._h_eps
+        """Q(t): linear below t_ε, ((t_ε − t_min) h(t_ε) + λ(t_ε) − λ(t)) / Z above."""
+        below = (t - self.t_min) * self._h_eps
         above = self._flat_mass + self._lambda_eps - self.sde.log_snr(t.clamp_min(self.t_eps))
         return torch.where(t < self.t_eps, below, above) / self.normalizer
 
     def _inverse_cdf(self, u):
         mass = u * self.normalizer
-        below = mass / self._h_eps
+        below = self.t_min + mass / self._h_eps
         log_snr = self._lambda_eps - (mass - self._flat_mass).clamp_min(0.0)
         above = self.sde.t_from_log_snr(log_snr)
         return torch.where(mass < self._flat_mass, below, above)
 
 
 class FittedTime(TimeProposal):
-    """Piecewise-constant density on bin edges 0 = e₀ < e₁ < … < e_K = T: q(t) = p_k / (e_{k+1} − e_k).
+    """Piecewise-constant density on bin edges t_min = e₀ < e₁ < … < e_K = T: q(t) = p_k / (e_{k+1} − e_k).
 
-    ``denoising`` (bool, one per bin) marks the bins where the ELBO is estimated in its denoising
-    form rather than with Hutchinson's trace (see :meth:`sdeflow.model.PluginReverseSDE.elbo`);
-    the first bin, which reaches t = 0 where that form's constant diverges, never is.
+    ``control`` (one float per bin, default 0) is the coefficient c_k of a control variate w of
+    known mean zero that the integrand's user adds in bin k, estimating h + c_k·w instead of h
+    (see :meth:`fit` and :meth:`sdeflow.model.PluginReverseSDE.elbo`): unbiased for every c_k.
     """
 
-    def __init__(self, edges: torch.Tensor, probs: torch.Tensor, denoising: torch.Tensor | None = None):
+    def __init__(self, edges: torch.Tensor, probs: torch.Tensor, control: torch.Tensor | None = None):
         edges = torch.as_tensor(edges, dtype=torch.float64)
         probs = torch.as_tensor(probs, dtype=torch.float64)
         if edges.ndim != 1 or probs.shape != (edges.numel() - 1,):
             raise ValueError("edges must be 1-D with one more entry than probs")
-        if not (edges[1:] > edges[:-1]).all() or edges[0] != 0:
-            raise ValueError("edges must start at 0 and increase strictly")
+        if not (edges[1:] > edges[:-1]).all() or edges[0] < 0:
+            raise ValueError("edges must start at t_min >= 0 and increase strictly")
         if (probs <= 0).any() or not torch.isfinite(probs).all():
             raise ValueError("probs must be positive and finite (the estimate would be biased otherwise)")
-        denoising = torch.zeros(probs.shape, dtype=torch.bool) if denoising is None else torch.as_tensor(denoising, dtype=torch.bool)
-        if denoising.shape != probs.shape or denoising[0]:
-            raise ValueError("denoising must be one flag per bin, False for the first bin (it reaches t = 0)")
-        super().__init__(float(edges[-1]))
+        control = torch.zeros_like(probs) if control is None else torch.as_tensor(control, dtype=torch.float64)
+        if control.shape != probs.shape or not torch.isfinite(control).all():
+            raise ValueError("control must be one finite coefficient per bin")
+        super().__init__(float(edges[-1]), float(edges[0]))
         self.edges = edges
         self.probs = probs / probs.sum()
-        self.denoising = denoising
+        self.control = control
         self._cum = torch.cat([torch.zeros(1, dtype=torch.float64), self.probs.cumsum(0)])
         self._cum[-1] = 1.0
 
     @staticmethod
-    def log_snr_edges(sde: SDE, n_bins: int, t_lo: float | None = None) -> torch.Tensor:
-        """Bin edges: [0, t_lo], then n_bins − 1 bins equally spaced in log-SNR from λ(t_lo) to λ(T).
-
-        The default t_lo = 10⁻⁵·T puts the finest bins where the integrand of image data peaks
-        (noise levels of the order of the dequantisation noise).
+    def log_snr_edges(sde: SDE, n_bins: int, t_min: float = 0.0, t_lo: float | None = None) -> torch.Tensor:
+        """Bin edges equally spaced in log-SNR from λ(t_min) to λ(T) when t_min > 0. With t_min = 0
+        (where λ = ∞) the first bin is [0, t_lo] and the other n_bins − 1 are equally spaced from
+        λ(t_lo) to λ(T); the default t_lo = 10⁻⁵·T puts the finest bins where the integrand of image
+        data peaks (noise levels of the order of the dequantisation noise).
         """
         if check_positive_int("n_bins", n_bins) < 2:
             raise ValueError(f"n_bins must be an integer >= 2; got {n_bins!r}")
-        t_lo = 1e-5 * sde.T if t_lo is None else t_lo
-        lo = sde.log_snr(torch.tensor(t_lo, dtype=torch.float64))
-        hi = sde.log_snr(torch.tensor(sde.T, dtype=torch.float64))
-        inner = sde.t_from_log_snr(torch.linspace(float(lo), float(hi), n_bins, dtype=torch.float64))
-        inner[0], inner[-1] = t_lo, sde.T
-        return torch.cat([torch.zeros(1, dtype=torch.float64), inner])
+        if t_min > 0:
+            lo = sde.log_snr(torch.tensor(t_min, dtype=torch.float64))
+            hi = sde.log_snr(torch.tensor(sde.T, dtype=torch.float64))
+            edges = sde.t_from_log_snr(torch.linspace(float(lo), float(hi), n_bins + 1, dtype=torch.float64))
+            edges[0], edges[-1] = t_min, sde.T
+            return edges
+        t_lo = T_MIN_FRACTION * sde.T if t_lo is None else t_lo
+        return torch.cat([torch.zeros(1, dtype=torch.float64), FittedTime.log_snr_edges(sde, n_bins - 1, t_lo)])
 
     @classmethod
     def fit(cls, integrand: Callable[[torch.Tensor], torch.Tensor], sde: SDE, *, n_bins: int = 48,
-            n_per_bin: int = 1, defensive: float = 0.02, generator: torch.Generator | None = None,
-            dtype=torch.float32, device=None) -> "FittedTime":
-        """Fit q ∝ √E[h(t)²] per bin, mixed with ``defensive`` of :class:`ImportanceTime`.
+            n_per_bin: int = 1, defensive: float = 0.02, t_min: float = 0.0,
+            generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> "FittedTime":
+        r"""Fit q ∝ √E[h(t)²] per bin on [t_min, T], mixed with ``defensive`` of :class:`ImportanceTime`.
 
         ``integrand(t)`` takes times of shape (n,) and returns one draw of h at each, shape (n, ...)
         (e.g. one per pilot example); it is called once with ``n_per_bin`` times per bin, each
         uniform within its bin, so the bin's second moment is estimated over the whole bin. It may
-        instead return a pair (h_hutchinson, h_denoising) of two integrands with the same
-        expectation at every t: each bin (but the first) then takes the one of lower second
-        moment, and ``denoising`` records the choice.
+        instead return a pair (h, w) with w a control variate of mean zero at every t: each bin
+        then takes the coefficient :math:`c_k = -\widehat{Cov}(h, w)/\widehat{Var}(w)` that minimises
+        the variance of h + c_k·w, records it in ``control``, and is sized by the second moment of
+        h + c_k·w.
 
         The defensive share bounds every weight 1/q(t) by 1/(defensive·q_importance(t)), so a bin
         the pilot under-rates cannot blow up the variance; every share it takes is spent where the
-        integrand is small (on the 3072-D oracle of ``benchmarks/estimators.py``, with the
-        Hutchinson form only: ~100× less variance than uniform t at 2 %, ~30× at 10 %).
+        integrand is small (on the 3072-D oracle of ``benchmarks/estimators.py``: ~100× less
+        variance than uniform t at 2 %, ~30× at 10 %).
         """
         if not 0 < defensive <= 1:
             raise ValueError(f"defensive must lie in (0, 1]; got {defensive}")
         n_bins, n_per_bin = check_positive_int("n_bins", n_bins), check_positive_int("n_per_bin", n_per_bin)
-        edges = cls.log_snr_edges(sde, n_bins)
+        edges = cls.log_snr_edges(sde, n_bins, t_min)
         lower, width = edges[:-1], edges[1:] - edges[:-1]
         u = torch.rand(n_bins * n_per_bin, generator=generator, dtype=torch.float64, device=device)
         index = torch.arange(n_bins).repeat_interleave(n_per_bin)
         t = (lower[index] + width[index] * u.cpu()).to(dtype=dtype, device=device)
         forms = integrand(t)
-        forms = forms if isinstance(forms, tuple) else (forms,)
-        second_moments = torch.stack([(h.detach().double().cpu().reshape(n_bins, n_per_bin, -1) ** 2).mean(dim=(1, 2))
-                                      for h in forms])
-        second_moments[1:, 0] = math.inf  # the first bin reaches t = 0: Hutchinson only
-        second_moment, choice = second_moments.min(dim=0)
+        h, w = forms if isinstance(forms, tuple) else (forms, None)
+        h = h.detach().double().cpu().reshape(n_bins, -1)
+        control = torch.zeros(n_bins, dtype=torch.float64)
+        if w is not None:
+            w = w.detach().double().cpu().reshape(n_bins, -1)
+            hc, wc = h - h.mean(1, keepdim=True), w - w.mean(1, keepdim=True)
+            var_w = (wc ** 2).sum(1)
+            control = torch.where(var_w > 0, -(hc * wc).sum(1) / var_w.clamp_min(1e-300), control)
+            h = h + control[:, None] * w
+        second_moment = (h ** 2).mean(1)
+        if not torch.isfinite(second_moment).all():
+            raise ValueError("the integrand gave non-finite values on the pilot draws")
         mass = width * second_moment.sqrt()
         fitted = mass / mass.sum() if mass.sum() > 0 else torch.full_like(mass, 1 / n_bins)
-        importance = ImportanceTime(sde).cdf(edges)
+        importance = ImportanceTime(sde, t_min=t_min).cdf(edges)
         probs = (1 - defensive) * fitted + defensive * (importance[1:] - importance[:-1])
-        return cls(edges, probs.clamp_min(1e-12), denoising=choice == 1)
+        return cls(edges, probs.clamp_min(1e-12), control=control)
 
-    def denoising_at(self, t: torch.Tensor) -> torch.Tensor:
-        """Whether each time lies in a bin that uses the denoising form; bool, shape of t."""
-        return self.denoising.to(t.device)[self._bin(t)]
+    def control_at(self, t: torch.Tensor) -> torch.Tensor:
+        """The control-variate coefficient of each time's bin; shape of t, dtype float64."""
+        return self.control.to(t.device)[self._bin(t)]
 
     def _bin(self, t: torch.Tensor) -> torch.Tensor:
         edges = self.edges.to(t.device, t.dtype)
@@ -246,8 +265,8 @@ class FittedTime(TimeProposal):
         return t.clamp_min(torch.finfo(t.dtype).tiny), q
 
     def state_dict(self) -> dict:
-        return {"edges": self.edges.clone(), "probs": self.probs.clone(), "denoising": self.denoising.clone()}
+        return {"edges": self.edges.clone(), "probs": self.probs.clone(), "control": self.control.clone()}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "FittedTime":
-        return cls(state["edges"], state["probs"], state.get("denoising"))
+        return cls(state["edges"], state["probs"], state.get("control"))

@@ -99,17 +99,18 @@ def test_results_carry_the_estimator_and_the_tail_diagnostics():
     model = exact_model(sde, data)
     x = data.sample(40, generator=torch.Generator().manual_seed(2)).double()
     elbo = log_likelihood(model, x, batch_size=16, fit_examples=64)
-    assert elbo["estimator"] == describe_estimator("elbo", fit_examples=40) == (
-        "ELBO, time proposal fitted on 40 pilot examples, Hutchinson divergence (rademacher probe), "
-        "1 slice per example")
+    assert elbo["estimator"] == describe_estimator("elbo", fit_examples=40, t_min=1e-5) == (
+        "ELBO from t_min 1e-05 (Gaussian decoder), time proposal fitted on 40 pilot examples (denoising form "
+        "with a fitted control variate), 1 slice per example")
     assert {k: elbo[k] for k in ("tail_share", "tail_count", "kurtosis", "heavy_tailed")} == tail_diagnostics(
         elbo["per_example"])
     ode = log_likelihood(model, x[:4], estimator="ode", divergence="exact", rtol=1e-3, atol=1e-4, solver="bosh3")
-    assert ode["estimator"] == "probability-flow ODE, bosh3, rtol 0.001, atol 0.0001, exact divergence"
+    assert ode["estimator"] == "probability-flow ODE from t_min 0, bosh3, rtol 0.001, atol 0.0001, exact divergence"
     assert describe_estimator("elbo", time_sampling="importance", divergence="exact", n_slices=4) == (
-        "ELBO, importance time proposal q ∝ g²/v, exact divergence, 4 slices per example")
-    assert describe_estimator("elbo", time_sampling="uniform", probe="gaussian").startswith(
-        "ELBO, uniform time, Hutchinson divergence (gaussian probe)")
+        "ELBO from t_min 1e-05·T (Gaussian decoder), importance time proposal q ∝ g²/v, exact divergence, "
+        "4 slices per example")
+    assert describe_estimator("elbo", time_sampling="uniform", probe="gaussian", t_min=0).startswith(
+        "ELBO from t_min 0, uniform time, Hutchinson divergence (gaussian probe)")
     with pytest.raises(ValueError, match="solver must be one of"):
         log_likelihood(model, x, estimator="ode", solver="euler")  # fixed-grid: no rtol/atol to honour
 

@@ -9,29 +9,31 @@ from sdeflow.time_sampling import FittedTime, ImportanceTime, UniformTime
 from oracle_helpers import SDES
 
 
-def _proposals(sde):
+def _proposals(sde, t_min=0.0):
     fitted = FittedTime.fit(lambda t: torch.exp(-((t - 0.3) / 0.05) ** 2)[:, None] + 0.01, sde, n_bins=16,
-                            n_per_bin=4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return {"uniform": UniformTime(sde.T), "importance": ImportanceTime(sde), "fitted": fitted}
+                            n_per_bin=4, t_min=t_min, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return {"uniform": UniformTime(sde.T, t_min), "importance": ImportanceTime(sde, t_min=t_min), "fitted": fitted}
 
 
-def _integral(f, sde, breaks):
-    """Integrate f over [0, T] in float64, splitting at the points where it has kinks."""
-    points = sorted({0.0, *[float(b) for b in breaks], sde.T})
+def _integral(f, sde, breaks, t_min=0.0):
+    """Integrate f over [t_min, T] in float64, splitting at the points where it has kinks."""
+    points = sorted({t_min, *[float(b) for b in breaks], sde.T})
     return sum(integrate.quad(f, a, b, limit=200)[0] for a, b in zip(points[:-1], points[1:]))
 
 
 @pytest.mark.parametrize("name", list(SDES))
 @pytest.mark.parametrize("kind", ["uniform", "importance", "fitted"])
-def test_density_integrates_to_one_and_sampler_matches_cdf(name, kind):
+@pytest.mark.parametrize("t_min", [0.0, 0.01])
+def test_density_integrates_to_one_and_sampler_matches_cdf(name, kind, t_min):
     sde = SDES[name]()
-    proposal = _proposals(sde)[kind]
+    proposal = _proposals(sde, t_min)[kind]
+    assert proposal.t_min == t_min
     density = lambda t: float(proposal.density(torch.tensor([t], dtype=torch.float64)))
     breaks = proposal.edges.tolist() if kind == "fitted" else [getattr(proposal, "t_eps", 0.5)]
-    assert _integral(density, sde, breaks) == pytest.approx(1.0, abs=1e-6)
+    assert _integral(density, sde, breaks, t_min) == pytest.approx(1.0, abs=1e-6)
 
     t, q = proposal.sample(20000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    assert (t > 0).all() and (t <= sde.T).all()
+    assert (t > 0).all() and (t >= t_min).all() and (t <= sde.T).all()
     torch.testing.assert_close(q, proposal.density(t))
     assert stats.kstest(t.numpy(), lambda s: _cdf(proposal, s)).pvalue > 0.01
 
@@ -41,7 +43,7 @@ def _cdf(proposal, s):
     piecewise-linear CDF of a histogram."""
     s = torch.as_tensor(s, dtype=torch.float64)
     if isinstance(proposal, UniformTime):
-        out = s / proposal.T
+        out = (s - proposal.t_min) / (proposal.T - proposal.t_min)
     elif isinstance(proposal, ImportanceTime):
         out = proposal.cdf(s)
     else:
@@ -129,6 +131,35 @@ def test_fitted_rejects_bad_arguments():
     with pytest.raises(ValueError, match="probs"):
         FittedTime(edges, torch.tensor([1.0, 0.0]))
     with pytest.raises(ValueError, match="edges"):
-        FittedTime(torch.tensor([0.1, 0.5, 1.0]), torch.tensor([0.5, 0.5]))
+        FittedTime(torch.tensor([-0.1, 0.5, 1.0]), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="edges"):
+        FittedTime(torch.tensor([0.0, 0.5, 0.5]), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="control"):
+        FittedTime(edges, torch.tensor([0.5, 0.5]), control=torch.tensor([1.0]))
+    assert FittedTime(torch.tensor([0.1, 0.5, 1.0]), torch.tensor([0.5, 0.5])).t_min == pytest.approx(0.1)
     with pytest.raises(ValueError, match="t_eps"):
         ImportanceTime(SDES["vp"](), t_eps=2.0)
+    with pytest.raises(ValueError, match="t_eps"):
+        ImportanceTime(SDES["vp"](), t_eps=0.01, t_min=0.1)
+    with pytest.raises(ValueError, match="t_min"):
+        UniformTime(1.0, t_min=1.0)
+
+
+def test_fitted_control_coefficient_minimises_the_variance():
+    """With h = a + β·w + noise and w a zero-mean control variate, the fitted coefficient is −β in
+    every bin, and the proposal is sized by what is left (h − βw)."""
+    sde = SDES["vp"]()
+    gen = torch.Generator().manual_seed(0)
+
+    def integrand(t):
+        w = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+        return 1.0 + 3.0 * w + 0.01 * torch.randn(t.shape, generator=gen, dtype=torch.float64), w
+
+    fitted = FittedTime.fit(integrand, sde, n_bins=8, n_per_bin=400, t_min=0.01, generator=gen,
+                            dtype=torch.float64)
+    torch.testing.assert_close(fitted.control, torch.full((8,), -3.0, dtype=torch.float64), atol=0.01, rtol=0)
+    t = torch.tensor([0.02, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(fitted.control_at(t), torch.full((2,), -3.0, dtype=torch.float64), atol=0.01, rtol=0)
+    restored = FittedTime.from_state_dict(fitted.state_dict())
+    torch.testing.assert_close(restored.control, fitted.control)
+    torch.testing.assert_close(restored.density(t), fitted.density(t))
