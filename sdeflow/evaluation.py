@@ -42,7 +42,7 @@ from .model import TIME_SAMPLINGS
 from .ode import ADAPTIVE_SOLVERS
 from .utils import check_choice, check_positive_int, model_device_dtype
 
-__all__ = ["ESTIMATORS", "EvaluationError", "mean_se", "tail_diagnostics", "describe_estimator", "log_likelihood",
+__all__ = ["ESTIMATORS", "DEQUANTIZATIONS", "noise_level_time", "EvaluationError", "mean_se", "tail_diagnostics", "describe_estimator", "log_likelihood",
            "evaluate_bpd", "TAIL_FRACTION", "HEAVY_TAIL_SHARE", "HEAVY_TAIL_MIN_N"]
 
 ESTIMATORS = ("elbo", "ode")
@@ -107,19 +107,18 @@ def tail_diagnostics(values: torch.Tensor) -> dict:
 def describe_estimator(estimator: str = "elbo", *, n_slices: int = 1, time_sampling: str = "fitted",
                        divergence: str = "hutchinson", probe: str = "rademacher", rtol: float = 1e-5,
                        atol: float = 1e-5, solver: str = "dopri5", fit_examples: int = 16,
-                       t_min: float | None = None, dequantization: str | None = None) -> str:
+                       t_min: float | None = None) -> str:
     """One line saying which estimator the arguments of :func:`log_likelihood` select, e.g.
     "ELBO from t_min 1e-05 (Gaussian decoder), time proposal fitted on 16 pilot examples (denoising
     form with a fitted control variate), 4 slices per example" or "probability-flow ODE from t_min 0,
-    dopri5, rtol 1e-05, atol 1e-05, Hutchinson divergence (rademacher probe)", followed by ", <d>
-    dequantization" when ``dequantization`` is given. ``t_min`` None: the estimator's default
-    (10⁻⁵·T for the ELBO, printed as "default"; 0 for the ODE). The one place such descriptions are built."""
+    dopri5, rtol 1e-05, atol 1e-05, Hutchinson divergence (rademacher probe)" (:func:`evaluate_bpd`
+    appends its dequantization). ``t_min`` None: the estimator's default (10⁻⁵·T for the ELBO, 0 for
+    the ODE). The one place such descriptions are built."""
     check_choice("estimator", estimator, ESTIMATORS)
     check_choice("divergence", divergence, DIVERGENCES)
     div = f"Hutchinson divergence ({probe} probe)" if divergence == "hutchinson" else "exact divergence"
-    tail = f", {dequantization} dequantization" if dequantization else ""
     if estimator == "ode":
-        return f"probability-flow ODE from t_min {t_min or 0:g}, {solver}, rtol {rtol:g}, atol {atol:g}, {div}{tail}"
+        return f"probability-flow ODE from t_min {t_min or 0:g}, {solver}, rtol {rtol:g}, atol {atol:g}, {div}"
     check_choice("time_sampling", time_sampling, TIME_SAMPLINGS)
     start = "ELBO from t_min " + ("1e-05·T" if t_min is None else f"{t_min:g}")
     start += " (Gaussian decoder)" if t_min is None or t_min > 0 else ""
@@ -127,7 +126,7 @@ def describe_estimator(estimator: str = "elbo", *, n_slices: int = 1, time_sampl
         how = f"time proposal fitted on {fit_examples} pilot examples (denoising form with a fitted control variate)"
     else:
         how = {"uniform": "uniform time", "importance": "importance time proposal q ∝ g²/v"}[time_sampling] + f", {div}"
-    return f"{start}, {how}, {n_slices} slice{'s' if n_slices > 1 else ''} per example{tail}"
+    return f"{start}, {how}, {n_slices} slice{'s' if n_slices > 1 else ''} per example"
 
 
 def _score(model, n: int, batch: Callable, *, estimator: str, batch_size: int, n_slices: int,
@@ -241,41 +240,76 @@ def log_likelihood(model, x: torch.Tensor | None = None, *, n: int | None = None
     return out
 
 
-def evaluate_bpd(model, images: torch.Tensor, config: dict, *, batch_size: int = 64, n_slices: int = 1,
+#: How ``evaluate_bpd`` turns 8-bit levels into continuous data: uniform noise in each level's bin, or
+#: the truncated normal of i-DODE (:func:`sdeflow.data.transforms.truncated_normal_dequantize`).
+DEQUANTIZATIONS = ("uniform", "truncated-normal")
+
+
+def noise_level_time(sde, sigma: float) -> float:
+    """The time t at which the SDE's noise level std(t)/m(t) is ``sigma``: λ(t) = −2 log σ."""
+    return float(sde.t_from_log_snr(torch.tensor(-2.0 * math.log(sigma), dtype=torch.float64)))
+
+
+def evaluate_bpd(model, images: torch.Tensor, config: dict, *, batch_size: int = 64, n_slices: int = 4,
                  time_sampling: str = "fitted", ode: bool = False, divergence: str = "hutchinson",
-                 rtol: float = 1e-5, atol: float = 1e-5, seed: int = 0, device=None, progress: bool = False) -> dict:
+                 rtol: float = 1e-5, atol: float = 1e-5, t_min: float | None = None,
+                 dequantization: str = "uniform", seed: int = 0, device=None, progress: bool = False) -> dict:
     r"""Bits per dimension of uint8 ``images`` (N, C, H, W) under ``model`` of model configuration
     ``config``.
 
-    Each image x is dequantised, u = (x + U)/256 with U ~ U[0,1)^D, mapped to model space y with
-    log-determinant log|∂y/∂u|, and scored by :func:`log_likelihood` (the ELBO, or the ODE with
-    ``ode=True``), with ``divergence`` "hutchinson" (default) or "exact" (D times the cost). Then per
-    image bpd = −(log p(y) + log|det ∂y/∂x|)/(D ln 2) + 8, by
-    :func:`sdeflow.data.transforms.bits_per_dim` (which documents why the 8 is there and nothing else).
+    Both estimators start at ``t_min`` (default t_σ: the time at which the noise level std/m equals
+    σ, the narrowest half-bin of a pixel in model space over 3, of
+    :func:`~sdeflow.data.transforms.truncated_normal_scale`): the ELBO then decodes the image with a
+    Gaussian of that scale, which fits inside every pixel's bin within ±3σ, and the ODE outputs
+    y_{t_σ}/m; below t_σ a network's ε prediction has nothing left to denoise (i-DODE's choice).
+
+    ``dequantization="uniform"`` (default): each image x is dequantised, u = (x + U)/256 with
+    U ~ U[0,1)^D, mapped to model space y with log-determinant log|∂y/∂u|, and scored by
+    :func:`log_likelihood` (the ELBO, or the ODE with ``ode=True``). Then per image
+    bpd = −(log p(y) + log|det ∂y/∂x|)/(D ln 2) + 8, by :func:`sdeflow.data.transforms.bits_per_dim`
+    (which documents why the 8 is there and nothing else).
+
+    ``dequantization="truncated-normal"`` (i-DODE, training-free): y = c + z in model space, z a normal
+    of scale σ truncated to the pixel's bin, with log-weight w = −log q(y|x) + D ln 256; per image
+    bpd = −(log p(y) + w)/(D ln 2) + 8 = −(log p(y) − log q(y|x))/(D ln 2), a bound on −log₂ P(x)/D
+    by Jensen. With the ODE from t_σ the model's marginal there is the data blurred by N(0, σ²),
+    which is what these y look like.
+
+    ``divergence``: "hutchinson" (default) or "exact" (D times the cost).
 
     Returns {"bpd": mean, "bpd_se": sd/√n, "n_images", "seconds", "bpd_per_image": (N,), "estimator",
     "tail_share", "tail_count", "kurtosis", "heavy_tailed", "nfe" (ODE)}, the last six as in
     :func:`log_likelihood` (heavy_tailed: the top 1 % of images carry over half the variance, so
     bpd_se is unreliable); the same on every rank, reproducible for a given seed and batch size.
     """
-    from .data.transforms import bits_per_dim
+    from .data.transforms import bits_per_dim, truncated_normal_dequantize, truncated_normal_scale
     from .experiments.images import check_images, preprocess
 
+    check_choice("dequantization", dequantization, DEQUANTIZATIONS)
     images = check_images(images, config)
     device = torch.device(model_device_dtype(model, device, None)[0] or "cpu")
     num_dims = int(np.prod(images.shape[1:]))
+    data = config["data"]
+
+    sigma = truncated_normal_scale(data["transform"], data["alpha"])
+    if t_min is None:
+        t_min = noise_level_time(model.sde, sigma)
 
     def batch(start, stop, generator):
-        pre = preprocess(images[start:stop].to(device), config["data"], generator)
-        return pre.y, pre.logdet
+        if dequantization == "uniform":
+            pre = preprocess(images[start:stop].to(device), data, generator)
+            return pre.y, pre.logdet
+        return truncated_normal_dequantize(images[start:stop].to(device), data["transform"], data["alpha"], sigma,
+                                           generator=generator)
 
     result = log_likelihood(model, n=images.shape[0], batch=batch, estimator="ode" if ode else "elbo",
                             batch_size=batch_size, n_slices=n_slices, time_sampling=time_sampling,
-                            divergence=divergence, rtol=rtol, atol=atol, seed=seed, device=device, progress=progress)
+                            divergence=divergence, rtol=rtol, atol=atol, t_min=t_min, seed=seed, device=device,
+                            progress=progress)
     bpd = bits_per_dim(result["per_example"], torch.zeros_like(result["per_example"]), num_dims)
     mean, se = mean_se(bpd)
     out = {"bpd": mean, "bpd_se": se, "n_images": result["n"], "seconds": result["seconds"], "bpd_per_image": bpd,
-           "estimator": result["estimator"], **tail_diagnostics(bpd)}
+           "estimator": result["estimator"] + f", {dequantization} dequantization", **tail_diagnostics(bpd)}
     if ode:
         out["nfe"] = result["nfe"]
     return out

@@ -32,17 +32,15 @@ __all__ = ["TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "T_EPS
            "clamped_rate"]
 
 
-def _uniform(n: int, generator, device, dtype, strata: int = 1) -> torch.Tensor:
-    """n uniforms on [0, 1]; with ``strata`` = K > 1, block k of the n/K consecutive draws lies in
-    [k/K, (k+1)/K) (stratified sampling)."""
-    strata = check_positive_int("strata", strata)
-    if n % strata:
-        raise ValueError(f"strata must divide n={n}; got {strata!r}")
+def _uniform(n: int, generator, device, dtype, bounds: torch.Tensor | None = None) -> torch.Tensor:
+    """n uniforms on [0, 1]; with stratum ``bounds`` 0 = b₀ < … < b_K = 1 (K dividing n), block k of
+    the n/K consecutive draws is uniform in [b_k, b_{k+1}) (stratified sampling)."""
     u = torch.rand(n, generator=generator, device=device, dtype=dtype)
-    if strata == 1:
+    if bounds is None or len(bounds) == 2:
         return u
-    block = torch.arange(n, device=device).div(n // strata, rounding_mode="floor").to(dtype)
-    return (block + u) / strata
+    bounds = bounds.to(device=device, dtype=dtype)
+    block = torch.arange(n, device=device).div(n // (len(bounds) - 1), rounding_mode="floor")
+    return bounds[block] + u * (bounds[block + 1] - bounds[block])
 
 
 class TimeProposal(ABC):
@@ -61,19 +59,32 @@ class TimeProposal(ABC):
     def _inverse_cdf(self, u: torch.Tensor) -> torch.Tensor:
         """Q⁻¹(u) for u in [0, 1]."""
 
+    def strata_bounds(self, strata: int) -> torch.Tensor:
+        """The quantile bounds 0 = b₀ < … < b_K = 1 of K strata: equal, b_k = k/K, here."""
+        return torch.linspace(0.0, 1.0, check_positive_int("strata", strata) + 1, dtype=torch.float64)
+
     def sample(self, n: int, *, generator: torch.Generator | None = None,
                device=None, dtype=None, strata: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw n times t ~ q by the exact inverse CDF t = Q⁻¹(u); returns (t, q(t)), each (n,).
+        """Draw n times t ~ q by the exact inverse CDF t = Q⁻¹(u); returns (t, q̃(t)), each (n,).
 
-        With ``strata`` = K, the n draws form K consecutive blocks and block k takes u uniform in
-        [k/K, (k+1)/K): each block then has density K·q on its own quantile range, so the average
-        over blocks of h(t)/q(t) stays an unbiased estimate of ∫h, with less variance than K
-        independent draws (stratified sampling).
+        With ``strata`` = K (dividing n), the n draws form K consecutive blocks and block k takes u
+        uniform in [b_k, b_{k+1}) (:meth:`strata_bounds`): its t has density q/w_k, w_k = b_{k+1} − b_k,
+        on its own quantile range, and q̃ = q/(K w_k), so that the average over the K blocks of h(t)/q̃(t)
+        is Σ_k w_k h(t_k)/q(t_k), an unbiased estimate of ∫h with less variance than K independent
+        draws (stratified sampling). Without strata, q̃ = q.
         """
         dtype = dtype or torch.get_default_dtype()
-        u = _uniform(n, generator, device, dtype, strata)
+        strata = check_positive_int("strata", strata)
+        if n % strata:
+            raise ValueError(f"strata must divide n={n}; got {strata!r}")
+        bounds = self.strata_bounds(strata)
+        u = _uniform(n, generator, device, dtype, bounds)
         t = self._inverse_cdf(u).clamp(self.t_min, self.T)
-        return t, self.density(t)
+        q = self.density(t)
+        if strata > 1:
+            widths = (bounds[1:] - bounds[:-1]).to(device=q.device, dtype=q.dtype)
+            q = q / (strata * widths).repeat_interleave(n // strata)
+        return t, q
 
 
 class UniformTime(TimeProposal):
@@ -154,9 +165,13 @@ class FittedTime(TimeProposal):
     ``control`` (one float per bin, default 0) is the coefficient c_k of a control variate w of
     known mean zero that the integrand's user adds in bin k, estimating h + c_k·w instead of h
     (see :meth:`fit` and :meth:`sdeflow.model.PluginReverseSDE.elbo`): unbiased for every c_k.
+    ``moments`` (2, bins), when given (:meth:`fit` records them), are the mean and second moment of
+    that integrand in each bin; :meth:`strata_bounds` then places the strata where they cut the
+    variance most.
     """
 
-    def __init__(self, edges: torch.Tensor, probs: torch.Tensor, control: torch.Tensor | None = None):
+    def __init__(self, edges: torch.Tensor, probs: torch.Tensor, control: torch.Tensor | None = None,
+                 moments: torch.Tensor | None = None):
         edges = torch.as_tensor(edges, dtype=torch.float64)
         probs = torch.as_tensor(probs, dtype=torch.float64)
         if edges.ndim != 1 or probs.shape != (edges.numel() - 1,):
@@ -168,10 +183,16 @@ class FittedTime(TimeProposal):
         control = torch.zeros_like(probs) if control is None else torch.as_tensor(control, dtype=torch.float64)
         if control.shape != probs.shape or not torch.isfinite(control).all():
             raise ValueError("control must be one finite coefficient per bin")
+        if moments is not None:
+            moments = torch.as_tensor(moments, dtype=torch.float64)
+            if moments.shape != (2,) + probs.shape or not torch.isfinite(moments).all():
+                raise ValueError("moments must be finite, of shape (2, bins): each bin's mean and second moment")
         super().__init__(float(edges[-1]), float(edges[0]))
         self.edges = edges
         self.probs = probs / probs.sum()
         self.control = control
+        self.moments = moments
+        self._bounds: dict[int, torch.Tensor] = {}
         self._cum = torch.cat([torch.zeros(1, dtype=torch.float64), self.probs.cumsum(0)])
         self._cum[-1] = 1.0
 
@@ -233,11 +254,50 @@ class FittedTime(TimeProposal):
         second_moment = (h ** 2).mean(1)
         if not torch.isfinite(second_moment).all():
             raise ValueError("the integrand gave non-finite values on the pilot draws")
+        moments = torch.stack([h.mean(1), second_moment])
         mass = width * second_moment.sqrt()
         fitted = mass / mass.sum() if mass.sum() > 0 else torch.full_like(mass, 1 / n_bins)
         importance = ImportanceTime(sde, t_min=t_min).cdf(edges)
         probs = (1 - defensive) * fitted + defensive * (importance[1:] - importance[:-1])
-        return cls(edges, probs.clamp_min(1e-12), control=control)
+        return cls(edges, probs.clamp_min(1e-12), control=control, moments=moments)
+
+    def strata_bounds(self, strata: int) -> torch.Tensor:
+        r"""Quantile bounds of K strata at bin edges that minimise the variance Σ_g V_g of one draw per
+        stratum, by dynamic programming over contiguous groups of bins, from the recorded ``moments``:
+        for group g of mass w_g, :math:`V_g = w_g \sum_{k\in g} M_k \Delta_k^2/p_k - (\sum_{k\in g} m_k\Delta_k)^2`
+        (Δ_k the bin's width, p_k its mass, m_k and M_k the integrand's mean and second moment).
+        A group where the integrand is small but noisy (near t_min for an ε network) then gets a
+        draw of its own instead of sharing one with the bulk of the integral. Equal quantiles when
+        there are no moments or fewer bins than strata."""
+        strata = check_positive_int("strata", strata)
+        if self.moments is None or strata == 1 or strata > len(self.probs):
+            return super().strata_bounds(strata)
+        if strata not in self._bounds:
+            self._bounds[strata] = self._optimal_bounds(strata)
+        return self._bounds[strata]
+
+    def _optimal_bounds(self, strata: int) -> torch.Tensor:
+        width = self.edges[1:] - self.edges[:-1]
+        mass = torch.cat([torch.zeros(1, dtype=torch.float64), self.probs.cumsum(0)])
+        second = torch.cat([torch.zeros(1, dtype=torch.float64), (self.moments[1] * width ** 2 / self.probs).cumsum(0)])
+        mean = torch.cat([torch.zeros(1, dtype=torch.float64), (self.moments[0] * width).cumsum(0)])
+        n = len(self.probs)
+        i, j = torch.meshgrid(torch.arange(n + 1), torch.arange(n + 1), indexing="ij")
+        # cost[i, j]: the variance of one draw in bins i..j-1 (inf unless i < j)
+        cost = (mass[j] - mass[i]) * (second[j] - second[i]) - (mean[j] - mean[i]) ** 2
+        cost = torch.where(i < j, cost.clamp_min(0.0), torch.full_like(cost, math.inf))
+        best, choice = cost[0].clone(), [None]  # best[j]: least cost of bins 0..j-1 in k groups
+        for _ in range(1, strata):
+            total = best[:, None] + cost
+            best, arg = total.min(dim=0)
+            choice.append(arg)
+        cuts, j = [n], n
+        for k in range(strata - 1, 0, -1):
+            j = int(choice[k][j])
+            cuts.append(j)
+        bounds = mass[torch.tensor(sorted([0] + cuts))]
+        bounds[0], bounds[-1] = 0.0, 1.0
+        return bounds
 
     def control_at(self, t: torch.Tensor) -> torch.Tensor:
         """The control-variate coefficient of each time's bin; shape of t, dtype float64."""
@@ -265,8 +325,9 @@ class FittedTime(TimeProposal):
         return t.clamp_min(torch.finfo(t.dtype).tiny), q
 
     def state_dict(self) -> dict:
-        return {"edges": self.edges.clone(), "probs": self.probs.clone(), "control": self.control.clone()}
+        return {"edges": self.edges.clone(), "probs": self.probs.clone(), "control": self.control.clone(),
+                "moments": None if self.moments is None else self.moments.clone()}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "FittedTime":
-        return cls(state["edges"], state["probs"], state.get("control"))
+        return cls(state["edges"], state["probs"], state.get("control"), state.get("moments"))
