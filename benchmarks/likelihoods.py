@@ -31,9 +31,9 @@ LN2 = math.log(2.0)
 
 #: (label, evaluate_bpd options): sdeflow-light's slice first (the baseline of the ratios), the default last.
 ELBO_ESTIMATORS = [
-    ("uniform t, Hutchinson, to t=0 (sdeflow-light)", dict(time_sampling="uniform", t_min=0.0)),
-    ("uniform t, Hutchinson", dict(time_sampling="uniform")),
-    ("importance t, Hutchinson", dict(time_sampling="importance")),
+    ("uniform t, Hutchinson, to t=0 (sdeflow-light)", dict(time_sampling="uniform", t_min=0.0, n_slices=1)),
+    ("uniform t, Hutchinson", dict(time_sampling="uniform", n_slices=1)),
+    ("importance t, Hutchinson", dict(time_sampling="importance", n_slices=1)),
     ("fitted, 1 slice", dict(n_slices=1)),
     ("fitted, 2 slices", dict(n_slices=2)),
     ("fitted, 4 slices", dict(n_slices=4)),

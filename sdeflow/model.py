@@ -397,9 +397,10 @@ class PluginReverseSDE(nn.Module):
             h0, w = self._denoising_terms(xs, t, generator, chunk_size=self._chunk_size(x))
             h = h0 + proposal.control_at(t) * w
         else:
-            y = self.sde.sample(xs, t, generator=generator)
-            h = self.elbo_integrand(y, t, probe=probe, divergence=divergence, generator=generator,
-                                    create_graph=torch.is_grad_enabled())
+            y, size = self.sde.sample(xs, t, generator=generator), self._chunk_size(x)
+            h = torch.cat([self.elbo_integrand(y[i:i + size], t[i:i + size], probe=probe, divergence=divergence,
+                                               generator=generator, create_graph=torch.is_grad_enabled())
+                           for i in range(0, y.shape[0], size)])
         path_term = (h / q.to(h.dtype)).reshape(n_slices, batch).mean(dim=0).to(x.dtype)
         return path_term + self.sde.expected_prior_log_prob(x) + self.decoder_log_weight(x[0].numel(), t_min)
 

@@ -11,7 +11,7 @@ from sdeflow import checkpoint as ckpt
 from sdeflow.config import TrainConfig
 from sdeflow.engine import EMA
 from sdeflow.engine.state import make_generator, step_seed
-from sdeflow.evaluation import evaluate_bpd
+from sdeflow.evaluation import evaluate_bpd, noise_level_time
 from sdeflow.experiments import images as images_app
 from sdeflow.plotting import save_image_grid
 from sdeflow.data import transforms
@@ -142,6 +142,7 @@ def test_evaluate_bpd_is_the_mean_of_per_image_bits_per_dim():
     model = tiny_model(config).eval()
     images = tiny_images(10)
     result = evaluate_bpd(model, images, config, batch_size=4, time_sampling="importance", seed=5)
+    assert result["estimator"].endswith("4 slices per example, uniform dequantization")
     per_image = result["bpd_per_image"]
     assert result["n_images"] == 10 and per_image.shape == (10,)
     assert result["bpd"] == pytest.approx(float(per_image.mean()), rel=1e-12)
@@ -149,9 +150,24 @@ def test_evaluate_bpd_is_the_mean_of_per_image_bits_per_dim():
     # The first batch again, by hand, with the same generator: the same numbers.
     gen = make_generator(torch.device("cpu"), step_seed(5, 0, 0, stream=3))
     batch = images_app.preprocess(images[:4], config["data"], gen)
-    elbo = model.elbo(batch.y, time_sampling="importance", generator=gen)
+    t_min = noise_level_time(model.sde, transforms.truncated_normal_scale(config["data"]["transform"],
+                                                                          config["data"]["alpha"]))
+    elbo = model.elbo(batch.y, n_slices=4, time_sampling="importance", generator=gen, t_min=t_min)
     by_hand = transforms.bits_per_dim(elbo.detach().double(), batch.logdet.double(), 64)
     assert torch.allclose(per_image[:4], by_hand, rtol=1e-10)
+    # truncated-normal dequantization, ODE from t_σ: the same numbers by hand too
+    tn = evaluate_bpd(model, images[:2], config, batch_size=2, ode=True, rtol=1e-3, atol=1e-3, seed=5,
+                      dequantization="truncated-normal")
+    gen = make_generator(torch.device("cpu"), step_seed(5, 0, 0, stream=3))
+    y, weight = transforms.truncated_normal_dequantize(images[:2], config["data"]["transform"], config["data"]["alpha"],
+                                                       generator=gen)
+    logp = model.log_prob_ode(y, rtol=1e-3, atol=1e-3, t_min=t_min, generator=gen)
+    by_hand = transforms.bits_per_dim(logp.detach().double(), weight.double(), 64)
+    assert torch.allclose(tn["bpd_per_image"], by_hand, rtol=1e-10)
+    assert tn["estimator"].startswith(f"probability-flow ODE from t_min {t_min:g}")
+    assert tn["estimator"].endswith("truncated-normal dequantization")
+    with pytest.raises(ValueError, match="dequantization"):
+        evaluate_bpd(model, images, config, dequantization="gaussian")
 
 
 def test_evaluate_bpd_reproducible_fitted_default_and_ode_nfe():
