@@ -95,14 +95,20 @@ def expected_truncated_elbo(sde, data: GaussianMixture, x: torch.Tensor, t_min: 
                                  for xi in x], dtype=torch.float64)
 
 
-def expected_ode_log_prob(sde, data: GaussianMixture, x: torch.Tensor) -> torch.Tensor:
-    """The probability-flow ODE maps a diagonal Gaussian linearly, y_T = mean_T + std_T/s·(x − μ),
-    so log p_ODE(x) = log p(x) + log p_T(y_T) − log q_T(y_T)."""
+def expected_ode_log_prob(sde, data: GaussianMixture, x: torch.Tensor, t_min: float = 0.0) -> torch.Tensor:
+    """The probability-flow ODE maps a diagonal Gaussian's marginals linearly, from y at t_min to
+    y_T = mean_T + std_T/std_{t_min}·(y − mean_{t_min}), so the model that runs it down to t_min and
+    outputs y/m has log p(x) = log q_{t_min}(m x) + D log m + log p_T(y_T) − log q_T(y_T)."""
     x = x.double()
     _, _, mean_T, var_T = marginal_T(sde, data)
-    y_T = mean_T + var_T.sqrt() / data.stds[0] * (x - data.means[0])
+    t = torch.tensor(float(t_min), dtype=torch.float64)
+    m = sde.mean_weight(t)
+    y = m * x
+    var = m ** 2 * data.stds[0] ** 2 + sde.var(t)
+    y_T = mean_T + (var_T / var).sqrt() * (y - m * data.means[0])
     exact_T = (-0.5 * torch.log(2 * math.pi * var_T) - (y_T - mean_T) ** 2 / (2 * var_T)).sum(-1)
-    return data.log_prob(x) + sde.prior_log_prob(y_T) - exact_T
+    log_q = data.log_prob(y, m, sde.var(t))
+    return log_q + data.dim * torch.log(m) + sde.prior_log_prob(y_T) - exact_T
 
 
 # |error| < Z standard errors: a failure rate of ~1e-5 per checked number.

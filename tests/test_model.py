@@ -106,6 +106,10 @@ def test_log_prob_ode_matches_the_exact_flow(name, div):
     assert info["nfe"] > 0
     # the Jacobian of a diagonal Gaussian's flow is diagonal, so even one Rademacher probe is exact
     assert (logp - expected_ode_log_prob(sde, data, x)).abs().max() < 1e-3 * data.dim
+    # from t_min = 0.5 the model outputs y_{t_min}/m: its density is the marginal there, rescaled
+    late = model.log_prob_ode(x, divergence=div, t_min=0.5, generator=torch.Generator().manual_seed(1))
+    assert (late - expected_ode_log_prob(sde, data, x, 0.5)).abs().max() < 1e-3 * data.dim
+    assert (late - logp).abs().max() > 0.05  # far from the t_min = 0 value: the test can tell them apart
 
 
 def _dsm_minimum_per_time(sde, data, t):
