@@ -75,8 +75,9 @@ def test_eval_prints_and_writes_json(tmp_path, capsys, trained):
     assert {"bpd", "bpd_se", "n_images", "seconds", "estimator", "tail_share", "tail_count", "kurtosis",
             "heavy_tailed"} <= set(result) and "nfe" not in result
     assert result["n_images"] == 6 and result["bpd"] > 0 and result["bpd_se"] > 0
-    assert result["estimator"] == ("ELBO, importance time proposal q ∝ g²/v, Hutchinson divergence "
-                                   "(rademacher probe), 1 slice per example")
+    assert result["estimator"].startswith("ELBO from t_min 5.46")  # t_σ, where std/m is the quantization's σ
+    assert result["estimator"].endswith(" (Gaussian decoder), importance time proposal q ∝ g²/v, Hutchinson "
+                                        "divergence (rademacher probe), 1 slice per example, uniform dequantization")
     assert 0 < result["tail_share"] <= 1 and result["tail_count"] == 1 and result["kurtosis"] > 0
     assert result["heavy_tailed"] is False and "warning" not in printed.err  # 6 images: too few to flag
     assert line.startswith(f"test bits/dim: {result['bpd']:.4f} ± {result['bpd_se']:.4f} (6 images, "
@@ -115,8 +116,11 @@ def test_eval_ode_reports_nfe(tmp_path, capsys, monkeypatch, trained):
     root, run = trained
     from sdeflow.model import PluginReverseSDE
 
-    def cheap_ode(self, x, rtol, atol, generator, return_info, **kwargs):
+    starts = []
+
+    def cheap_ode(self, x, rtol, atol, generator, return_info, t_min, **kwargs):
         assert (rtol, atol) == (1e-3, 1e-3) and return_info
+        starts.append(t_min)
         return self.sde.prior_log_prob(x), {"nfe": 7}
 
     monkeypatch.setattr(PluginReverseSDE, "log_prob_ode", cheap_ode)
@@ -126,8 +130,12 @@ def test_eval_ode_reports_nfe(tmp_path, capsys, monkeypatch, trained):
     assert cli.main([str(a) for a in argv]) == 0
     result = json.loads(out.read_text())
     assert result["nfe"] == 7 and result["n_images"] == 2
-    assert result["estimator"] == ("probability-flow ODE, dopri5, rtol 0.001, atol 0.001, Hutchinson divergence "
-                                   "(rademacher probe)")
+    assert 1e-5 < starts[-1] < 1e-4  # t_σ of the logit transform's quantization, for the VP SDE
+    assert result["estimator"] == (f"probability-flow ODE from t_min {starts[-1]:g}, dopri5, rtol 0.001, atol 0.001, "
+                                   f"Hutchinson divergence (rademacher probe), uniform dequantization")
+    assert cli.main([str(a) for a in argv + ["--dequantization", "truncated-normal", "--t-min", "0.001"]]) == 0
+    assert starts[-1] == 0.001
+    assert json.loads(out.read_text())["estimator"].endswith("truncated-normal dequantization")
     assert "mean NFE 7" in capsys.readouterr().out
 
 
