@@ -28,6 +28,7 @@ and every result carries its "tail_share", "tail_count", "kurtosis" and "heavy_t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable
@@ -216,15 +217,19 @@ def log_likelihood(model, x: torch.Tensor | None = None, *, n: int | None = None
     else:
         check_positive_int("n", n)
     started = time.perf_counter()
-    was_training = model.training
-    model.eval()
+    was_training, needs_grad = model.training, [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)  # no graph through the weights; divergences still differentiate in y
     try:
-        values, nfes = _score(model, n, batch, estimator=estimator, batch_size=batch_size, n_slices=n_slices,
-                              time_sampling=time_sampling, divergence=divergence, probe=probe, solver=solver,
-                              rtol=rtol, atol=atol, seed=seed, device=device, fit_examples=fit_examples,
-                              t_min=t_min, progress=progress)
+        # The fitted ELBO's denoising form needs no derivative at all.
+        with torch.no_grad() if estimator == "elbo" and time_sampling == "fitted" else contextlib.nullcontext():
+            values, nfes = _score(model, n, batch, estimator=estimator, batch_size=batch_size, n_slices=n_slices,
+                                  time_sampling=time_sampling, divergence=divergence, probe=probe, solver=solver,
+                                  rtol=rtol, atol=atol, seed=seed, device=device, fit_examples=fit_examples,
+                                  t_min=t_min, progress=progress)
     finally:
         model.train(was_training)
+        for p, flag in zip(model.parameters(), needs_grad):
+            p.requires_grad_(flag)
     if not torch.isfinite(values).all():
         raise EvaluationError(f"{int((~torch.isfinite(values)).sum())} of {n} examples got a non-finite "
                               f"log-likelihood; the model has diverged")

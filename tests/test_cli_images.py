@@ -75,6 +75,13 @@ def test_eval_prints_and_writes_json(tmp_path, capsys, trained):
     assert {"bpd", "bpd_se", "n_images", "seconds", "estimator", "tail_share", "tail_count", "kurtosis",
             "heavy_tailed"} <= set(result) and "nfe" not in result
     assert result["n_images"] == 6 and result["bpd"] > 0 and result["bpd_se"] > 0
+    assert "bpd_per_image" not in result
+    assert cli.main([str(a) for a in argv + ["--per-image"]]) == 0
+    capsys.readouterr()
+    per_image = json.loads(out.read_text())["bpd_per_image"]
+    assert len(per_image) == 6 and sum(per_image) / 6 == pytest.approx(result["bpd"], rel=1e-9)
+    assert cli.main([str(a) for a in argv[:-3] + ["--per-image"]]) == 2  # needs --json
+    assert "--per-image writes to the --json file" in capsys.readouterr().err
     assert result["estimator"].startswith("ELBO from t_min 5.46")  # t_σ, where std/m is the quantization's σ
     assert result["estimator"].endswith(" (Gaussian decoder), importance time proposal q ∝ g²/v, Hutchinson "
                                         "divergence (rademacher probe), 1 slice per example, uniform dequantization")

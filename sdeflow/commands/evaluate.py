@@ -56,6 +56,9 @@ def register(subparsers) -> None:
     p.add_argument("--json", metavar="FILE",
                    help="also write bpd, bpd_se, n_images, seconds, estimator, tail_share, tail_count, kurtosis, "
                         "heavy_tailed (nfe with --ode) as JSON")
+    p.add_argument("--per-image", action="store_true",
+                   help="also write each image's bits/dim to the --json file (bpd_per_image), e.g. to compare two "
+                        "models on the same images with a paired standard error")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=run_eval)
 
@@ -67,6 +70,8 @@ def run_eval(args) -> int:
     from ..experiments.images import load_model, resolve_checkpoint
 
     path = resolve_checkpoint(args.checkpoint)
+    if args.per_image and not args.json:
+        raise CLIError("--per-image writes to the --json file: give --json FILE too")
     if args.json and not Path(args.json).parent.is_dir():
         raise CLIError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
     rank, world, dev = init_distributed(args.device)
@@ -87,6 +92,8 @@ def run_eval(args) -> int:
     summary = {key: result[key] for key in keys + (("nfe",) if args.ode else ())}
     summary = {key: None if value != value else value for key, value in summary.items()}  # NaN: JSON's null
     summary.update({"checkpoint": str(path), "step": step, "split": args.split, "ema": args.ema, "seed": args.seed})
+    if args.per_image:
+        summary["bpd_per_image"] = result["bpd_per_image"].tolist()
     extra = f", mean NFE {result['nfe']:.0f}" if args.ode else ""
     print(f"{args.split} bits/dim: {result['bpd']:.4f} ± {result['bpd_se']:.4f} "
           f"({result['n_images']} images, {result['estimator']}, {result['seconds']:.1f} s{extra})")
