@@ -22,8 +22,13 @@ batch. Rerun at a tighter tolerance to bound it.
 
 Whether the standard error can be trusted: sd/√N assumes the sample variance is a stable estimate,
 which fails when a few examples carry most of it (a heavy tail: near t → 0 an ε network's ELBO
-integrand grows like ‖ε‖²/(2t), and single draws can be huge). :func:`tail_diagnostics` measures it
-and every result carries its "tail_share", "tail_count", "kurtosis" and "heavy_tailed".
+integrand grows like ‖ε̂‖²/(2t), and single draws can be huge, which is why the estimators stop
+at t_min > 0 by default). :func:`tail_diagnostics` measures it and every result carries its
+"tail_share", "tail_count", "kurtosis" and "heavy_tailed".
+
+Split of the variance. Scoring the same examples twice with two seeds gives ℓ¹, ℓ² whose
+covariance is the spread between examples and whose variance minus it is the estimator's own
+(``benchmarks/likelihoods.py`` reports both).
 """
 
 from __future__ import annotations

@@ -97,8 +97,9 @@ class PluginReverseSDE(nn.Module):
     score). Its integral then diverges logarithmically and estimates of the bound are
     heavy-tailed: on the checkerboard toy, single draws near t = 10⁻⁸ contributed hundreds of
     nats and the mean bound sat about 0.02 nats below that of a score network. "drift" and
-    "score" keep the integrand bounded; ε networks train faster on images. The ODE likelihood
-    is unaffected (its integrand grows like t^{-1/2}).
+    "score" keep the integrand bounded; ε networks train faster on images. The likelihood
+    estimators therefore start at t_min > 0 by default (:meth:`elbo`). The ODE likelihood is
+    unaffected (its integrand grows like t^{-1/2}).
 
     Attributes:
         sde: the forward :class:`~sdeflow.sdes.SDE` (owns T).
@@ -350,7 +351,8 @@ class PluginReverseSDE(nn.Module):
 
     def decoder_log_weight(self, dim: int, t_min: float) -> float:
         """D·log m(t_min): the closed-form term of the Gaussian decoder p(x | y) = N(y/m, v/m²) in the
-        ELBO started at t_min (0 for t_min = 0 and for VE)."""
+        ELBO started at t_min, and of the output y/m of the ODE stopped there (0 for t_min = 0 and
+        for VE)."""
         return dim * float(torch.log(self.sde.mean_weight(torch.tensor(t_min, dtype=torch.float64))))
 
     def elbo(self, x: torch.Tensor, n_slices: int = 1, time_sampling="fitted",
@@ -370,10 +372,11 @@ class PluginReverseSDE(nn.Module):
         and need not vanish, where the integrand grows like ‖ε̂‖²/(2t), its integral diverges and
         every estimate of it is heavy-tailed.
 
-        The path term is :math:`\frac1K \sum_k h(y_{t_k}, t_k)/q(t_k)` with K = ``n_slices`` draws per
-        example, stratified: t_k = Q⁻¹((k − 1 + u_k)/K) with u_k uniform and Q the CDF of q on
-        [t_min, T] (unbiased, and never noisier than K independent draws); the prior term is in
-        closed form. ``time_sampling``: "uniform", "importance" (q ∝ g²/v) or any
+        The path term is :math:`\sum_k w_k\, h(y_{t_k}, t_k)/q(t_k)` with K = ``n_slices`` draws per
+        example, one in each stratum of q (quantile range [b_k, b_{k+1}) of mass w_k, from
+        :meth:`~sdeflow.time_sampling.TimeProposal.strata_bounds`: equal quantiles, or for a fitted
+        proposal the strata that cut the variance most); unbiased, and never noisier than K
+        independent draws. The prior term is in closed form. ``time_sampling``: "uniform", "importance" (q ∝ g²/v) or any
         :class:`~sdeflow.time_sampling.TimeProposal` take h in the Hutchinson form
         :math:`-\tfrac12\|a\|^2 - g\nabla\cdot a + D f` (divergence by ``divergence`` =
         "hutchinson" with a ``probe``, or "exact"; sdeflow-light's slice); "fitted" (the default:
@@ -389,7 +392,7 @@ class PluginReverseSDE(nn.Module):
         t_min = self._check_t_min(t_min, time_sampling)
         proposal = self._proposal(time_sampling, x, t_min, generator=generator)
         batch = x.shape[0]
-        # Slice k of every example draws its time from the k-th of n_slices quantile strata of q.
+        # Slice k of every example draws its time from the k-th stratum of q; q̃ carries the stratum's weight.
         t, q = proposal.sample(n_slices * batch, generator=generator, device=x.device, dtype=x.dtype,
                                strata=n_slices)
         xs = x.repeat((n_slices,) + (1,) * (x.ndim - 1))

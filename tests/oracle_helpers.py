@@ -65,34 +65,52 @@ class OffsetNoiseNet(torch.nn.Module):
 
 
 def expected_truncated_elbo(sde, data: GaussianMixture, x: torch.Tensor, t_min: float, offset=None) -> torch.Tensor:
-    r"""The ELBO run from T down to t_min with the Gaussian decoder, for the exact score of a diagonal
-    Gaussian: :math:`E_{q(y|x)}[\log q_{t_{min}}(y)] + D\log m(t_{min})` + the prior mismatch (t_min = 0:
-    :func:`expected_elbo`). With the ε network of :class:`OffsetNoiseNet` (a = a* − gδ/std), the
-    integrand's mean moves by :math:`(g^2/std)\,\delta\cdot E_{y_t|x}[s(y_t)] - \tfrac12 (g^2/v)\|\delta\|^2`,
-    integrated here by quadrature in log t."""
-    from scipy import integrate
-
+    r"""The ELBO run from T down to t_min with the Gaussian decoder, for the exact score of ``data``:
+    :math:`E_{q(y|x)}[\log q_{t_{min}}(y)] + D\log m(t_{min})` + the prior mismatch
+    :math:`E_{y_T|x}[\log p_T - \log q_T]` (t_min = 0: :func:`expected_elbo`). With the ε network of
+    :class:`OffsetNoiseNet` (a = a* − gδ/std), the integrand's mean moves by
+    :math:`(g^2/std)\,\delta\cdot E_{y_t|x}[s(y_t)] - \tfrac12 (g^2/v)\|\delta\|^2`, integrated by
+    Gauss–Legendre quadrature in log t. Closed forms for a single Gaussian; for a mixture the
+    expectations over y are Monte-Carlo averages of 200,000 common draws (error well under 10⁻²)."""
     x = x.double()
     t = torch.tensor(float(t_min), dtype=torch.float64)
     m, v = sde.mean_weight(t), sde.var(t)
-    mu, var = data.means[0], data.stds[0] ** 2
-    value = (_gauss_cross_entropy(m * x, v, m * mu, m ** 2 * var + v) + data.dim * torch.log(m)
-             + _prior_mismatch(sde, data, x))
+    single = data.means.shape[0] == 1
+    if single:
+        mu, var = data.means[0], data.stds[0] ** 2
+        value = (_gauss_cross_entropy(m * x, v, m * mu, m ** 2 * var + v) + data.dim * torch.log(m)
+                 + _prior_mismatch(sde, data, x))
+    else:
+        eps = torch.randn(200_000, data.dim, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
+        T = torch.tensor(sde.T, dtype=torch.float64)
+        m_T, v_T = sde.mean_weight(T), sde.var(T)
+        value = []
+        for xi in x:
+            y, y_T = m * xi + v.sqrt() * eps, m_T * xi + v_T.sqrt() * eps
+            value.append(data.log_prob(y, m, v).mean() + data.dim * torch.log(m)
+                         + (sde.prior_log_prob(y_T) - data.log_prob(y_T, m_T, v_T)).mean())
+        value = torch.stack(value)
     if offset is None:
         return value
     offset = torch.as_tensor(offset, dtype=torch.float64)
     if t_min <= 0:
         raise ValueError("with an offset the bound run to t = 0 is -inf")
-
-    def shift(log_t, xi):
-        s = torch.tensor(math.exp(log_t), dtype=torch.float64)
+    nodes, weights = (torch.from_numpy(a) for a in __import__("numpy").polynomial.legendre.leggauss(96))
+    lo, hi = math.log(t_min), math.log(sde.T)
+    log_t = lo + (nodes + 1) * (hi - lo) / 2
+    eps = torch.randn(20_000, data.dim, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    shift = torch.zeros(x.shape[0], dtype=torch.float64)
+    for lt, w in zip(log_t, weights * (hi - lo) / 2):
+        s = torch.exp(lt)
         m_s, v_s, g2 = sde.mean_weight(s), sde.var(s), sde.g2(s)
-        mean_score = -(m_s * xi - m_s * mu) / (m_s ** 2 * var + v_s)
-        rate = g2 / v_s.sqrt() * (offset * mean_score).sum() - 0.5 * g2 / v_s * (offset ** 2).sum()
-        return float(rate * s)  # d t = t d log t
-
-    return value + torch.tensor([integrate.quad(shift, math.log(t_min), math.log(sde.T), args=(xi,), limit=200)[0]
-                                 for xi in x], dtype=torch.float64)
+        for i, xi in enumerate(x):
+            if single:
+                mean_score = -(m_s * xi - m_s * data.means[0]) / (m_s ** 2 * data.stds[0] ** 2 + v_s)
+            else:
+                mean_score = data.score(m_s * xi + v_s.sqrt() * eps, m_s, v_s).mean(0)
+            rate = g2 / v_s.sqrt() * (offset * mean_score).sum() - 0.5 * g2 / v_s * (offset ** 2).sum()
+            shift[i] += w * rate * s  # d t = t d log t
+    return value + shift
 
 
 def expected_ode_log_prob(sde, data: GaussianMixture, x: torch.Tensor, t_min: float = 0.0) -> torch.Tensor:

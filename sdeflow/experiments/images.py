@@ -17,13 +17,14 @@ from .. import checkpoint as ckpt
 from ..config import TrainConfig, build_model, model_config
 from ..data.transforms import TRANSFORMS, Preprocess
 from ..engine.state import make_generator
+from ..nets.unet import DEFAULT_PRESET
 from ..utils import check_choice, check_positive_int
 
 __all__ = ["image_model_config", "check_images", "preprocess", "postprocess", "load_model", "resolve_checkpoint",
            "train_images", "sample_images"]
 
 
-def image_model_config(dataset: str = "cifar10", preset: str = "small", *, in_channels: int = 3,
+def image_model_config(dataset: str = "cifar10", preset: str = DEFAULT_PRESET, *, in_channels: int = 3,
                        image_size: int = 32, net_overrides: dict | None = None, sde: dict | str = "vp",
                        parameterization: str = "noise", transform: str = "logit", alpha: float = 0.05) -> dict:
     """The model configuration of a U-Net (:func:`sdeflow.nets.unet.make_unet` ``preset`` with

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..utils import check_choice, check_positive_int
 
-__all__ = ["UNet", "PRESETS", "make_unet", "sinusoidal_embedding"]
+__all__ = ["UNet", "PRESETS", "DEFAULT_PRESET", "make_unet", "sinusoidal_embedding"]
 
 PRESETS: dict[str, dict] = {
     # Ho et al.'s CIFAR-10 model (35.7 M parameters).
@@ -43,7 +43,14 @@ PRESETS: dict[str, dict] = {
     # sdeflow-light's U-Net for CPU runs (≈1.6 M parameters at 32×32×3).
     "small": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
                   attn_resolutions=(16,), dropout=0.1),
+    # "small" without self-attention at 16×16 (the middle block keeps its own): a third less time
+    # per step on a 2-core CPU and better bits/dim in a fixed time budget (README, the ablation);
+    # the default of ``sdeflow train``.
+    "cpu": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
+                attn_resolutions=(), dropout=0.1),
 }
+#: The preset ``sdeflow train`` and :func:`sdeflow.experiments.images.image_model_config` use by default.
+DEFAULT_PRESET = "cpu"
 
 
 def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
