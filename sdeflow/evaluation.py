@@ -129,7 +129,8 @@ def describe_estimator(estimator: str = "elbo", *, n_slices: int = 1, time_sampl
     start = "ELBO from t_min " + ("1e-05·T" if t_min is None else f"{t_min:g}")
     start += " (Gaussian decoder)" if t_min is None or t_min > 0 else ""
     if time_sampling == "fitted":
-        how = f"time proposal fitted on {fit_examples} pilot examples (denoising form with a fitted control variate)"
+        how = f"time proposal fitted on {fit_examples} pilot examples (denoising form with a fitted control variate"
+        how += ", Hutchinson form with the exact divergence where quieter)" if divergence == "exact" else ")"
     else:
         how = {"uniform": "uniform time", "importance": "importance time proposal q ∝ g²/v"}[time_sampling] + f", {div}"
     return f"{start}, {how}, {n_slices} slice{'s' if n_slices > 1 else ''} per example"
@@ -150,7 +151,8 @@ def _score(model, n: int, batch: Callable, *, estimator: str, batch_size: int, n
         pilot_gen = make_generator(device, step_seed(seed, 0, 0, stream=STREAM_PILOT))
         pilot, _ = batch(0, min(n, fit_examples), pilot_gen)
         try:
-            model.fit_time_proposal(pilot, max_examples=pilot.shape[0], t_min=t_min, generator=pilot_gen)
+            model.fit_time_proposal(pilot, max_examples=pilot.shape[0], t_min=t_min, divergence=divergence,
+                                    generator=pilot_gen)
         except ValueError as err:  # the pilot's integrands were not finite: not the caller's input
             raise EvaluationError(f"the ELBO's time proposal could not be fitted ({err}); the model gives "
                                   f"non-finite values and has probably diverged") from None

@@ -192,23 +192,30 @@ class PluginReverseSDE(nn.Module):
     @torch.no_grad()
     def fit_time_proposal(self, x: torch.Tensor, *, n_bins: int = 32, max_examples: int = 16,
                           defensive: float = 0.02, t_min: float | None = None, chunk_size: int | None = None,
-                          generator: torch.Generator | None = None) -> FittedTime:
+                          divergence: str = "hutchinson", generator: torch.Generator | None = None) -> FittedTime:
         """Fit ``self.time_proposal`` on [t_min, T] (default t_min: :meth:`default_t_min`) to the
         ELBO's denoising integrand h₀ and its control variate w (see :meth:`elbo`) on a pilot batch
         (at most ``max_examples`` of x; one draw of t per bin and example): per bin the coefficient
         c of h₀ + c·w of least variance, and q ∝ √E[(h₀ + c w)²]. Costs n_bins × examples forward
         passes of the network, ``chunk_size`` at a time (default: about 2¹⁷ numbers per chunk, 42
-        CIFAR images: larger batches of images run slower per image on a CPU). Returns the proposal.
+        CIFAR images: larger batches of images run slower per image on a CPU). With
+        ``divergence="exact"`` (affordable for low-dimensional data only) the pilot also measures the
+        Hutchinson form with the exact divergence, and the bins where it is quieter take it
+        (``time_proposal.hutchinson``). Returns the proposal.
         """
+        check_choice("divergence", divergence, _div.ESTIMATORS)
         check_finite("x", x)
         t_min = self._check_t_min(t_min)
         chunk_size = self._chunk_size(x) if chunk_size is None else check_positive_int("chunk_size", chunk_size)
         pilot = x[:check_positive_int("max_examples", max_examples)]
         batch = pilot.shape[0]
 
-        def integrands(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def integrands(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
             xs = pilot.repeat((t.numel() // batch,) + (1,) * (pilot.ndim - 1))
-            return self._denoising_terms(xs, t, generator, chunk_size=chunk_size)
+            forms = self._denoising_terms(xs, t, generator, chunk_size=chunk_size)
+            if divergence != "exact":
+                return forms
+            return forms + (self._hutchinson_terms(xs, t, divergence="exact", generator=generator),)
 
         self.time_proposal = FittedTime.fit(integrands, self.sde, n_bins=n_bins, n_per_bin=batch, t_min=t_min,
                                             defensive=defensive, generator=generator, dtype=x.dtype, device=x.device)
@@ -341,6 +348,14 @@ class PluginReverseSDE(nn.Module):
                                    generator=generator, create_graph=create_graph)
         return self._hutchinson_integrand(a, div_a, t)
 
+    def _hutchinson_terms(self, x: torch.Tensor, t: torch.Tensor, probe: str = "rademacher",
+                          divergence: str = "hutchinson", generator=None) -> torch.Tensor:
+        """The Hutchinson form of the integrand at y_t = m x + std ε, in chunks; (B,)."""
+        y, size = self.sde.sample(x, t, generator=generator), self._chunk_size(x)
+        return torch.cat([self.elbo_integrand(y[i:i + size], t[i:i + size], probe=probe, divergence=divergence,
+                                              generator=generator, create_graph=torch.is_grad_enabled())
+                          for i in range(0, y.shape[0], size)])
+
     def _check_t_min(self, t_min, time_sampling=None) -> float:
         if t_min is None:
             return time_sampling.t_min if isinstance(time_sampling, TimeProposal) else self.default_t_min()
@@ -382,28 +397,30 @@ class PluginReverseSDE(nn.Module):
         "hutchinson" with a ``probe``, or "exact"; sdeflow-light's slice); "fitted" (the default:
         ``self.time_proposal``, fitted on this batch if there is none for this t_min yet; lowest
         variance, one forward pass per draw) takes the denoising form h₀ + c·w of
-        :meth:`_denoising_terms` with the control-variate coefficient c of the time's bin. Every form
-        has the same expectation at every t. Differentiable when grad is enabled.
+        :meth:`_denoising_terms` with the control-variate coefficient c of the time's bin (and, when
+        fitted with ``divergence="exact"``, the exact Hutchinson form in the bins where it is
+        quieter). Every form has the same expectation at every t. Differentiable when grad is enabled.
         """
         check_finite("x", x)
         n_slices = check_positive_int("n_slices", n_slices)
         check_choice("probe", probe, _div.PROBES)
         check_choice("divergence", divergence, _div.ESTIMATORS)
         t_min = self._check_t_min(t_min, time_sampling)
-        proposal = self._proposal(time_sampling, x, t_min, generator=generator)
+        proposal = self._proposal(time_sampling, x, t_min, divergence=divergence, generator=generator)
         batch = x.shape[0]
         # Slice k of every example draws its time from the k-th stratum of q; q̃ carries the stratum's weight.
         t, q = proposal.sample(n_slices * batch, generator=generator, device=x.device, dtype=x.dtype,
                                strata=n_slices)
         xs = x.repeat((n_slices,) + (1,) * (x.ndim - 1))
-        if isinstance(proposal, FittedTime):
-            h0, w = self._denoising_terms(xs, t, generator, chunk_size=self._chunk_size(x))
-            h = h0 + proposal.control_at(t) * w
-        else:
-            y, size = self.sde.sample(xs, t, generator=generator), self._chunk_size(x)
-            h = torch.cat([self.elbo_integrand(y[i:i + size], t[i:i + size], probe=probe, divergence=divergence,
-                                               generator=generator, create_graph=torch.is_grad_enabled())
-                           for i in range(0, y.shape[0], size)])
+        hutch = proposal.hutchinson_at(t) if isinstance(proposal, FittedTime) else torch.ones_like(t, dtype=torch.bool)
+        h = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+        if hutch.any():
+            h = h.index_put((hutch,), self._hutchinson_terms(xs[hutch], t[hutch], probe=probe, divergence=divergence,
+                                                             generator=generator).double())
+        if not hutch.all():
+            den = ~hutch
+            h0, w = self._denoising_terms(xs[den], t[den], generator, chunk_size=self._chunk_size(x))
+            h = h.index_put((den,), h0 + proposal.control_at(t[den]) * w)
         path_term = (h / q.to(h.dtype)).reshape(n_slices, batch).mean(dim=0).to(x.dtype)
         return path_term + self.sde.expected_prior_log_prob(x) + self.decoder_log_weight(x[0].numel(), t_min)
 

@@ -167,11 +167,12 @@ class FittedTime(TimeProposal):
     (see :meth:`fit` and :meth:`sdeflow.model.PluginReverseSDE.elbo`): unbiased for every c_k.
     ``moments`` (2, bins), when given (:meth:`fit` records them), are the mean and second moment of
     that integrand in each bin; :meth:`strata_bounds` then places the strata where they cut the
-    variance most.
+    variance most. ``hutchinson`` (one flag per bin) marks the bins where the user estimates a third
+    form of the integrand instead (for the ELBO: the Hutchinson form, chosen where it is quieter).
     """
 
     def __init__(self, edges: torch.Tensor, probs: torch.Tensor, control: torch.Tensor | None = None,
-                 moments: torch.Tensor | None = None):
+                 moments: torch.Tensor | None = None, hutchinson: torch.Tensor | None = None):
         edges = torch.as_tensor(edges, dtype=torch.float64)
         probs = torch.as_tensor(probs, dtype=torch.float64)
         if edges.ndim != 1 or probs.shape != (edges.numel() - 1,):
@@ -183,6 +184,9 @@ class FittedTime(TimeProposal):
         control = torch.zeros_like(probs) if control is None else torch.as_tensor(control, dtype=torch.float64)
         if control.shape != probs.shape or not torch.isfinite(control).all():
             raise ValueError("control must be one finite coefficient per bin")
+        hutchinson = torch.zeros(probs.shape, dtype=torch.bool) if hutchinson is None else torch.as_tensor(hutchinson, dtype=torch.bool)
+        if hutchinson.shape != probs.shape:
+            raise ValueError("hutchinson must be one flag per bin")
         if moments is not None:
             moments = torch.as_tensor(moments, dtype=torch.float64)
             if moments.shape != (2,) + probs.shape or not torch.isfinite(moments).all():
@@ -191,6 +195,7 @@ class FittedTime(TimeProposal):
         self.edges = edges
         self.probs = probs / probs.sum()
         self.control = control
+        self.hutchinson = hutchinson
         self.moments = moments
         self._bounds: dict[int, torch.Tensor] = {}
         self._cum = torch.cat([torch.zeros(1, dtype=torch.float64), self.probs.cumsum(0)])
@@ -226,7 +231,8 @@ class FittedTime(TimeProposal):
         instead return a pair (h, w) with w a control variate of mean zero at every t: each bin
         then takes the coefficient :math:`c_k = -\widehat{Cov}(h, w)/\widehat{Var}(w)` that minimises
         the variance of h + c_k·w, records it in ``control``, and is sized by the second moment of
-        h + c_k·w.
+        h + c_k·w. A triple (h, w, h′), h′ another form of the same mean at every t, flags in
+        ``hutchinson`` the bins where h′ has the lower second moment, and sizes them by it.
 
         The defensive share bounds every weight 1/q(t) by 1/(defensive·q_importance(t)), so a bin
         the pilot under-rates cannot blow up the variance; every share it takes is spent where the
@@ -242,7 +248,8 @@ class FittedTime(TimeProposal):
         index = torch.arange(n_bins).repeat_interleave(n_per_bin)
         t = (lower[index] + width[index] * u.cpu()).to(dtype=dtype, device=device)
         forms = integrand(t)
-        h, w = forms if isinstance(forms, tuple) else (forms, None)
+        forms = forms if isinstance(forms, tuple) else (forms,)
+        h, w, other = (tuple(forms) + (None, None))[:3]
         h = h.detach().double().cpu().reshape(n_bins, -1)
         control = torch.zeros(n_bins, dtype=torch.float64)
         if w is not None:
@@ -251,6 +258,11 @@ class FittedTime(TimeProposal):
             var_w = (wc ** 2).sum(1)
             control = torch.where(var_w > 0, -(hc * wc).sum(1) / var_w.clamp_min(1e-300), control)
             h = h + control[:, None] * w
+        hutchinson = torch.zeros(n_bins, dtype=torch.bool)
+        if other is not None:  # a third form, of the same mean: taken in the bins where it is quieter
+            other = other.detach().double().cpu().reshape(n_bins, -1)
+            hutchinson = (other ** 2).mean(1) < (h ** 2).mean(1)
+            h = torch.where(hutchinson[:, None], other, h)
         second_moment = (h ** 2).mean(1)
         if not torch.isfinite(second_moment).all():
             raise ValueError("the integrand gave non-finite values on the pilot draws")
@@ -259,7 +271,7 @@ class FittedTime(TimeProposal):
         fitted = mass / mass.sum() if mass.sum() > 0 else torch.full_like(mass, 1 / n_bins)
         importance = ImportanceTime(sde, t_min=t_min).cdf(edges)
         probs = (1 - defensive) * fitted + defensive * (importance[1:] - importance[:-1])
-        return cls(edges, probs.clamp_min(1e-12), control=control, moments=moments)
+        return cls(edges, probs.clamp_min(1e-12), control=control, moments=moments, hutchinson=hutchinson)
 
     def strata_bounds(self, strata: int) -> torch.Tensor:
         r"""Quantile bounds of K strata at bin edges that minimise the variance Σ_g V_g of one draw per
@@ -299,6 +311,10 @@ class FittedTime(TimeProposal):
         bounds[0], bounds[-1] = 0.0, 1.0
         return bounds
 
+    def hutchinson_at(self, t: torch.Tensor) -> torch.Tensor:
+        """Whether each time's bin takes the third form (see :meth:`fit`); bool, shape of t."""
+        return self.hutchinson.to(t.device)[self._bin(t)]
+
     def control_at(self, t: torch.Tensor) -> torch.Tensor:
         """The control-variate coefficient of each time's bin; shape of t, dtype float64."""
         return self.control.to(t.device)[self._bin(t)]
@@ -326,8 +342,9 @@ class FittedTime(TimeProposal):
 
     def state_dict(self) -> dict:
         return {"edges": self.edges.clone(), "probs": self.probs.clone(), "control": self.control.clone(),
-                "moments": None if self.moments is None else self.moments.clone()}
+                "moments": None if self.moments is None else self.moments.clone(),
+                "hutchinson": self.hutchinson.clone()}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "FittedTime":
-        return cls(state["edges"], state["probs"], state.get("control"), state.get("moments"))
+        return cls(state["edges"], state["probs"], state.get("control"), state.get("moments"), state.get("hutchinson"))
