@@ -36,8 +36,7 @@ ELBO_ESTIMATORS = [
     ("importance t, Hutchinson", dict(time_sampling="importance", n_slices=1)),
     ("fitted, 1 slice", dict(n_slices=1)),
     ("fitted, 2 slices", dict(n_slices=2)),
-    ("fitted, 4 slices", dict(n_slices=4)),
-    ("default (sdeflow eval)", dict()),
+    ("default (sdeflow eval): fitted, 4 slices", dict()),
 ]
 
 ODE_SETTINGS = [

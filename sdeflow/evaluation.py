@@ -227,8 +227,9 @@ def log_likelihood(model, x: torch.Tensor | None = None, *, n: int | None = None
     was_training, needs_grad = model.training, [p.requires_grad for p in model.parameters()]
     model.eval().requires_grad_(False)  # no graph through the weights; divergences still differentiate in y
     try:
-        # The fitted ELBO's denoising form needs no derivative at all.
-        with torch.no_grad() if estimator == "elbo" and time_sampling == "fitted" else contextlib.nullcontext():
+        # The fitted ELBO takes the denoising form everywhere unless the divergence is exact: no derivative.
+        no_derivative = estimator == "elbo" and time_sampling == "fitted" and divergence == "hutchinson"
+        with torch.no_grad() if no_derivative else contextlib.nullcontext():
             values, nfes = _score(model, n, batch, estimator=estimator, batch_size=batch_size, n_slices=n_slices,
                                   time_sampling=time_sampling, divergence=divergence, probe=probe, solver=solver,
                                   rtol=rtol, atol=atol, seed=seed, device=device, fit_examples=fit_examples,

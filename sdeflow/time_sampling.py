@@ -290,7 +290,7 @@ class FittedTime(TimeProposal):
 
     def _optimal_bounds(self, strata: int) -> torch.Tensor:
         width = self.edges[1:] - self.edges[:-1]
-        mass = torch.cat([torch.zeros(1, dtype=torch.float64), self.probs.cumsum(0)])
+        mass = self._cum
         second = torch.cat([torch.zeros(1, dtype=torch.float64), (self.moments[1] * width ** 2 / self.probs).cumsum(0)])
         mean = torch.cat([torch.zeros(1, dtype=torch.float64), (self.moments[0] * width).cumsum(0)])
         n = len(self.probs)
@@ -307,9 +307,7 @@ class FittedTime(TimeProposal):
         for k in range(strata - 1, 0, -1):
             j = int(choice[k][j])
             cuts.append(j)
-        bounds = mass[torch.tensor(sorted([0] + cuts))]
-        bounds[0], bounds[-1] = 0.0, 1.0
-        return bounds
+        return mass[torch.tensor(sorted([0] + cuts))]  # a copy: _cum[0] = 0 and _cum[-1] = 1 exactly
 
     def hutchinson_at(self, t: torch.Tensor) -> torch.Tensor:
         """Whether each time's bin takes the third form (see :meth:`fit`); bool, shape of t."""
