@@ -213,6 +213,8 @@ def log_likelihood(model, x: torch.Tensor | None = None, *, n: int | None = None
         check_choice("time_sampling", time_sampling, TIME_SAMPLINGS)
     else:
         check_choice("solver", solver, ADAPTIVE_SOLVERS)
+    if t_min is not None and not 0.0 <= float(t_min) < model.T:
+        raise ValueError(f"t_min must lie in [0, T={model.T}); got {t_min}")
     if (x is None) == (batch is None):
         raise ValueError("pass either x (examples in model space) or n and batch (a function giving them)")
     device = torch.device(model_device_dtype(model, device, None)[0] or "cpu")

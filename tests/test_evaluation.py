@@ -56,6 +56,8 @@ def test_bad_arguments_and_diverged_models():
         log_likelihood(model, x, estimator="iwae")
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         log_likelihood(model, x, batch_size=0)
+    with pytest.raises(ValueError, match=r"t_min must lie in \[0, T=1.0\)"):  # before any pilot fit
+        log_likelihood(model, x, t_min=2.0)
     with pytest.raises(ValueError, match="either x"):
         log_likelihood(model)
     broken = torch.nn.Linear(2, 2)
