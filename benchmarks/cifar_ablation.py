@@ -54,13 +54,13 @@ from cifar_budget import DEFAULT_ROOT, _write_batch  # noqa: E402
 
 from sdeflow.cli import main as sdeflow  # noqa: E402
 
-#: (name, extra ``sdeflow train`` flags): each row ONE change from the command line's defaults
-#: (sdeflow/config.py TrainConfig, sdeflow/commands/train.py). A row's flags come last on the command
-#: line, so its own --batch-size overrides the script's (argparse keeps the last occurrence).
-#: The flags that pin the baseline recipe to the defaults the ablation was measured against.
-BASE = ["--preset", "small", "--lr", "5e-4"]
+#: (name, extra ``sdeflow train`` flags): each row ONE change from its round's baseline. A row's flags
+#: come last on the command line, so its own --batch-size overrides the script's (argparse keeps the
+#: last occurrence).
+#: Round 1's baseline: the flags that pin the recipe to the defaults it was measured against.
+BASE_1 = ["--preset", "small", "--lr", "5e-4"]
 
-ROWS: list[tuple[str, list[str]]] = [
+ROWS_1: list[tuple[str, list[str]]] = [
     ("defaults", []),
     ("lr 2e-4", ["--lr", "2e-4"]),
     ("lr 1e-3", ["--lr", "1e-3"]),
@@ -77,6 +77,30 @@ ROWS: list[tuple[str, list[str]]] = [
     # the two single changes that helped most, together: the candidate for the new defaults
     ("lr 1e-3 + no attention", ["--lr", "1e-3", "--attn-resolutions", "none"]),
 ]
+
+#: Round 2's baseline: the command line's defaults after round 1 (preset cpu, lr 1e-3), unpinned.
+BASE_2: list[str] = []
+
+ROWS_2: list[tuple[str, list[str]]] = [
+    ("defaults", []),
+    ("dropout 0", ["--dropout", "0"]),  # preset cpu: 0.1
+    ("lr 2e-3", ["--lr", "2e-3"]),
+    ("batch 16", ["--batch-size", "16"]),
+    ("1 residual block per level", ["--num-res-blocks", "1"]),  # preset cpu: 2
+    ("EMA 0.999", ["--ema-decay", "0.999"]),
+    ("constant lr", ["--lr-schedule", "constant"]),
+    ("centered transform (2x - 1)", ["--transform", "centered"]),  # default: logit
+    ("no gradient clipping", ["--grad-clip", "0"]),
+    ("no flips", ["--no-flip"]),
+    # the loss over the bound that is evaluated: t in [t_σ, T] with the exact likelihood weighting
+    # (t_σ = 5.46e-5 for VP and the logit transform: sdeflow.evaluation.noise_level_time) instead of
+    # [0, T] with the weighting truncated below 10⁻³T
+    ("loss from t_σ", ["--loss-t-min", "5.46349e-5"]),
+    ("stratified t", ["--stratified-time"]),
+]
+
+#: round → (baseline flags, rows).
+ROUNDS: dict[str, tuple[list[str], list[tuple[str, list[str]]]]] = {"1": (BASE_1, ROWS_1), "2": (BASE_2, ROWS_2)}
 
 VALIDATION = "validation: last {n} of the training pool; the test split is not used"
 POOL_FILES = tuple(f"data_batch_{i}" for i in range(1, 5))  # data_batch_5 = cifar_budget.py's test images
@@ -153,7 +177,7 @@ def run_row(name: str, flags: list[str], args, root: Path, rows_dir: Path) -> di
     started = time.perf_counter()
     code = _sdeflow(["train", "--dataset", "cifar10", "--data-root", str(root), "--steps", "1000000",
                     "--batch-size", str(args.batch_size), "--max-seconds", str(args.budget_min * 60),
-                    "--fit-schedule", "--out", str(run), "--no-progress", *BASE, *flags])
+                    "--fit-schedule", "--out", str(run), "--no-progress", *ROUNDS[args.round][0], *flags])
     seconds = time.perf_counter() - started
     if code > 128:  # SIGINT/SIGTERM reached the training loop: stop the ablation, not just the row
         raise SystemExit(f"{name}: training interrupted (exit {code}); rerun with --resume")
@@ -218,12 +242,15 @@ def main(argv=None) -> None:
     parser.add_argument("--budget-min", type=float, default=4.0, help="training wall-clock budget per row, minutes")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of every row without its own")
     parser.add_argument("--val-images", type=int, default=400, help="last N images of the training pool held out")
+    parser.add_argument("--round", choices=tuple(ROUNDS), default="2",
+                        help="which ablation: 1 (against the pinned former defaults) or 2 (against today's)")
     parser.add_argument("--rows", nargs="+", metavar="ROW", help="names or slugs of the rows to run (default: all)")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N validation images")
     parser.add_argument("--out", default="runs/cifar_ablation")
     parser.add_argument("--resume", action="store_true", help="keep OUT/ablation.json and skip its finished rows")
     args = parser.parse_args(argv)
 
+    ROWS = ROUNDS[args.round][1]
     chosen = ROWS
     if args.rows:
         known = {key: (name, flags) for name, flags in ROWS for key in (name, slug(name))}
@@ -235,7 +262,7 @@ def main(argv=None) -> None:
 
     out = Path(args.out)
     path = out / "ablation.json"
-    settings = {"budget_min": args.budget_min, "batch_size": args.batch_size, "val_images": args.val_images,
+    settings = {"round": args.round, "budget_min": args.budget_min, "batch_size": args.batch_size, "val_images": args.val_images,
                 "eval_limit": args.eval_limit, "source": str(Path(args.data_root).resolve())}
     results = {"settings": settings, "rows": []}
     if args.resume and path.exists():

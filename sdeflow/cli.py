@@ -110,7 +110,7 @@ def int_list(text: str) -> list[int]:
 # ---- flags built from the library's configuration dataclasses and registries -------------------
 #: Fields of TrainConfig that may be 0 (the others of type int must be positive).
 _ZERO_ALLOWED = ("warmup_steps", "sample_every", "monitor_every", "seed", "final_lr_fraction",
-                 "second_order_fraction", "grad_clip")
+                 "second_order_fraction", "grad_clip", "loss_t_min")
 
 
 def _flag(name: str) -> str:

@@ -61,6 +61,11 @@ class TrainConfig:
                                choices=lambda: ("uniform", "importance"), default="importance")
     weighting: str = _help("DSM loss weighting: likelihood (the ELBO's) or noise (DDPM's ε-loss)",
                              choices=_weightings, default="likelihood")
+    loss_t_min: float = _help("the loss covers diffusion times in [loss_t_min, T], with the weighting exact above it "
+                              "(the ELBO started there); 0: from t = 0, the weighting truncated below 10⁻³T "
+                              "(sdeflow-light's)", default=0.0)
+    stratified_time: bool = _help("draw the batch's diffusion times stratified, one per equal quantile range of the "
+                                  "time distribution (a low-discrepancy sampler: less variance)", default=False)
     second_order_fraction: float = _help("the last fraction of the steps adds second-order score matching "
                                          "(Lu et al. 2022; data of at most 64 dimensions)", default=0.0)
     second_order_weight: float = _help("weight of the second-order term", default=0.3)
@@ -93,6 +98,7 @@ class TrainConfig:
             check_positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "sample_every", "monitor_every", "seed"):
             check_nonneg_int(name, getattr(self, name))
+        check_nonneg_float("loss_t_min", self.loss_t_min)
         if self.max_seconds is not None:
             check_positive_float("max_seconds", self.max_seconds)
         check_positive_float("lr", self.lr)

@@ -26,7 +26,7 @@ from torch import nn
 from . import divergence as _div
 from .ode import SOLVERS, odeint_within, probability_flow_velocity
 from .sdes import SDE
-from .time_sampling import T_MIN_FRACTION, FittedTime, ImportanceTime, TimeProposal, UniformTime, clamped_rate
+from .time_sampling import T_EPS_FRACTION, T_MIN_FRACTION, FittedTime, ImportanceTime, TimeProposal, UniformTime
 from .utils import (append_dims, as_time, check_choice, check_finite, check_new_name, check_positive_int,
                     sum_except_batch)
 
@@ -53,17 +53,17 @@ def noise_weighting(sde: SDE, t: torch.Tensor) -> torch.Tensor:
 
 
 def likelihood_weighting(sde: SDE, t: torch.Tensor) -> torch.Tensor:
-    r""":math:`\lambda(t) = T\,g(\tilde t)^2 / v(\tilde t)`, :math:`\tilde t = \max(t, t_\epsilon)`,
-    :math:`t_\epsilon = 10^{-3}T`: the DSM form of the ELBO's path term,
-    :math:`\tfrac1T\int_0^T \lambda\,\ell\,dt = \int_0^T \tfrac12\|a + g\varepsilon/std\|^2 dt`, truncated
-    below t_ε (as in sdeflow-light) where it would diverge. It is T·Z times the density of
-    :class:`~sdeflow.time_sampling.ImportanceTime`, so with ``time_sampling="importance"`` the
-    estimate's time weight is the constant Z. (B,) -> (B,)."""
-    return sde.T * clamped_rate(sde, t)
+    r""":math:`\lambda(t) = T\,g(t)^2 / v(t)`: the DSM form of the ELBO's path term,
+    :math:`\tfrac1T\int \lambda\,\ell\,dt = \int \tfrac12\|a + g\varepsilon/std\|^2 dt`. It diverges
+    like 1/t at 0; :meth:`PluginReverseSDE.dsm` evaluates every weighting at max(t, t_ε). It is T·Z times
+    the density of :class:`~sdeflow.time_sampling.ImportanceTime` with the same t_ε, so with
+    ``time_sampling="importance"`` the estimate's time weight is the constant Z. (B,) -> (B,)."""
+    return sde.T * sde.g2(t) / sde.var(t)
 
 
 #: name → λ(sde, t): the per-time weight of the DSM loss, :math:`E_{t\sim U(0,T)}[\lambda(t)\,\ell(t)]`
-#: (see :meth:`PluginReverseSDE.dsm`). Add entries with :func:`register_weighting`.
+#: (see :meth:`PluginReverseSDE.dsm`, which evaluates it at max(t, t_ε)). Add entries with
+#: :func:`register_weighting`.
 WEIGHTINGS: dict[str, Callable[[SDE, torch.Tensor], torch.Tensor]] = {
     "noise": noise_weighting,
     "likelihood": likelihood_weighting,
@@ -224,18 +224,28 @@ class PluginReverseSDE(nn.Module):
     # ---- training loss -------------------------------------------------------------------
     def dsm(self, x: torch.Tensor, time_sampling="uniform", weighting: str = "noise",
             t: torch.Tensor | None = None, generator: torch.Generator | None = None,
-            order: int = 1, second_order_weight: float = 0.3) -> torch.Tensor:
+            order: int = 1, second_order_weight: float = 0.3, t_min: float = 0.0,
+            strata: int = 1) -> torch.Tensor:
         r"""Per-example denoising score matching loss, shape (B,).
 
         With y_t = m(t)·x + std(t)·ε, the loss at time t is
         :math:`w(t)\,\ell(t)` with :math:`\ell(t) = \tfrac12\|std\cdot s(y_t, t) + \varepsilon\|^2` and
-        w = ``WEIGHTINGS[weighting](sde, t)``: 1 for ``"noise"`` (the DDPM ε-loss), :math:`T\,g^2/v` at
-        max(t, t_ε) for ``"likelihood"`` (the DSM form of the ELBO, :math:`\int \tfrac12\|a + g\varepsilon/std\|^2 dt`,
-        truncated below t_ε = 10⁻³T as in sdeflow-light, where it would diverge).
-        The returned value estimates :math:`E_{t\sim U(0,T)}[w\,\ell]` as :math:`w\ell / (T q(t))`
-        with t ~ q (``time_sampling``), unbiased for every proposal. Pass ``t`` (shape (B,)) to
-        evaluate :math:`w\,\ell(t)` at given times instead. ``weighting="likelihood"`` with
-        ``time_sampling="importance"`` is sdeflow-light's debiased loss times the constant Z.
+        w = λ(max(t, t_ε)), λ = ``WEIGHTINGS[weighting](sde, ·)``: 1 for ``"noise"`` (the DDPM ε-loss),
+        :math:`T\,g^2/v` for ``"likelihood"`` (the DSM form of the ELBO's path term,
+        :math:`\int \tfrac12\|a + g\varepsilon/std\|^2 dt`).
+
+        The loss covers t in [t_min, T]. With ``t_min`` = 0 (sdeflow-light's), the weighting is
+        truncated below t_ε = 10⁻³T, where the likelihood weighting would diverge. With ``t_min`` > 0,
+        t_ε = t_min: the likelihood-weighted loss is then exactly the path term of the ELBO started at
+        t_min (:meth:`elbo`), the bound that is evaluated.
+        The returned value estimates :math:`\tfrac1T\int_{t_{min}}^T w\,\ell\,dt` as
+        :math:`w\ell / (T q(t))` with t ~ q (``time_sampling`` on [t_min, T], "importance" ∝ g²/v at
+        max(t, t_ε)), unbiased for every proposal. ``strata`` = K (dividing B) draws the times
+        stratified, block k of the batch from the k-th of K equal quantile ranges of q (a
+        low-discrepancy sampler, as VDM's): the same objective with less variance. Pass ``t``
+        (shape (B,)) to evaluate :math:`w\,\ell(t)` at given times instead.
+        ``weighting="likelihood"`` with ``time_sampling="importance"`` is sdeflow-light's debiased loss
+        times the constant Z.
 
         ``order=2`` adds second-order score matching (Lu et al. 2022) with weight κ =
         ``second_order_weight``: with r = ε + std·ŝ (ŝ the score, not differentiated) and J = ∇_y s,
@@ -251,6 +261,7 @@ class PluginReverseSDE(nn.Module):
         check_finite("x", x)
         check_choice("weighting", weighting, WEIGHTINGS)
         check_choice("order", order, (1, 2))
+        t_min = self._check_t_min(t_min)
         dim = x[0].numel()
         if order == 2 and dim > MAX_SECOND_ORDER_DIM:
             raise ValueError(f"order=2 needs the exact Jacobian of the score, allowed for data of at most "
@@ -259,8 +270,8 @@ class PluginReverseSDE(nn.Module):
         if not 0 <= second_order_weight < float("inf"):
             raise ValueError(f"second_order_weight must be a finite number >= 0; got {second_order_weight!r}")
         if t is None:
-            proposal = self._proposal(time_sampling, x)
-            t, q = proposal.sample(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+            proposal = self._proposal(time_sampling, x, t_min)
+            t, q = proposal.sample(x.shape[0], generator=generator, device=x.device, dtype=x.dtype, strata=strata)
             time_weight = 1.0 / (self.T * q)
         else:
             t = as_time(t, x.shape[0], x)
@@ -271,7 +282,8 @@ class PluginReverseSDE(nn.Module):
         else:
             score, second_order = self._score_and_second_order_term(y, t, noise, std)
             loss = 0.5 * sum_except_batch((std * score + noise) ** 2) + second_order_weight * second_order
-        return loss * (time_weight * WEIGHTINGS[weighting](self.sde, t))
+        t_eps = t_min if t_min > 0 else T_EPS_FRACTION * self.T
+        return loss * (time_weight * WEIGHTINGS[weighting](self.sde, t.clamp_min(t_eps)))
 
     def _score_and_second_order_term(self, y, t, noise, std):
         # (s, ‖std²J + I − r rᵀ‖²_F + (std² tr J + D − ‖r‖²)²) at (y, t); see dsm. J needs a graph

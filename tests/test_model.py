@@ -232,6 +232,44 @@ def test_dsm_estimates_the_same_objective_under_every_proposal(weighting, time_s
     assert abs(loss.mean().item() - objective) < 5 * loss.std().item() / math.sqrt(len(loss))
 
 
+@pytest.mark.parametrize("time_sampling", ["uniform", "importance"])
+def test_dsm_from_t_min_estimates_the_exactly_weighted_objective_on_t_min_to_T(time_sampling):
+    # t_min > 0: the weighting is T·g²/v itself on [t_min, T] (no truncation at 10⁻³T), the path term
+    # of the ELBO started at t_min.
+    sde, data, t_min = SDES["vp"](), gaussian(), 1e-5
+    model = exact_model(sde, data, "score")
+    objective = integrate.quad(lambda t: float(sde.g2(torch.tensor(t, dtype=torch.float64))
+                                               / sde.var(torch.tensor(t, dtype=torch.float64))
+                                               * _dsm_minimum_per_time(sde, data, t)),
+                               t_min, sde.T, points=[1e-4, 1e-3, 1e-2], limit=400)[0]
+    gen = torch.Generator().manual_seed(2)
+    x = data.sample(60000, generator=gen, dtype=torch.float64)
+    loss = model.dsm(x, time_sampling=time_sampling, weighting="likelihood", t_min=t_min, generator=gen)
+    assert abs(loss.mean().item() - objective) < 5 * loss.std().item() / math.sqrt(len(loss))
+    # the truncated weighting of t_min = 0 is a different objective, smaller by more than the noise
+    truncated = model.dsm(x, time_sampling=time_sampling, weighting="likelihood", generator=gen)
+    assert objective - truncated.mean().item() > 10 * truncated.std().item() / math.sqrt(len(truncated))
+
+
+def test_stratified_times_estimate_the_same_dsm_objective_with_less_variance():
+    sde, data = SDES["vp"](), gaussian()
+    model = exact_model(sde, data, "score")
+    importance = ImportanceTime(sde)
+    objective = integrate.quad(lambda t: float(_dsm_minimum_per_time(sde, data, t)), 0, sde.T,
+                               points=[importance.t_eps], limit=200)[0] / sde.T
+    gen = torch.Generator().manual_seed(3)
+    means = {}
+    for strata in (1, 64):
+        x = data.sample(64 * 600, generator=gen, dtype=torch.float64)
+        loss = torch.stack([model.dsm(batch, time_sampling="importance", strata=strata, generator=gen).mean()
+                            for batch in x.split(64)])
+        assert abs(loss.mean().item() - objective) < 5 * loss.std().item() / math.sqrt(len(loss))
+        means[strata] = loss
+    assert means[64].var() < 0.8 * means[1].var()  # the part of the variance that t adds is gone
+    with pytest.raises(ValueError, match="strata must divide n=64"):
+        model.dsm(x[:64], strata=5)
+
+
 @pytest.mark.parametrize("name", list(SDES))
 @pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

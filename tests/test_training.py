@@ -100,14 +100,15 @@ def test_loss_options_reach_the_model(tmp_path, monkeypatch):
     seen = []
     original = model.dsm
 
-    def spy(x, time_sampling, weighting, generator):
-        seen.append((time_sampling, weighting, x.dtype, tuple(x.shape)))
-        return original(x, time_sampling=time_sampling, weighting=weighting, generator=generator)
+    def spy(x, time_sampling, weighting, generator, t_min, strata):
+        seen.append((time_sampling, weighting, t_min, strata, x.dtype, tuple(x.shape)))
+        return original(x, time_sampling=time_sampling, weighting=weighting, generator=generator, t_min=t_min,
+                        strata=strata)
 
     monkeypatch.setattr(model, "dsm", spy)
     images_app.train_images(model, images, tmp_path / "run", tiny_train_config(
-        steps=1, time_sampling="uniform", weighting="noise"), config)
-    assert seen == [("uniform", "noise", torch.float32, (4, 1, 8, 8))]
+        steps=1, time_sampling="uniform", weighting="noise", loss_t_min=1e-4, stratified_time=True), config)
+    assert seen == [("uniform", "noise", 1e-4, 4, torch.float32, (4, 1, 8, 8))]
 
 
 def test_bf16_autocast_trains(tmp_path):

@@ -51,11 +51,12 @@ class DSMObjective(nn.Module):
         self.model = model
         self.time_sampling, self.weighting = config.time_sampling, config.weighting
         self.second_order_weight = config.second_order_weight
+        self.t_min, self.stratified = config.loss_t_min, config.stratified_time
 
     def forward(self, y: torch.Tensor, generator: torch.Generator, order: int = 1) -> torch.Tensor:
         kwargs = {"order": 2, "second_order_weight": self.second_order_weight} if order == 2 else {}
-        return self.model.dsm(y, time_sampling=self.time_sampling, weighting=self.weighting,
-                              generator=generator, **kwargs).mean()
+        return self.model.dsm(y, time_sampling=self.time_sampling, weighting=self.weighting, generator=generator,
+                              t_min=self.t_min, strata=y.shape[0] if self.stratified else 1, **kwargs).mean()
 
 
 class _StopOnSignal:
