@@ -11,7 +11,7 @@ has no test batch, so the script writes a data root of its own beside the run: t
 holds ``data_batch_1`` … ``data_batch_4`` (3,728 images, re-chunked into five files) and the test
 split ``data_batch_5`` (932 images), which training never sees.
 
-    python benchmarks/cifar_budget.py [--budget-min 12] [--batch-size 32] [--out runs/cifar_budget]
+    python benchmarks/cifar_budget.py [--budget-min 12] [--batch-size 16] [--out runs/cifar_budget]
         [-- extra sdeflow train flags, e.g. --precision bf16]
 """
 
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(DEFAULT_ROOT))
     parser.add_argument("--budget-min", type=float, default=12.0, help="training wall-clock budget in minutes")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", default="runs/cifar_budget")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N held-out images")
     parser.add_argument("--no-uniform", action="store_true", help="skip the uniform-time comparison")

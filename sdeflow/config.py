@@ -3,7 +3,8 @@ r"""Composable configuration: the model (SDE, network, parameterization, data), 
 A *model configuration* is a plain dict, stored in every checkpoint and compared on load::
 
     {"dataset": name, "net": {"name": "unet" | "mlp" | …, **parameters},
-     "sde": {"name": "vp" | "subvp" | "ve" | …, **parameters}, "parameterization": "noise" | "score" | "drift",
+     "sde": {"name": "vp" | "subvp" | "ve" | …, **parameters},
+     "parameterization": "noise" | "score" | "drift" | "velocity",
      "data": {"transform": …, "alpha": …}}
 
 :func:`build_model` turns it into a :class:`~sdeflow.model.PluginReverseSDE` through the registries
@@ -43,17 +44,18 @@ class TrainConfig:
     """Every setting of the training loop. Not part of the model configuration: may change on resume.
 
     The defaults are the images' recipe that measured best in a CPU time budget, chosen on a
-    validation split (README, "CIFAR-10 in 12 minutes"): Adam at 1e-3 after 100 warm-up steps,
-    cosine decay to ``steps`` (with ``fit_schedule``, to the steps ``max_seconds`` affords), EMA
-    0.995, importance-sampled time with the likelihood weighting. The toy example has its own
+    validation split (README, "CIFAR-10 in 12 minutes"): Adam at a constant 2e-3 after 100 warm-up
+    steps (``lr_schedule="cosine"`` decays it to ``steps``; with ``fit_schedule``, to the steps
+    ``max_seconds`` affords), gradients clipped to norm 1, EMA 0.995, importance-sampled time with
+    the likelihood weighting. The toy example has its own
     (:data:`sdeflow.experiments.toy.TOY_TRAINING`)."""
 
     steps: int = _help("total optimizer steps (a resumed run counts from its checkpoint)")
     batch_size: int = _help("global batch size (split evenly across processes)")
-    lr: float = _help("peak Adam learning rate", default=1e-3)
+    lr: float = _help("peak Adam learning rate", default=2e-3)
     warmup_steps: int = _help("linear learning-rate warm-up steps", default=100)
     lr_schedule: str = _help("after warm-up: constant, or cosine decay to final_lr_fraction·lr at the last step",
-                             choices=lambda: LR_SCHEDULES, default="cosine")
+                             choices=lambda: LR_SCHEDULES, default="constant")
     final_lr_fraction: float = _help("where the cosine schedule ends, as a fraction of lr", default=0.0)
     grad_clip: float | None = _help("clip the global gradient norm to this; 0 or None: no clipping", default=1.0)
     ema_decay: float = _help("decay of the weight average used to evaluate and sample, in [0, 1)", default=0.995)

@@ -48,7 +48,7 @@ from .model import TIME_SAMPLINGS
 from .ode import ADAPTIVE_SOLVERS
 from .utils import check_choice, check_positive_int, model_device_dtype
 
-__all__ = ["ESTIMATORS", "DEQUANTIZATIONS", "noise_level_time", "EvaluationError", "mean_se", "tail_diagnostics", "describe_estimator", "log_likelihood",
+__all__ = ["ESTIMATORS", "DEQUANTIZATIONS", "noise_level_time", "quantization_time", "EvaluationError", "mean_se", "tail_diagnostics", "describe_estimator", "log_likelihood",
            "evaluate_bpd", "TAIL_FRACTION", "HEAVY_TAIL_SHARE", "HEAVY_TAIL_MIN_N"]
 
 ESTIMATORS = ("elbo", "ode")
@@ -265,6 +265,16 @@ def noise_level_time(sde, sigma: float) -> float:
     return float(sde.t_from_log_snr(torch.tensor(-2.0 * math.log(sigma), dtype=torch.float64)))
 
 
+def quantization_time(sde, data_config: dict) -> float:
+    """t_σ of images in model space ``data_config`` ({"transform", "alpha"}): the time at which the
+    noise level std/m equals σ = :func:`~sdeflow.data.transforms.truncated_normal_scale` (the narrowest
+    half-bin of a pixel over 3). The images' bound starts there by default (:func:`evaluate_bpd`);
+    ``TrainConfig.loss_t_min`` set to it trains on that same bound."""
+    from .data.transforms import truncated_normal_scale
+
+    return noise_level_time(sde, truncated_normal_scale(data_config["transform"], data_config["alpha"]))
+
+
 def evaluate_bpd(model, images: torch.Tensor, config: dict, *, batch_size: int = 64, n_slices: int = 4,
                  time_sampling: str = "fitted", ode: bool = False, divergence: str = "hutchinson",
                  rtol: float = 1e-5, atol: float = 1e-5, t_min: float | None = None,
@@ -308,7 +318,7 @@ def evaluate_bpd(model, images: torch.Tensor, config: dict, *, batch_size: int =
 
     sigma = truncated_normal_scale(data["transform"], data["alpha"])
     if t_min is None:
-        t_min = noise_level_time(model.sde, sigma)
+        t_min = quantization_time(model.sde, data)
 
     def batch(start, stop, generator):
         if dequantization == "uniform":

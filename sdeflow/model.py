@@ -33,7 +33,7 @@ from .utils import (append_dims, as_time, check_choice, check_finite, check_new_
 __all__ = ["PluginReverseSDE", "PARAMETERIZATIONS", "TIME_SAMPLINGS", "WEIGHTINGS", "register_weighting",
            "noise_weighting", "likelihood_weighting"]
 
-PARAMETERIZATIONS = ("drift", "score", "noise")
+PARAMETERIZATIONS = ("drift", "score", "noise", "velocity")
 TIME_SAMPLINGS = ("uniform", "importance", "fitted")
 #: Largest data dimension for which ``dsm(order=2)`` forms the exact Jacobian of the score.
 MAX_SECOND_ORDER_DIM = 64
@@ -81,6 +81,16 @@ def register_weighting(name: str, fn: Callable[[SDE, torch.Tensor], torch.Tensor
     return fn
 
 
+def velocity_coefficients(sde: SDE, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""(c, α, σ) = (1/√(m² + v), m·c, std·c) at t, with α² + σ² = 1: the rescaled state
+    c·y = α·x + σ·ε of y = m·x + std·ε, whose velocity is v = α·ε − σ·x (Salimans & Ho 2022, i-DODE;
+    for VP, c = 1). Then ε = σ·c·y + α·v, which is how the "velocity" parameterization turns the
+    network's v̂ into ε̂. Each (B,)."""
+    m, var = sde.mean_weight(t), sde.var(t)
+    c = torch.rsqrt(m ** 2 + var)
+    return c, m * c, var.sqrt() * c
+
+
 def check_lmbd(lmbd: float) -> float:
     lmbd = float(lmbd)
     if not 0.0 <= lmbd <= 1.0:
@@ -90,7 +100,8 @@ def check_lmbd(lmbd: float) -> float:
 
 class PluginReverseSDE(nn.Module):
     """A forward SDE and a network ``net(y, t)`` (t of shape (B,)) that predicts, per
-    ``parameterization``, the drift a, the score s = a/g, or the noise ε = −std·s.
+    ``parameterization``, the drift a, the score s = a/g, the noise ε = −std·s, or the velocity
+    v = α·ε − σ·x of i-DODE (ε = σ·c·y + α·v, see :func:`velocity_coefficients`).
 
     With "noise", a = −g·ε_θ/std, so the ELBO's integrand grows like ‖ε_θ(y, t)‖²/(2t) as
     t → 0 wherever the network's ε_θ does not vanish there (it must, for data with a finite
@@ -132,26 +143,28 @@ class PluginReverseSDE(nn.Module):
         return out
 
     def drift(self, y: torch.Tensor, t) -> torch.Tensor:
-        """a(y, t): the network output, or g·s, or −g·ε/std. Shape of y."""
+        """a(y, t): the network output, or g·s, or −g·ε̂/std. Shape of y."""
         t = as_time(t, y.shape[0], y)
-        out = self._net(y, t)
         if self.parameterization == "drift":
-            return out
-        g = self.sde.g(y, t)
-        if self.parameterization == "score":
-            return g * out
-        std = append_dims(self.sde.std(t), y.ndim).clamp_min(MIN_STD)
-        return -g * out / std
+            return self._net(y, t)
+        return self.sde.g(y, t) * self.score(y, t)
 
     def score(self, y: torch.Tensor, t) -> torch.Tensor:
-        """s(y, t) ≈ ∇ log p_t(y): the network output, or a/g, or −ε/std. Shape of y."""
+        """s(y, t) ≈ ∇ log p_t(y): the network output, or a/g, or −ε̂/std (std at least MIN_STD). Shape of y."""
         t = as_time(t, y.shape[0], y)
         if self.parameterization == "drift":
             return self._net(y, t) / self.sde.g(y, t)
         if self.parameterization == "score":
             return self._net(y, t)
         std = append_dims(self.sde.std(t), y.ndim).clamp_min(MIN_STD)
-        return -self._net(y, t) / std
+        return -self._noise_from_output(self._net(y, t), y, t) / std
+
+    def _noise_from_output(self, out: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # ε̂ of the "noise" (the output itself) and "velocity" (σ·c·y + α·v̂) parameterizations.
+        if self.parameterization == "noise":
+            return out
+        c, alpha, sigma = (append_dims(k, y.ndim).to(y.dtype) for k in velocity_coefficients(self.sde, t))
+        return sigma * c * y + alpha * out
 
     # ---- the λ-family --------------------------------------------------------------------
     def mu(self, y: torch.Tensor, t, lmbd: float = 0.0) -> torch.Tensor:
@@ -305,12 +318,12 @@ class PluginReverseSDE(nn.Module):
 
     # ---- the ELBO ------------------------------------------------------------------------
     def predicted_noise(self, y: torch.Tensor, t) -> torch.Tensor:
-        """ε̂(y, t) = −std·s(y, t): the network's output for "noise", −std·out for "score",
-        −std·out/g for "drift" (no clamping of std). Shape of y."""
+        """ε̂(y, t) = −std·s(y, t): the network's output for "noise", σ·c·y + α·out for "velocity",
+        −std·out for "score", −std·out/g for "drift" (no clamping of std). Shape of y."""
         t = as_time(t, y.shape[0], y)
         out = self._net(y, t)
-        if self.parameterization == "noise":
-            return out
+        if self.parameterization in ("noise", "velocity"):
+            return self._noise_from_output(out, y, t)
         std = append_dims(self.sde.std(t), y.ndim).to(y.dtype)
         return -std * out if self.parameterization == "score" else -std * out / self.sde.g(y, t)
 

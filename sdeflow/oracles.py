@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from .model import velocity_coefficients
 from .sdes import SDE
 from .utils import append_dims
 
@@ -69,7 +70,8 @@ class GaussianMixture:
 
 class ExactScoreNet(nn.Module):
     """``net(y, t)`` that returns the exact score of ``mixture`` under ``sde`` in the given
-    parameterization ("score": s, "drift": g·s, "noise": −std·s), for y of shape (B, D).
+    parameterization ("score": s, "drift": g·s, "noise": ε = −std·s, "velocity": (ε − σ·c·y)/α of
+    :func:`sdeflow.model.velocity_coefficients`), for y of shape (B, D).
     Computes in float64 and returns y's dtype.
     """
 
@@ -86,8 +88,11 @@ class ExactScoreNet(nn.Module):
         s = self.mixture.score(y, mean_weight, var)
         if self.parameterization == "drift":
             s = s * self.sde.g2(t64).sqrt()[:, None]
-        elif self.parameterization == "noise":
+        elif self.parameterization in ("noise", "velocity"):
             s = -s * var.sqrt()[:, None]
+            if self.parameterization == "velocity":
+                c, alpha, sigma = velocity_coefficients(self.sde, t64)
+                s = (s - (sigma * c)[:, None] * y.double()) / alpha[:, None]
         return s.to(y.dtype)
 
 

@@ -12,7 +12,7 @@ import sdeflow
 from sdeflow.data import get_dataset
 from sdeflow.data.transforms import truncated_normal_scale
 from sdeflow.evaluation import (EvaluationError, describe_estimator, evaluate_bpd, log_likelihood, mean_se,
-                                noise_level_time, tail_diagnostics)
+                                noise_level_time, quantization_time, tail_diagnostics)
 from sdeflow.oracles import ExactScoreNet, GaussianMixture
 
 from oracle_helpers import SDES, exact_model, expected_elbo, expected_ode_log_prob, gaussian
@@ -20,6 +20,17 @@ from sdeflow.experiments import images as images_app
 from sdeflow.experiments.images import image_model_config
 
 from training_helpers import REPO, TINY_NET, cli_env, tiny_model, tiny_train_config, write_cifar_batches
+
+
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("transform", ["logit", "centered"])
+def test_quantization_time_is_where_the_noise_level_is_the_quantization_scale(name, transform):
+    sde = SDES[name]()
+    sigma = truncated_normal_scale(transform, 0.05)
+    t = quantization_time(sde, {"transform": transform, "alpha": 0.05})
+    assert t == noise_level_time(sde, sigma) and 0 < t < 0.05 * sde.T
+    t = torch.tensor(t, dtype=torch.float64)
+    assert float(sde.std(t) / sde.mean_weight(t)) == pytest.approx(sigma, rel=1e-6)
 
 
 @pytest.mark.parametrize("sde_name", ["vp", "subvp"])
@@ -192,7 +203,7 @@ def test_bits_per_dim_bound_the_exact_probability_of_the_discrete_images(ode):
     model = sdeflow.PluginReverseSDE(sde, _FlatNet(ExactScoreNet(sde, data, "score")), "score").double()
     images = torch.randint(0, 256, (48, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     # the model's density of y is its marginal at t_σ, rescaled: N(μ, s² + v/m²)
-    t_min = noise_level_time(sde, truncated_normal_scale(config["data"]["transform"], config["data"]["alpha"]))
+    t_min = quantization_time(sde, config["data"])
     t = torch.tensor(t_min, dtype=torch.float64)
     std = math.sqrt(1.5 ** 2 + float(sde.var(t) / sde.mean_weight(t) ** 2))
     edges = Preprocess(config["data"]["transform"], config["data"]["alpha"]).forward(

@@ -11,7 +11,7 @@ from sdeflow.evaluation import tail_diagnostics
 from oracle_helpers import (SDES, OffsetNoiseNet, exact_model, expected_elbo, expected_ode_log_prob,
                             expected_truncated_elbo, gaussian)
 
-PARAMETERIZATIONS = ["drift", "score", "noise"]
+PARAMETERIZATIONS = list(sdeflow.model.PARAMETERIZATIONS)
 
 
 def _repeat_estimates(estimate, x, repeats):
@@ -98,8 +98,24 @@ def test_parameterizations_give_the_same_elbo(name):
     values = [exact_model(sde, data, p).elbo(x, n_slices=2, time_sampling="importance",
                                              generator=torch.Generator().manual_seed(5))
               for p in PARAMETERIZATIONS]
-    torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(values[2], values[0], rtol=1e-6, atol=1e-6)
+    assert len(values) == 4
+    for value in values[1:]:
+        torch.testing.assert_close(value, values[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_velocity_coefficients_recover_the_noise_from_the_velocity(name):
+    # y = m·x + std·ε, v = α·ε − σ·x: then c·y = α·x + σ·ε with α² + σ² = 1, and ε = σ·c·y + α·v.
+    sde = SDES[name]()
+    gen = torch.Generator().manual_seed(0)
+    t = torch.rand(64, generator=gen, dtype=torch.float64) * sde.T
+    x, eps = torch.randn(2, 64, 3, generator=gen, dtype=torch.float64)
+    y = sde.mean_weight(t)[:, None] * x + sde.std(t)[:, None] * eps
+    c, alpha, sigma = sdeflow.model.velocity_coefficients(sde, t)
+    torch.testing.assert_close(alpha ** 2 + sigma ** 2, torch.ones_like(t))
+    torch.testing.assert_close(c[:, None] * y, alpha[:, None] * x + sigma[:, None] * eps)
+    velocity = alpha[:, None] * eps - sigma[:, None] * x
+    torch.testing.assert_close((sigma * c)[:, None] * y + alpha[:, None] * velocity, eps)
 
 
 @pytest.mark.parametrize("name", list(SDES))
@@ -324,7 +340,7 @@ def test_bad_input_raises_value_errors_naming_the_argument():
     with pytest.raises(ValueError, match="lmbd"):
         model.sigma(x, 0.5, lmbd=-0.1)
     with pytest.raises(ValueError, match="parameterization"):
-        sdeflow.PluginReverseSDE(sde, model.net, "velocity")
+        sdeflow.PluginReverseSDE(sde, model.net, "x0")
     with pytest.raises(ValueError, match="time_sampling"):
         model.elbo(x, time_sampling="sobol")
     with pytest.raises(ValueError, match="time_sampling"):

@@ -11,7 +11,7 @@ from sdeflow import checkpoint as ckpt
 from sdeflow.config import TrainConfig
 from sdeflow.engine import EMA
 from sdeflow.engine.state import make_generator, step_seed
-from sdeflow.evaluation import evaluate_bpd, noise_level_time
+from sdeflow.evaluation import evaluate_bpd, quantization_time
 from sdeflow.experiments import images as images_app
 from sdeflow.plotting import save_image_grid
 from sdeflow.data import transforms
@@ -151,8 +151,7 @@ def test_evaluate_bpd_is_the_mean_of_per_image_bits_per_dim():
     # The first batch again, by hand, with the same generator: the same numbers.
     gen = make_generator(torch.device("cpu"), step_seed(5, 0, 0, stream=3))
     batch = images_app.preprocess(images[:4], config["data"], gen)
-    t_min = noise_level_time(model.sde, transforms.truncated_normal_scale(config["data"]["transform"],
-                                                                          config["data"]["alpha"]))
+    t_min = quantization_time(model.sde, config["data"])
     elbo = model.elbo(batch.y, n_slices=4, time_sampling="importance", generator=gen, t_min=t_min)
     by_hand = transforms.bits_per_dim(elbo.detach().double(), batch.logdet.double(), 64)
     assert torch.allclose(per_image[:4], by_hand, rtol=1e-10)

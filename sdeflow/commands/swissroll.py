@@ -22,6 +22,7 @@ def add_arguments(parser) -> None:
     from ..data import DATASETS
     from ..config import TrainConfig
     from ..engine import HOOKS
+    from ..model import PARAMETERIZATIONS
     from ..experiments.toy import ToyConfig, ToyEvalConfig, toy_train_config
 
     defaults = ToyConfig()
@@ -46,7 +47,7 @@ def add_arguments(parser) -> None:
                      help="random Fourier features of the input (0: none) (default: %(default)s)")
     net.add_argument("--fourier-scale", type=positive_float, default=defaults.net["fourier_scale"],
                      help="scale of the Fourier features' frequencies (default: %(default)s)")
-    net.add_argument("--parameterization", choices=("drift", "score", "noise"), default=defaults.parameterization,
+    net.add_argument("--parameterization", choices=PARAMETERIZATIONS, default=defaults.parameterization,
                      help="what the network predicts (default: %(default)s)")
     add_sde_arguments(parser)
     add_config_arguments(parser, TrainConfig, toy_train_config(), skip=("flip",))

@@ -52,7 +52,9 @@ def load_images(args, split: str):
 
 def register(subparsers) -> None:
     from ..config import TrainConfig
+    from ..data.transforms import TRANSFORMS
     from ..engine import HOOKS
+    from ..model import PARAMETERIZATIONS
     from ..nets.unet import DEFAULT_PRESET, PRESETS
 
     p = subparsers.add_parser(
@@ -69,8 +71,8 @@ def register(subparsers) -> None:
                    help=f"extra logging hook from sdeflow.engine.HOOKS ({', '.join(HOOKS)}); repeatable")
     net = p.add_argument_group("network (sdeflow.nets.unet)")
     net.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
-                     help=f"U-Net size: cpu (1.6 M parameters, no attention at 16x16: the fastest on a CPU), small "
-                          f"(the same with it, sdeflow-light's), cifar10 (35.7 M, DDPM), mnist (default: {DEFAULT_PRESET})")
+                     help=f"U-Net size: cpu (1.6 M parameters, no attention at 16x16, no dropout: the fastest on a "
+                          f"CPU), small (the same with both, sdeflow-light's), cifar10 (35.7 M, DDPM), mnist (default: {DEFAULT_PRESET})")
     net.add_argument("--base-channels", type=positive_int, help="override the preset's base channel count")
     net.add_argument("--channel-mult", type=int_list, metavar="M1,M2,...",
                      help="override the preset's channel multipliers, one per resolution level")
@@ -80,9 +82,10 @@ def register(subparsers) -> None:
     net.add_argument("--dropout", type=number(0, 1, high_open=True), help="override the dropout probability")
     add_sde_arguments(p)
     model = p.add_argument_group("model")
-    model.add_argument("--parameterization", choices=("drift", "score", "noise"), default="noise",
-                       help="what the network predicts: the drift a, the score s, or the noise ε (default: noise)")
-    model.add_argument("--transform", choices=("logit", "centered", "identity"), default="logit",
+    model.add_argument("--parameterization", choices=PARAMETERIZATIONS, default="noise",
+                       help="what the network predicts: the drift a, the score s, the noise ε, or the velocity "
+                            "α·ε − σ·x (default: noise)")
+    model.add_argument("--transform", choices=TRANSFORMS, default="logit",
                        help="map from dequantised pixels x in [0,1] to model space: logit(0.05 + 0.9x) (default, "
                             "as sdeflow-light), centered 2x-1, or identity")
     add_config_arguments(p, TrainConfig, {f.name: f.default for f in __import__("dataclasses").fields(TrainConfig)},
