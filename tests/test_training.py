@@ -200,3 +200,11 @@ def test_second_order_dsm_on_images_is_refused_before_training(tmp_path):
         images_app.train_images(tiny_model(config), tiny_images(size=9), tmp_path / "run",
                                 tiny_train_config(second_order_fraction=0.5), config)
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_loss_start_beyond_T_is_refused_before_training(tmp_path):
+    config = tiny_config()
+    with pytest.raises(ValueError, match=r"loss_t_min must lie in \[0, T=1.0\); got 1.5"):
+        images_app.train_images(tiny_model(config), tiny_images(), tmp_path / "run",
+                                tiny_train_config(loss_t_min=1.5), config)
+    assert not (tmp_path / "run").exists()  # nothing written

@@ -112,6 +112,8 @@ class Trainer:
         self.model_config, self.run_dir = model_config, Path(run_dir)
         self.rank, self.world = world_info()
         self.device = torch.device(device)
+        if not config.loss_t_min < model.T:
+            raise ValueError(f"loss_t_min must lie in [0, T={model.T}); got {config.loss_t_min}")
         if config.batch_size % self.world:
             raise ValueError(f"batch_size {config.batch_size} does not divide across {self.world} processes; "
                              f"use a multiple of {self.world}")
