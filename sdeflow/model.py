@@ -184,6 +184,11 @@ class PluginReverseSDE(nn.Module):
         """The likelihood estimators' default start time, 10⁻⁵·T (``time_sampling.T_MIN_FRACTION``)."""
         return T_MIN_FRACTION * self.T
 
+    def _truncation_time(self, t_min: float) -> float:
+        """t_ε of a loss or importance proposal on [t_min, T]: t_min itself when it is > 0, else 10⁻³T
+        (sdeflow-light's), below which the likelihood weighting g²/v is held constant."""
+        return t_min if t_min > 0 else T_EPS_FRACTION * self.T
+
     def _proposal(self, time_sampling, x: torch.Tensor | None = None, t_min: float = 0.0,
                   **fit_kwargs) -> TimeProposal:
         if isinstance(time_sampling, TimeProposal):
@@ -195,7 +200,7 @@ class PluginReverseSDE(nn.Module):
         if time_sampling == "uniform":
             return UniformTime(self.T, t_min)
         if time_sampling == "importance":
-            return ImportanceTime(self.sde, t_eps=t_min if t_min > 0 else None, t_min=t_min)
+            return ImportanceTime(self.sde, t_eps=self._truncation_time(t_min), t_min=t_min)
         if self.time_proposal is None or self.time_proposal.t_min != t_min:
             if x is None:
                 raise ValueError('time_sampling="fitted" needs a fitted proposal: call fit_time_proposal first')
@@ -295,8 +300,7 @@ class PluginReverseSDE(nn.Module):
         else:
             score, second_order = self._score_and_second_order_term(y, t, noise, std)
             loss = 0.5 * sum_except_batch((std * score + noise) ** 2) + second_order_weight * second_order
-        t_eps = t_min if t_min > 0 else T_EPS_FRACTION * self.T
-        return loss * (time_weight * WEIGHTINGS[weighting](self.sde, t.clamp_min(t_eps)))
+        return loss * (time_weight * WEIGHTINGS[weighting](self.sde, t.clamp_min(self._truncation_time(t_min))))
 
     def _score_and_second_order_term(self, y, t, noise, std):
         # (s, ‖std²J + I − r rᵀ‖²_F + (std² tr J + D − ‖r‖²)²) at (y, t); see dsm. J needs a graph
