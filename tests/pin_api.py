@@ -1,0 +1,33 @@
+"""The library calls behind tests/pin_regression.py, in one place: when the API changes, only these
+lines change; the pinned figures must not."""
+
+from __future__ import annotations
+
+import torch
+
+import sdeflow
+
+
+def dsm(model, x, generator, time_sampling="uniform", weighting="noise"):
+    return model.dsm(x, time_sampling=time_sampling, weighting=weighting, generator=generator)
+
+
+def elbo(model, x, generator, time_sampling, n_slices=1):
+    model.time_proposal = None
+    return model.elbo(x, n_slices=n_slices, time_sampling=time_sampling, generator=generator)
+
+
+def fitted_proposal(model, x, generator):
+    return model.fit_time_proposal(x, generator=generator)
+
+
+def log_prob_ode(model, x, generator):
+    return model.log_prob_ode(x, generator=generator, rtol=1e-6, atol=1e-6)
+
+
+def sample(model, method, generator):
+    return sdeflow.sample(model, (8, 2), n_steps=20, method=method, generator=generator, dtype=torch.float64)
+
+
+def sample_ode(model, generator):
+    return sdeflow.sample_ode(model, (8, 2), generator=generator, dtype=torch.float64)
