@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+import sdeflow
+from sdeflow.elbo import default_t_min
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sdeflow  # noqa: E402
 from sdeflow.oracles import ExactScoreNet, GaussianMixture  # noqa: E402
@@ -74,10 +77,10 @@ def main(argv=None):
     sde = make_sde(args.sde)
     model = sdeflow.PluginReverseSDE(sde, ExactScoreNet(sde, data, "drift"), "drift")
     x = data.sample(args.batch, generator=gen)
-    truths = {t_min: exact_bound(sde, data, x, t_min) for t_min in (0.0, model.default_t_min())}
+    truths = {t_min: exact_bound(sde, data, x, t_min) for t_min in (0.0, default_t_min(model.T))}
 
     start = time.perf_counter()
-    model.fit_time_proposal(x, generator=gen)
+    sdeflow.fit_time_proposal(model, x, generator=gen)
     fit_seconds = time.perf_counter() - start
 
     print(f"ELBO estimators on a {args.dim}-D Gaussian oracle ({args.sde.upper()} SDE), batch {args.batch}, "
@@ -93,7 +96,7 @@ def main(argv=None):
     for _ in range(args.repeats):
         for label, options in OPTIONS:
             start = time.perf_counter()
-            values[label].append(model.elbo(x, generator=gen, **options))
+            values[label].append(sdeflow.elbo(model, x, generator=gen, **options))
             seconds[label].append(time.perf_counter() - start)
     baseline = None
     for label, options in OPTIONS:
@@ -102,7 +105,7 @@ def main(argv=None):
         wall = statistics.median(seconds[label])
         cost = std ** 2 * wall
         baseline = cost if baseline is None else baseline
-        truth = truths[options.get("t_min", model.default_t_min())]
+        truth = truths[options.get("t_min", default_t_min(model.T))]
         bias = (estimates.mean(0) - truth).mean().item()
         se = (estimates.std(0) ** 2).mean().sqrt().item() / math.sqrt(args.repeats * args.batch)
         print(f"{label:44s} {std:11.1f} {wall:11.4f} {baseline / cost:17.1f}× {bias / se:8.2f}")

@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
+from sdeflow import LikelihoodSettings
+
 from sdeflow.data.images import load_cifar10
 from sdeflow.evaluation import evaluate_bpd
-from sdeflow.experiments.images import load_model
+from sdeflow.checkpoint import load_model
 
 LN2 = math.log(2.0)
 
@@ -49,7 +51,7 @@ ODE_SETTINGS = [
 
 def two_passes(model, images, config, options: dict) -> dict:
     """Score ``images`` twice with seeds 0 and 1; the variance split of the module docstring."""
-    runs = [evaluate_bpd(model, images, config, seed=seed, **options) for seed in (0, 1)]
+    runs = [evaluate_bpd(model, images, config, LikelihoodSettings(**options), seed=seed) for seed in (0, 1)]
     a, b = (r["bpd_per_image"].double() for r in runs)
     nats = images[0].numel() * LN2  # bits/dim → nats per image
     between = float(((a - a.mean()) * (b - b.mean())).sum() / (a.numel() - 1)) * nats ** 2
@@ -97,7 +99,7 @@ def main(argv=None) -> None:
         ode_images = images[:args.ode_images]
         print(f"\nprobability-flow ODE on {ode_images.shape[0]} images (dopri5, Hutchinson, one probe per image):")
         for label, options in ODE_SETTINGS:
-            r = evaluate_bpd(model, ode_images, config, ode=True, **options)
+            r = evaluate_bpd(model, ode_images, config, LikelihoodSettings(bound="ode", **options))
             per_100 = r["seconds"] * 100 / ode_images.shape[0]
             results["ode"][label] = {k: r[k] for k in ("bpd", "bpd_se", "nfe", "seconds", "estimator")}
             results["ode"][label]["seconds_per_100"] = per_100

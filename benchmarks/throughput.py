@@ -5,7 +5,7 @@ For each preset it times, on the current device,
 
 - a training step: ``PluginReverseSDE(VPSDE(), net).dsm(x).mean()`` (drift parameterization,
   uniform time), backward, Adam step;
-- an ELBO evaluation: ``model.elbo(x, time_sampling="importance")`` under ``torch.no_grad()``
+- an ELBO evaluation: ``sdeflow.elbo(model, x, time_sampling="importance")`` under ``torch.no_grad()``
   (one network forward and one vector-Jacobian product for Hutchinson's trace), network in
   eval mode;
 
@@ -45,6 +45,8 @@ import time
 from contextlib import nullcontext
 
 import torch
+
+import sdeflow
 import torch.nn.functional as F
 from torch import nn
 
@@ -198,7 +200,7 @@ class Candidate:
     def train_step(self):
         self.model.train()
         with self.autocast():
-            loss = self.model.dsm(self.x, generator=self.generator).mean()
+            loss = sdeflow.dsm(self.model, self.x, generator=self.generator).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -209,7 +211,7 @@ class Candidate:
         self.model.eval()
         self.model.requires_grad_(False)
         with torch.no_grad(), self.autocast():
-            self.model.elbo(self.x, time_sampling="importance", generator=self.generator)
+            sdeflow.elbo(self.model, self.x, time_sampling="importance", generator=self.generator)
         sync(self.device)
         self.model.requires_grad_(True)
 
@@ -321,7 +323,7 @@ def bench_checkpoint(args, device, out):
         f"{len(batches)} batches of {args.batch_size} real images, {torch.get_num_threads()} threads")
     start = time.perf_counter()
     with torch.no_grad():
-        proposal = model.fit_time_proposal(pilot, generator=torch.Generator(device).manual_seed(1))
+        proposal = sdeflow.fit_time_proposal(model, pilot, generator=torch.Generator(device).manual_seed(1))
     out(f"   fitting the proposal (once per model): {time.perf_counter() - start:.1f} s; every draw uses the "
         f"divergence-free denoising form, control-variate coefficients {float(proposal.control.min()):.2f} "
         f"to {float(proposal.control.max()):.2f} across its {len(proposal.probs)} bins")
@@ -332,13 +334,13 @@ def bench_checkpoint(args, device, out):
     generator = torch.Generator(device).manual_seed(2)
     for m, ts in runs.values():  # warm-up
         with torch.no_grad():
-            m.elbo(batches[0], time_sampling=ts, generator=generator)
+            sdeflow.elbo(m, batches[0], time_sampling=ts, generator=generator)
     for _ in range(args.repeats):
         for y in batches:
             for name, (m, ts) in runs.items():
                 with torch.no_grad():
                     start = time.perf_counter()
-                    elbo = m.elbo(y, time_sampling=ts, generator=generator)
+                    elbo = sdeflow.elbo(m, y, time_sampling=ts, generator=generator)
                     sync(device)
                     times[name].append(time.perf_counter() - start)
                 values[name].append(elbo / y[0].numel() / math.log(2))

@@ -1,10 +1,12 @@
 """sdeflow: continuous-time diffusion models you can measure.
 
-The method in three modules: forward SDEs (:mod:`sdeflow.sdes`), the plug-in reverse SDE with its
-loss, ELBO and exact likelihood (:mod:`sdeflow.model`), and samplers (:mod:`sdeflow.samplers`, on the time grids of
-:mod:`sdeflow.schedules`; the probability-flow ODE in :mod:`sdeflow.ode`).
-Around them: :mod:`sdeflow.evaluation` (likelihoods over data sets), :mod:`sdeflow.engine` (the
-training loop), :mod:`sdeflow.config` and :mod:`sdeflow.experiments` (the toy example and images).
+The method in a few small modules: forward SDEs (:mod:`sdeflow.sdes`); the model, a network seen
+through a parameterization (:mod:`sdeflow.model`); the estimators over any model: the training loss
+(:mod:`sdeflow.losses`), the ELBO with its time proposals (:mod:`sdeflow.elbo`,
+:mod:`sdeflow.time_sampling`) and the probability-flow ODE (:mod:`sdeflow.ode`); samplers
+(:mod:`sdeflow.samplers`, on the time grids of :mod:`sdeflow.schedules`). Around them:
+:mod:`sdeflow.evaluation` (likelihoods over data sets, in nats or bits/dim), :mod:`sdeflow.engine`
+(the training loop), :mod:`sdeflow.config` and :mod:`sdeflow.experiments` (the toy example and images).
 Each kind of extension has one registry, owned by the module that defines it: ``SDES``
 (:func:`register_sde`), ``WEIGHTINGS`` (:func:`register_weighting`), ``METHODS``
 (:func:`register_method`), :data:`sdeflow.data.DATASETS`, :data:`sdeflow.nets.NETS` and
@@ -12,20 +14,37 @@ Each kind of extension has one registry, owned by the module that defines it: ``
 """
 
 from .sdes import SDE, SDES, VPSDE, VESDE, SubVPSDE, make_sde, register_sde
-from .model import WEIGHTINGS, PluginReverseSDE, register_weighting
+from .model import PARAMETERIZATIONS, PluginReverseSDE
+from .losses import WEIGHTINGS, dsm, register_weighting
 from .time_sampling import FittedTime, ImportanceTime, TimeProposal, UniformTime
+from .elbo import elbo, fit_time_proposal
 from .divergence import divergence
+from .ode import log_prob_ode, sample_ode
 from .samplers import METHODS, Method, Option, register_method, sample
 from .schedules import SCHEDULES, time_grid
-from .ode import sample_ode
 from .conditional import denoise, inpaint, posterior_sample
+from .config import TrainConfig, build_model, model_config
+from .evaluation import LikelihoodSettings, evaluate_bpd, log_likelihood
+from .checkpoint import load_model
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # The training loop loads on first use, so that evaluating or sampling never imports it.
+    if name == "fit":
+        from .engine.loop import fit
+        return fit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "SDE", "VPSDE", "VESDE", "SubVPSDE", "SDES", "make_sde", "register_sde", "PluginReverseSDE",
-    "WEIGHTINGS", "register_weighting",
-    "TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "divergence",
-    "sample", "sample_ode", "time_grid", "METHODS", "SCHEDULES", "Method", "Option", "register_method",
-    "denoise", "inpaint", "posterior_sample",
+    "SDE", "VPSDE", "VESDE", "SubVPSDE", "SDES", "make_sde", "register_sde",
+    "PluginReverseSDE", "PARAMETERIZATIONS",
+    "dsm", "WEIGHTINGS", "register_weighting",
+    "TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "elbo", "fit_time_proposal", "divergence",
+    "log_prob_ode", "sample_ode", "sample", "time_grid", "METHODS", "SCHEDULES", "Method", "Option",
+    "register_method", "denoise", "inpaint", "posterior_sample",
+    "TrainConfig", "build_model", "model_config", "fit",
+    "LikelihoodSettings", "log_likelihood", "evaluate_bpd", "load_model",
 ]

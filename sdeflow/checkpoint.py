@@ -32,7 +32,7 @@ import torch
 __all__ = [
     "CheckpointError", "CheckpointWriteError", "FORMAT", "VERSION", "save_checkpoint", "load_checkpoint",
     "check_config", "checkpoint_path", "list_checkpoints", "latest_checkpoint", "prune_checkpoints",
-    "remove_stale_temporaries",
+    "remove_stale_temporaries", "resolve_checkpoint", "load_model", "check_run_dir",
 ]
 
 FORMAT = "sdeflow-checkpoint"
@@ -239,3 +239,58 @@ def remove_stale_temporaries(run_dir) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+def check_run_dir(run_dir, resume: bool) -> Path | None:
+    """The newest checkpoint of ``run_dir`` when ``resume`` (None for a fresh run), after checking that
+    the run can start there: ValueError if ``run_dir`` is a file, if a fresh run would write over its
+    checkpoints, or if there is nothing to resume. The one place these rules are written (the training
+    loop and ``sdeflow train`` apply them before any work is spent)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir {run_dir} exists and is not a directory")
+    existing = latest_checkpoint(run_dir)
+    if existing is not None and not resume:
+        raise ValueError(f"{run_dir} already holds checkpoints (latest {existing.name}); resume to continue "
+                         f"that run or choose another run directory")
+    if resume and existing is None:
+        raise ValueError(f"no checkpoint to resume from in {run_dir}; start a fresh run instead")
+    return existing
+
+
+def resolve_checkpoint(path) -> Path:
+    """A ``ckpt-*.pt`` file, or the newest one in a run directory; ``ValueError`` if there is none."""
+    path = Path(path)
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise ValueError(f"checkpoint {path} is a folder with no ckpt-*.pt file")
+        return latest
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_model(path, *, use_ema: bool = True, device="cpu", expected_config: dict | None = None):
+    """Build the model stored in checkpoint ``path`` (a file or a run directory: its newest; EMA
+    weights unless ``use_ema=False``). Returns (model in eval mode, its configuration, its step)."""
+    from .config import build_model
+    from .engine.ema import load_averages
+
+    path = resolve_checkpoint(path)
+    state = load_checkpoint(path, expected_config=expected_config)
+    config = state["config"]
+    try:
+        model = build_model(config)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} has an unusable model configuration ({err})") from None
+    try:
+        model.load_state_dict(state["model"])
+        if use_ema:
+            if state.get("ema") is None:
+                raise CheckpointError(f"checkpoint {path} has no EMA weights; load it with use_ema=False")
+            load_averages(model, state["ema"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit its own model configuration ({first})") from None
+    return model.to(device).eval(), config, int(state["step"])

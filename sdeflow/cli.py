@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import sys
+
+from .model import check_lmbd
+from .utils import (check_fraction, check_nonneg_float, check_nonneg_int, check_positive_float,
+                    check_positive_int)
 
 COMMAND_MODULES = ("swissroll", "train", "evaluate", "sampling")
 
@@ -35,50 +38,30 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-# ---- argument types: every bad value becomes a one-line argparse error (exit 2) ----------------
-def _integer(text: str, low: int, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    return _integer(text, 1, "a positive integer")
-
-
-def nonneg_int(text: str) -> int:
-    return _integer(text, 0, "a non-negative integer")
-
-
-def number(low=None, high=None, low_open=False, high_open=False):
-    """An argparse type for a finite float in the interval given by its ends."""
-    def parse(text: str) -> float:
+# ---- argument types: the library's own checks; every bad value becomes a one-line argparse error (exit 2)
+def arg_type(check, parse=float, name: str = "value"):
+    """An argparse type that parses the text with ``parse`` (int or float) and applies the library's
+    ``check(name, value)`` (a ``sdeflow.utils.check_*``): the rule is written once, in the library."""
+    def convert(text: str):
         try:
-            value = float(text)
+            value = parse(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        bad = not math.isfinite(value)
-        bad |= low is not None and (value < low or (low_open and value == low))
-        bad |= high is not None and (value > high or (high_open and value == high))
-        if bad:
-            lo = "(" if low_open else "["
-            hi = ")" if high_open else "]"
-            raise argparse.ArgumentTypeError(f"expected a number in {lo}{low if low is not None else '-inf'}, "
-                                             f"{high if high is not None else 'inf'}{hi}, got {text!r}")
-        return value
-    return parse
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if parse is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        try:
+            return check(name, value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = getattr(check, "__name__", "value")
+    return convert
 
 
-positive_float = number(0, low_open=True)
-lmbd = number(0, 1)  # 0: the reverse SDE, 1: the probability-flow ODE
-fraction = number(0, 1)
-
-
-nonneg_float = number(0)
+positive_int = arg_type(check_positive_int, int)
+nonneg_int = arg_type(check_nonneg_int, int)
+positive_float = arg_type(check_positive_float)
+nonneg_float = arg_type(check_nonneg_float)
+fraction = arg_type(check_fraction)
+lmbd = arg_type(lambda name, value: check_lmbd(value), name="lmbd")  # 0: the reverse SDE, 1: the ODE
 
 
 def device(text: str) -> str:
@@ -108,11 +91,6 @@ def int_list(text: str) -> list[int]:
 
 
 # ---- flags built from the library's configuration dataclasses and registries -------------------
-#: Fields of TrainConfig that may be 0 (the others of type int must be positive).
-_ZERO_ALLOWED = ("warmup_steps", "sample_every", "monitor_every", "seed", "final_lr_fraction",
-                 "second_order_fraction", "grad_clip", "loss_t_min")
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -137,15 +115,11 @@ def add_config_arguments(parser, cls, defaults, *, skip=(), aliases=None, requir
                                action="store_false" if default else "store_true", help=text)
             continue
         kwargs = {"dest": f.name, "help": f"{text} (default: %(default)s)"}
-        choices = f.metadata.get("choices")
+        choices, check = f.metadata.get("choices"), f.metadata.get("check")
         if choices is not None:
             kwargs["choices"] = tuple(choices())
-        elif "int" in str(f.type):
-            kwargs["type"] = nonneg_int if f.name in _ZERO_ALLOWED else positive_int
-        elif f.name.endswith("_fraction"):
-            kwargs["type"] = fraction
-        elif "float" in str(f.type):
-            kwargs["type"] = nonneg_float if f.name in _ZERO_ALLOWED else positive_float
+        elif check is not None:
+            kwargs["type"] = arg_type(check, int if "int" in str(f.type) else float, f.name)
         if f.name in required:
             kwargs.update(required=True, help=text)
         else:

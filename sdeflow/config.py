@@ -20,22 +20,38 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .utils import check_choice, check_nonneg_float, check_nonneg_int, check_positive_float, check_positive_int
+from .utils import (check_choice, check_decay, check_fraction, check_nonneg_float, check_nonneg_int,
+                    check_positive_float, check_positive_int)
 
-__all__ = ["TrainConfig", "LR_SCHEDULES", "PRECISIONS", "model_config", "build_model", "config_fields"]
+__all__ = ["TrainConfig", "LR_SCHEDULES", "PRECISIONS", "model_config", "build_model", "validate_fields"]
 
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
 
 
-def _help(text: str, choices=None, **kwargs):
-    """A field with its help text and, for a choice, a function returning the allowed values (read
-    from the registry that owns them when the command line is built)."""
-    return field(metadata={"help": text, "choices": choices}, **kwargs)
+def _help(text: str, choices=None, check=None, **kwargs):
+    """A field with its help text, its rule and, for a choice, a function returning the allowed values
+    (read from the registry that owns them when the command line is built). ``check(name, value) ->
+    value`` is the field's rule (a ``sdeflow.utils.check_*``), applied by ``validate`` (to values other
+    than None) and by the command line's argument type: each rule is written once."""
+    return field(metadata={"help": text, "choices": choices, "check": check}, **kwargs)
+
+
+def validate_fields(config) -> None:
+    """Apply every field's ``check`` (to values other than None) and ``choices`` of a configuration
+    dataclass built with :func:`_help`; ``ValueError`` naming the first bad field."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        if f.metadata.get("choices") is not None:
+            check_choice(f.name, value, tuple(f.metadata["choices"]()))
+        if f.metadata.get("check") is not None:
+            f.metadata["check"](f.name, value)
 
 
 def _weightings():
-    from .model import WEIGHTINGS
+    from .losses import WEIGHTINGS
     return tuple(WEIGHTINGS)
 
 
@@ -50,72 +66,51 @@ class TrainConfig:
     the likelihood weighting. The toy example has its own
     (:data:`sdeflow.experiments.toy.TOY_TRAINING`)."""
 
-    steps: int = _help("total optimizer steps (a resumed run counts from its checkpoint)")
-    batch_size: int = _help("global batch size (split evenly across processes)")
-    lr: float = _help("peak Adam learning rate", default=2e-3)
-    warmup_steps: int = _help("linear learning-rate warm-up steps", default=100)
+    steps: int = _help("total optimizer steps (a resumed run counts from its checkpoint)", check=check_positive_int)
+    batch_size: int = _help("global batch size (split evenly across processes)", check=check_positive_int)
+    lr: float = _help("peak Adam learning rate", default=2e-3, check=check_positive_float)
+    warmup_steps: int = _help("linear learning-rate warm-up steps", default=100, check=check_nonneg_int)
     lr_schedule: str = _help("after warm-up: constant, or cosine decay to final_lr_fraction·lr at the last step",
                              choices=lambda: LR_SCHEDULES, default="constant")
-    final_lr_fraction: float = _help("where the cosine schedule ends, as a fraction of lr", default=0.0)
-    grad_clip: float | None = _help("clip the global gradient norm to this; 0 or None: no clipping", default=1.0)
-    ema_decay: float = _help("decay of the weight average used to evaluate and sample, in [0, 1)", default=0.995)
+    final_lr_fraction: float = _help("where the cosine schedule ends, as a fraction of lr", default=0.0, check=check_fraction)
+    grad_clip: float | None = _help("clip the global gradient norm to this; 0 or None: no clipping", default=1.0, check=check_nonneg_float)
+    ema_decay: float = _help("decay of the weight average used to evaluate and sample, in [0, 1)", default=0.995,
+                            check=check_decay)
     time_sampling: str = _help("distribution of the diffusion time in the loss: uniform, or importance ∝ g²/σ²",
                                choices=lambda: ("uniform", "importance"), default="importance")
     weighting: str = _help("DSM loss weighting: likelihood (the ELBO's) or noise (DDPM's ε-loss)",
                              choices=_weightings, default="likelihood")
     loss_t_min: float = _help("the loss covers diffusion times in [loss_t_min, T], with the weighting exact above it "
                               "(the ELBO started there); 0: from t = 0, the weighting truncated below 10⁻³T "
-                              "(sdeflow-light's)", default=0.0)
+                              "(sdeflow-light's)", default=0.0, check=check_nonneg_float)
     stratified_time: bool = _help("draw the batch's diffusion times stratified, one per equal quantile range of the "
                                   "time distribution (a low-discrepancy sampler: less variance)", default=False)
     second_order_fraction: float = _help("the last fraction of the steps adds second-order score matching "
-                                         "(Lu et al. 2022; data of at most 64 dimensions)", default=0.0)
-    second_order_weight: float = _help("weight of the second-order term", default=0.3)
+                                         "(Lu et al. 2022; data of at most 64 dimensions)", default=0.0, check=check_fraction)
+    second_order_weight: float = _help("weight of the second-order term", default=0.3, check=check_nonneg_float)
     precision: str = _help("fp32, or bf16 autocast for the network's forward pass",
                            choices=lambda: PRECISIONS, default="fp32")
     max_bad_steps: int = _help("stop after this many consecutive steps with a non-finite loss or gradient",
-                               default=10)
-    checkpoint_every: int = _help("checkpoint period in steps (and one at the end)", default=1000)
-    keep_checkpoints: int = _help("keep the newest K checkpoints", default=3)
-    log_every: int = _help("period in steps of the records of metrics.jsonl", default=10)
-    sample_every: int = _help("write a figure of EMA samples every N steps; 0: never", default=0)
-    sample_n_samples: int = _help("samples per figure", default=64)
-    sample_n_steps: int = _help("sampler steps per figure", default=200)
-    monitor_every: int = _help("estimate the EMA model's ELBO on a fresh batch every N steps; 0: never", default=0)
-    monitor_batch: int = _help("examples per monitoring ELBO", default=256)
-    monitor_slices: int = _help("time draws per example of the monitoring ELBO", default=4)
+                               default=10, check=check_positive_int)
+    checkpoint_every: int = _help("checkpoint period in steps (and one at the end)", default=1000, check=check_positive_int)
+    keep_checkpoints: int = _help("keep the newest K checkpoints", default=3, check=check_positive_int)
+    log_every: int = _help("period in steps of the records of metrics.jsonl", default=10, check=check_positive_int)
+    sample_every: int = _help("write a figure of EMA samples every N steps; 0: never", default=0, check=check_nonneg_int)
+    sample_n_samples: int = _help("samples per figure", default=64, check=check_positive_int)
+    sample_n_steps: int = _help("sampler steps per figure", default=200, check=check_positive_int)
+    monitor_every: int = _help("estimate the EMA model's ELBO on a fresh batch every N steps; 0: never", default=0, check=check_nonneg_int)
+    monitor_batch: int = _help("examples per monitoring ELBO", default=256, check=check_positive_int)
+    monitor_slices: int = _help("time draws per example of the monitoring ELBO", default=4, check=check_positive_int)
     flip: bool = _help("random horizontal flips of images", default=True)
-    seed: int = _help("seed of every random choice", default=0)
+    seed: int = _help("seed of every random choice", default=0, check=check_nonneg_int)
     max_seconds: float | None = _help("stop with a checkpoint after this many seconds of training in this call",
-                                      default=None)
+                                      default=None, check=check_positive_float)
     fit_schedule: bool = _help("with max_seconds: fit the schedule (cosine decay, second-order phase, last step) "
                                "to the steps the time affords, measured as training runs", default=False)
 
     def validate(self) -> "TrainConfig":
-        """Raise ``ValueError`` naming the first bad setting; return self."""
-        from .model import WEIGHTINGS
-
-        for name in ("steps", "batch_size", "max_bad_steps", "checkpoint_every", "keep_checkpoints",
-                     "log_every", "sample_n_samples", "sample_n_steps", "monitor_batch", "monitor_slices"):
-            check_positive_int(name, getattr(self, name))
-        for name in ("warmup_steps", "sample_every", "monitor_every", "seed"):
-            check_nonneg_int(name, getattr(self, name))
-        check_nonneg_float("loss_t_min", self.loss_t_min)
-        if self.max_seconds is not None:
-            check_positive_float("max_seconds", self.max_seconds)
-        check_positive_float("lr", self.lr)
-        if self.grad_clip is not None:
-            check_nonneg_float("grad_clip", self.grad_clip)
-        check_nonneg_float("second_order_weight", self.second_order_weight)
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1); got {self.ema_decay!r}")
-        for name in ("final_lr_fraction", "second_order_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1]; got {getattr(self, name)!r}")
-        check_choice("time_sampling", self.time_sampling, ("uniform", "importance"))
-        check_choice("weighting", self.weighting, tuple(WEIGHTINGS))
-        check_choice("precision", self.precision, PRECISIONS)
-        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        """Raise ``ValueError`` naming the first bad setting (each field's own rule); return self."""
+        validate_fields(self)
         return self
 
     def lr_at(self, step: int) -> float:
@@ -137,11 +132,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def config_fields(cls) -> list[dataclasses.Field]:
-    """The fields of a configuration dataclass, in order (for building command-line flags)."""
-    return list(dataclasses.fields(cls))
 
 
 def model_config(*, dataset: str, net: dict, sde: dict | str = "vp", parameterization: str = "noise",

@@ -18,9 +18,10 @@ import torch
 
 from .utils import check_choice, sum_except_batch
 
-__all__ = ["divergence", "make_probe", "ESTIMATORS", "PROBES"]
+__all__ = ["divergence", "make_probe", "DIVERGENCES", "PROBES"]
 
-ESTIMATORS = ("hutchinson", "exact")
+#: The ways to take a divergence (the ``kind`` of :func:`divergence`; ``divergence=`` everywhere else).
+DIVERGENCES = ("hutchinson", "exact")
 PROBES = ("rademacher", "gaussian")
 
 
@@ -35,7 +36,7 @@ def make_probe(like: torch.Tensor, probe: str = "rademacher",
 
 
 def divergence(fn: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, *,
-               estimator: str = "hutchinson", probe: str = "rademacher",
+               kind: str = "hutchinson", probe: str = "rademacher",
                noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
                create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluate F = fn(y) and its divergence per example.
@@ -43,7 +44,7 @@ def divergence(fn: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, *,
     Args:
         fn: maps y of shape (B, ...) to a tensor of the same shape; examples must not interact.
         y: (B, ...) points.
-        estimator: ``"hutchinson"`` or ``"exact"``.
+        kind: ``"hutchinson"`` or ``"exact"``.
         probe: ``"rademacher"`` or ``"gaussian"`` (Hutchinson only).
         noise: a fixed probe v shaped like y (e.g. one per ODE solve); drawn fresh if None.
         create_graph: keep the graph so the result can be differentiated (training on it).
@@ -51,11 +52,11 @@ def divergence(fn: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, *,
     Returns:
         (F(y), div F(y)) with shapes (B, ...) and (B,).
     """
-    check_choice("estimator", estimator, ESTIMATORS)
+    check_choice("kind", kind, DIVERGENCES)
     with torch.enable_grad():
         y = y if (y.requires_grad and create_graph) else y.detach().requires_grad_(True)
         out = fn(y)
-        if estimator == "hutchinson":
+        if kind == "hutchinson":
             v = make_probe(y, probe, generator) if noise is None else noise
             (vjp,) = torch.autograd.grad(out, y, v, create_graph=create_graph)
             div = sum_except_batch(vjp * v)

@@ -5,7 +5,7 @@ The probability-flow ODE of a model is the λ = 1 member of its generative famil
 .. math::  \frac{dy}{dt} = v(y, t) = -\mu_1(y, t) = f(y, t) - \tfrac12 g(t)\, a(y, t),
 
 integrated from T down to the data by :func:`sample_ode` and from the data up to T by
-:meth:`sdeflow.model.PluginReverseSDE.log_prob_ode` (with the divergence of v alongside).
+:func:`log_prob_ode` (with the divergence of v alongside).
 Both use :func:`probability_flow_velocity`, which counts network evaluations, and
 :func:`odeint_within`, which keeps adaptive solvers inside [0, T]. ``solver`` is one of ``SOLVERS``:
 the adaptive ``ADAPTIVE_SOLVERS`` (rtol/atol) or the fixed-grid ``FIXED_GRID_SOLVERS`` (a step size).
@@ -18,12 +18,15 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torchdiffeq import odeint
 
-from .utils import check_choice, model_device_dtype
+from .divergence import DIVERGENCES, make_probe
+from .divergence import divergence as field_divergence
+from .elbo import decoder_log_weight
+from .utils import check_choice, check_finite, check_t_min, model_device_dtype
 
-if TYPE_CHECKING:  # model.py imports this module
+if TYPE_CHECKING:
     from .model import PluginReverseSDE
 
-__all__ = ["sample_ode", "odeint_within", "probability_flow_velocity", "SOLVERS", "ADAPTIVE_SOLVERS",
+__all__ = ["sample_ode", "log_prob_ode", "odeint_within", "probability_flow_velocity", "SOLVERS", "ADAPTIVE_SOLVERS",
            "FIXED_GRID_SOLVERS"]
 
 ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -54,6 +57,36 @@ def probability_flow_velocity(model: PluginReverseSDE) -> Callable[[torch.Tensor
     return velocity
 
 
+def log_prob_ode(model: PluginReverseSDE, x: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
+                 solver: str = "dopri5", divergence: str = "hutchinson", probe: str = "rademacher",
+                 t_min: float = 0.0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    r"""Log-likelihood under the probability-flow ODE dy/dt = v = f − ½ g a, shape (B,), of the model
+    that runs the ODE from T down to ``t_min`` and outputs x = y_{t_min}/m(t_min):
+
+    .. math::  \log p(x) = \log p_T(y_T) + \int_{t_{min}}^T \nabla\cdot v(y_t, t)\, dt + D\log m(t_{min}),
+
+    integrated from y = m(t_min)·x at t_min to T by torchdiffeq's ``solver`` (one of ``SOLVERS``) with
+    ``rtol``/``atol``; the divergence is Hutchinson's with one ``probe`` held fixed over the solve
+    (unbiased) or exact. Returns (log p, {"nfe": evaluations of the network}).
+    """
+    check_finite("x", x)
+    check_choice("solver", solver, SOLVERS)
+    check_choice("divergence", divergence, DIVERGENCES)
+    t_min = check_t_min(t_min, model.T)
+    probe_noise = make_probe(x, probe, generator) if divergence == "hutchinson" else None
+    velocity = probability_flow_velocity(model)
+
+    def dynamics(t, state):
+        return field_divergence(lambda z: velocity(t, z), state[0], kind=divergence, noise=probe_noise)
+
+    scale = float(model.sde.mean_weight(torch.tensor(t_min, dtype=torch.float64)))
+    state0 = (scale * x.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
+    with torch.no_grad():
+        y_T, div_integral = odeint_within(dynamics, state0, t_min, model.T, rtol=rtol, atol=atol, solver=solver)
+    logp = model.sde.prior_log_prob(y_T) + div_integral + decoder_log_weight(model.sde, x[0].numel(), t_min)
+    return logp, {"nfe": velocity.nfe}
+
+
 @torch.no_grad()
 def sample_ode(model: PluginReverseSDE, shape, rtol: float = 1e-5, atol: float = 1e-5, solver: str = "dopri5",
                t_min: float = 0.0, x_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
@@ -66,8 +99,7 @@ def sample_ode(model: PluginReverseSDE, shape, rtol: float = 1e-5, atol: float =
     Returns samples, and {"nfe": n} (network evaluations) with ``return_info``.
     """
     check_choice("solver", solver, SOLVERS)
-    if not 0.0 <= t_min < model.T:
-        raise ValueError(f"t_min must lie in [0, T={model.T}); got {t_min}")
+    t_min = check_t_min(t_min, model.T)
     if solver in ADAPTIVE_SOLVERS:
         if step_size is not None:
             raise ValueError(f"step_size is for the fixed-grid solvers {', '.join(FIXED_GRID_SOLVERS)}; "

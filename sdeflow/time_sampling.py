@@ -8,13 +8,16 @@ unbiased for every q that is positive where h is not, and its variance
 - :class:`ImportanceTime`: q ∝ g(t)²/v(t), flat below t_ε. Because g²/v = −dλ/dt for every
   linear SDE (λ the log-SNR), this density is uniform in log-SNR above t_ε and its CDF and
   inverse CDF are closed forms of each SDE's own parameters.
-- :class:`FittedTime`: a piecewise-constant density on bins equally spaced in log-SNR, fitted to
-  the square root of the measured second moment of the integrand, mixed with a share of
-  :class:`ImportanceTime` so that weights stay bounded. It approaches the variance-optimal proposal.
+- :class:`FittedTime`: a piecewise-constant density on bins equally spaced in log-SNR, a value
+  (``to_dict``/``from_dict`` keep it in a checkpoint or a JSON file). :func:`fit_proposal` fits one to
+  the square root of the measured second moment of an integrand, mixed with a share of
+  :class:`ImportanceTime` so that weights stay bounded: it approaches the variance-optimal proposal.
   Each bin may also carry the coefficient of a control variate (a term of known mean zero added
-  to the integrand), fitted with the density.
+  to the integrand), fitted with the density; :func:`optimal_strata` places the strata of a
+  stratified draw where they cut the variance most.
 
-Every proposal has ``sample(n, ...) -> (t, q(t))``, ``density(t)`` and its support's start ``t_min``.
+Every proposal has ``sample(n, ...) -> (t, q(t))``, ``density(t)`` and its support's start ``t_min``;
+:func:`make_proposal` builds one by name.
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ from typing import Callable
 import torch
 
 from .sdes import SDE
-from .utils import check_positive_int
+from .utils import check_choice, check_positive_int, check_t_min
 
 __all__ = ["TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "T_EPS_FRACTION", "T_MIN_FRACTION",
-           "clamped_rate"]
+           "TIME_SAMPLINGS", "clamped_rate", "truncation_time", "make_proposal", "fit_proposal", "optimal_strata"]
+
+#: The names of time proposals: the two closed-form densities, and "fitted" (:func:`fit_proposal`).
+TIME_SAMPLINGS = ("uniform", "importance", "fitted")
 
 
 def _uniform(n: int, generator, device, dtype, bounds: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,9 +53,8 @@ class TimeProposal(ABC):
     """A probability density q(t) on [t_min, T] with an exact sampler."""
 
     def __init__(self, T: float, t_min: float = 0.0):
-        self.T, self.t_min = float(T), float(t_min)
-        if not 0.0 <= self.t_min < self.T:
-            raise ValueError(f"t_min must lie in [0, T={self.T}); got {t_min!r}")
+        self.T = float(T)
+        self.t_min = check_t_min(t_min, self.T)
 
     @abstractmethod
     def density(self, t: torch.Tensor) -> torch.Tensor:
@@ -109,6 +114,12 @@ T_EPS_FRACTION = 1e-3
 T_MIN_FRACTION = 1e-5
 
 
+def truncation_time(T: float, t_min: float) -> float:
+    """t_ε of a loss or importance proposal on [t_min, T]: t_min itself when it is > 0, else 10⁻³T
+    (sdeflow-light's), below which the likelihood weighting g²/v is held constant."""
+    return t_min if t_min > 0 else T_EPS_FRACTION * T
+
+
 def clamped_rate(sde: SDE, t: torch.Tensor, t_eps: float | None = None) -> torch.Tensor:
     """h(max(t, t_ε)) = g²/v at max(t, t_ε), with t_ε = 10⁻³·T by default: the unnormalised density
     of :class:`ImportanceTime` and, times T, the likelihood weighting of the DSM loss. (B,) -> (B,)."""
@@ -162,13 +173,14 @@ class ImportanceTime(TimeProposal):
 class FittedTime(TimeProposal):
     """Piecewise-constant density on bin edges t_min = e₀ < e₁ < … < e_K = T: q(t) = p_k / (e_{k+1} − e_k).
 
+    A value, built by :func:`fit_proposal` and kept with :meth:`to_dict` / :meth:`from_dict`.
     ``control`` (one float per bin, default 0) is the coefficient c_k of a control variate w of
     known mean zero that the integrand's user adds in bin k, estimating h + c_k·w instead of h
-    (see :meth:`fit` and :meth:`sdeflow.model.PluginReverseSDE.elbo`): unbiased for every c_k.
-    ``moments`` (2, bins), when given (:meth:`fit` records them), are the mean and second moment of
+    (unbiased for every c_k). ``moments`` (2, bins), when given, are the mean and second moment of
     that integrand in each bin; :meth:`strata_bounds` then places the strata where they cut the
-    variance most. ``hutchinson`` (one flag per bin) marks the bins where the user estimates a third
-    form of the integrand instead (for the ELBO: the Hutchinson form, chosen where it is quieter).
+    variance most (:func:`optimal_strata`). ``hutchinson`` (one flag per bin) marks the bins where the
+    user estimates a third form of the integrand instead (for the ELBO: the Hutchinson form, chosen
+    where it is quieter).
     """
 
     def __init__(self, edges: torch.Tensor, probs: torch.Tensor, control: torch.Tensor | None = None,
@@ -184,7 +196,8 @@ class FittedTime(TimeProposal):
         control = torch.zeros_like(probs) if control is None else torch.as_tensor(control, dtype=torch.float64)
         if control.shape != probs.shape or not torch.isfinite(control).all():
             raise ValueError("control must be one finite coefficient per bin")
-        hutchinson = torch.zeros(probs.shape, dtype=torch.bool) if hutchinson is None else torch.as_tensor(hutchinson, dtype=torch.bool)
+        hutchinson = (torch.zeros(probs.shape, dtype=torch.bool) if hutchinson is None
+                      else torch.as_tensor(hutchinson, dtype=torch.bool))
         if hutchinson.shape != probs.shape:
             raise ValueError("hutchinson must be one flag per bin")
         if moments is not None:
@@ -192,11 +205,8 @@ class FittedTime(TimeProposal):
             if moments.shape != (2,) + probs.shape or not torch.isfinite(moments).all():
                 raise ValueError("moments must be finite, of shape (2, bins): each bin's mean and second moment")
         super().__init__(float(edges[-1]), float(edges[0]))
-        self.edges = edges
+        self.edges, self.control, self.hutchinson, self.moments = edges, control, hutchinson, moments
         self.probs = probs / probs.sum()
-        self.control = control
-        self.hutchinson = hutchinson
-        self.moments = moments
         self._bounds: dict[int, torch.Tensor] = {}
         self._cum = torch.cat([torch.zeros(1, dtype=torch.float64), self.probs.cumsum(0)])
         self._cum[-1] = 1.0
@@ -219,98 +229,18 @@ class FittedTime(TimeProposal):
         t_lo = T_MIN_FRACTION * sde.T if t_lo is None else t_lo
         return torch.cat([torch.zeros(1, dtype=torch.float64), FittedTime.log_snr_edges(sde, n_bins - 1, t_lo)])
 
-    @classmethod
-    def fit(cls, integrand: Callable[[torch.Tensor], torch.Tensor], sde: SDE, *, n_bins: int = 48,
-            n_per_bin: int = 1, defensive: float = 0.02, t_min: float = 0.0,
-            generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> "FittedTime":
-        r"""Fit q ∝ √E[h(t)²] per bin on [t_min, T], mixed with ``defensive`` of :class:`ImportanceTime`.
-
-        ``integrand(t)`` takes times of shape (n,) and returns one draw of h at each, shape (n, ...)
-        (e.g. one per pilot example); it is called once with ``n_per_bin`` times per bin, each
-        uniform within its bin, so the bin's second moment is estimated over the whole bin. It may
-        instead return a pair (h, w) with w a control variate of mean zero at every t: each bin
-        then takes the coefficient :math:`c_k = -\widehat{Cov}(h, w)/\widehat{Var}(w)` that minimises
-        the variance of h + c_k·w, records it in ``control``, and is sized by the second moment of
-        h + c_k·w. A triple (h, w, h′), h′ another form of the same mean at every t, flags in
-        ``hutchinson`` the bins where h′ has the lower second moment, and sizes them by it.
-
-        The defensive share bounds every weight 1/q(t) by 1/(defensive·q_importance(t)), so a bin
-        the pilot under-rates cannot blow up the variance; every share it takes is spent where the
-        integrand is small (on the 3072-D oracle of ``benchmarks/estimators.py``: ~100× less
-        variance than uniform t at 2 %, ~30× at 10 %).
-        """
-        if not 0 < defensive <= 1:
-            raise ValueError(f"defensive must lie in (0, 1]; got {defensive}")
-        n_bins, n_per_bin = check_positive_int("n_bins", n_bins), check_positive_int("n_per_bin", n_per_bin)
-        edges = cls.log_snr_edges(sde, n_bins, t_min)
-        lower, width = edges[:-1], edges[1:] - edges[:-1]
-        u = torch.rand(n_bins * n_per_bin, generator=generator, dtype=torch.float64, device=device)
-        index = torch.arange(n_bins).repeat_interleave(n_per_bin)
-        t = (lower[index] + width[index] * u.cpu()).to(dtype=dtype, device=device)
-        forms = integrand(t)
-        forms = forms if isinstance(forms, tuple) else (forms,)
-        h, w, other = (tuple(forms) + (None, None))[:3]
-        h = h.detach().double().cpu().reshape(n_bins, -1)
-        control = torch.zeros(n_bins, dtype=torch.float64)
-        if w is not None:
-            w = w.detach().double().cpu().reshape(n_bins, -1)
-            hc, wc = h - h.mean(1, keepdim=True), w - w.mean(1, keepdim=True)
-            var_w = (wc ** 2).sum(1)
-            control = torch.where(var_w > 0, -(hc * wc).sum(1) / var_w.clamp_min(1e-300), control)
-            h = h + control[:, None] * w
-        hutchinson = torch.zeros(n_bins, dtype=torch.bool)
-        if other is not None:  # a third form, of the same mean: taken in the bins where it is quieter
-            other = other.detach().double().cpu().reshape(n_bins, -1)
-            hutchinson = (other ** 2).mean(1) < (h ** 2).mean(1)
-            h = torch.where(hutchinson[:, None], other, h)
-        second_moment = (h ** 2).mean(1)
-        if not torch.isfinite(second_moment).all():
-            raise ValueError("the integrand gave non-finite values on the pilot draws")
-        moments = torch.stack([h.mean(1), second_moment])
-        mass = width * second_moment.sqrt()
-        fitted = mass / mass.sum() if mass.sum() > 0 else torch.full_like(mass, 1 / n_bins)
-        importance = ImportanceTime(sde, t_min=t_min).cdf(edges)
-        probs = (1 - defensive) * fitted + defensive * (importance[1:] - importance[:-1])
-        return cls(edges, probs.clamp_min(1e-12), control=control, moments=moments, hutchinson=hutchinson)
-
     def strata_bounds(self, strata: int) -> torch.Tensor:
-        r"""Quantile bounds of K strata at bin edges that minimise the variance Σ_g V_g of one draw per
-        stratum, by dynamic programming over contiguous groups of bins, from the recorded ``moments``:
-        for group g of mass w_g, :math:`V_g = w_g \sum_{k\in g} M_k \Delta_k^2/p_k - (\sum_{k\in g} m_k\Delta_k)^2`
-        (Δ_k the bin's width, p_k its mass, m_k and M_k the integrand's mean and second moment).
-        A group where the integrand is small but noisy (near t_min for an ε network) then gets a
-        draw of its own instead of sharing one with the bulk of the integral. Equal quantiles when
-        there are no moments or fewer bins than strata."""
+        """Quantile bounds of K strata: those of :func:`optimal_strata` from the recorded ``moments``;
+        equal quantiles when there are no moments or fewer bins than strata."""
         strata = check_positive_int("strata", strata)
         if self.moments is None or strata == 1 or strata > len(self.probs):
             return super().strata_bounds(strata)
         if strata not in self._bounds:
-            self._bounds[strata] = self._optimal_bounds(strata)
+            self._bounds[strata] = optimal_strata(self.edges, self.probs, self.moments, strata)
         return self._bounds[strata]
 
-    def _optimal_bounds(self, strata: int) -> torch.Tensor:
-        width = self.edges[1:] - self.edges[:-1]
-        mass = self._cum
-        second = torch.cat([torch.zeros(1, dtype=torch.float64), (self.moments[1] * width ** 2 / self.probs).cumsum(0)])
-        mean = torch.cat([torch.zeros(1, dtype=torch.float64), (self.moments[0] * width).cumsum(0)])
-        n = len(self.probs)
-        i, j = torch.meshgrid(torch.arange(n + 1), torch.arange(n + 1), indexing="ij")
-        # cost[i, j]: the variance of one draw in bins i..j-1 (inf unless i < j)
-        cost = (mass[j] - mass[i]) * (second[j] - second[i]) - (mean[j] - mean[i]) ** 2
-        cost = torch.where(i < j, cost.clamp_min(0.0), torch.full_like(cost, math.inf))
-        best, choice = cost[0].clone(), [None]  # best[j]: least cost of bins 0..j-1 in k groups
-        for _ in range(1, strata):
-            total = best[:, None] + cost
-            best, arg = total.min(dim=0)
-            choice.append(arg)
-        cuts, j = [n], n
-        for k in range(strata - 1, 0, -1):
-            j = int(choice[k][j])
-            cuts.append(j)
-        return mass[torch.tensor(sorted([0] + cuts))]  # a copy: _cum[0] = 0 and _cum[-1] = 1 exactly
-
     def hutchinson_at(self, t: torch.Tensor) -> torch.Tensor:
-        """Whether each time's bin takes the third form (see :meth:`fit`); bool, shape of t."""
+        """Whether each time's bin takes the third form; bool, shape of t."""
         return self.hutchinson.to(t.device)[self._bin(t)]
 
     def control_at(self, t: torch.Tensor) -> torch.Tensor:
@@ -338,11 +268,120 @@ class FittedTime(TimeProposal):
         t, q = super().sample(n, generator=generator, device=device, dtype=dtype, strata=strata)
         return t.clamp_min(torch.finfo(t.dtype).tiny), q
 
-    def state_dict(self) -> dict:
-        return {"edges": self.edges.clone(), "probs": self.probs.clone(), "control": self.control.clone(),
-                "moments": None if self.moments is None else self.moments.clone(),
-                "hutchinson": self.hutchinson.clone()}
+    def to_dict(self) -> dict:
+        """Plain lists of floats and bools (JSON-able, and loadable by ``torch.load(weights_only=True)``);
+        :meth:`from_dict` rebuilds an equal proposal."""
+        return {"edges": self.edges.tolist(), "probs": self.probs.tolist(), "control": self.control.tolist(),
+                "moments": None if self.moments is None else self.moments.tolist(),
+                "hutchinson": self.hutchinson.tolist()}
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "FittedTime":
+    def from_dict(cls, state: dict) -> "FittedTime":
+        """The proposal of :meth:`to_dict` (tensors are accepted too). ValueError if ``state`` is not one."""
+        if not isinstance(state, dict) or "edges" not in state or "probs" not in state:
+            raise ValueError("state must be a dict of FittedTime.to_dict() with at least 'edges' and 'probs'")
         return cls(state["edges"], state["probs"], state.get("control"), state.get("moments"), state.get("hutchinson"))
+
+
+def make_proposal(sde: SDE, time_sampling, t_min: float = 0.0) -> TimeProposal:
+    """The time proposal on [t_min, T] named ``time_sampling``: "uniform", or "importance" (q ∝ g²/v at
+    max(t, t_ε), t_ε of :func:`truncation_time`); a :class:`TimeProposal` is returned as it is, if its
+    support starts at t_min. A "fitted" proposal is a value that :func:`fit_proposal` (for the ELBO,
+    :func:`sdeflow.elbo.fit_time_proposal`) returns: pass that instead of the name."""
+    if isinstance(time_sampling, TimeProposal):
+        if time_sampling.t_min != t_min:
+            raise ValueError(f"t_min ({t_min}) must be the start of the time proposal's support "
+                             f"({time_sampling.t_min})")
+        return time_sampling
+    check_choice("time_sampling", time_sampling, ("uniform", "importance"))
+    if time_sampling == "uniform":
+        return UniformTime(sde.T, t_min)
+    return ImportanceTime(sde, t_eps=truncation_time(sde.T, t_min), t_min=t_min)
+
+
+def _control_coefficients(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per bin (row), c = −Cov(h, w)/Var(w), the coefficient of least variance of h + c·w (0 where w is constant)."""
+    hc, wc = h - h.mean(1, keepdim=True), w - w.mean(1, keepdim=True)
+    var_w = (wc ** 2).sum(1)
+    return torch.where(var_w > 0, -(hc * wc).sum(1) / var_w.clamp_min(1e-300), torch.zeros_like(var_w))
+
+
+def fit_proposal(integrand: Callable[[torch.Tensor], torch.Tensor], sde: SDE, *, n_bins: int = 48,
+                 n_per_bin: int = 1, defensive: float = 0.02, t_min: float = 0.0,
+                 generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> FittedTime:
+    r"""A :class:`FittedTime` on [t_min, T] with q ∝ √E[h(t)²] per bin, mixed with ``defensive`` of
+    :class:`ImportanceTime`.
+
+    ``integrand(t)`` takes times of shape (n,) and returns one draw of h at each, shape (n, ...)
+    (e.g. one per pilot example); it is called once with ``n_per_bin`` times per bin, each uniform
+    within its bin. It may instead return a pair (h, w) with w a control variate of mean zero at every
+    t: each bin then takes the coefficient :math:`c_k = -\widehat{Cov}(h, w)/\widehat{Var}(w)` that
+    minimises the variance of h + c_k·w, records it in ``control``, and is sized by the second moment
+    of h + c_k·w. A triple (h, w, h′), h′ another form of the same mean at every t, flags in
+    ``hutchinson`` the bins where h′ has the lower second moment, and sizes them by it.
+
+    The defensive share bounds every weight 1/q(t) by 1/(defensive·q_importance(t)), so a bin the
+    pilot under-rates cannot blow up the variance (on the 3072-D oracle of ``benchmarks/estimators.py``:
+    ~100× less variance than uniform t at 2 %, ~30× at 10 %).
+    """
+    if not 0 < defensive <= 1:
+        raise ValueError(f"defensive must lie in (0, 1]; got {defensive}")
+    n_bins, n_per_bin = check_positive_int("n_bins", n_bins), check_positive_int("n_per_bin", n_per_bin)
+    edges = FittedTime.log_snr_edges(sde, n_bins, t_min)
+    lower, width = edges[:-1], edges[1:] - edges[:-1]
+    u = torch.rand(n_bins * n_per_bin, generator=generator, dtype=torch.float64, device=device)
+    index = torch.arange(n_bins).repeat_interleave(n_per_bin)
+    t = (lower[index] + width[index] * u.cpu()).to(dtype=dtype, device=device)
+    forms = integrand(t)
+    forms = forms if isinstance(forms, tuple) else (forms,)
+    h, w, other = (tuple(forms) + (None, None))[:3]
+    h = h.detach().double().cpu().reshape(n_bins, -1)
+    control = torch.zeros(n_bins, dtype=torch.float64)
+    if w is not None:
+        w = w.detach().double().cpu().reshape(n_bins, -1)
+        control = _control_coefficients(h, w)
+        h = h + control[:, None] * w
+    hutchinson = torch.zeros(n_bins, dtype=torch.bool)
+    if other is not None:  # a third form, of the same mean: taken in the bins where it is quieter
+        other = other.detach().double().cpu().reshape(n_bins, -1)
+        hutchinson = (other ** 2).mean(1) < (h ** 2).mean(1)
+        h = torch.where(hutchinson[:, None], other, h)
+    second_moment = (h ** 2).mean(1)
+    if not torch.isfinite(second_moment).all():
+        raise ValueError("the integrand gave non-finite values on the pilot draws")
+    mass = width * second_moment.sqrt()
+    fitted = mass / mass.sum() if mass.sum() > 0 else torch.full_like(mass, 1 / n_bins)
+    importance = ImportanceTime(sde, t_min=t_min).cdf(edges)
+    probs = (1 - defensive) * fitted + defensive * (importance[1:] - importance[:-1])
+    moments = torch.stack([h.mean(1), second_moment])
+    return FittedTime(edges, probs.clamp_min(1e-12), control=control, moments=moments, hutchinson=hutchinson)
+
+
+def optimal_strata(edges: torch.Tensor, probs: torch.Tensor, moments: torch.Tensor, strata: int) -> torch.Tensor:
+    r"""Quantile bounds (K + 1,) of K strata, at bin edges, that minimise the variance Σ_g V_g of one draw
+    per stratum of a piecewise-constant proposal (bin ``edges``, bin masses ``probs`` summing to 1, the
+    integrand's per-bin mean and second moment ``moments`` (2, bins)), by dynamic programming over
+    contiguous groups of bins: for group g of mass w_g,
+    :math:`V_g = w_g \sum_{k\in g} M_k \Delta_k^2/p_k - (\sum_{k\in g} m_k\Delta_k)^2`
+    (Δ_k the bin's width, p_k its mass, m_k and M_k the mean and second moment). A group where the
+    integrand is small but noisy (near t_min for an ε network) then gets a draw of its own instead of
+    sharing one with the bulk of the integral."""
+    width, zero = edges[1:] - edges[:-1], torch.zeros(1, dtype=torch.float64)
+    cum = torch.cat([zero, probs.cumsum(0)])
+    cum[-1] = 1.0
+    second = torch.cat([zero, (moments[1] * width ** 2 / probs).cumsum(0)])
+    mean = torch.cat([zero, (moments[0] * width).cumsum(0)])
+    n = len(probs)
+    i, j = torch.meshgrid(torch.arange(n + 1), torch.arange(n + 1), indexing="ij")
+    # cost[i, j]: the variance of one draw in bins i..j-1 (inf unless i < j)
+    cost = (cum[j] - cum[i]) * (second[j] - second[i]) - (mean[j] - mean[i]) ** 2
+    cost = torch.where(i < j, cost.clamp_min(0.0), torch.full_like(cost, math.inf))
+    best, choice = cost[0].clone(), [None]  # best[j]: least cost of bins 0..j-1 in k groups
+    for _ in range(1, strata):
+        best, arg = (best[:, None] + cost).min(dim=0)
+        choice.append(arg)
+    cuts, j = [n], n
+    for k in range(strata - 1, 0, -1):
+        j = int(choice[k][j])
+        cuts.append(j)
+    return cum[torch.tensor(sorted([0] + cuts))]  # a copy: cum[0] = 0 and cum[-1] = 1 exactly

@@ -89,6 +89,22 @@ def check_nonneg_float(name: str, value) -> float:
     return real
 
 
+def check_fraction(name: str, value) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` naming the argument if it does not lie in [0, 1]."""
+    real = _as_real(value)
+    if real is None or not 0.0 <= real <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1]; got {value!r}")
+    return real
+
+
+def check_decay(name: str, value) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` naming the argument if it does not lie in [0, 1)."""
+    real = _as_real(value)
+    if real is None or not 0.0 <= real < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1); got {value!r}")
+    return real
+
+
 def check_finite(name: str, x: torch.Tensor) -> None:
     """Refuse non-finite input data with a ``ValueError`` that names the argument."""
     if not torch.isfinite(x).all():
@@ -111,3 +127,13 @@ def model_device_dtype(model, device, dtype):
     device = device if device is not None else (param.device if param is not None else None)
     dtype = dtype if dtype is not None else (param.dtype if param is not None else torch.get_default_dtype())
     return device, dtype
+
+
+def check_t_min(t_min, T: float, name: str = "t_min") -> float:
+    """Return ``t_min`` as a float if it lies in [0, T), where every estimator and sampler can start;
+    otherwise raise ``ValueError`` naming the argument (``name``) and the interval. The one place this
+    rule is written."""
+    real = _as_real(t_min)
+    if real is None or not 0.0 <= real < T:
+        raise ValueError(f"{name} must lie in [0, T={T}); got {t_min!r}")
+    return real

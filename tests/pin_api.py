@@ -9,20 +9,19 @@ import sdeflow
 
 
 def dsm(model, x, generator, time_sampling="uniform", weighting="noise"):
-    return model.dsm(x, time_sampling=time_sampling, weighting=weighting, generator=generator)
+    return sdeflow.dsm(model, x, time_sampling=time_sampling, weighting=weighting, generator=generator)
 
 
 def elbo(model, x, generator, time_sampling, n_slices=1):
-    model.time_proposal = None
-    return model.elbo(x, n_slices=n_slices, time_sampling=time_sampling, generator=generator)
+    return sdeflow.elbo(model, x, n_slices=n_slices, time_sampling=time_sampling, generator=generator)
 
 
 def fitted_proposal(model, x, generator):
-    return model.fit_time_proposal(x, generator=generator)
+    return sdeflow.fit_time_proposal(model, x, generator=generator)
 
 
 def log_prob_ode(model, x, generator):
-    return model.log_prob_ode(x, generator=generator, rtol=1e-6, atol=1e-6)
+    return sdeflow.log_prob_ode(model, x, generator=generator, rtol=1e-6, atol=1e-6)[0]
 
 
 def sample(model, method, generator):

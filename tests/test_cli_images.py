@@ -96,7 +96,7 @@ def test_eval_warns_on_stderr_when_the_standard_error_is_unreliable(tmp_path, ca
     root, run = trained
     from sdeflow import evaluation
 
-    def fake_evaluate_bpd(model, images, config, **kwargs):
+    def fake_evaluate_bpd(model, images, config, settings=None, **kwargs):
         return {"bpd": 3.5, "bpd_se": 0.12, "n_images": 846, "seconds": 1.0, "estimator": "ELBO, test",
                 "tail_share": 0.83 if heavy else 0.09, "tail_count": 8, "kurtosis": 190.4 if heavy else 3.1,
                 "heavy_tailed": heavy}
@@ -123,17 +123,19 @@ def test_eval_ode_reports_nfe(tmp_path, capsys, monkeypatch, trained):
     root, run = trained
     from sdeflow.model import PluginReverseSDE
 
+    from sdeflow import evaluation
+
     starts = []
 
-    def cheap_ode(self, x, rtol, atol, generator, return_info, t_min, **kwargs):
-        assert (rtol, atol) == (1e-3, 1e-3) and return_info
+    def cheap_ode(model, x, rtol, atol, generator, t_min, **kwargs):
+        assert (rtol, atol) == (1e-3, 1e-3)
         starts.append(t_min)
-        return self.sde.prior_log_prob(x), {"nfe": 7}
+        return model.sde.prior_log_prob(x), {"nfe": 7}
 
-    monkeypatch.setattr(PluginReverseSDE, "log_prob_ode", cheap_ode)
+    monkeypatch.setattr(evaluation, "log_prob_ode", cheap_ode)
     out = tmp_path / "ode.json"
     argv = ["eval", "--checkpoint", run / "ckpt-00000002.pt", "--dataset", "cifar10", "--data-root", root,
-            "--ode", "--rtol", "1e-3", "--atol", "1e-3", "--limit", "2", "--json", out, "--no-progress"]
+            "--bound", "ode", "--rtol", "1e-3", "--atol", "1e-3", "--limit", "2", "--json", out, "--no-progress"]
     assert cli.main([str(a) for a in argv]) == 0
     result = json.loads(out.read_text())
     assert result["nfe"] == 7 and result["n_images"] == 2
@@ -167,7 +169,7 @@ def test_batch_size_must_divide_across_processes(tmp_path, capsys, monkeypatch, 
     monkeypatch.setattr(distributed, "init_distributed", lambda device: (0, 3, torch.device("cpu")))
     assert cli.main(train_args(root, tmp_path / "run", 2)) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "sdeflow train: error: --batch-size 4 does not divide across 3 processes; use a multiple of 3"
+    assert err == "sdeflow train: error: batch_size 4 does not divide across 3 processes; use a multiple of 3"
     assert not (tmp_path / "run").exists()
 
 
@@ -188,12 +190,12 @@ def test_unwritable_output_is_one_line_exit_1(tmp_path, capsys, monkeypatch, tra
 
 def test_a_runtime_error_of_torch_is_one_line_exit_1(tmp_path, capsys, monkeypatch, trained):
     root, _ = trained
-    from sdeflow.model import PluginReverseSDE
+    from sdeflow.engine import loop
 
-    def out_of_memory(self, *args, **kwargs):
+    def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details on a second line")
 
-    monkeypatch.setattr(PluginReverseSDE, "dsm", out_of_memory)
+    monkeypatch.setattr(loop, "dsm", out_of_memory)
     assert cli.main(train_args(root, tmp_path / "run", 2)) == 1
     err = capsys.readouterr().err.strip()
     assert err == "sdeflow train: error: CUDA out of memory. Tried to allocate 2.00 GiB"

@@ -20,7 +20,7 @@ def _exact_div(A, y):
 def test_exact_divergence_matches_closed_form():
     A, fn = _field()
     y = torch.randn(5, 4, dtype=torch.float64)
-    out, div = divergence(fn, y, estimator="exact")
+    out, div = divergence(fn, y, kind="exact")
     torch.testing.assert_close(out, fn(y))
     torch.testing.assert_close(div, _exact_div(A, y))
 
@@ -51,7 +51,7 @@ def test_probe_has_identity_covariance():
 def test_create_graph_allows_training_through_the_divergence():
     w = torch.tensor(2.0, requires_grad=True)
     y = torch.randn(4, 3)
-    _, div = divergence(lambda z: w * z ** 2, y, estimator="exact", create_graph=True)
+    _, div = divergence(lambda z: w * z ** 2, y, kind="exact", create_graph=True)
     div.sum().backward()
     torch.testing.assert_close(w.grad, (2 * y).sum())
 
@@ -59,5 +59,5 @@ def test_create_graph_allows_training_through_the_divergence():
 def test_bad_options_raise():
     with pytest.raises(ValueError, match="probe"):
         make_probe(torch.zeros(2), "uniform")
-    with pytest.raises(ValueError, match="estimator must be one of 'hutchinson', 'exact'"):
-        divergence(lambda z: z, torch.zeros(2, 2), estimator="approx")
+    with pytest.raises(ValueError, match="kind must be one of 'hutchinson', 'exact'"):
+        divergence(lambda z: z, torch.zeros(2, 2), kind="approx")

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 import sdeflow
+from sdeflow import LikelihoodSettings
 from sdeflow.data import get_dataset
 from sdeflow.data.transforms import truncated_normal_scale
-from sdeflow.evaluation import (EvaluationError, describe_estimator, evaluate_bpd, log_likelihood, mean_se,
+from sdeflow.evaluation import (EvaluationError, evaluate_bpd, log_likelihood,
                                 noise_level_time, quantization_time, tail_diagnostics)
 from sdeflow.oracles import ExactScoreNet, GaussianMixture
+from sdeflow.statistics import mean_se
 
 from oracle_helpers import SDES, exact_model, expected_elbo, expected_ode_log_prob, gaussian
 from sdeflow.experiments import images as images_app
@@ -38,12 +40,12 @@ def test_elbo_and_ode_over_batches_match_the_closed_forms(sde_name):
     sde, data = SDES[sde_name](), gaussian(3)
     model = exact_model(sde, data)
     x = data.sample(300, generator=torch.Generator().manual_seed(0)).double()
-    elbo = log_likelihood(model, x, n_slices=4, divergence="exact", batch_size=64, seed=1)
+    elbo = log_likelihood(model, x, batch_size=64, seed=1, settings=LikelihoodSettings(n_slices=4, divergence="exact"))
     exact = float(expected_elbo(sde, data, x).mean())
     assert elbo["n"] == 300 and elbo["per_example"].shape == (300,)
     assert abs(elbo["mean"] - exact) < 4 * elbo["se"] + 1e-6
     assert (elbo["mean"], elbo["se"]) == pytest.approx(mean_se(elbo["per_example"]))
-    ode = log_likelihood(model, x[:40], estimator="ode", divergence="exact", batch_size=16, rtol=1e-6, atol=1e-6)
+    ode = log_likelihood(model, x[:40], batch_size=16, settings=LikelihoodSettings(bound="ode", divergence="exact", rtol=1e-6, atol=1e-6))
     assert ode["mean"] == pytest.approx(float(expected_ode_log_prob(sde, data, x[:40]).mean()), abs=2e-3)
     assert ode["nfe"] > 0
 
@@ -63,12 +65,12 @@ def test_bad_arguments_and_diverged_models():
     sde, data = SDES["vp"](), gaussian(2)
     model = exact_model(sde, data)
     x = data.sample(4).double()
-    with pytest.raises(ValueError, match="estimator must be one of"):
-        log_likelihood(model, x, estimator="iwae")
+    with pytest.raises(ValueError, match="bound must be one of"):
+        log_likelihood(model, x, settings=LikelihoodSettings(bound="iwae"))
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         log_likelihood(model, x, batch_size=0)
     with pytest.raises(ValueError, match=r"t_min must lie in \[0, T=1.0\)"):  # before any pilot fit
-        log_likelihood(model, x, t_min=2.0)
+        log_likelihood(model, x, settings=LikelihoodSettings(t_min=2.0))
     with pytest.raises(ValueError, match="either x"):
         log_likelihood(model)
     broken = torch.nn.Linear(2, 2)
@@ -115,21 +117,22 @@ def test_results_carry_the_estimator_and_the_tail_diagnostics():
     sde, data = SDES["vp"](), gaussian(2)
     model = exact_model(sde, data)
     x = data.sample(40, generator=torch.Generator().manual_seed(2)).double()
-    elbo = log_likelihood(model, x, batch_size=16, fit_examples=64)
-    assert elbo["estimator"] == describe_estimator("elbo", fit_examples=40, t_min=1e-5) == (
+    elbo = log_likelihood(model, x, batch_size=16, settings=LikelihoodSettings(n_slices=1, fit_examples=64))
+    assert elbo["estimator"] == LikelihoodSettings(n_slices=1, t_min=1e-5).describe(fit_examples=40) == (
         "ELBO from t_min 1e-05 (Gaussian decoder), time proposal fitted on 40 pilot examples (denoising form "
         "with a fitted control variate), 1 slice per example")
     assert {k: elbo[k] for k in ("tail_share", "tail_count", "kurtosis", "heavy_tailed")} == tail_diagnostics(
         elbo["per_example"])
-    ode = log_likelihood(model, x[:4], estimator="ode", divergence="exact", rtol=1e-3, atol=1e-4, solver="bosh3")
+    ode = log_likelihood(model, x[:4], settings=LikelihoodSettings(bound="ode", divergence="exact", rtol=1e-3,
+                                                                   atol=1e-4, solver="bosh3"))
     assert ode["estimator"] == "probability-flow ODE from t_min 0, bosh3, rtol 0.001, atol 0.0001, exact divergence"
-    assert describe_estimator("elbo", time_sampling="importance", divergence="exact", n_slices=4) == (
-        "ELBO from t_min 1e-05·T (Gaussian decoder), importance time proposal q ∝ g²/v, exact divergence, "
+    assert LikelihoodSettings(time_sampling="importance", divergence="exact").describe(T=2.0) == (
+        "ELBO from t_min 2e-05 (Gaussian decoder), importance time proposal q ∝ g²/v, exact divergence, "
         "4 slices per example")
-    assert describe_estimator("elbo", time_sampling="uniform", probe="gaussian", t_min=0).startswith(
+    assert LikelihoodSettings(time_sampling="uniform", probe="gaussian", t_min=0).describe().startswith(
         "ELBO from t_min 0, uniform time, Hutchinson divergence (gaussian probe)")
     with pytest.raises(ValueError, match="solver must be one of"):
-        log_likelihood(model, x, estimator="ode", solver="euler")  # fixed-grid: no rtol/atol to honour
+        log_likelihood(model, x, settings=LikelihoodSettings(bound="ode", solver="euler"))  # fixed grid: no tolerances
 
 
 def test_ode_standard_error_counts_each_examples_own_probe_noise():
@@ -141,9 +144,8 @@ def test_ode_standard_error_counts_each_examples_own_probe_noise():
     sde, data = SDES["vp"](), gaussian(3)
     model = exact_model(sde, data)
     x = data.sample(800, generator=torch.Generator().manual_seed(0)).double()
-    options = dict(estimator="ode", batch_size=400, rtol=1e-5, atol=1e-5)
-    exact = log_likelihood(model, x, divergence="exact", **options)
-    hutch = log_likelihood(model, x, probe="gaussian", seed=3, **options)
+    exact = log_likelihood(model, x, batch_size=400, settings=LikelihoodSettings(bound="ode", divergence="exact"))
+    hutch = log_likelihood(model, x, batch_size=400, seed=3, settings=LikelihoodSettings(bound="ode", probe="gaussian"))
     T = torch.tensor(sde.T, dtype=torch.float64)
     std = torch.linspace(0.3, 1.0, 3, dtype=torch.float64)  # gaussian(3)'s
     log_spread = 0.5 * torch.log((sde.mean_weight(T) ** 2 * std ** 2 + sde.var(T)) / std ** 2)  # M_i
@@ -212,9 +214,10 @@ def test_bits_per_dim_bound_the_exact_probability_of_the_discrete_images(ode):
     log_mass = torch.log(torch.from_numpy(norm.cdf((edges[k + 1] - 0.2).numpy() / std)
                                           - norm.cdf((edges[k] - 0.2).numpy() / std)))
     exact = -log_mass.sum(1) / (16 * math.log(2))
-    options = dict(ode=True, rtol=1e-6, atol=1e-6) if ode else dict()
+    options = dict(bound="ode", rtol=1e-6, atol=1e-6) if ode else dict()
     for dequantization, gap in (("uniform", 0.01), ("truncated-normal", 2.0)):
-        result = evaluate_bpd(model, images, config, dequantization=dequantization, batch_size=16, **options)
+        settings = LikelihoodSettings(dequantization=dequantization, **options)
+        result = evaluate_bpd(model, images, config, settings, batch_size=16)
         difference = result["bpd_per_image"] - exact
         mean, se = float(difference.mean()), float(difference.std() / math.sqrt(48))
         assert mean > -5 * se - 1e-4, (dequantization, mean, se)

@@ -16,12 +16,15 @@ import time
 
 import pytest
 import torch
+
+import sdeflow
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdeflow import checkpoint as ckpt
 from sdeflow.experiments import images as images_app
 from sdeflow import cli
+from sdeflow.engine import loop
 from sdeflow.model import PluginReverseSDE
 
 from training_helpers import (OnRecord, single_thread, one_thread, REPO, cli_env, tiny_config, tiny_images, tiny_model,
@@ -137,14 +140,14 @@ def test_signal_writes_checkpoint_of_current_step_and_exits_clearly(tmp_path, mo
 # ---- non-finite loss or gradient ------------------------------------------------------------------
 def _poison_loss(monkeypatch, bad_calls):
     calls = {"n": 0}
-    real = PluginReverseSDE.dsm
+    real = loop.dsm
 
-    def dsm(self, x, **kwargs):
+    def dsm(model, x, **kwargs):
         calls["n"] += 1
-        loss = real(self, x, **kwargs)
+        loss = real(model, x, **kwargs)
         return loss * float("nan") if calls["n"] in bad_calls else loss
 
-    monkeypatch.setattr(PluginReverseSDE, "dsm", dsm)
+    monkeypatch.setattr(loop, "dsm", dsm)
 
 
 def test_non_finite_loss_step_is_skipped_and_counted(tmp_path, monkeypatch):
@@ -201,9 +204,9 @@ def test_nan_in_toy_data_refused():
     x = torch.randn(8, 2)
     x[3, 1] = float("nan")
     with pytest.raises(ValueError, match="x contains 1 non-finite value"):
-        model.dsm(x)
+        sdeflow.dsm(model, x)
     with pytest.raises(ValueError, match="x contains 1 non-finite value"):
-        model.elbo(x, time_sampling="uniform")
+        sdeflow.elbo(model, x, time_sampling="uniform")
 
 
 # ---- disk full / unwritable output ----------------------------------------------------------------

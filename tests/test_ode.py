@@ -9,7 +9,8 @@ import torch
 import sdeflow
 from sdeflow.ode import probability_flow_velocity
 from oracle_helpers import _one_thread  # noqa: F401 (fixture)
-from oracle_helpers import SDES, assert_gaussian_moments, exact_flow, exact_model, gaussian, true_marginal_T
+from oracle_helpers import (SDES, assert_gaussian_moments, exact_flow, exact_model, expected_ode_log_prob, gaussian,
+                            true_marginal_T)
 
 N_SAMPLES = 4000
 
@@ -66,7 +67,7 @@ def test_probability_flow_velocity_is_minus_mu_1_and_counts_calls():
 
 def test_log_prob_ode_counts_network_calls():
     model = exact_model(SDES["vp"](), gaussian(2))
-    _, info = model.log_prob_ode(torch.zeros(3, 2, dtype=torch.float64), rtol=1e-4, atol=1e-4, return_info=True)
+    _, info = sdeflow.log_prob_ode(model, torch.zeros(3, 2, dtype=torch.float64), rtol=1e-4, atol=1e-4)
     assert info["nfe"] == model.net.calls > 0
 
 
@@ -82,3 +83,19 @@ def test_bad_input_to_sample_ode_says_what_is_allowed(kwargs, match):
     model = exact_model(SDES["vp"](), gaussian(2))
     with pytest.raises(ValueError, match=match):
         sdeflow.sample_ode(model, (2, 2), **kwargs)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("div", ["exact", "hutchinson"])
+def test_log_prob_ode_matches_the_exact_flow(name, div):
+    sde, data = SDES[name](), gaussian()
+    model = exact_model(sde, data, "score")
+    x = data.sample(8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    logp, info = sdeflow.log_prob_ode(model, x, divergence=div, generator=torch.Generator().manual_seed(1))
+    assert info["nfe"] > 0
+    # the Jacobian of a diagonal Gaussian's flow is diagonal, so even one Rademacher probe is exact
+    assert (logp - expected_ode_log_prob(sde, data, x)).abs().max() < 1e-3 * data.dim
+    # from t_min = 0.5 the model outputs y_{t_min}/m: its density is the marginal there, rescaled
+    late = sdeflow.log_prob_ode(model, x, divergence=div, t_min=0.5, generator=torch.Generator().manual_seed(1))[0]
+    assert (late - expected_ode_log_prob(sde, data, x, 0.5)).abs().max() < 1e-3 * data.dim
+    assert (late - logp).abs().max() > 0.05  # far from the t_min = 0 value: the test can tell them apart

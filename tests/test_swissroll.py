@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sdeflow.cli import main
+from sdeflow.engine import loop
 from sdeflow.data.toy import sample_toy
 from sdeflow.commands.swissroll import summary
 from sdeflow.experiments.toy import (OUTPUT_FILES, ToyConfig, ToyEvalConfig, evaluate_toy, make_toy_model,
@@ -64,13 +65,13 @@ def test_the_last_fraction_of_steps_trains_with_second_order_dsm(monkeypatch, tm
                                                            monitor_every=100, monitor_batch=8))
     model = make_toy_model(config)
     orders = []
-    dsm = model.dsm
+    dsm = loop.dsm
 
     def spy(*args, order=1, **kwargs):
         orders.append(order)
         return dsm(*args, order=order, **kwargs)
 
-    monkeypatch.setattr(model, "dsm", spy)
+    monkeypatch.setattr(loop, "dsm", spy)
     train_toy(model, config, tmp_path / "run")
     assert orders == [1] * 12 + [2] * 4
     with pytest.raises(ValueError, match="second_order_fraction"):
@@ -138,14 +139,14 @@ def _status(argv) -> int:
 
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "spiral"], "invalid choice: 'spiral'"),
-    (["--steps", "0"], "--steps: expected a positive integer"),
-    (["--steps", "-5"], "--steps: expected a positive integer"),
-    (["--batch-size", "0"], "--batch-size: expected a positive integer"),
-    (["--lmbd", "1.5"], "--lmbd: expected a number in [0, 1]"),
-    (["--lr", "nan"], "--lr: expected a number in (0, inf]"),
+    (["--steps", "0"], "--steps: steps must be a positive integer; got 0"),
+    (["--steps", "-5"], "--steps: steps must be a positive integer; got -5"),
+    (["--batch-size", "0"], "--batch-size: batch_size must be a positive integer; got 0"),
+    (["--lmbd", "1.5"], "--lmbd: lmbd must lie in [0, 1]"),
+    (["--lr", "nan"], "--lr: lr must be a positive finite number; got nan"),
     (["--ema-decay", "1"], "ema_decay must lie in [0, 1)"),
     (["--device", "tpu9"], "device must be a torch device"),
-    (["--second-order-fraction", "1.5"], "--second-order-fraction: expected a number in [0, 1]"),
+    (["--second-order-fraction", "1.5"], "--second-order-fraction: second_order_fraction must lie in [0, 1]; got 1.5"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert _status(["swissroll", "--out", str(tmp_path / "o"), *argv]) == 2

@@ -5,12 +5,12 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from sdeflow.time_sampling import FittedTime, ImportanceTime, UniformTime
+from sdeflow.time_sampling import FittedTime, ImportanceTime, UniformTime, fit_proposal
 from oracle_helpers import SDES
 
 
 def _proposals(sde, t_min=0.0):
-    fitted = FittedTime.fit(lambda t: torch.exp(-((t - 0.3) / 0.05) ** 2)[:, None] + 0.01, sde, n_bins=16,
+    fitted = fit_proposal(lambda t: torch.exp(-((t - 0.3) / 0.05) ** 2)[:, None] + 0.01, sde, n_bins=16,
                             n_per_bin=4, t_min=t_min, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     return {"uniform": UniformTime(sde.T, t_min), "importance": ImportanceTime(sde, t_min=t_min), "fitted": fitted}
 
@@ -129,7 +129,7 @@ def test_fitted_strata_give_a_noisy_low_mean_region_a_draw_of_its_own():
         noise = torch.randn(t.shape, generator=gen, dtype=torch.float64)
         return torch.where(t < 1e-3, 0.05 * noise / t, 2.0 + 0.2 * noise)
 
-    fitted = FittedTime.fit(integrand, sde, n_bins=24, n_per_bin=200, t_min=1e-5, generator=gen, dtype=torch.float64)
+    fitted = fit_proposal(integrand, sde, n_bins=24, n_per_bin=200, t_min=1e-5, generator=gen, dtype=torch.float64)
     plain = FittedTime(fitted.edges, fitted.probs, fitted.control)  # no moments: equal quantiles
     exact = 2.0 * (sde.T - 1e-3)
     variances = []
@@ -185,11 +185,11 @@ def test_fitted_control_coefficient_minimises_the_variance():
         w = torch.randn(t.shape, generator=gen, dtype=torch.float64)
         return 1.0 + 3.0 * w + 0.01 * torch.randn(t.shape, generator=gen, dtype=torch.float64), w
 
-    fitted = FittedTime.fit(integrand, sde, n_bins=8, n_per_bin=400, t_min=0.01, generator=gen,
+    fitted = fit_proposal(integrand, sde, n_bins=8, n_per_bin=400, t_min=0.01, generator=gen,
                             dtype=torch.float64)
     torch.testing.assert_close(fitted.control, torch.full((8,), -3.0, dtype=torch.float64), atol=0.01, rtol=0)
     t = torch.tensor([0.02, 0.5], dtype=torch.float64)
     torch.testing.assert_close(fitted.control_at(t), torch.full((2,), -3.0, dtype=torch.float64), atol=0.01, rtol=0)
-    restored = FittedTime.from_state_dict(fitted.state_dict())
+    restored = FittedTime.from_dict(fitted.to_dict())
     torch.testing.assert_close(restored.control, fitted.control)
     torch.testing.assert_close(restored.density(t), fitted.density(t))

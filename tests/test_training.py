@@ -5,11 +5,14 @@ import math
 
 import pytest
 import torch
+
+import sdeflow
+from sdeflow import LikelihoodSettings
 from torch import nn
 
 from sdeflow import checkpoint as ckpt
 from sdeflow.config import TrainConfig
-from sdeflow.engine import EMA
+from sdeflow.engine import EMA, loop
 from sdeflow.engine.state import make_generator, step_seed
 from sdeflow.evaluation import evaluate_bpd, quantization_time
 from sdeflow.experiments import images as images_app
@@ -98,17 +101,17 @@ def test_loss_options_reach_the_model(tmp_path, monkeypatch):
     config, images = tiny_config(), tiny_images()
     model = tiny_model(config)
     seen = []
-    original = model.dsm
+    original = loop.dsm
 
-    def spy(x, time_sampling, weighting, generator, t_min, strata):
-        seen.append((time_sampling, weighting, t_min, strata, x.dtype, tuple(x.shape)))
-        return original(x, time_sampling=time_sampling, weighting=weighting, generator=generator, t_min=t_min,
-                        strata=strata)
+    def spy(model, x, time_sampling, weighting, generator, t_min, stratified_time):
+        seen.append((time_sampling, weighting, t_min, stratified_time, x.dtype, tuple(x.shape)))
+        return original(model, x, time_sampling=time_sampling, weighting=weighting, generator=generator, t_min=t_min,
+                        stratified_time=stratified_time)
 
-    monkeypatch.setattr(model, "dsm", spy)
+    monkeypatch.setattr(loop, "dsm", spy)
     images_app.train_images(model, images, tmp_path / "run", tiny_train_config(
         steps=1, time_sampling="uniform", weighting="noise", loss_t_min=1e-4, stratified_time=True), config)
-    assert seen == [("uniform", "noise", 1e-4, 4, torch.float32, (4, 1, 8, 8))]
+    assert seen == [("uniform", "noise", 1e-4, True, torch.float32, (4, 1, 8, 8))]
 
 
 def test_bf16_autocast_trains(tmp_path):
@@ -142,7 +145,7 @@ def test_evaluate_bpd_is_the_mean_of_per_image_bits_per_dim():
     config = tiny_config()
     model = tiny_model(config).eval()
     images = tiny_images(10)
-    result = evaluate_bpd(model, images, config, batch_size=4, time_sampling="importance", seed=5)
+    result = evaluate_bpd(model, images, config, batch_size=4, seed=5, settings=LikelihoodSettings(time_sampling="importance"))
     assert result["estimator"].endswith("4 slices per example, uniform dequantization")
     per_image = result["bpd_per_image"]
     assert result["n_images"] == 10 and per_image.shape == (10,)
@@ -152,22 +155,21 @@ def test_evaluate_bpd_is_the_mean_of_per_image_bits_per_dim():
     gen = make_generator(torch.device("cpu"), step_seed(5, 0, 0, stream=3))
     batch = images_app.preprocess(images[:4], config["data"], gen)
     t_min = quantization_time(model.sde, config["data"])
-    elbo = model.elbo(batch.y, n_slices=4, time_sampling="importance", generator=gen, t_min=t_min)
+    elbo = sdeflow.elbo(model, batch.y, n_slices=4, time_sampling="importance", generator=gen, t_min=t_min)
     by_hand = transforms.bits_per_dim(elbo.detach().double(), batch.logdet.double(), 64)
     assert torch.allclose(per_image[:4], by_hand, rtol=1e-10)
     # truncated-normal dequantization, ODE from t_σ: the same numbers by hand too
-    tn = evaluate_bpd(model, images[:2], config, batch_size=2, ode=True, rtol=1e-3, atol=1e-3, seed=5,
-                      dequantization="truncated-normal")
+    tn = evaluate_bpd(model, images[:2], config, batch_size=2, seed=5, settings=LikelihoodSettings(bound="ode", rtol=1e-3, atol=1e-3, dequantization="truncated-normal"))
     gen = make_generator(torch.device("cpu"), step_seed(5, 0, 0, stream=3))
     y, weight = transforms.truncated_normal_dequantize(images[:2], config["data"]["transform"], config["data"]["alpha"],
                                                        generator=gen)
-    logp = model.log_prob_ode(y, rtol=1e-3, atol=1e-3, t_min=t_min, generator=gen)
+    logp = sdeflow.log_prob_ode(model, y, rtol=1e-3, atol=1e-3, t_min=t_min, generator=gen)[0]
     by_hand = transforms.bits_per_dim(logp.detach().double(), weight.double(), 64)
     assert torch.allclose(tn["bpd_per_image"], by_hand, rtol=1e-10)
     assert tn["estimator"].startswith(f"probability-flow ODE from t_min {t_min:g}")
     assert tn["estimator"].endswith("truncated-normal dequantization")
     with pytest.raises(ValueError, match="dequantization"):
-        evaluate_bpd(model, images, config, dequantization="gaussian")
+        evaluate_bpd(model, images, config, settings=LikelihoodSettings(dequantization="gaussian"))
 
 
 def test_evaluate_bpd_reproducible_fitted_default_and_ode_nfe():
@@ -179,8 +181,9 @@ def test_evaluate_bpd_reproducible_fitted_default_and_ode_nfe():
     other = evaluate_bpd(model, images, config, batch_size=3, seed=3)
     assert first["bpd"] == again["bpd"] and first["bpd_se"] == again["bpd_se"]
     assert first["bpd"] != other["bpd"]
-    assert model.time_proposal is not None  # the default fits a proposal on a pilot batch
-    ode = evaluate_bpd(model, images[:2], config, batch_size=2, ode=True, rtol=1e-3, atol=1e-3)
+    assert "time proposal fitted on" in first["estimator"]  # the default fits a proposal on a pilot batch
+    assert not hasattr(model, "time_proposal")  # ... and hands it to the estimate: the model is not changed
+    ode = evaluate_bpd(model, images[:2], config, batch_size=2, settings=LikelihoodSettings(bound="ode", rtol=1e-3, atol=1e-3))
     assert ode["nfe"] > 0 and math.isfinite(ode["bpd"])
 
 

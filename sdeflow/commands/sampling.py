@@ -17,7 +17,7 @@ import argparse
 import math
 from pathlib import Path
 
-from ..cli import CLIError, device, nonneg_int, number, positive_float, positive_int
+from ..cli import CLIError, device, lmbd, nonneg_float, nonneg_int, positive_float, positive_int
 
 
 class SamplingError(RuntimeError):
@@ -84,9 +84,9 @@ def _sampler_arguments(p, *, steps: int, method: str, with_lmbd: bool = True) ->
                         "(default: the method's own)")
     p.add_argument("--steps", type=positive_int, default=steps, help=f"sampler steps (default: {steps})")
     if with_lmbd:
-        p.add_argument("--lmbd", type=number(0, 1), default=None,
+        p.add_argument("--lmbd", type=lmbd, default=None,
                        help="λ in [0, 1]: 0 the reverse SDE, 1 the probability-flow ODE (default: the method's own)")
-    p.add_argument("--t-min", type=number(0), default=None,
+    p.add_argument("--t-min", type=nonneg_float, default=None,
                    help="time at which sampling stops (default: the method's own)")
     _add_method_options(p)
 
@@ -169,7 +169,7 @@ def _check_out(text: str) -> Path:
 
 
 def _resolve_checkpoint(text: str) -> Path:
-    from ..experiments.images import resolve_checkpoint
+    from ..checkpoint import resolve_checkpoint
 
     try:
         return resolve_checkpoint(text)
@@ -237,28 +237,32 @@ def _load_conditional(args):
     """(model, config, step, clean images in model space (n, C, H, W), generator)."""
     import torch
 
+    from ..checkpoint import load_model
+    from ..data.transforms import check_images, postprocess, preprocess
     from ..experiments import images as images_lib
 
     path = _resolve_checkpoint(args.checkpoint)
     root = Path(args.data_root)
     if not root.is_dir():
         raise CLIError(f"--data-root {root} is not a directory")
-    model, config, step = images_lib.load_model(path, use_ema=args.ema, device=args.device)
-    images = images_lib.check_images(_load_split(config["dataset"], root, args.split)[: args.n_images], config)
+    model, config, step = load_model(path, use_ema=args.ema, device=args.device)
+    images = check_images(_load_split(config["dataset"], root, args.split)[: args.n_images], config)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    clean = images_lib.preprocess(images, config["data"], generator).y.to(args.device)
+    clean = preprocess(images, config["data"], generator).y.to(args.device)
     return model, config, step, clean, generator
 
 
 # ---- handlers -------------------------------------------------------------------------------------
 def run_sample(args) -> int:
+    from ..checkpoint import load_model
+    from ..data.transforms import check_images, postprocess, preprocess
     from ..experiments import images as images_lib
     from ..plotting import save_image_grid
 
     out = _check_out(args.out)
     settings = _sampler_settings(args)
     path = _resolve_checkpoint(args.checkpoint)
-    model, config, step = images_lib.load_model(path, use_ema=args.ema, device=args.device)
+    model, config, step = load_model(path, use_ema=args.ema, device=args.device)
     bar, callback = _progress(args, settings["n_steps"] * math.ceil(args.n_samples / 256))
     with bar:
         images, info = images_lib.sample_images(model, config, args.n_samples, seed=args.seed, device=args.device,
@@ -275,6 +279,8 @@ def _run_conditional(args, observe, draw, title: str, summary: str) -> int:
     ``observe(clean, generator) -> (row label, observation in model space, what draw needs)``, draw
     ``--n-samples`` rows with ``draw(model, what, repeats, generator, callback, settings) -> (samples,
     info)``, write the figure (originals, observations, samples) and print one line."""
+    from ..checkpoint import load_model
+    from ..data.transforms import check_images, postprocess, preprocess
     from ..experiments import images as images_lib
     from ..plotting import save_image_rows
 
@@ -287,7 +293,7 @@ def _run_conditional(args, observe, draw, title: str, summary: str) -> int:
     with bar:
         samples, info = draw(model, what, k, generator, callback, settings)
     _check_finite(samples, settings)
-    to_uint8 = lambda y: images_lib.postprocess(y.float(), config["data"])  # noqa: E731
+    to_uint8 = lambda y: postprocess(y.float(), config["data"])  # noqa: E731
     rows = [("original", to_uint8(clean)), (label, to_uint8(observation))]
     rows += [(f"sample {i + 1}", to_uint8(samples[i * n:(i + 1) * n])) for i in range(k)]
     save_image_rows(rows, out, f"{title}, {config['dataset']} step {step}, {settings['n_steps']} "

@@ -8,10 +8,12 @@ same command runs data-parallel (``--batch-size`` is global).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from ..cli import (CLIError, add_config_arguments, add_sde_arguments, config_from_args, device, int_list, number,
+from ..cli import (CLIError, add_config_arguments, add_sde_arguments, arg_type, config_from_args, device, int_list,
                    positive_int, sde_from_args)
+from ..utils import check_decay
 
 #: Flags kept from earlier releases of this command.
 ALIASES = {"warmup_steps": ["--warmup"], "keep_checkpoints": ["--keep"], "sample_n_samples": ["--sample-n"],
@@ -53,6 +55,7 @@ def load_images(args, split: str):
 def register(subparsers) -> None:
     from ..config import TrainConfig
     from ..data.transforms import TRANSFORMS
+    from ..experiments.images import CPU_BUDGET_RECIPE
     from ..engine import HOOKS
     from ..model import PARAMETERIZATIONS
     from ..nets.unet import DEFAULT_PRESET, PRESETS
@@ -79,7 +82,8 @@ def register(subparsers) -> None:
     net.add_argument("--num-res-blocks", type=positive_int, help="override residual blocks per level")
     net.add_argument("--attn-resolutions", type=lambda s: [] if s == "none" else int_list(s), metavar="R1,...|none",
                      help="override the resolutions with self-attention ('none' for none)")
-    net.add_argument("--dropout", type=number(0, 1, high_open=True), help="override the dropout probability")
+    net.add_argument("--dropout", type=arg_type(check_decay, name="dropout"),
+                     help="override the dropout probability, in [0, 1)")
     add_sde_arguments(p)
     model = p.add_argument_group("model")
     model.add_argument("--parameterization", choices=PARAMETERIZATIONS, default="noise",
@@ -88,8 +92,8 @@ def register(subparsers) -> None:
     model.add_argument("--transform", choices=TRANSFORMS, default="logit",
                        help="map from dequantised pixels x in [0,1] to model space: logit(0.05 + 0.9x) (default, "
                             "as sdeflow-light), centered 2x-1, or identity")
-    add_config_arguments(p, TrainConfig, {f.name: f.default for f in __import__("dataclasses").fields(TrainConfig)},
-                         aliases=ALIASES, required=("steps", "batch_size"))
+    add_config_arguments(p, TrainConfig, {**{f.name: f.default for f in dataclasses.fields(TrainConfig)},
+                                          **CPU_BUDGET_RECIPE}, aliases=ALIASES)
     p.set_defaults(func=run_train)
 
 
@@ -109,30 +113,22 @@ def _model_config(args) -> dict:
 def run_train(args) -> int:
     import torch
 
-    from .. import checkpoint as ckpt
+    from ..checkpoint import check_run_dir
     from ..config import TrainConfig, build_model
+    from ..engine.distributed import check_batch_divides
     from ..engine import ProgressBar, init_distributed, make_hook
     from ..experiments.images import train_images
 
     model_config = _model_config(args)
     config = config_from_args(TrainConfig, args, grad_clip=args.grad_clip or None)
     rank, world, dev = init_distributed(args.device)
-    if args.batch_size % world:
-        raise CLIError(f"--batch-size {args.batch_size} does not divide across {world} processes; "
-                       f"use a multiple of {world}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory")
-    if not args.resume and ckpt.latest_checkpoint(out) is not None:
-        raise CLIError(f"--out {out} already holds checkpoints; pass --resume to continue that run "
-                       f"or choose another directory")
-    if args.resume and ckpt.latest_checkpoint(out) is None:
-        raise CLIError(f"--resume: no checkpoint in {out}; start without --resume")
+    check_batch_divides(config.batch_size, world)
+    check_run_dir(args.out, args.resume)
     images = load_images(args, "train")
     torch.manual_seed(args.seed)  # initial weights; every later random choice has its own seeded generator
     model = build_model(model_config)
     hooks = [make_hook(name) for name in args.hook] + ([ProgressBar()] if args.progress else [])
-    result = train_images(model, images, out, config, model_config, resume=args.resume, device=dev, hooks=hooks)
+    result = train_images(model, images, args.out, config, model_config, resume=args.resume, device=dev, hooks=hooks)
     if rank == 0:
         print(f"trained to step {result['step']} in {result['seconds']:.1f} s "
               f"({result['skipped']} skipped steps); checkpoint: {result['checkpoint']}")

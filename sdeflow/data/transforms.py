@@ -33,13 +33,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..utils import check_choice, check_positive_float, check_positive_int, sum_except_batch
 
 __all__ = ["ALPHA", "NUM_LEVELS", "TRANSFORMS", "TRUNCATION", "dequantize", "quantize",
            "logit_transform", "logit_inverse", "random_hflip", "bits_per_dim", "Preprocess",
-           "Preprocessed", "truncated_normal_scale", "truncated_normal_dequantize"]
+           "Preprocessed", "truncated_normal_scale", "truncated_normal_dequantize", "check_images", "preprocess", "postprocess"]
 
 ALPHA = 0.05  # RealNVP's / sdeflow-light's margin: keeps logit away from ±∞ at x = 0 and 1.
 NUM_LEVELS = 256  # 8-bit images
@@ -333,3 +334,34 @@ def truncated_normal_dequantize(images: torch.Tensor, transform: str = "logit", 
     log_q = sum_except_batch(_log_density(z, lower, upper, sigma))
     log_weight = -log_q + images[0].numel() * math.log(NUM_LEVELS)
     return (centre + z).to(dtype), log_weight.to(dtype)
+
+
+def check_images(images, config: dict, name: str = "images") -> torch.Tensor:
+    """Refuse anything but a uint8 tensor (N, C, H, W) of the model's shape."""
+    if not torch.is_tensor(images):
+        images = torch.as_tensor(np.asarray(images))
+    if images.dtype != torch.uint8:
+        raise ValueError(f"{name} must hold raw 8-bit levels (dtype uint8), not {images.dtype}: they are "
+                         f"dequantized here, and bits/dim of data that was not dequantized is meaningless")
+    c, s = config["net"]["in_channels"], config["net"]["image_size"]
+    if images.ndim != 4 or tuple(images.shape[1:]) != (c, s, s):
+        raise ValueError(f"{name} must have shape (N, {c}, {s}, {s}) for this model; got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    return images
+
+
+def _preprocessor(data_config: dict, flip: bool = False) -> Preprocess:
+    return Preprocess(data_config["transform"], alpha=data_config["alpha"], flip=flip)
+
+
+def preprocess(images: torch.Tensor, data_config: dict, generator: torch.Generator | None, flip: bool = False):
+    """uint8 (B, C, H, W) → :class:`sdeflow.data.transforms.Preprocessed` (model input ``y``,
+    ``logdet`` = log|det ∂y/∂x| from the dequantised x ∈ [0, 1]^D), by the configured
+    :class:`~sdeflow.data.transforms.Preprocess`; random flips only when ``flip`` (training)."""
+    return _preprocessor(data_config, flip)(images, train=flip, generator=generator)
+
+
+def postprocess(y: torch.Tensor, data_config: dict) -> torch.Tensor:
+    """Model space → uint8 images (the inverse transform, then quantised)."""
+    return _preprocessor(data_config).to_uint8(y)

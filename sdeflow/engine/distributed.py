@@ -11,7 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_info", "init_distributed", "all_reduce", "all_gather_objects", "broadcast_flag", "broadcast_int"]
+__all__ = ["world_info", "init_distributed", "all_reduce", "all_gather_objects", "broadcast_flag", "broadcast_int",
+           "check_batch_divides"]
 
 
 def world_info() -> tuple[int, int]:
@@ -69,3 +70,12 @@ def broadcast_int(value: int, device) -> int:
     tensor = torch.tensor([int(value)], dtype=torch.int64, device=device)
     dist.broadcast(tensor, 0)
     return int(tensor.item())
+
+
+def check_batch_divides(batch_size: int, world: int) -> int:
+    """The per-process batch size ``batch_size // world``; ValueError naming batch_size unless the
+    global batch divides evenly across the ``world`` processes."""
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} does not divide across {world} processes; "
+                         f"use a multiple of {world}")
+    return batch_size // world

@@ -7,7 +7,20 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "load_averages"]
+
+
+@torch.no_grad()
+def load_averages(model: nn.Module, averages: dict) -> None:
+    """Copy the averaged parameters ``averages`` ({name: tensor}, an EMA's state) into ``model``'s
+    parameters; CheckpointError if the names do not match the model's."""
+    from ..checkpoint import CheckpointError
+
+    own = dict(model.named_parameters())
+    if set(own) != set(averages):
+        raise CheckpointError("EMA entries of the checkpoint do not match the model's parameters")
+    for name, value in averages.items():
+        own[name].copy_(value)
 
 
 class EMA:
@@ -42,12 +55,5 @@ class EMA:
     def state_dict(self) -> dict:
         return {name: p.detach().clone() for name, p in self.model.named_parameters()}
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        from ..checkpoint import CheckpointError
-
-        own = dict(self.model.named_parameters())
-        if set(own) != set(state):
-            raise CheckpointError("EMA entries of the checkpoint do not match the model's parameters")
-        for name, value in state.items():
-            own[name].copy_(value)
+        load_averages(self.model, state)

@@ -34,7 +34,9 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..config import TrainConfig
-from .distributed import all_gather_objects, all_reduce, world_info
+from ..losses import dsm
+from ..utils import check_t_min
+from .distributed import all_gather_objects, all_reduce, check_batch_divides, world_info
 from .ema import EMA
 from .hooks import Hook, TimeBudget
 from .errors import NonFiniteError, TrainingError, TrainingInterrupted
@@ -55,8 +57,8 @@ class DSMObjective(nn.Module):
 
     def forward(self, y: torch.Tensor, generator: torch.Generator, order: int = 1) -> torch.Tensor:
         kwargs = {"order": 2, "second_order_weight": self.second_order_weight} if order == 2 else {}
-        return self.model.dsm(y, time_sampling=self.time_sampling, weighting=self.weighting, generator=generator,
-                              t_min=self.t_min, strata=y.shape[0] if self.stratified else 1, **kwargs).mean()
+        return dsm(self.model, y, time_sampling=self.time_sampling, weighting=self.weighting, generator=generator,
+                   t_min=self.t_min, stratified_time=self.stratified, **kwargs).mean()
 
 
 class _StopOnSignal:
@@ -86,8 +88,7 @@ class _StopOnSignal:
 
 def _prepare_run_dir(run_dir: Path, resume: bool, rank: int, world: int) -> Path | None:
     if rank == 0:
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ValueError(f"run_dir {run_dir} exists and is not a directory")
+        ckpt.check_run_dir(run_dir, resume)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -95,13 +96,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, rank: int, world: int) -> Path
                                                        f"{err.strerror or err}") from err
     if world > 1:
         torch.distributed.barrier()
-    existing = ckpt.latest_checkpoint(run_dir)
-    if existing is not None and not resume:
-        raise ValueError(f"{run_dir} already holds checkpoints (latest {existing.name}); pass resume=True to "
-                         f"continue that run or choose another run directory")
-    if resume and existing is None:
-        raise ValueError(f"no checkpoint to resume from in {run_dir}; start with resume=False")
-    return existing
+    return ckpt.check_run_dir(run_dir, resume)
 
 
 class Trainer:
@@ -112,11 +107,8 @@ class Trainer:
         self.model_config, self.run_dir = model_config, Path(run_dir)
         self.rank, self.world = world_info()
         self.device = torch.device(device)
-        if not config.loss_t_min < model.T:
-            raise ValueError(f"loss_t_min must lie in [0, T={model.T}); got {config.loss_t_min}")
-        if config.batch_size % self.world:
-            raise ValueError(f"batch_size {config.batch_size} does not divide across {self.world} processes; "
-                             f"use a multiple of {self.world}")
+        check_t_min(config.loss_t_min, model.T, "loss_t_min")
+        check_batch_divides(config.batch_size, self.world)
         self.hooks = [*hooks, TimeBudget()]
         self.step, self.skipped, self.bad_in_a_row = 0, 0, 0
         self.last_checkpoint, self.stop_reason = None, None

@@ -1,27 +1,27 @@
-"""Image diffusion models: the model configuration, the data path uint8 → model space and back,
-loading checkpoints, training with the one loop and drawing samples.
+"""Image diffusion models: the model configuration, training with the one loop and drawing samples.
 
-Data flows one way: uint8 images → :class:`~sdeflow.data.transforms.Preprocess` (dequantise,
-flip, transform, with its log-determinant) → model → loss / ELBO → bits/dim
-(:mod:`sdeflow.evaluation`).
+Composition only: the data path uint8 → model space and back lives with the data
+(:func:`sdeflow.data.transforms.preprocess`, ``postprocess``, ``check_images``), loading a trained
+model with the checkpoints (:func:`sdeflow.checkpoint.load_model`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import torch
 
-from .. import checkpoint as ckpt
-from ..config import TrainConfig, build_model, model_config
-from ..data.transforms import TRANSFORMS, Preprocess
+from ..config import TrainConfig, model_config
+from ..data.transforms import TRANSFORMS, check_images, postprocess, preprocess
 from ..engine.state import make_generator
 from ..nets.unet import DEFAULT_PRESET
 from ..utils import check_choice, check_positive_int
 
-__all__ = ["image_model_config", "check_images", "preprocess", "postprocess", "load_model", "resolve_checkpoint",
-           "train_images", "sample_images"]
+__all__ = ["image_model_config", "train_images", "sample_images", "CPU_BUDGET_RECIPE"]
+
+#: The training settings ``sdeflow train`` starts from (with :class:`~sdeflow.config.TrainConfig`'s own
+#: defaults for the rest): the recipe measured best for 12 minutes of training on 2 CPU cores (README,
+#: "CIFAR-10 in 12 minutes"): batch 16, a 720-second budget with the schedule and the last step fitted
+#: to the steps it affords; ``steps`` is only an upper bound.
+CPU_BUDGET_RECIPE = {"steps": 1_000_000, "batch_size": 16, "max_seconds": 720.0, "fit_schedule": True}
 
 
 def image_model_config(dataset: str = "cifar10", preset: str = DEFAULT_PRESET, *, in_channels: int = 3,
@@ -36,77 +36,6 @@ def image_model_config(dataset: str = "cifar10", preset: str = DEFAULT_PRESET, *
     net.update(sorted((net_overrides or {}).items()))
     return model_config(dataset=dataset, net=net, sde=sde, parameterization=parameterization,
                         data={"transform": transform, "alpha": float(alpha)})
-
-
-def check_images(images, config: dict, name: str = "images") -> torch.Tensor:
-    """Refuse anything but a uint8 tensor (N, C, H, W) of the model's shape."""
-    if not torch.is_tensor(images):
-        images = torch.as_tensor(np.asarray(images))
-    if images.dtype != torch.uint8:
-        raise ValueError(f"{name} must hold raw 8-bit levels (dtype uint8), not {images.dtype}: they are "
-                         f"dequantized here, and bits/dim of data that was not dequantized is meaningless")
-    c, s = config["net"]["in_channels"], config["net"]["image_size"]
-    if images.ndim != 4 or tuple(images.shape[1:]) != (c, s, s):
-        raise ValueError(f"{name} must have shape (N, {c}, {s}, {s}) for this model; got {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{name} is empty")
-    return images
-
-
-def _preprocessor(data_config: dict, flip: bool = False) -> Preprocess:
-    return Preprocess(data_config["transform"], alpha=data_config["alpha"], flip=flip)
-
-
-def preprocess(images: torch.Tensor, data_config: dict, generator: torch.Generator | None, flip: bool = False):
-    """uint8 (B, C, H, W) → :class:`sdeflow.data.transforms.Preprocessed` (model input ``y``,
-    ``logdet`` = log|det ∂y/∂x| from the dequantised x ∈ [0, 1]^D), by the configured
-    :class:`~sdeflow.data.transforms.Preprocess`; random flips only when ``flip`` (training)."""
-    return _preprocessor(data_config, flip)(images, train=flip, generator=generator)
-
-
-def postprocess(y: torch.Tensor, data_config: dict) -> torch.Tensor:
-    """Model space → uint8 images (the inverse transform, then quantised)."""
-    return _preprocessor(data_config).to_uint8(y)
-
-
-def resolve_checkpoint(path) -> Path:
-    """A ``ckpt-*.pt`` file, or the newest one in a run directory; ``ValueError`` if there is none."""
-    path = Path(path)
-    if path.is_dir():
-        latest = ckpt.latest_checkpoint(path)
-        if latest is None:
-            raise ValueError(f"checkpoint {path} is a folder with no ckpt-*.pt file")
-        return latest
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
-    return path
-
-
-def load_model(path, *, use_ema: bool = True, device="cpu", expected_config: dict | None = None):
-    """Build the model stored in checkpoint ``path`` (a file or a run directory: its newest; EMA
-    weights unless ``use_ema=False``). Returns (model in eval mode, its configuration, its step)."""
-    path = resolve_checkpoint(path)
-    state = ckpt.load_checkpoint(path, expected_config=expected_config)
-    config = state["config"]
-    try:
-        model = build_model(config)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ckpt.CheckpointError(f"checkpoint {path} has an unusable model configuration ({err})") from None
-    try:
-        model.load_state_dict(state["model"])
-        if use_ema:
-            if state.get("ema") is None:
-                raise ckpt.CheckpointError(f"checkpoint {path} has no EMA weights; load it with use_ema=False")
-            own = dict(model.named_parameters())
-            if set(own) != set(state["ema"]):
-                raise ckpt.CheckpointError(f"checkpoint {path}: EMA entries do not match the model")
-            with torch.no_grad():
-                for name, value in state["ema"].items():
-                    own[name].copy_(value)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise ckpt.CheckpointError(f"checkpoint {path} does not fit its own model configuration ({first})") from None
-    return model.to(device).eval(), config, int(state["step"])
 
 
 @torch.no_grad()
@@ -157,7 +86,7 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
     from ..evaluation import evaluate_bpd
     from ..plotting import save_image_grid
 
-    from ..model import MAX_SECOND_ORDER_DIM
+    from ..losses import MAX_SECOND_ORDER_DIM
 
     config.validate()
     images = check_images(images, model_config)

@@ -40,7 +40,9 @@ from ..config import TrainConfig, build_model, model_config
 from ..data import get_dataset
 from ..engine.hooks import LOG_NAME, read_log
 from ..engine.state import STREAM_MONITOR, STREAM_MONITOR_DATA, make_generator, step_seed
-from ..evaluation import log_likelihood, mean_se
+from ..elbo import elbo, fit_time_proposal
+from ..evaluation import LikelihoodSettings, log_likelihood
+from ..statistics import mean_se
 from ..metrics import sliced_wasserstein
 from ..plotting import lmbd_key, plot_points, plot_samples, plot_training, plot_trajectories
 from ..samplers import sample
@@ -156,9 +158,9 @@ def _elbo_estimate(config: ToyConfig):
                                                                                          stream=STREAM_MONITOR_DATA)))
         x = x.to(config.device)
         with torch.no_grad():
-            ema_model.fit_time_proposal(x, max_examples=x.shape[0], divergence="exact", generator=gen)
-            return float(ema_model.elbo(x, n_slices=train.monitor_slices, time_sampling="fitted",
-                                        divergence="exact", generator=gen).mean())
+            proposal = fit_time_proposal(ema_model, x, max_examples=x.shape[0], divergence="exact", generator=gen)
+            return float(elbo(ema_model, x, n_slices=train.monitor_slices, time_sampling=proposal,
+                              divergence="exact", generator=gen).mean())
     return estimate
 
 
@@ -209,20 +211,21 @@ def _likelihoods(model, x: torch.Tensor, config: ToyConfig, seed: int) -> dict:
     ev = config.eval
     # Chunks of ~16k rows (points × slices) bound the memory of the divergence's graph; the proposal is
     # fitted on every point (well under a second in 2-D), so it sees the rare points near a sharp edge.
-    elbo = log_likelihood(model, x, n_slices=ev.n_slices, divergence="exact", seed=seed,
-                          batch_size=max(1, 16384 // ev.n_slices), fit_examples=x.shape[0])
-    ode = log_likelihood(model, x, estimator="ode", divergence="exact", rtol=ev.ode_rtol, atol=ev.ode_atol,
-                         seed=seed, batch_size=x.shape[0])
+    bound = log_likelihood(model, x, settings=LikelihoodSettings(n_slices=ev.n_slices, divergence="exact",
+                                                                 fit_examples=x.shape[0]),
+                           seed=seed, batch_size=max(1, 16384 // ev.n_slices))
+    ode = log_likelihood(model, x, settings=LikelihoodSettings(bound="ode", divergence="exact", rtol=ev.ode_rtol,
+                                                               atol=ev.ode_atol), seed=seed, batch_size=x.shape[0])
     metrics = {}
-    metrics["elbo_nats"], metrics["elbo_se"] = elbo["mean"], elbo["se"]
+    metrics["elbo_nats"], metrics["elbo_se"] = bound["mean"], bound["se"]
     metrics["ode_logp_nats"], metrics["ode_logp_se"] = ode["mean"], ode["se"]
     metrics["ode_nfe"] = ode["nfe"]
-    metrics["elbo_minus_ode_nats"], metrics["elbo_minus_ode_se"] = mean_se(elbo["per_example"] - ode["per_example"])
+    metrics["elbo_minus_ode_nats"], metrics["elbo_minus_ode_se"] = mean_se(bound["per_example"] - ode["per_example"])
     log_prob = get_dataset(config.dataset).log_prob
     if log_prob is not None:
         true_logp = log_prob(x.cpu()).double()
         metrics["true_logp_nats"], metrics["true_logp_se"] = mean_se(true_logp)
-        metrics["elbo_gap_nats"], metrics["elbo_gap_se"] = mean_se(true_logp - elbo["per_example"])
+        metrics["elbo_gap_nats"], metrics["elbo_gap_se"] = mean_se(true_logp - bound["per_example"])
         metrics["ode_gap_nats"], metrics["ode_gap_se"] = mean_se(true_logp - ode["per_example"])
     return metrics
 
