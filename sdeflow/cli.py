@@ -4,7 +4,7 @@ Train a model, measure its likelihood in bits/dim (an unbiased ELBO or the exact
 ODE likelihood) and sample from it. Start with the 2-D toy example, `sdeflow swissroll --out
 runs/swissroll`, then images: `sdeflow train --dataset cifar10 --data-root DIR --steps N
 --batch-size 32 --out RUN`, `sdeflow eval --checkpoint RUN --dataset cifar10 --data-root DIR` and
-`sdeflow sample --checkpoint RUN --out grid.png --method dpm++2m --steps 20`.
+`sdeflow sample --checkpoint RUN --out grid.png --method dpm++2m --n-steps 20`.
 """
 
 # How this module works: each subcommand lives in a module of sdeflow.commands that defines

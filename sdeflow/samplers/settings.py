@@ -56,8 +56,7 @@ class SamplerSettings:
         lmbd = spec.default_lmbd if self.lmbd is None else self.lmbd
         low, high = spec.lmbd_range
         if isinstance(lmbd, (bool, str, bytes)) or not low <= lmbd <= high:
-            raise ValueError(f"method {self.method!r} supports {spec.lmbd} (0: the reverse SDE, 1: the "
-                             f"probability-flow ODE); got lmbd={lmbd!r}")
+            raise ValueError(f"method {self.method!r} supports {spec.lmbd}; got lmbd={lmbd!r}")
         schedule = spec.default_schedule if self.schedule is None else self.schedule
         check_choice("schedule", schedule, SCHEDULES)
         t_min = spec.default_t_min * T if self.t_min is None else self.t_min
