@@ -1,15 +1,5 @@
-r"""Time grids for the fixed-step samplers: decreasing times t_start = t_0 > … > t_N = t_min.
-
-With u_i = i/N and the log-SNR λ(t) = ``sde.log_snr(t)``:
-
-* ``"uniform"``: :math:`t_i = t_0 + u_i (t_{min} - t_0)`;
-* ``"quadratic"``: :math:`t_i = t_{min} + (t_0 - t_{min})(1 - u_i)^2` (DDIM's; short steps near the data);
-* ``"logsnr"``: uniform in the log-SNR λ(t) (DPM-Solver's), :math:`t_i = λ^{-1}(λ_0 + u_i(λ_N - λ_0))`;
-* ``"karras"``: Karras et al. (2022), uniform in :math:`\tilde\sigma^{1/\rho}` with
-  :math:`\tilde\sigma = \sigma_t/\alpha_t = e^{-λ/2}`,
-  :math:`\tilde\sigma_i = (\tilde\sigma_0^{1/\rho} + u_i(\tilde\sigma_N^{1/\rho} - \tilde\sigma_0^{1/\rho}))^\rho`.
-
-"logsnr" and "karras" need t_min > 0 (λ(0) = +∞).
+r"""Time grids for the fixed-step samplers (:func:`time_grid`, one of ``SCHEDULES``) and the rules for
+the span [t_min, t_start] a sampler run covers (:func:`check_time_span`).
 """
 
 from __future__ import annotations
@@ -58,9 +48,19 @@ def _finite(name: str, value) -> float:
 # ---- time grids --------------------------------------------------------------------------------
 def time_grid(sde, n_steps: int, schedule: str = "uniform", t_min: float = 0.0,
               t_start: float | None = None, device=None, dtype=None, rho: float = 7.0) -> torch.Tensor:
-    r"""Decreasing times t_start = t_0 > … > t_N = t_min (t_start defaults to T), shape (n_steps + 1,),
-    spaced as the module docstring says for each ``schedule``; ``rho`` is Karras et al.'s ρ.
-    "logsnr" and "karras" need t_min > 0 (λ(0) = +∞)."""
+    r"""Decreasing times t_start = t_0 > … > t_N = t_min (t_start defaults to T), shape (n_steps + 1,).
+
+    With u_i = i/N and the log-SNR λ(t) = ``sde.log_snr(t)``:
+
+    * ``"uniform"``: :math:`t_i = t_0 + u_i (t_{min} - t_0)`;
+    * ``"quadratic"``: :math:`t_i = t_{min} + (t_0 - t_{min})(1 - u_i)^2` (DDIM's; short steps near the data);
+    * ``"logsnr"``: uniform in the log-SNR λ(t) (DPM-Solver's), :math:`t_i = λ^{-1}(λ_0 + u_i(λ_N - λ_0))`;
+    * ``"karras"``: Karras et al. (2022), uniform in :math:`\tilde\sigma^{1/\rho}` with
+      :math:`\tilde\sigma = \sigma_t/\alpha_t = e^{-λ/2}`,
+      :math:`\tilde\sigma_i = (\tilde\sigma_0^{1/\rho} + u_i(\tilde\sigma_N^{1/\rho} - \tilde\sigma_0^{1/\rho}))^\rho`.
+
+    "logsnr" and "karras" need t_min > 0 (λ(0) = +∞).
+    """
     check_choice("schedule", schedule, SCHEDULES)
     n_steps = check_positive_int("n_steps", n_steps)
     positive = f"schedule {schedule!r}" if schedule in SCHEDULES_NEEDING_POSITIVE_T_MIN else None
