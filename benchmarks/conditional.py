@@ -5,7 +5,7 @@ posteriors are closed-form (sdeflow.oracles.FullCovarianceGaussian). For each nu
 steps, every method draws n samples of one conditional law and we report
     mean error  ‖ mean(samples) − exact mean ‖₂,
     cov error   ‖ cov(samples) − exact cov ‖_F,
-medians over repeats (seeds), with NFE (network evaluations, from return_info) and the guided
+medians over repeats (seeds), with NFE (network evaluations, from the sampler's callback) and the guided
 methods' backward passes. The Monte-Carlo floor (the same errors for n exact draws) is printed
 first: no sampler can beat it.
 
@@ -23,6 +23,7 @@ import torch
 import sdeflow
 from sdeflow.conditional import denoise, inpaint, posterior_sample
 from sdeflow.oracles import ExactScoreNet, FullCovarianceGaussian
+from sdeflow.samplers import SamplerSettings, Trace
 
 
 def correlated_gaussian() -> FullCovarianceGaussian:
@@ -61,20 +62,25 @@ def main() -> None:
     y_lin = A @ x + 0.3 * torch.randn(2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     lin_mean, lin_cov = data.posterior(A, y_lin, 0.3)
 
+    def traced(fn, *args, **kwargs):
+        """fn's samples and the sampler's last report (its "nfe" and "backward_passes")."""
+        trace = Trace()
+        return fn(*args, callback=trace, **kwargs), trace.last
+
     runs = {
-        "denoise (exact)": (den_mean, den_cov, lambda s, g: denoise(
-            model, y_noisy.expand(n, 4), noise_std, n_steps=s, generator=g, return_info=True), slice(None)),
-        "inpaint replacement": (inp_mean, inp_cov, lambda s, g: inpaint(
-            model, x.expand(n, 4), mask, "replacement", n_steps=s, generator=g, return_info=True), ~mask),
-        "inpaint guided-isotropic": (inp_mean, inp_cov, lambda s, g: inpaint(
-            model, x.expand(n, 4), mask, "guided", covariance="isotropic", n_steps=s, generator=g,
-            return_info=True), ~mask),
-        "inpaint guided-jacobian": (inp_mean, inp_cov, lambda s, g: inpaint(
-            model, x.expand(n, 4), mask, "guided", covariance="jacobian", n_steps=s, generator=g,
-            return_info=True), ~mask),
-        "posterior A(2x4), σ=0.3, jacobian": (lin_mean, lin_cov, lambda s, g: posterior_sample(
-            model, y_lin.expand(n, 2), A, 0.3, covariance="jacobian", n_steps=s, generator=g,
-            return_info=True), slice(None)),
+        "denoise (exact)": (den_mean, den_cov, lambda s, g: traced(
+            denoise, model, y_noisy.expand(n, 4), noise_std, SamplerSettings(n_steps=s), generator=g), slice(None)),
+        "inpaint replacement": (inp_mean, inp_cov, lambda s, g: traced(
+            inpaint, model, x.expand(n, 4), mask, "replacement", SamplerSettings(n_steps=s), generator=g), ~mask),
+        "inpaint guided-isotropic": (inp_mean, inp_cov, lambda s, g: traced(
+            inpaint, model, x.expand(n, 4), mask, "guided", SamplerSettings(n_steps=s), covariance="isotropic",
+            generator=g), ~mask),
+        "inpaint guided-jacobian": (inp_mean, inp_cov, lambda s, g: traced(
+            inpaint, model, x.expand(n, 4), mask, "guided", SamplerSettings(n_steps=s), covariance="jacobian",
+            generator=g), ~mask),
+        "posterior A(2x4), σ=0.3, jacobian": (lin_mean, lin_cov, lambda s, g: traced(
+            posterior_sample, model, y_lin.expand(n, 2), A, 0.3, SamplerSettings(n_steps=s), covariance="jacobian",
+            generator=g), slice(None)),
     }
 
     print(f"{type(sde).__name__}, 4-D correlated Gaussian, exact score, Euler–Maruyama (λ = 0), "

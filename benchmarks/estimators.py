@@ -26,7 +26,6 @@ import sdeflow
 from sdeflow.elbo import default_t_min
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import sdeflow  # noqa: E402
 from sdeflow.oracles import ExactScoreNet, GaussianMixture  # noqa: E402
 from sdeflow.sdes import SDES, make_sde  # noqa: E402
 

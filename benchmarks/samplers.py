@@ -36,7 +36,7 @@ from tqdm import tqdm
 import sdeflow
 from sdeflow.metrics import sliced_wasserstein
 from sdeflow.oracles import ExactScoreNet, GaussianMixture
-from sdeflow.samplers import METHODS
+from sdeflow.samplers import METHODS, SamplerSettings, Trace
 from sdeflow.schedules import SCHEDULES
 
 # (label, method, λ): stochastic variants where the method has them.
@@ -91,9 +91,10 @@ def run_config(model, shape, variant, schedule, nfe_budget, x_T, generator):
     t_min = None
     if schedule in ("logsnr", "karras") and spec.default_t_min == 0:
         t_min = DEFAULT_T_MIN * model.T
-    x, info = sdeflow.sample(model, shape, n_steps=n_steps, lmbd=lmbd, method=method, schedule=schedule,
-                             t_min=t_min, x_T=x_T.clone(), generator=generator, return_info=True)
-    return x, info["nfe"]
+    trace = Trace()
+    settings = SamplerSettings(method=method, n_steps=n_steps, lmbd=lmbd, schedule=schedule, t_min=t_min)
+    x = sdeflow.sample(model, shape, settings, x_T=x_T.clone(), generator=generator, callback=trace)
+    return x, trace.nfe
 
 
 def benchmark_problem(title, model, true_sampler, n_samples, repeats, budgets, n_projections):
@@ -118,12 +119,14 @@ def benchmark_problem(title, model, true_sampler, n_samples, repeats, budgets, n
 
         floors.append(distance(other))
         bar.update(1)
-        x = sdeflow.sample(model, shape, n_steps=1000, lmbd=0.0, method="euler", x_T=x_T.clone(), generator=gen)
+        x = sdeflow.sample(model, shape, SamplerSettings(method="euler", n_steps=1000, lmbd=0.0), x_T=x_T.clone(),
+                           generator=gen)
         baselines.append(distance(x))
         bar.update(1)
         for rtol in (1e-3, 1e-5):
-            x, info = sdeflow.sample_ode(model, shape, rtol=rtol, atol=rtol, x_T=x_T.clone(), return_info=True)
-            results.setdefault((f"dopri5 rtol={rtol:g}", "adaptive", rtol), []).append((info["nfe"], distance(x)))
+            trace = Trace()
+            x = sdeflow.sample_ode(model, shape, rtol=rtol, atol=rtol, x_T=x_T.clone(), callback=trace)
+            results.setdefault((f"dopri5 rtol={rtol:g}", "adaptive", rtol), []).append((trace.nfe, distance(x)))
         bar.update(1)
         for variant, schedule, budget in configs:
             x, nfe = run_config(model, shape, variant, schedule, budget, x_T, gen)

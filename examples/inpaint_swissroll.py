@@ -27,6 +27,7 @@ from sdeflow.checkpoint import save_figure  # noqa: E402
 from sdeflow.conditional import denoise, inpaint  # noqa: E402
 from sdeflow.data.toy import sample_toy  # noqa: E402
 from sdeflow.experiments.toy import ToyConfig, make_toy_model, toy_train_config, train_toy  # noqa: E402
+from sdeflow.samplers import SamplerSettings  # noqa: E402
 
 X_VALUES = (-1.5, -0.5, 0.3, 1.0, 1.7)
 COLORS = plt.get_cmap("tab10").colors
@@ -54,13 +55,14 @@ def main() -> None:
     runs = {}
     for name, kwargs in (("replacement", dict(scheme="replacement")),
                          ("guided (Jacobian covariance)", dict(scheme="guided", covariance="jacobian"))):
-        runs[name] = inpaint(model, x, observed, n_steps=args.sample_steps, generator=gen, **kwargs)
+        runs[name] = inpaint(model, x, observed, settings=SamplerSettings(n_steps=args.sample_steps), generator=gen,
+                             **kwargs)
 
     noise_std = 0.5
     clean = data[:4]
     noisy = clean + noise_std * torch.randn(clean.shape, generator=gen)
-    posterior = denoise(model, noisy.repeat_interleave(args.n // 2, 0), noise_std, n_steps=args.sample_steps,
-                        generator=gen)
+    posterior = denoise(model, noisy.repeat_interleave(args.n // 2, 0), noise_std,
+                        SamplerSettings(n_steps=args.sample_steps), generator=gen)
 
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.6), sharex=True, sharey=True)
     panels = [("(a) data; points with x near each value", None)] + [(f"({c}) {name}: y | x", s)

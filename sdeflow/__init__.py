@@ -20,7 +20,7 @@ from .time_sampling import FittedTime, ImportanceTime, TimeProposal, UniformTime
 from .elbo import elbo, fit_time_proposal
 from .divergence import divergence
 from .ode import log_prob_ode, sample_ode
-from .samplers import METHODS, Method, Option, register_method, sample
+from .samplers import METHODS, Method, Option, SamplerSettings, Trace, register_method, sample
 from .schedules import SCHEDULES, time_grid
 from .conditional import denoise, inpaint, posterior_sample
 from .config import TrainConfig, build_model, model_config
@@ -43,7 +43,7 @@ __all__ = [
     "PluginReverseSDE", "PARAMETERIZATIONS",
     "dsm", "WEIGHTINGS", "register_weighting",
     "TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "elbo", "fit_time_proposal", "divergence",
-    "log_prob_ode", "sample_ode", "sample", "time_grid", "METHODS", "SCHEDULES", "Method", "Option",
+    "log_prob_ode", "sample_ode", "sample", "SamplerSettings", "Trace", "time_grid", "METHODS", "SCHEDULES", "Method", "Option",
     "register_method", "denoise", "inpaint", "posterior_sample",
     "TrainConfig", "build_model", "model_config", "fit",
     "LikelihoodSettings", "log_likelihood", "evaluate_bpd", "load_model",

@@ -4,7 +4,7 @@ Train a model, measure its likelihood in bits/dim (an unbiased ELBO or the exact
 ODE likelihood) and sample from it. Start with the 2-D toy example, `sdeflow swissroll --out
 runs/swissroll`, then images: `sdeflow train --dataset cifar10 --data-root DIR --steps N
 --batch-size 32 --out RUN`, `sdeflow eval --checkpoint RUN --dataset cifar10 --data-root DIR` and
-`sdeflow sample --checkpoint RUN --out grid.png --method dpm++2m --steps 20`.
+`sdeflow sample --checkpoint RUN --out grid.png --method dpm++2m --n-steps 20`.
 """
 
 # How this module works: each subcommand lives in a module of sdeflow.commands that defines
@@ -46,8 +46,7 @@ def arg_type(check, parse=float, name: str = "value"):
         try:
             value = parse(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if parse is int else 'a number'}, "
-                                             f"got {text!r}") from None
+            value = text  # not a number: the check refuses it in its own words
         try:
             return check(name, value)
         except ValueError as err:
@@ -61,7 +60,7 @@ nonneg_int = arg_type(check_nonneg_int, int)
 positive_float = arg_type(check_positive_float)
 nonneg_float = arg_type(check_nonneg_float)
 fraction = arg_type(check_fraction)
-lmbd = arg_type(lambda name, value: check_lmbd(value), name="lmbd")  # 0: the reverse SDE, 1: the ODE
+lmbd = arg_type(lambda name, value: check_lmbd(value if isinstance(value, float) else float("nan")), name="lmbd")  # 0: the reverse SDE, 1: the ODE
 
 
 def device(text: str) -> str:

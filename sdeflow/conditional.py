@@ -1,12 +1,12 @@
 r"""Conditional generation with an unconditional model: denoising, inpainting and posterior
 sampling for linear-Gaussian observations :math:`y = A x + \sigma_n \varepsilon`.
 
-Every function here runs :func:`sdeflow.samplers.sample` (any of its methods, ``method``, with
-its ``n_steps``, ``schedule``, ``t_min``, ``lmbd`` and the method's own ``options``) and differs only
-in where it starts, what it does to the state after each step, or which score it feeds the
-sampler. Data x has shape (B, *S); samples come back shaped like x. With ``return_info=True`` each
-also returns the sampler's info dict: "nfe" (network evaluations), "times" (the grid) and
-"backward_passes" (the guided scheme's vector-Jacobian products).
+Every function here runs :func:`sdeflow.samplers.sample` with a
+:class:`~sdeflow.samplers.SamplerSettings` (any method, its steps, grid, t_min, λ and options) and
+differs only in where it starts, what it does to the state after each step, or which score it
+feeds the sampler. Data x has shape (B, *S); samples come back shaped like x. A ``callback`` gets
+the sampler's reports ({"i", "t", "x", "nfe"}) with "backward_passes" added: the guided scheme's
+vector-Jacobian products so far (0 for the others).
 
 Which is exact (samples the true posterior when the model's score is exact, up to the
 sampler's discretization error) and which is an approximation:
@@ -42,14 +42,14 @@ Masks: 1/True marks an observed ("known") entry, 0/False a missing one.
 from __future__ import annotations
 
 import math
-from typing import Callable
+import dataclasses
 
 import torch
 from torch import nn
 
 from .model import PluginReverseSDE
-from .samplers import sample
-from .utils import append_dims, check_choice, check_finite
+from .samplers import SamplerSettings, sample
+from .utils import append_dims, check_choice, check_finite, check_nonneg_float, check_positive_float
 
 __all__ = ["denoise", "inpaint", "posterior_sample", "noise_time", "make_mask",
            "INPAINT_SCHEMES", "COVARIANCES", "MASKS"]
@@ -64,15 +64,6 @@ _MIN_GRAM = 1e-12
 
 
 # ---- validation ------------------------------------------------------------------------------
-def _check_noise_std(noise_std, allow_zero: bool) -> float:
-    noise_std = float(noise_std)
-    ok = math.isfinite(noise_std) and (noise_std >= 0 if allow_zero else noise_std > 0)
-    if not ok:
-        bound = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"noise_std must be a {bound} finite number; got {noise_std!r}")
-    return noise_std
-
-
 def _check_mask(mask, x: torch.Tensor) -> torch.Tensor:
     """A boolean mask expanded to x.shape; every example must have both observed and missing entries."""
     mask = torch.as_tensor(mask, device=x.device)
@@ -100,7 +91,7 @@ def noise_time(sde, noise_std: float) -> float:
     r"""The time t* at which the forward SDE's noise-to-signal ratio equals the observation's:
     v(t*)/m(t*)² = σ_n², i.e. log-SNR λ(t*) = −2 log σ_n. Raises ``ValueError`` if σ_n ≤ 0
     or if the SDE never gets that noisy on [0, T]."""
-    noise_std = _check_noise_std(noise_std, allow_zero=False)
+    noise_std = check_positive_float("noise_std", noise_std)
     log_snr = torch.tensor(-2.0 * math.log(noise_std), dtype=torch.float64)
     T = torch.tensor(sde.T, dtype=torch.float64)
     max_std = float(torch.exp(-0.5 * sde.log_snr(T)))
@@ -277,44 +268,33 @@ class _GuidedScoreNet(nn.Module):
         return rows.reshape(dim, batch, dim).transpose(0, 1).double()
 
 
-def _sample_guided(model, operator, observation, noise_std, x_shape, covariance, data_var,
-                   generator, sample_kwargs):
+def _guided_sample(model, operator, observation, noise_std, x_shape, guidance, settings, generator, callback):
+    """Samples of the reverse SDE driven by the conditional score of :class:`_GuidedScoreNet`;
+    ``guidance`` = (covariance, data_var)."""
+    covariance, data_var = guidance
     check_choice("covariance", covariance, COVARIANCES)
-    data_var = float(data_var)
-    if not (math.isfinite(data_var) and data_var > 0):
-        raise ValueError(f"data_var must be a positive finite number; got {data_var!r}")
+    data_var = check_positive_float("data_var", data_var)
     guided_net = _GuidedScoreNet(model, operator, observation, noise_std, covariance, data_var)
     guided = PluginReverseSDE(model.sde, guided_net, parameterization="score")
-    out = sample(guided, x_shape, generator=generator, device=observation.device,
-                 dtype=observation.dtype, **sample_kwargs)
-    return out, guided_net.backward_passes
+    return sample(guided, x_shape, settings, generator=generator, callback=_reporting(callback, guided_net),
+                  device=observation.device, dtype=observation.dtype)
 
 
-def _sample_kwargs(n_steps, lmbd, method, schedule, t_min, callback, options, return_info):
-    """Keywords of :func:`sdeflow.samplers.sample`; the method's ``options`` go in as its own
-    keywords, so that the method's entry checks them."""
-    options = dict(options or {})
-    kwargs = dict(n_steps=n_steps, lmbd=lmbd, method=method, schedule=schedule, t_min=t_min,
-                  callback=callback, return_info=return_info)
-    clash = sorted(set(options) & (set(kwargs) | {"t_start", "x_T", "project", "generator", "device", "dtype",
-                                                  "return_trajectory"}))
-    if clash:
-        raise ValueError(f"options holds the method's own options, not {', '.join(clash)}: pass those as arguments")
-    return {**kwargs, **options}
+def _reporting(callback, guided_net: _GuidedScoreNet | None = None):
+    """The sampler's callback with "backward_passes" added: the guidance's vector-Jacobian products
+    so far (0 without guidance)."""
+    if callback is None:
+        return None
 
+    def report(info: dict) -> None:
+        callback({**info, "backward_passes": 0 if guided_net is None else guided_net.backward_passes})
 
-def _with_info(out, return_info: bool, finish: Callable, backward_passes: int = 0):
-    if not return_info:
-        return finish(out)
-    x, info = out
-    return finish(x), {**info, "backward_passes": backward_passes}
+    return report
 
 
 # ---- public API -------------------------------------------------------------------------------
-def denoise(model: PluginReverseSDE, y: torch.Tensor, noise_std: float, *, n_steps: int = 1000,
-            method: str = "euler", schedule: str | None = None, t_min: float | None = None,
-            generator: torch.Generator | None = None, return_info: bool = False,
-            callback=None, options: dict | None = None):
+def denoise(model: PluginReverseSDE, y: torch.Tensor, noise_std: float, settings: SamplerSettings | None = None,
+            *, generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
     r"""Sample the posterior p(x | y) of clean data given y = x + σ_n ε, ε ~ N(0, I) (exact).
 
     With t* = :func:`noise_time` (v(t*)/m(t*)² = σ_n²), m(t*)·y has the law of the forward marginal
@@ -322,27 +302,28 @@ def denoise(model: PluginReverseSDE, y: torch.Tensor, noise_std: float, *, n_ste
     x_T=m(t*)·y)``) ends at a draw of p(x | y) when the score is exact. That holds for the
     reverse-time SDE (λ = 0) only: it is the time reversal of the forward process, so its law at 0
     given its state at t* is q(x | y_{t*}); the other members of the λ-family share its marginals
-    from p_T but not its conditionals (λ = 1, the ODE, would return one deterministic point), so λ
-    is fixed to 0 and ``method`` must accept it. ``y``: (B, *S), one posterior draw per row
-    (repeat a row for several draws); σ_n must be > 0 and reachable (t* ≤ T). The remaining
-    arguments go to :func:`sdeflow.samplers.sample` (``n_steps`` steps of ``method`` on a
-    ``schedule`` grid over [t_min, t*], ``options`` the method's own). Returns (B, *S), and with
-    ``return_info`` the sampler's info dict ("nfe", "times", "backward_passes" = 0).
+    from p_T but not its conditionals (λ = 1, the ODE, would return one deterministic point), so
+    ``settings.lmbd`` must be None or 0 and the method must accept λ = 0. ``y``: (B, *S), one
+    posterior draw per row (repeat a row for several draws); σ_n must be > 0 and reachable
+    (t* ≤ T). ``settings``: the sampler run over [t_min, t*] (:class:`~sdeflow.samplers.SamplerSettings`).
+    ``callback``: the sampler's, its reports with "backward_passes" = 0. Returns (B, *S).
     """
     check_finite("y", y)
+    settings = SamplerSettings() if settings is None else settings
+    if isinstance(settings, SamplerSettings):
+        if settings.lmbd not in (None, 0):
+            raise ValueError(f"denoise samples the reverse SDE, λ = 0: settings.lmbd must be None or 0; "
+                             f"got {settings.lmbd!r}")
+        settings = dataclasses.replace(settings, lmbd=0.0)
     t_start = noise_time(model.sde, noise_std)
     m = float(model.sde.mean_weight(torch.tensor(t_start, dtype=torch.float64)))
-    kwargs = _sample_kwargs(n_steps, 0.0, method, schedule, t_min, callback, options, return_info)
-    out = sample(model, y.shape, t_start=t_start, x_T=m * y, generator=generator, device=y.device,
-                 dtype=y.dtype, **kwargs)
-    return _with_info(out, return_info, lambda x: x)
+    return sample(model, y.shape, settings, t_start=t_start, x_T=m * y, generator=generator,
+                  callback=_reporting(callback), device=y.device, dtype=y.dtype)
 
 
-def inpaint(model: PluginReverseSDE, x: torch.Tensor, mask, scheme: str = "replacement", *,
-            n_steps: int = 1000, lmbd: float | None = None, method: str = "euler",
-            schedule: str | None = None, covariance: str = "isotropic", data_var: float = 1.0,
-            t_min: float | None = None, generator: torch.Generator | None = None,
-            return_info: bool = False, callback=None, options: dict | None = None):
+def inpaint(model: PluginReverseSDE, x: torch.Tensor, mask, scheme: str = "replacement",
+            settings: SamplerSettings | None = None, *, covariance: str = "isotropic", data_var: float = 1.0,
+            generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
     r"""Fill in the missing entries of ``x`` (B, *S) where ``mask`` (broadcastable to x; True/1 =
     observed) is 0, sampling from (an approximation of) p(x_missing | x_observed). The values of x
     at missing entries are never read.
@@ -353,26 +334,18 @@ def inpaint(model: PluginReverseSDE, x: torch.Tensor, mask, scheme: str = "repla
     :func:`~sdeflow.samplers.sample`). ``scheme="guided"``: the reverse SDE with the conditional
     score of the noise-free observation A x = mask·x (see the module docstring; ``covariance``
     "jacobian" is exact for Gaussian data, "isotropic" with ``data_var`` is the cheap
-    approximation). The sampler is ``method`` (a key of :data:`sdeflow.samplers.METHODS`) with
-    ``n_steps``, ``schedule``, ``t_min``, ``lmbd`` and its own ``options``, as in
-    :func:`~sdeflow.samplers.sample`. Both schemes return samples with the observed entries equal
-    to x exactly, and with ``return_info`` a dict with "nfe" (network evaluations), "times" and
-    "backward_passes" (the guided scheme's vector-Jacobian products).
+    approximation). ``settings``: the sampler run (:class:`~sdeflow.samplers.SamplerSettings`).
+    ``callback``: the sampler's, its reports with "backward_passes" (the guided scheme's
+    vector-Jacobian products so far). Returns (B, *S) with the observed entries equal to x exactly.
     """
     check_choice("scheme", scheme, INPAINT_SCHEMES)
     mask = _check_mask(mask, x)
     observed = torch.where(mask, x, torch.zeros_like(x))  # missing values must not leak in
     check_finite("x (its observed entries)", observed)
-    kwargs = _sample_kwargs(n_steps, lmbd, method, schedule, t_min, callback, options, return_info)
-
-    def finish(samples):
-        return torch.where(mask, observed, samples)
-
     if scheme == "guided":
-        out, backward_passes = _sample_guided(model, _MaskOperator(mask), observed, 0.0, x.shape,
-                                              covariance, data_var, generator, kwargs)
-        return _with_info(out, return_info, finish, backward_passes)
-
+        samples = _guided_sample(model, _MaskOperator(mask), observed, 0.0, x.shape, (covariance, data_var),
+                                 settings, generator, callback)
+        return torch.where(mask, observed, samples)
     sde = model.sde
 
     def replace_observed(state, t_next):
@@ -380,31 +353,26 @@ def inpaint(model: PluginReverseSDE, x: torch.Tensor, mask, scheme: str = "repla
 
     T = torch.full((x.shape[0],), sde.T, dtype=x.dtype, device=x.device)
     prior = sde.prior_sample(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    x_T = replace_observed(prior, T)
-    out = sample(model, x.shape, x_T=x_T, project=replace_observed, generator=generator,
-                 device=x.device, dtype=x.dtype, **kwargs)
-    return _with_info(out, return_info, finish)
+    samples = sample(model, x.shape, settings, x_T=replace_observed(prior, T), project=replace_observed,
+                     generator=generator, callback=_reporting(callback), device=x.device, dtype=x.dtype)
+    return torch.where(mask, observed, samples)
 
 
 def posterior_sample(model: PluginReverseSDE, y: torch.Tensor, A: torch.Tensor, noise_std: float = 0.0,
-                     *, x_shape=None, covariance: str = "isotropic", data_var: float = 1.0,
-                     n_steps: int = 1000, lmbd: float | None = None, method: str = "euler",
-                     schedule: str | None = None, t_min: float | None = None,
-                     generator: torch.Generator | None = None, return_info: bool = False,
-                     callback=None, options: dict | None = None):
+                     settings: SamplerSettings | None = None, *, x_shape=None, covariance: str = "isotropic",
+                     data_var: float = 1.0, generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
     r"""Sample p(x | y) for the linear-Gaussian observation y = A x + σ_n ε, ε ~ N(0, I_M), with
     the guided reverse SDE of the module docstring (exact for Gaussian data with
-    ``covariance="jacobian"``; approximate with "isotropic").
+    ``covariance="jacobian"``; approximate with "isotropic" and ``data_var``).
 
     ``y``: (B, M), one draw per row; ``A``: (M, D) acting on flattened data; ``x_shape``: the data
     shape (B, *S) with prod(S) = D (default (B, D)); ``noise_std`` ≥ 0. For A = I and σ_n > 0 use
     :func:`denoise`, which is exact for any data law; :func:`inpaint` is the masked special case.
-    The sampler arguments (``method``, ``n_steps``, ``schedule``, ``t_min``, ``lmbd``, ``options``)
-    are those of :func:`~sdeflow.samplers.sample`. Returns (B, *S), and with ``return_info`` a dict
-    with "nfe", "times" and "backward_passes".
+    ``settings``: the sampler run (:class:`~sdeflow.samplers.SamplerSettings`); ``callback``: the
+    sampler's, its reports with "backward_passes". Returns (B, *S).
     """
     check_finite("y", y)
-    noise_std = _check_noise_std(noise_std, allow_zero=True)
+    noise_std = check_nonneg_float("noise_std", noise_std)
     A = torch.as_tensor(A, device=y.device)
     if A.ndim != 2:
         raise ValueError(f"A must be an (M, D) matrix; got shape {tuple(A.shape)}")
@@ -413,7 +381,5 @@ def posterior_sample(model: PluginReverseSDE, y: torch.Tensor, A: torch.Tensor, 
     x_shape = (y.shape[0], A.shape[1]) if x_shape is None else tuple(x_shape)
     if x_shape[0] != y.shape[0] or math.prod(x_shape[1:]) != A.shape[1]:
         raise ValueError(f"x_shape must be (B={y.shape[0]}, *S) with prod(S) = D = {A.shape[1]}; got {x_shape}")
-    kwargs = _sample_kwargs(n_steps, lmbd, method, schedule, t_min, callback, options, return_info)
-    out, backward_passes = _sample_guided(model, _MatrixOperator(A, x_shape), y, noise_std, x_shape,
-                                          covariance, data_var, generator, kwargs)
-    return _with_info(out, return_info, lambda x: x, backward_passes)
+    return _guided_sample(model, _MatrixOperator(A, x_shape), y, noise_std, x_shape, (covariance, data_var),
+                          settings, generator, callback)

@@ -21,6 +21,7 @@ from torchdiffeq import odeint
 from .divergence import DIVERGENCES, make_probe
 from .divergence import divergence as field_divergence
 from .elbo import decoder_log_weight
+from .schedules import check_time_span
 from .utils import check_choice, check_finite, check_t_min, model_device_dtype
 
 if TYPE_CHECKING:
@@ -88,18 +89,21 @@ def log_prob_ode(model: PluginReverseSDE, x: torch.Tensor, *, rtol: float = 1e-5
 
 
 @torch.no_grad()
-def sample_ode(model: PluginReverseSDE, shape, rtol: float = 1e-5, atol: float = 1e-5, solver: str = "dopri5",
-               t_min: float = 0.0, x_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               device=None, dtype=None, return_info: bool = False, step_size: float | None = None):
-    """Solve the probability-flow ODE dx/dt = f − ½ g a from T down to ``t_min`` with torchdiffeq's
-    ``solver``: an adaptive one (``ADAPTIVE_SOLVERS``: dopri5, dopri8, bosh3, fehlberg2,
-    adaptive_heun) with ``rtol``/``atol``, or a fixed-grid one ("rk4", "midpoint", "euler"), which
-    needs ``step_size`` (in units of t; the last step is shortened to land on t_min) and refuses
-    it for the adaptive ones. ``x_T`` (default: a prior draw with ``generator``) has shape ``shape``.
-    Returns samples, and {"nfe": n} (network evaluations) with ``return_info``.
+def sample_ode(model: PluginReverseSDE, shape, *, solver: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5,
+               step_size: float | None = None, t_min: float = 0.0, x_T: torch.Tensor | None = None,
+               generator: torch.Generator | None = None,
+               callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+    """Samples of shape ``shape``: the probability-flow ODE dx/dt = f − ½ g a solved from T down to
+    ``t_min`` with torchdiffeq's ``solver``: an adaptive one (``ADAPTIVE_SOLVERS``: dopri5, dopri8,
+    bosh3, fehlberg2, adaptive_heun) with ``rtol``/``atol``, or a fixed-grid one ("rk4",
+    "midpoint", "euler"), which needs ``step_size`` (in units of t; the last step is shortened to
+    land on t_min) and refuses it for the adaptive ones. Starts from ``x_T`` if given, else from a
+    prior draw with ``generator`` on the model's device and dtype. ``callback`` is called at every
+    network evaluation with {"t": its time, "x": the state it is evaluated at, "nfe": evaluations
+    so far}; an adaptive solver's rejected trial steps are among them.
     """
     check_choice("solver", solver, SOLVERS)
-    t_min = check_t_min(t_min, model.T)
+    t_min, _ = check_time_span(t_min, None, model.T)
     if solver in ADAPTIVE_SOLVERS:
         if step_size is not None:
             raise ValueError(f"step_size is for the fixed-grid solvers {', '.join(FIXED_GRID_SOLVERS)}; "
@@ -107,12 +111,17 @@ def sample_ode(model: PluginReverseSDE, shape, rtol: float = 1e-5, atol: float =
     elif step_size is None or not (isinstance(step_size, (int, float)) and 0 < step_size <= model.T - t_min):
         raise ValueError(f"the fixed-grid solver {solver!r} needs step_size in (0, T - t_min = {model.T - t_min}]; "
                          f"got {step_size!r} (or use an adaptive solver: {', '.join(ADAPTIVE_SOLVERS)})")
-    device, dtype = model_device_dtype(model, device, dtype)
+    device, dtype = model_device_dtype(model, None, None)
     x = model.sde.prior_sample(shape, generator=generator, device=device, dtype=dtype) if x_T is None else x_T
     velocity = probability_flow_velocity(model)
+
+    def reported_velocity(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = velocity(t, y)
+        callback({"t": t, "x": y, "nfe": velocity.nfe})
+        return out
+
+    func = velocity if callback is None else reported_velocity
     if solver in ADAPTIVE_SOLVERS:
-        x0 = odeint_within(velocity, x, model.T, t_min, rtol=rtol, atol=atol, solver=solver)
-    else:
-        times = torch.tensor([model.T, t_min], dtype=x.dtype, device=x.device)
-        x0 = odeint(velocity, x, times, method=solver, options={"step_size": float(step_size)})[-1]
-    return (x0, {"nfe": velocity.nfe}) if return_info else x0
+        return odeint_within(func, x, model.T, t_min, rtol=rtol, atol=atol, solver=solver)
+    times = torch.tensor([model.T, t_min], dtype=x.dtype, device=x.device)
+    return odeint(func, x, times, method=solver, options={"step_size": float(step_size)})[-1]

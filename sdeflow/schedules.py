@@ -1,15 +1,5 @@
-r"""Time grids for the fixed-step samplers: decreasing times t_start = t_0 > … > t_N = t_min.
-
-With u_i = i/N and the log-SNR λ(t) = ``sde.log_snr(t)``:
-
-* ``"uniform"``: :math:`t_i = t_0 + u_i (t_{min} - t_0)`;
-* ``"quadratic"``: :math:`t_i = t_{min} + (t_0 - t_{min})(1 - u_i)^2` (DDIM's; short steps near the data);
-* ``"logsnr"``: uniform in the log-SNR λ(t) (DPM-Solver's), :math:`t_i = λ^{-1}(λ_0 + u_i(λ_N - λ_0))`;
-* ``"karras"``: Karras et al. (2022), uniform in :math:`\tilde\sigma^{1/\rho}` with
-  :math:`\tilde\sigma = \sigma_t/\alpha_t = e^{-λ/2}`,
-  :math:`\tilde\sigma_i = (\tilde\sigma_0^{1/\rho} + u_i(\tilde\sigma_N^{1/\rho} - \tilde\sigma_0^{1/\rho}))^\rho`.
-
-"logsnr" and "karras" need t_min > 0 (λ(0) = +∞).
+r"""Time grids for the fixed-step samplers (:func:`time_grid`, one of ``SCHEDULES``) and the rules for
+the span [t_min, t_start] a sampler run covers (:func:`check_time_span`).
 """
 
 from __future__ import annotations
@@ -18,27 +8,49 @@ import math
 
 import torch
 
-from .utils import check_choice
+from .utils import check_choice, check_positive_float, check_positive_int
 
-__all__ = ["time_grid", "SCHEDULES"]
+__all__ = ["time_grid", "check_time_span", "SCHEDULES", "SCHEDULES_NEEDING_POSITIVE_T_MIN"]
 
 SCHEDULES = ("uniform", "quadratic", "logsnr", "karras")
-# Schedules that place points by log-SNR, infinite at t = 0.
-_SCHEDULES_NEEDING_POSITIVE_T_MIN = ("logsnr", "karras")
+#: Schedules that place points by log-SNR, infinite at t = 0: they need t_min > 0.
+SCHEDULES_NEEDING_POSITIVE_T_MIN = ("logsnr", "karras")
+
+
+def check_time_span(t_min, t_start, T: float, needs_positive_t_min: str | None = None) -> tuple[float, float]:
+    """(t_min, t_start) of a sampler run as floats: t_start in (0, T] (None: T) and t_min in
+    [0, t_start), or in (0, t_start) when ``needs_positive_t_min`` names what evaluates the log-SNR
+    at t_min (e.g. "schedule 'logsnr'"). Otherwise ``ValueError`` naming the argument. The
+    samplers' one statement of these rules."""
+    t_start = float(T) if t_start is None else _finite("t_start", t_start)
+    if not 0.0 < t_start <= T:
+        raise ValueError(f"t_start must lie in (0, T={T}]; got {t_start}")
+    t_min = _finite("t_min", t_min)
+    if needs_positive_t_min is not None:
+        if not 0.0 < t_min < t_start:
+            raise ValueError(f"{needs_positive_t_min} needs t_min in (0, t_start={t_start}) (the log-SNR is "
+                             f"infinite at t = 0); got t_min={t_min}")
+    elif not 0.0 <= t_min < t_start:
+        raise ValueError(f"t_min must lie in [0, t_start={t_start}); got {t_min}")
+    return t_min, t_start
+
+
+def _finite(name: str, value) -> float:
+    try:
+        real = None if isinstance(value, (bool, str, bytes)) else float(value)
+    except (TypeError, ValueError):
+        real = None
+    if real is None or not math.isfinite(real):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+    return real
 
 
 # ---- time grids --------------------------------------------------------------------------------
-def _check_n_steps(n_steps) -> int:
-    if isinstance(n_steps, bool) or int(n_steps) != n_steps or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive integer; got {n_steps!r}")
-    return int(n_steps)
-
-
 def time_grid(sde, n_steps: int, schedule: str = "uniform", t_min: float = 0.0,
               t_start: float | None = None, device=None, dtype=None, rho: float = 7.0) -> torch.Tensor:
     r"""Decreasing times t_start = t_0 > … > t_N = t_min (t_start defaults to T), shape (n_steps + 1,).
 
-    With u_i = i/N:
+    With u_i = i/N and the log-SNR λ(t) = ``sde.log_snr(t)``:
 
     * ``"uniform"``: :math:`t_i = t_0 + u_i (t_{min} - t_0)`;
     * ``"quadratic"``: :math:`t_i = t_{min} + (t_0 - t_{min})(1 - u_i)^2` (DDIM's; short steps near the data);
@@ -50,19 +62,10 @@ def time_grid(sde, n_steps: int, schedule: str = "uniform", t_min: float = 0.0,
     "logsnr" and "karras" need t_min > 0 (λ(0) = +∞).
     """
     check_choice("schedule", schedule, SCHEDULES)
-    n_steps = _check_n_steps(n_steps)
-    t_start = sde.T if t_start is None else float(t_start)
-    if not 0.0 < t_start <= sde.T:
-        raise ValueError(f"t_start must lie in (0, T={sde.T}]; got {t_start}")
-    t_min = float(t_min)
-    if schedule in _SCHEDULES_NEEDING_POSITIVE_T_MIN:
-        if not 0.0 < t_min < t_start:
-            raise ValueError(f"schedule {schedule!r} needs t_min in (0, t_start={t_start}) "
-                             f"(the log-SNR is infinite at t = 0); got t_min={t_min}")
-    elif not 0.0 <= t_min < t_start:
-        raise ValueError(f"t_min must lie in [0, t_start={t_start}); got {t_min}")
-    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
-        raise ValueError(f"rho must be a positive number; got {rho!r}")
+    n_steps = check_positive_int("n_steps", n_steps)
+    positive = f"schedule {schedule!r}" if schedule in SCHEDULES_NEEDING_POSITIVE_T_MIN else None
+    t_min, t_start = check_time_span(t_min, t_start, sde.T, positive)
+    rho = check_positive_float("rho", rho)
     u = torch.linspace(0.0, 1.0, n_steps + 1, dtype=torch.float64)
     ends = torch.tensor([t_start, t_min], dtype=torch.float64)
     if schedule == "uniform":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 import sdeflow
+from sdeflow.samplers import SamplerSettings
 
 
 def dsm(model, x, generator, time_sampling="uniform", weighting="noise"):
@@ -25,8 +26,9 @@ def log_prob_ode(model, x, generator):
 
 
 def sample(model, method, generator):
-    return sdeflow.sample(model, (8, 2), n_steps=20, method=method, generator=generator, dtype=torch.float64)
+    return sdeflow.sample(model, (8, 2), SamplerSettings(method=method, n_steps=20), generator=generator,
+                          dtype=torch.float64)
 
 
 def sample_ode(model, generator):
-    return sdeflow.sample_ode(model, (8, 2), generator=generator, dtype=torch.float64)
+    return sdeflow.sample_ode(model, (8, 2), generator=generator)

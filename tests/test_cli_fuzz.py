@@ -142,7 +142,7 @@ def _base(name: str, tmp: Path, root: Path, run: Path) -> list:
     if name == "eval":
         return ["eval", "--checkpoint", str(run), "--dataset", "cifar10", "--data-root", str(root), "--n-slices", "1",
                 "--batch-size", "4", "--limit", "2", "--no-progress", "--json", str(tmp / "eval.json")]
-    common = ["--checkpoint", str(run), "--out", str(tmp / "out.png"), "--steps", "2", "--n-samples", "1",
+    common = ["--checkpoint", str(run), "--out", str(tmp / "out.png"), "--n-steps", "2", "--n-samples", "1",
               "--no-progress"]
     if name == "sample":
         return ["sample", *common]

@@ -151,7 +151,7 @@ def test_eval_ode_reports_nfe(tmp_path, capsys, monkeypatch, trained):
 def test_sample_writes_grid(tmp_path, capsys, trained):
     _, run = trained
     out = tmp_path / "grid.png"
-    argv = ["sample", "--checkpoint", run, "--n", "4", "--lmbd", "0.5", "--steps", "3", "--out", out]
+    argv = ["sample", "--checkpoint", run, "--n", "4", "--lmbd", "0.5", "--n-steps", "3", "--out", out]
     assert cli.main([str(a) for a in argv]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert "wrote 4 samples" in capsys.readouterr().out
@@ -182,7 +182,7 @@ def test_unwritable_output_is_one_line_exit_1(tmp_path, capsys, monkeypatch, tra
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(ckpt_module.tempfile, "mkstemp", refuse)
-    argv = ["sample", "--checkpoint", str(run), "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png")]
+    argv = ["sample", "--checkpoint", str(run), "--n", "2", "--n-steps", "2", "--out", str(tmp_path / "g.png")]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "could not write" in err and "Permission denied" in err

@@ -35,7 +35,7 @@ def test_sample_with_a_method_and_schedule_prints_the_nfe(tmp_path, capsys, trai
     _, run = trained
     out = tmp_path / "grid.png"
     code, stdout, err = _run(["sample", "--checkpoint", run, "--n-samples", 3, "--method", "dpm++2m",
-                              "--schedule", "logsnr", "--steps", 3, "--out", out, "--no-progress"], capsys)
+                              "--schedule", "logsnr", "--n-steps", 3, "--out", out, "--no-progress"], capsys)
     assert code == 0, err
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert stdout == f"wrote 3 samples to {out} (dpm++2m, 3 steps, NFE 3)"
@@ -45,7 +45,7 @@ def test_sample_passes_the_method_options(tmp_path, capsys, trained):
     _, run = trained
     out = tmp_path / "pc.png"
     code, stdout, err = _run(["sample", "--checkpoint", run, "--n", 2, "--method", "pc", "--n-corrector", 2,
-                              "--snr", "0.1", "--steps", 2, "--out", out, "--no-progress"], capsys)
+                              "--snr", "0.1", "--n-steps", 2, "--out", out, "--no-progress"], capsys)
     assert code == 0, err
     assert stdout.endswith("(pc, 2 steps, NFE 6)")  # 2 steps × (1 predictor + 2 corrector) evaluations
 
@@ -53,7 +53,7 @@ def test_sample_passes_the_method_options(tmp_path, capsys, trained):
 def test_inpaint_and_denoise_with_heun(tmp_path, capsys, trained):
     root, run = trained
     common = ["--checkpoint", run, "--data-root", root, "--n-images", 2, "--n-samples", 2, "--method", "heun",
-              "--steps", 2, "--no-progress"]
+              "--n-steps", 2, "--no-progress"]
     out = tmp_path / "inpaint.png"
     code, stdout, err = _run(["inpaint", *common, "--mask", "center", "--out", out], capsys)
     assert code == 0, err
@@ -71,14 +71,22 @@ def test_inpaint_and_denoise_with_heun(tmp_path, capsys, trained):
 @pytest.mark.parametrize("extra,message", [
     (["--method", "rk45"], "argument --method: invalid choice: 'rk45'"),
     (["--schedule", "cosine"], "argument --schedule: invalid choice: 'cosine'"),
-    (["--steps", "-3"], "argument --steps: expected a positive integer, got '-3'"),
-    (["--method", "heun", "--n-corrector", "2"], "--n-corrector is an option of --method pc, not of --method heun"),
+    (["--n-steps", "-3"], "argument --n-steps: n_steps must be a positive integer; got -3"),
+    (["--n-steps", "2.5"], "argument --n-steps: n_steps must be a positive integer; got '2.5'"),
+    (["--steps", "3"], "unrecognized arguments: --steps 3"),  # optimizer steps are `sdeflow train`'s
+    (["--method", "heun", "--n-corrector", "2"],
+     "method 'heun' does not accept the option(s) n_corrector; it accepts: none ('n_corrector' is an option of 'pc')"),
     (["--method", "pc", "--n-corrector", "-1"], "argument --n-corrector: n_corrector must be an integer >= 0"),
-    (["--method", "dpm2", "--lmbd", "0.5"], "--lmbd 0.5: --method dpm2 supports λ = 1 only"),
+    (["--method", "dpm2", "--lmbd", "0.5"], "method 'dpm2' supports λ = 1 only (probability-flow ODE); got lmbd=0.5"),
+    (["--lmbd", "nan"], "method 'euler' supports any λ in [0, 1]; got lmbd=nan"),
+    (["--method", "dpm3", "--t-min", "0"], "method 'dpm3' needs t_min in (0, t_start=1.0)"),
+    (["--schedule", "karras", "--t-min", "0"], "schedule 'karras' needs t_min in (0, t_start=1.0)"),
+    (["--t-min", "1"], "t_min must lie in [0, t_start=1.0); got 1.0"),
+    (["--seed", "-1"], "argument --seed: seed must be an integer >= 0; got -1"),
 ])
 def test_sample_bad_values_are_one_line_exit_2(tmp_path, capsys, trained, extra, message):
     _, run = trained
-    argv = ["sample", "--checkpoint", str(run), "--out", str(tmp_path / "g.png"), "--steps", "2", *extra]
+    argv = ["sample", "--checkpoint", str(run), "--out", str(tmp_path / "g.png"), "--n-steps", "2", *extra]
     try:
         code = cli.main(argv)
     except SystemExit as stop:  # argparse's own refusals
@@ -151,7 +159,7 @@ def test_a_registered_method_appears_in_the_command_line(tmp_path, capsys, train
     try:
         out = tmp_path / "damped.png"
         code, stdout, err = _run(["sample", "--checkpoint", run, "--n", 2, "--method", "test-damped-euler",
-                                  "--damping", "0.9", "--steps", 2, "--out", out, "--no-progress"], capsys)
+                                  "--damping", "0.9", "--n-steps", 2, "--out", out, "--no-progress"], capsys)
         assert code == 0, err
         assert stdout.endswith("(test-damped-euler, 2 steps, NFE 2)")
         with pytest.raises(SystemExit):
@@ -160,3 +168,32 @@ def test_a_registered_method_appears_in_the_command_line(tmp_path, capsys, train
         assert "damping must lie in (0, 1]" in capsys.readouterr().err
     finally:
         del METHODS["test-damped-euler"]
+
+
+@pytest.mark.parametrize("command", ["sample", "inpaint", "denoise"])
+def test_samples_that_diverge_are_one_line_exit_1(tmp_path, capsys, trained, command):
+    """Every sampling command applies the same non-finite check: a run-time failure, not bad input."""
+    from sdeflow.samplers import Method, register_method
+
+    root, run = trained
+    euler = METHODS["euler"]
+
+    def diverging_euler(model, x, t, t_next, lmbd, generator, last, state):
+        x_next, nfe = euler.step(model, x, t, t_next, lmbd, generator, last, state)
+        return x_next * float("inf") if last else x_next, nfe
+
+    register_method("test-diverging", Method(diverging_euler, order="1", nfe_per_step=1, lmbd="any λ in [0, 1]"))
+    try:
+        out = tmp_path / "x.png"
+        argv = [command, "--checkpoint", run, "--out", out, "--method", "test-diverging", "--n-steps", 2,
+                "--no-progress"]
+        if command != "sample":
+            argv += ["--data-root", root, "--n-images", 1, "--n-samples", 1]
+        argv += {"sample": ["--n", 2], "inpaint": ["--mask", "center"], "denoise": ["--snr", 1]}[command]
+        code, _, err = _run(argv, capsys)
+        assert code == 1, err
+        assert re.fullmatch(rf"sdeflow {command}: error: sampling diverged: \d+ non-finite values after 2 "
+                            r"test-diverging steps \(try more --n-steps or another --method\)", err), err
+        assert not out.exists()
+    finally:
+        del METHODS["test-diverging"]

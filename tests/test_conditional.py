@@ -10,6 +10,7 @@ import torch
 import sdeflow
 from sdeflow.conditional import denoise, inpaint, make_mask, noise_time, posterior_sample
 from sdeflow.oracles import ExactScoreNet, FullCovarianceGaussian
+from sdeflow.samplers import SamplerSettings, Trace
 
 SDES = {
     "vp": lambda: sdeflow.VPSDE(beta_min=0.1, beta_max=20.0),
@@ -18,6 +19,11 @@ SDES = {
 }
 N_SAMPLES = 2000
 N_STEPS = 100
+
+
+def steps(n: int, **settings) -> SamplerSettings:
+    """The sampler run of these tests: ``n`` steps, Euler–Maruyama unless ``settings`` say otherwise."""
+    return SamplerSettings(n_steps=n, **settings)
 
 
 def correlated_gaussian() -> FullCovarianceGaussian:
@@ -84,9 +90,10 @@ def test_denoise_samples_exact_posterior(name):
     noise_std = 0.7
     gen = torch.Generator().manual_seed(1)
     y = x + noise_std * torch.randn(4, generator=gen, dtype=torch.float64)
-    samples, info = denoise(exact_model(sde, data), y.expand(N_SAMPLES, 4), noise_std, n_steps=N_STEPS,
-                            generator=gen, return_info=True)
-    assert info["nfe"] == N_STEPS
+    trace = Trace()
+    samples = denoise(exact_model(sde, data), y.expand(N_SAMPLES, 4), noise_std, steps(N_STEPS), generator=gen,
+                      callback=trace)
+    assert trace.nfe == N_STEPS and trace.last["backward_passes"] == 0
     mean, cov = data.posterior(torch.eye(4, dtype=torch.float64), y, noise_std)
     mean_z, cov_z = moment_errors(samples, mean, cov)
     # Monte-Carlo error only (4 entries of the mean, 10 of the covariance; Euler's O(h) bias at
@@ -99,10 +106,10 @@ def test_denoise_refuses_bad_noise_levels():
     model, y = exact_model(sde, data), torch.zeros(3, 4, dtype=torch.float64)
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="noise_std"):
-            denoise(model, y, bad, n_steps=2)
+            denoise(model, y, bad, steps(2))
     # VP at T=1 reaches √v/m = √(e^B(T) − 1) ≈ 2.2e4; sub-VP less; anything above is unreachable.
     with pytest.raises(ValueError, match="not reachable"):
-        denoise(model, y, 1e6, n_steps=2)
+        denoise(model, y, 1e6, steps(2))
     with pytest.raises(ValueError, match="not reachable"):
         noise_time(sdeflow.VESDE(sigma_min=0.01, sigma_max=5.0), 10.0)
 
@@ -110,9 +117,13 @@ def test_denoise_refuses_bad_noise_levels():
 def test_denoise_is_reproducible_with_a_generator():
     sde, data = SDES["vp"](), correlated_gaussian()
     model, y = exact_model(sde, data), torch.ones(5, 4, dtype=torch.float64)
-    a = denoise(model, y, 0.5, n_steps=10, generator=torch.Generator().manual_seed(3))
-    b = denoise(model, y, 0.5, n_steps=10, generator=torch.Generator().manual_seed(3))
+    a = denoise(model, y, 0.5, steps(10), generator=torch.Generator().manual_seed(3))
+    b = denoise(model, y, 0.5, steps(10), generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+    # λ is the reverse SDE's by construction: an explicit 0 is the same run, anything else is refused.
+    assert torch.equal(a, denoise(model, y, 0.5, steps(10, lmbd=0.0), generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="settings.lmbd must be None or 0"):
+        denoise(model, y, 0.5, steps(10, lmbd=1.0))
 
 
 # ---- inpainting: replacement is biased, guidance corrects it ------------------------------------
@@ -133,9 +144,10 @@ def inpainting_errors():
     errors = {}
     for name, kwargs in INPAINT_RUNS.items():
         gen = torch.Generator().manual_seed(2)
-        samples, info = inpaint(model, x.expand(N_SAMPLES, 4), mask, n_steps=N_STEPS, generator=gen,
-                                return_info=True, **kwargs)
-        assert info["nfe"] == N_STEPS
+        trace = Trace()
+        samples = inpaint(model, x.expand(N_SAMPLES, 4), mask, settings=steps(N_STEPS), generator=gen,
+                          callback=trace, **kwargs)
+        assert trace.nfe == N_STEPS
         assert torch.equal(samples[:, mask], x[mask].expand(N_SAMPLES, 2))
         errors[name] = moment_errors(samples[:, ~mask], mean, cov)
     print("\ninpainting (VP, Euler, 100 steps) max z-scores of mean, covariance:", errors)
@@ -164,9 +176,10 @@ def test_posterior_sample_with_general_operator_and_noise():
     noise_std = 0.3
     gen = torch.Generator().manual_seed(4)
     y = A @ observation(data) + noise_std * torch.randn(2, generator=gen, dtype=torch.float64)
-    samples, info = posterior_sample(exact_model(sde, data), y.expand(N_SAMPLES, 2), A, noise_std,
-                                     covariance="jacobian", n_steps=N_STEPS, generator=gen, return_info=True)
-    assert info["backward_passes"] == 4 * N_STEPS
+    trace = Trace()
+    samples = posterior_sample(exact_model(sde, data), y.expand(N_SAMPLES, 2), A, noise_std, steps(N_STEPS),
+                               covariance="jacobian", generator=gen, callback=trace)
+    assert trace.last["backward_passes"] == 4 * N_STEPS
     mean, cov = data.posterior(A, y, noise_std)
     mean_z, cov_z = moment_errors(samples, mean, cov)
     assert mean_z < 4.0 and cov_z < 4.5, (mean_z, cov_z)
@@ -180,7 +193,7 @@ def test_inpaint_never_reads_missing_values_and_handles_image_shapes():
     mask = make_mask("left-half", (3, 12))
     poisoned = torch.where(mask, x, torch.full_like(x, float("nan")))
     for scheme in ("replacement", "guided"):
-        out = inpaint(model, poisoned, mask, scheme=scheme, n_steps=5, generator=torch.Generator().manual_seed(0))
+        out = inpaint(model, poisoned, mask, scheme, steps(5), generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(out).all() and torch.equal(out[mask], x[mask])
 
 
@@ -205,36 +218,39 @@ def test_inpaint_refuses_bad_masks():
     sde, data = SDES["vp"](), correlated_gaussian()
     model, x = exact_model(sde, data), torch.zeros(3, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="does not broadcast"):
-        inpaint(model, x, torch.ones(3, dtype=torch.bool), n_steps=2)
+        inpaint(model, x, torch.ones(3, dtype=torch.bool), settings=steps(2))
     with pytest.raises(ValueError, match="observes nothing"):
-        inpaint(model, x, torch.zeros(4, dtype=torch.bool), n_steps=2)
+        inpaint(model, x, torch.zeros(4, dtype=torch.bool), settings=steps(2))
     with pytest.raises(ValueError, match="observes everything"):
-        inpaint(model, x, torch.ones(4, dtype=torch.bool), n_steps=2)
+        inpaint(model, x, torch.ones(4, dtype=torch.bool), settings=steps(2))
     with pytest.raises(ValueError, match="nothing to condition"):
-        inpaint(model, x, torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]]), n_steps=2)
+        inpaint(model, x, torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]]), settings=steps(2))
     with pytest.raises(ValueError, match="0 \\(missing\\) and 1"):
-        inpaint(model, x, torch.tensor([0.5, 1.0, 0.0, 1.0]), n_steps=2)
+        inpaint(model, x, torch.tensor([0.5, 1.0, 0.0, 1.0]), settings=steps(2))
     with pytest.raises(ValueError, match="scheme"):
-        inpaint(model, x, torch.tensor([1, 0, 1, 0]), scheme="repaint", n_steps=2)
+        inpaint(model, x, torch.tensor([1, 0, 1, 0]), "repaint", steps(2))
     with pytest.raises(ValueError, match="covariance"):
-        inpaint(model, x, torch.tensor([1, 0, 1, 0]), scheme="guided", covariance="full", n_steps=2)
+        inpaint(model, x, torch.tensor([1, 0, 1, 0]), "guided", steps(2), covariance="full")
+    with pytest.raises(ValueError, match="data_var must be a positive finite number"):
+        inpaint(model, x, torch.tensor([1, 0, 1, 0]), "guided", steps(2), data_var=0.0)
     with pytest.raises(ValueError, match="method must be one of"):
-        inpaint(model, x, torch.tensor([1, 0, 1, 0]), method="repaint", n_steps=2)
+        inpaint(model, x, torch.tensor([1, 0, 1, 0]), settings=steps(2, method="repaint"))
+    # options are the sampler method's own, and nothing else
     with pytest.raises(ValueError, match="'heun' does not accept the option"):
-        inpaint(model, x, torch.tensor([1, 0, 1, 0]), method="heun", options={"snr": 0.1}, n_steps=2)
-    with pytest.raises(ValueError, match="not n_steps"):
-        inpaint(model, x, torch.tensor([1, 0, 1, 0]), options={"n_steps": 3}, n_steps=2)
+        inpaint(model, x, torch.tensor([1, 0, 1, 0]), settings=steps(2, method="heun", options={"snr": 0.1}))
+    with pytest.raises(ValueError, match="'euler' does not accept the option.*n_steps"):
+        inpaint(model, x, torch.tensor([1, 0, 1, 0]), settings=steps(2, options={"n_steps": 3}))
 
 
 def test_posterior_sample_refuses_bad_shapes():
     sde, data = SDES["vp"](), correlated_gaussian()
     model, A = exact_model(sde, data), torch.eye(4, dtype=torch.float64)[:2]
     with pytest.raises(ValueError, match="y must have shape"):
-        posterior_sample(model, torch.zeros(3, 3, dtype=torch.float64), A, n_steps=2)
+        posterior_sample(model, torch.zeros(3, 3, dtype=torch.float64), A, settings=steps(2))
     with pytest.raises(ValueError, match="noise_std"):
-        posterior_sample(model, torch.zeros(3, 2, dtype=torch.float64), A, -0.1, n_steps=2)
+        posterior_sample(model, torch.zeros(3, 2, dtype=torch.float64), A, -0.1, steps(2))
     with pytest.raises(ValueError, match="x_shape"):
-        posterior_sample(model, torch.zeros(3, 2, dtype=torch.float64), A, x_shape=(3, 5), n_steps=2)
+        posterior_sample(model, torch.zeros(3, 2, dtype=torch.float64), A, settings=steps(2), x_shape=(3, 5))
 
 
 class _PerturbedScore(torch.nn.Module):
@@ -256,8 +272,8 @@ def test_guided_inpainting_stays_stable_with_an_inexact_score(covariance, amplit
     model = sdeflow.PluginReverseSDE(sde, _PerturbedScore(exact_model(sde, data).net, amplitude), "score").double()
     x = observation(data)
     mask = torch.tensor([True, False, True, False])
-    samples = inpaint(model, x.expand(500, 4), mask, scheme="guided", covariance=covariance,
-                      n_steps=N_STEPS, generator=torch.Generator().manual_seed(3))
+    samples = inpaint(model, x.expand(500, 4), mask, "guided", steps(N_STEPS), covariance=covariance,
+                      generator=torch.Generator().manual_seed(3))
     mean, cov = data.conditional(mask, x[mask])
     # A wrong score gives a wrong conditional; what is checked here is that the guidance does not
     # blow up (before the fix it ran to inf/NaN at large t): every sample stays within ten

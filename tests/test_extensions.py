@@ -23,7 +23,7 @@ from sdeflow.data import DATASETS, Dataset, register_dataset
 from sdeflow.engine import HOOKS, Hook, register_hook
 from sdeflow.experiments import toy as toy_app
 from sdeflow.experiments.toy import ToyConfig, ToyEvalConfig, make_toy_model, run_toy, toy_train_config
-from sdeflow.samplers import METHODS, Method, Option, register_method
+from sdeflow.samplers import METHODS, Method, Option, SamplerSettings, Trace, register_method
 from sdeflow.sdes import SDES, register_sde
 
 from oracle_helpers import ConstantVPSDE
@@ -231,25 +231,28 @@ def test_a_registered_sampler_draws_through_sdeflow_sample():
                                              options={"scale": Option(1.0, _check_scale, "drift scale")}))
     torch.manual_seed(0)
     model = make_toy_model(tiny_config())
-    x, info = sdeflow.sample(model, (5, 2), n_steps=4, method="test-euler-ode",
-                             generator=torch.Generator().manual_seed(1), return_info=True)
+    trace = Trace()
+    x = sdeflow.sample(model, (5, 2), SamplerSettings(method="test-euler-ode", n_steps=4),
+                       generator=torch.Generator().manual_seed(1), callback=trace)
     assert x.shape == (5, 2) and torch.isfinite(x).all()
-    assert info["nfe"] == 4 and info["lmbd"] == 1.0 and len(CALLS) == 4
+    assert trace.nfe == 4 and len(CALLS) == 4
+    assert SamplerSettings(method="test-euler-ode").validate(model.T).lmbd == 1.0
     assert CALLS[0][0] == pytest.approx(model.T) and CALLS[-1][1] == pytest.approx(0.0)
     assert {c[2] for c in CALLS} == {1.0}
     # the built-in Euler at λ = 1 takes the same steps
-    same = sdeflow.sample(model, (5, 2), n_steps=4, method="euler", lmbd=1.0, generator=torch.Generator().manual_seed(1))
+    same = sdeflow.sample(model, (5, 2), SamplerSettings(method="euler", n_steps=4, lmbd=1.0),
+                          generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(x, same)
     # its option is passed, checked, and refused by other methods
     CALLS.clear()
-    sdeflow.sample(model, (2, 2), n_steps=2, method="test-euler-ode", scale=0.5)
+    sdeflow.sample(model, (2, 2), SamplerSettings(method="test-euler-ode", n_steps=2, options={"scale": 0.5}))
     assert {c[2] for c in CALLS} == {0.5}
     with pytest.raises(ValueError, match="scale"):
-        sdeflow.sample(model, (2, 2), n_steps=2, method="test-euler-ode", scale=-1.0)
+        sdeflow.sample(model, (2, 2), SamplerSettings(method="test-euler-ode", n_steps=2, options={"scale": -1.0}))
     with pytest.raises(ValueError, match="scale"):
-        sdeflow.sample(model, (2, 2), n_steps=2, method="euler", scale=0.5)
+        sdeflow.sample(model, (2, 2), SamplerSettings(method="euler", n_steps=2, options={"scale": 0.5}))
     with pytest.raises(ValueError):
-        sdeflow.sample(model, (2, 2), n_steps=2, method="test-euler-ode", lmbd=0.0)
+        sdeflow.sample(model, (2, 2), SamplerSettings(method="test-euler-ode", n_steps=2, lmbd=0.0))
 
 
 def test_a_registered_sampler_is_a_choice_of_the_sampling_commands():

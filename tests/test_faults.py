@@ -284,7 +284,7 @@ def test_bad_checkpoint_refused_by_every_command(tmp_path, capsys, cli_run, dama
     if command == "eval":
         argv = ["eval", "--checkpoint", path, "--dataset", "cifar10", "--data-root", root]
     elif command == "sample":
-        argv = ["sample", "--checkpoint", path, "--n", "2", "--steps", "2", "--out", tmp_path / "grid.png"]
+        argv = ["sample", "--checkpoint", path, "--n", "2", "--n-steps", "2", "--out", tmp_path / "grid.png"]
     else:
         argv = train_args(root, run, 4, "--resume")
     code = cli.main([str(a) for a in argv])

@@ -8,6 +8,7 @@ import torch
 
 import sdeflow
 from sdeflow.ode import probability_flow_velocity
+from sdeflow.samplers import Trace
 from oracle_helpers import _one_thread  # noqa: F401 (fixture)
 from oracle_helpers import (SDES, assert_gaussian_moments, exact_flow, exact_model, expected_ode_log_prob, gaussian,
                             true_marginal_T)
@@ -24,7 +25,8 @@ def test_sample_ode_has_the_data_mean_and_covariance(name):
     model = exact_model(sde, data)
     gen = torch.Generator().manual_seed(0)
     x_T = true_marginal_T(sde, data, N_SAMPLES, gen)
-    x = sdeflow.sample_ode(model, x_T.shape, x_T=x_T, rtol=1e-6, atol=1e-6, dtype=torch.float64)
+    x = sdeflow.sample_ode(model, x_T.shape, x_T=x_T, rtol=1e-6, atol=1e-6)
+    assert x.dtype == torch.float64
     assert_gaussian_moments(x, data)
     assert (x - exact_flow(sde, data, x_T, 0.0)).abs().max() < 1e-3
 
@@ -46,13 +48,16 @@ def test_fixed_grid_ode_solver_converges_at_its_order():
 def test_sample_ode_reports_nfe(solver, options):
     sde, data = SDES["vp"](), gaussian(2)
     model = exact_model(sde, data)
-    _, info = sdeflow.sample_ode(model, (5, 2), solver=solver, rtol=1e-4, atol=1e-4, dtype=torch.float64,
-                                 return_info=True, **options)
-    assert info["nfe"] == model.net.calls > 0
+    x_T = SDES["vp"]().prior_sample((5, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    trace = Trace(keep_states=True)
+    x = sdeflow.sample_ode(model, (5, 2), solver=solver, rtol=1e-4, atol=1e-4, x_T=x_T, callback=trace, **options)
+    assert trace.nfe == model.net.calls == len(trace.times) > 0
+    assert torch.equal(trace.states[0], x_T) and trace.times[0] == sde.T  # the first evaluation is at (T, x_T)
+    assert torch.equal(x, sdeflow.sample_ode(model, (5, 2), solver=solver, rtol=1e-4, atol=1e-4, x_T=x_T, **options))
     if solver == "rk4":
-        assert info["nfe"] == 4 * 10
+        assert trace.nfe == 4 * 10
     if solver == "midpoint":
-        assert info["nfe"] == 2 * 4
+        assert trace.nfe == 2 * 4
 
 
 def test_probability_flow_velocity_is_minus_mu_1_and_counts_calls():
@@ -77,7 +82,8 @@ def test_log_prob_ode_counts_network_calls():
     (dict(solver="rk4"), "needs step_size"),
     (dict(solver="rk4", step_size=-0.1), "needs step_size"),
     (dict(solver="dopri5", step_size=0.1), "sets its own steps"),
-    (dict(t_min=1.0), r"t_min must lie in \[0, T"),
+    (dict(t_min=1.0), r"t_min must lie in \[0, t_start=1.0\)"),
+    (dict(t_min=-0.1), r"t_min must lie in \[0, t_start=1.0\)"),
 ])
 def test_bad_input_to_sample_ode_says_what_is_allowed(kwargs, match):
     model = exact_model(SDES["vp"](), gaussian(2))

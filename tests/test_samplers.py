@@ -8,11 +8,17 @@ import pytest
 import torch
 
 import sdeflow
-from sdeflow.samplers import METHODS
+from sdeflow.samplers import METHODS, SamplerSettings, Trace
 from oracle_helpers import _one_thread  # noqa: F401 (fixture)
 from oracle_helpers import SDES, assert_gaussian_moments, exact_flow, exact_model, gaussian, true_marginal_T
 
 N_SAMPLES = 4000
+
+
+def draw(model, shape, *, x_T=None, generator=None, project=None, callback=None, **settings):
+    """``sdeflow.sample`` in float64 with ``SamplerSettings(**settings)``: the one call of the API here."""
+    return sdeflow.sample(model, shape, SamplerSettings(**settings), x_T=x_T, project=project, generator=generator,
+                          callback=callback, dtype=torch.float64)
 
 
 # ---- distribution: mean and covariance of the samples ------------------------------------------
@@ -34,8 +40,8 @@ def test_samples_have_the_data_mean_and_covariance(name, method, lmbd, n_steps, 
     gen = torch.Generator().manual_seed(0)
     x_T = true_marginal_T(sde, data, N_SAMPLES, gen)
     t_min = 1e-3 if schedule in ("logsnr", "karras") else None
-    x = sdeflow.sample(model, x_T.shape, n_steps=n_steps, lmbd=lmbd, method=method, schedule=schedule,
-                       t_min=t_min, x_T=x_T, generator=gen, dtype=torch.float64)
+    x = draw(model, x_T.shape, method=method, n_steps=n_steps, lmbd=lmbd, schedule=schedule, t_min=t_min,
+             x_T=x_T, generator=gen)
     assert_gaussian_moments(x, data)
 
 
@@ -44,8 +50,8 @@ def test_langevin_corrector_keeps_the_law():
     sde, data = SDES["vp"](), gaussian(2)
     gen = torch.Generator().manual_seed(3)
     x_T = true_marginal_T(sde, data, N_SAMPLES, gen)
-    x = sdeflow.sample(exact_model(sde, data), x_T.shape, n_steps=100, lmbd=1.0, method="pc", snr=0.05,
-                       n_corrector=2, x_T=x_T, generator=gen, dtype=torch.float64)
+    x = draw(exact_model(sde, data), x_T.shape, method="pc", n_steps=100, lmbd=1.0,
+             options={"snr": 0.05, "n_corrector": 2}, x_T=x_T, generator=gen)
     assert_gaussian_moments(x, data)
 
 
@@ -67,8 +73,7 @@ def test_error_shrinks_at_the_stated_order(name, method, n_steps, order):
     exact = exact_flow(sde, data, x_T, t_min)
     errors = []
     for n in (n_steps, 2 * n_steps):
-        x = sdeflow.sample(model, x_T.shape, n_steps=n, lmbd=1.0, method=method, t_min=t_min, x_T=x_T,
-                           dtype=torch.float64)
+        x = draw(model, x_T.shape, method=method, n_steps=n, lmbd=1.0, t_min=t_min, x_T=x_T)
         errors.append(float((x - exact).abs().max()))
     measured = math.log2(errors[0] / errors[1])
     assert abs(measured - order) < 0.5, f"{method}: errors {errors}, measured order {measured:.2f}"
@@ -80,8 +85,8 @@ def test_a_last_step_onto_t_zero_lands_on_the_flow(method, tolerance):
     for name in SDES:
         sde, data = SDES[name](), gaussian(2)
         x_T = sde.prior_sample((16, 2), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-        x = sdeflow.sample(exact_model(sde, data), x_T.shape, n_steps=100, method=method, schedule="quadratic",
-                           t_min=0.0, x_T=x_T, dtype=torch.float64)
+        x = draw(exact_model(sde, data), x_T.shape, method=method, n_steps=100, schedule="quadratic", t_min=0.0,
+                 x_T=x_T)
         assert torch.isfinite(x).all()
         assert (x - exact_flow(sde, data, x_T, 0.0)).abs().max() < tolerance, name
 
@@ -96,14 +101,14 @@ def test_reported_nfe_counts_network_calls(method, t_min):
     model = exact_model(sde, data)
     n_steps = 7
     schedule = "uniform" if t_min == 0.0 else None
-    _, info = sdeflow.sample(model, (5, 2), n_steps=n_steps, method=method, t_min=t_min, schedule=schedule,
-                             dtype=torch.float64, return_info=True)
-    assert info["nfe"] == model.net.calls
+    trace = Trace()
+    draw(model, (5, 2), method=method, n_steps=n_steps, t_min=t_min, schedule=schedule, callback=trace)
+    assert trace.nfe == model.net.calls
     expected = n_steps * METHODS[method].nfe()  # at the method's default options (pc: 1 + n_corrector)
     if method == "heun" and t_min == 0.0:
         expected -= 1  # the Euler step onto σ̃ = 0
-    assert info["nfe"] == expected
-    assert info["times"].shape == (n_steps + 1,)
+    assert trace.nfe == expected
+    assert len(trace.times) == n_steps
 
 
 @pytest.mark.parametrize("method,lmbd", [("euler", 0.0), ("heun", 0.3), ("ddim", 0.0), ("dpm3", 1.0),
@@ -111,14 +116,13 @@ def test_reported_nfe_counts_network_calls(method, t_min):
 def test_a_seed_reproduces_the_batch(method, lmbd):
     model = exact_model(SDES["ve"](), gaussian(2))
 
-    def draw(seed):
-        return sdeflow.sample(model, (6, 2), n_steps=5, lmbd=lmbd, method=method,
-                              generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    def run(seed):
+        return draw(model, (6, 2), method=method, n_steps=5, lmbd=lmbd, generator=torch.Generator().manual_seed(seed))
 
-    assert torch.equal(draw(11), draw(11))
-    assert not torch.allclose(draw(11), draw(12))
-    ode = [sdeflow.sample_ode(model, (6, 2), generator=torch.Generator().manual_seed(11), rtol=1e-3, atol=1e-3,
-                              dtype=torch.float64) for _ in range(2)]
+    assert torch.equal(run(11), run(11))
+    assert not torch.allclose(run(11), run(12))
+    ode = [sdeflow.sample_ode(model, (6, 2), generator=torch.Generator().manual_seed(11), rtol=1e-3, atol=1e-3)
+           for _ in range(2)]
     assert torch.equal(ode[0], ode[1])
 
 
@@ -131,9 +135,9 @@ def test_predictor_runs_before_corrector():
     forward = model.net.forward
     model.net.forward = lambda y, t: (call_times.append(float(t[0])), forward(y, t))[1]
     n_steps, n_corrector = 4, 2
-    _, info = sdeflow.sample(model, (3, 2), n_steps=n_steps, method="pc", n_corrector=n_corrector,
-                             dtype=torch.float64, return_info=True)
-    grid = info["times"].tolist()
+    trace = Trace()
+    draw(model, (3, 2), method="pc", n_steps=n_steps, options={"n_corrector": n_corrector}, callback=trace)
+    grid = [sde.T] + trace.times
     expected = []
     for i in range(n_steps):
         expected += [grid[i]] + [grid[i + 1]] * n_corrector
@@ -142,13 +146,16 @@ def test_predictor_runs_before_corrector():
 
 def test_callback_trajectory_and_projection():
     model = exact_model(SDES["vp"](), gaussian(2))
-    seen = []
-    x, trajectory = sdeflow.sample(model, (4, 2), n_steps=6, method="dpm++2m", dtype=torch.float64,
-                                   callback=lambda d: seen.append(d["i"]), return_trajectory=True,
-                                   project=lambda x, t: x.clamp(-0.1, 0.1))
-    assert seen == list(range(6))
-    assert trajectory.shape == (7, 4, 2)
-    assert torch.equal(trajectory[-1], x) and x.abs().max() <= 0.1
+    seen, trace = [], Trace(keep_states=True)
+
+    def callback(report):
+        seen.append((report["i"], report["nfe"]))
+        trace(report)
+
+    x = draw(model, (4, 2), method="dpm++2m", n_steps=6, callback=callback, project=lambda x, t: x.clamp(-0.1, 0.1))
+    assert seen == [(i, i + 1) for i in range(6)]  # one evaluation a step, counted as it goes
+    assert torch.stack(trace.states).shape == (6, 4, 2)
+    assert torch.equal(trace.states[-1], x) and x.abs().max() <= 0.1
 
 
 # ---- bad input -----------------------------------------------------------------------------------
@@ -159,24 +166,45 @@ def test_callback_trajectory_and_projection():
     (dict(n_steps=2.5), "n_steps must be a positive integer"),
     (dict(method="dpm2", lmbd=0.5), r"'dpm2' supports λ = 1 only"),
     (dict(method="dpm++2m", lmbd=0.0), r"supports λ = 1 only"),
-    (dict(lmbd=1.5), r"lmbd must lie in \[0, 1\]"),
-    (dict(method="dpm3", t_min=0.0), r"t_min in \(0, T=1.0\)"),
-    (dict(method="dpm3", t_min=1.0), r"t_min in \(0, T=1.0\)"),
+    (dict(lmbd=1.5), r"'euler' supports any λ in \[0, 1\]; got lmbd=1.5"),
+    (dict(method="dpm3", t_min=0.0), r"method 'dpm3' needs t_min in \(0, t_start=1.0\)"),
+    (dict(method="dpm3", t_min=1.0), r"method 'dpm3' needs t_min in \(0, t_start=1.0\)"),
     (dict(schedule="logsnr", t_min=0.0), r"needs t_min in \(0, t_start"),
     (dict(schedule="karras", t_min=-0.1), r"needs t_min in \(0, t_start"),
     (dict(t_min=1.2), r"t_min must lie in \[0, t_start"),
     (dict(t_start=1.5), r"t_start must lie in \(0, T"),
-    (dict(n_corrector=2), r"method 'euler' does not accept the option\(s\) n_corrector; it accepts: none "
-                          r"\('n_corrector' is an option of 'pc'\)"),
-    (dict(method="pc", corrector_steps=2), "'pc' does not accept .* it accepts: n_corrector, snr"),
-    (dict(method="pc", n_corrector=-1), "n_corrector must be an integer >= 0"),
-    (dict(method="pc", n_corrector=1.5), "n_corrector must be an integer >= 0"),
-    (dict(method="pc", snr=0.0), "snr must be a positive finite number"),
+    (dict(options={"n_corrector": 2}), r"method 'euler' does not accept the option\(s\) n_corrector; it accepts: "
+                                       r"none \('n_corrector' is an option of 'pc'\)"),
+    (dict(method="pc", options={"corrector_steps": 2}), "'pc' does not accept .* it accepts: n_corrector, snr"),
+    (dict(method="pc", options={"n_corrector": -1}), "n_corrector must be an integer >= 0"),
+    (dict(method="pc", options={"n_corrector": 1.5}), "n_corrector must be an integer >= 0"),
+    (dict(method="pc", options={"snr": 0.0}), "snr must be a positive finite number"),
+    (dict(options=[("snr", 0.1)]), "options must be a mapping"),
 ])
 def test_bad_input_to_sample_says_what_is_allowed(kwargs, match):
     model = exact_model(SDES["vp"](), gaussian(2))
+    t_start = kwargs.pop("t_start", None)
     with pytest.raises(ValueError, match=match):
-        sdeflow.sample(model, (2, 2), **{"n_steps": 3, **kwargs})
+        sdeflow.sample(model, (2, 2), SamplerSettings(**{"n_steps": 3, **kwargs}), t_start=t_start)
+
+
+def test_settings_resolve_the_methods_defaults_and_stay_frozen():
+    import dataclasses
+    import pickle
+
+    settings = SamplerSettings(method="pc", options={"snr": 0.1})
+    resolved = settings.validate(T=2.0)
+    spec = METHODS["pc"]
+    assert resolved == SamplerSettings(method="pc", n_steps=1000, lmbd=spec.default_lmbd, schedule=spec.default_schedule,
+                                       t_min=spec.default_t_min * 2.0, options={"n_corrector": 1, "snr": 0.1})
+    assert resolved.validate(T=2.0) == resolved  # resolving twice changes nothing
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.n_steps = 3
+    with pytest.raises(TypeError):
+        settings.options["snr"] = 0.2
+    assert pickle.loads(pickle.dumps(resolved)) == resolved
+    with pytest.raises(ValueError, match="settings must be a sdeflow.samplers.SamplerSettings"):
+        sdeflow.sample(exact_model(SDES["vp"](), gaussian(2)), (2, 2), {"n_steps": 3})
 
 
 # ---- a method registered from outside the package -----------------------------------------------
@@ -229,19 +257,19 @@ def test_a_method_registered_from_outside_runs_through_sample(exponential_euler)
     name = exponential_euler
     model = exact_model(SDES["vp"](), gaussian(2))
     x_T = SDES["vp"]().prior_sample((16, 2), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    x, info = sdeflow.sample(model, x_T.shape, n_steps=9, method=name, x_T=x_T, dtype=torch.float64,
-                             return_info=True)
-    assert info["nfe"] == 9 == 9 * METHODS[name].nfe()
+    trace = Trace()
+    x = draw(model, x_T.shape, method=name, n_steps=9, x_T=x_T, callback=trace)
+    assert trace.nfe == 9 == 9 * METHODS[name].nfe()
     # The same first-order exponential integrator as the built-in DDIM (same defaults).
-    ddim = sdeflow.sample(model, x_T.shape, n_steps=9, method="ddim", x_T=x_T, dtype=torch.float64)
+    ddim = draw(model, x_T.shape, method="ddim", n_steps=9, x_T=x_T)
     assert torch.allclose(x, ddim, atol=1e-10)
-    clipped = sdeflow.sample(model, x_T.shape, n_steps=9, method=name, x_T=x_T, dtype=torch.float64, clip_x0=0.1)
+    clipped = draw(model, x_T.shape, method=name, n_steps=9, x_T=x_T, options={"clip_x0": 0.1})
     # At t_min = 10⁻³ the state is α·x̂₀ plus a σ_{t_min} ≈ 0.01 share of the noise prediction.
     assert clipped.abs().max() < 0.15 < x.abs().max()
     with pytest.raises(ValueError, match="clip_x0 must be a positive number"):
-        sdeflow.sample(model, (2, 2), n_steps=3, method=name, clip_x0=-1.0)
+        draw(model, (2, 2), method=name, n_steps=3, options={"clip_x0": -1.0})
     with pytest.raises(ValueError, match=rf"'{name}' does not accept .*n_corrector.* it accepts: clip_x0"):
-        sdeflow.sample(model, (2, 2), n_steps=3, method=name, n_corrector=1)
+        draw(model, (2, 2), method=name, n_steps=3, options={"n_corrector": 1})
 
 
 def test_a_method_registered_from_outside_runs_through_inpaint_and_denoise(exponential_euler):
@@ -249,16 +277,18 @@ def test_a_method_registered_from_outside_runs_through_inpaint_and_denoise(expon
     model = exact_model(SDES["vp"](), gaussian(4))
     x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     mask = torch.tensor([True, False, True, False])
-    samples, info = sdeflow.inpaint(model, x, mask, scheme="guided", method=name, n_steps=7,
-                                    options={"clip_x0": 3.0}, generator=torch.Generator().manual_seed(1),
-                                    return_info=True)
-    assert info["nfe"] == 7 and info["backward_passes"] == 7
+    trace = Trace()
+    samples = sdeflow.inpaint(model, x, mask, "guided", SamplerSettings(method=name, n_steps=7, options={"clip_x0": 3.0}),
+                              generator=torch.Generator().manual_seed(1), callback=trace)
+    assert trace.nfe == 7 and trace.last["backward_passes"] == 7
     assert torch.isfinite(samples).all() and torch.equal(samples[:, mask], x[:, mask])
     # Denoising runs the reverse SDE (λ = 0): the same noise draws as DDIM's give the same samples.
-    draws = [sdeflow.denoise(model, x, 0.5, method=m, n_steps=7, generator=torch.Generator().manual_seed(2),
-                             return_info=True) for m in (name, "ddim")]
-    assert draws[0][1]["nfe"] == 7 and model.net.calls == 3 * 7  # inpaint and two denoise runs
-    assert torch.allclose(draws[0][0], draws[1][0], atol=1e-10)
+    traces = [Trace(), Trace()]
+    draws = [sdeflow.denoise(model, x, 0.5, SamplerSettings(method=m, n_steps=7),
+                             generator=torch.Generator().manual_seed(2), callback=trace)
+             for m, trace in zip((name, "ddim"), traces)]
+    assert traces[0].nfe == 7 and model.net.calls == 3 * 7  # inpaint and two denoise runs
+    assert torch.allclose(draws[0], draws[1], atol=1e-10)
 
 
 def test_register_method_refuses_duplicates_and_inconsistent_entries(exponential_euler):

@@ -17,6 +17,7 @@ from sdeflow.engine.state import make_generator, step_seed
 from sdeflow.evaluation import evaluate_bpd, quantization_time
 from sdeflow.experiments import images as images_app
 from sdeflow.plotting import save_image_grid
+from sdeflow.samplers import SamplerSettings
 from sdeflow.data import transforms
 
 from training_helpers import single_thread, tiny_config, tiny_images, tiny_model, tiny_train_config
@@ -190,8 +191,8 @@ def test_evaluate_bpd_reproducible_fitted_default_and_ode_nfe():
 def test_sample_images_deterministic_and_grid_written(tmp_path):
     config = tiny_config()
     model = tiny_model(config)
-    a = images_app.sample_images(model, config, 5, n_steps=4, seed=1)
-    b = images_app.sample_images(model, config, 5, n_steps=4, seed=1)
+    a = images_app.sample_images(model, config, 5, SamplerSettings(n_steps=4), seed=1)
+    b = images_app.sample_images(model, config, 5, SamplerSettings(n_steps=4), seed=1)
     assert a.dtype == torch.uint8 and a.shape == (5, 1, 8, 8) and torch.equal(a, b)
     path = save_image_grid(a, tmp_path / "grid.png", title="test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

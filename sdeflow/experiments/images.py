@@ -39,17 +39,13 @@ def image_model_config(dataset: str = "cifar10", preset: str = DEFAULT_PRESET, *
 
 
 @torch.no_grad()
-def sample_images(model, config: dict, n_samples: int, *, method: str = "euler", schedule: str | None = None,
-                  n_steps: int = 1000, lmbd: float | None = None, t_min: float | None = None,
-                  options: dict | None = None, seed: int = 0, device=None, batch_size: int = 256,
-                  callback=None, return_info: bool = False):
-    """Draw ``n_samples`` images with :func:`sdeflow.sample` (``method``, a key of
-    :data:`sdeflow.samplers.METHODS`, with ``n_steps`` steps on a ``schedule`` grid down to
-    ``t_min``, its ``lmbd`` and ``options``; None: the method's own) in batches of ``batch_size``,
-    and map them back to uint8 (N, C, H, W). Deterministic given ``seed``. ``callback`` is the
-    sampler's, called after every step of every batch. With ``return_info`` also returns
-    {"nfe": network evaluations per image (every batch takes the same), "batches", "times": the
-    grid, "lmbd": the λ used}."""
+def sample_images(model, config: dict, n_samples: int, settings=None, *, seed: int = 0, device=None,
+                  batch_size: int = 256, callback=None) -> torch.Tensor:
+    """``n_samples`` images, uint8 (N, C, H, W): :func:`sdeflow.samplers.sample` with ``settings``
+    (a :class:`~sdeflow.samplers.SamplerSettings`; None: its defaults) in batches of
+    ``batch_size``, mapped back from model space. Deterministic given ``seed``. ``callback`` is
+    the sampler's, called after every step of every batch (its "nfe" counts from 0 in each batch,
+    so at a batch's last step it is the evaluations per image)."""
     from ..samplers import sample as sample_model
 
     check_positive_int("n_samples", n_samples)
@@ -59,20 +55,15 @@ def sample_images(model, config: dict, n_samples: int, *, method: str = "euler",
     model.eval()
     c, s = config["net"]["in_channels"], config["net"]["image_size"]
     gen = make_generator(device, seed)
-    out, info = [], {}
+    out = []
     try:
         for start in range(0, n_samples, batch_size):
             count = min(batch_size, n_samples - start)
-            y, info = sample_model(model, (count, c, s, s), n_steps=n_steps, lmbd=lmbd, method=method,
-                                   schedule=schedule, t_min=t_min, generator=gen, device=device,
-                                   callback=callback, return_info=True, **(options or {}))
+            y = sample_model(model, (count, c, s, s), settings, generator=gen, device=device, callback=callback)
             out.append(postprocess(y.float(), config["data"]).cpu())
     finally:
         model.train(was_training)
-    images = torch.cat(out)
-    if not return_info:
-        return images
-    return images, {"nfe": info["nfe"], "batches": len(out), "times": info["times"], "lmbd": info["lmbd"]}
+    return torch.cat(out)
 
 
 def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, model_config: dict, *,
@@ -87,6 +78,7 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
     from ..plotting import save_image_grid
 
     from ..losses import MAX_SECOND_ORDER_DIM
+    from ..samplers import SamplerSettings
 
     config.validate()
     images = check_images(images, model_config)
@@ -100,8 +92,8 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
         return preprocess(batch, data, generator, flip=config.flip).y
 
     def draw(ema_model, path, step):
-        grid = sample_images(ema_model, model_config, config.sample_n_samples, n_steps=config.sample_n_steps,
-                             seed=config.seed, device=device)
+        grid = sample_images(ema_model, model_config, config.sample_n_samples,
+                             SamplerSettings(n_steps=config.sample_n_steps), seed=config.seed, device=device)
         save_image_grid(grid, path, title=f"EMA samples at step {step} ({config.sample_n_steps} Euler steps, λ=0)")
 
     def estimate(ema_model, step):

@@ -45,7 +45,7 @@ from ..evaluation import LikelihoodSettings, log_likelihood
 from ..statistics import mean_se
 from ..metrics import sliced_wasserstein
 from ..plotting import lmbd_key, plot_points, plot_samples, plot_training, plot_trajectories
-from ..samplers import sample
+from ..samplers import SamplerSettings, Trace, sample
 from ..utils import check_positive_int
 
 __all__ = ["ToyConfig", "ToyEvalConfig", "toy_train_config", "make_toy_model", "train_toy", "evaluate_toy",
@@ -184,8 +184,8 @@ def _sample_figure(config: ToyConfig):
 
     def draw(ema_model, path, step):
         gen = make_generator(config.device, step_seed(train.seed, step, 0, stream=STREAM_MONITOR))
-        points = sample(ema_model, (train.sample_n_samples, 2), n_steps=train.sample_n_steps, generator=gen,
-                        device=config.device)
+        points = sample(ema_model, (train.sample_n_samples, 2), SamplerSettings(n_steps=train.sample_n_steps),
+                        generator=gen, device=config.device)
         data = sample_data(5000, generator=make_generator("cpu", step_seed(train.seed, step, 0,
                                                                            stream=STREAM_MONITOR_DATA)))
         plot_points(points, path, f"{config.dataset}: EMA samples at step {step} ({train.sample_n_steps} Euler "
@@ -263,10 +263,13 @@ def evaluate_toy(model, config: ToyConfig, generator: torch.Generator,
                                for _ in range(SWD_FLOOR_PAIRS)) / SWD_FLOOR_PAIRS
     artefacts = {"data": data.cpu(), "samples": {}, "trajectories": {}}
     for lmbd in ev.lmbds:
-        samples = sample(model, (ev.n_samples, 2), n_steps=ev.n_steps, lmbd=lmbd, generator=generator, device=device)
+        settings = SamplerSettings(n_steps=ev.n_steps, lmbd=lmbd)
+        samples = sample(model, (ev.n_samples, 2), settings, generator=generator, device=device)
         metrics[f"swd_lmbd{lmbd_key(lmbd)}"] = swd(samples, data)
-        _, trajectory = sample(model, (ev.n_trajectories, 2), n_steps=ev.n_steps, lmbd=lmbd,
-                               generator=generator, device=device, return_trajectory=True)
+        x_T = model.sde.prior_sample((ev.n_trajectories, 2), generator=generator, device=device, dtype=samples.dtype)
+        trace = Trace(keep_states=True)
+        sample(model, x_T.shape, settings, x_T=x_T, generator=generator, device=device, callback=trace)
+        trajectory = torch.stack([x_T, *trace.states])
         artefacts["samples"][float(lmbd)] = samples.cpu()
         artefacts["trajectories"][float(lmbd)] = trajectory.cpu()
     artefacts["times"] = torch.linspace(model.T, 0.0, ev.n_steps + 1)

@@ -1,19 +1,15 @@
-r"""Samplers: plain functions that integrate the generative λ-family of a model from t = T to t_min.
-
-``sample`` runs a fixed-step method (``METHODS``) on a time grid (:func:`sdeflow.schedules.time_grid`,
-``SCHEDULES``); :func:`sdeflow.ode.sample_ode` solves the probability-flow ODE with a torchdiffeq solver
-instead. Both hand back the number of network evaluations (NFE) with ``return_info=True``, and both
-take a ``generator`` so that a seed reproduces a batch exactly.
+r"""The built-in fixed-step methods of :func:`sdeflow.samplers.sample`, each a step function
+registered in ``METHODS``.
 
 Notation. The forward SDE has marginals :math:`q(y_t\mid x) = N(\alpha_t x, \sigma_t^2 I)` with
 :math:`\alpha_t` = ``sde.mean_weight(t)``, :math:`\sigma_t` = ``sde.std(t)``; the half log-SNR is
 :math:`\ell_t = \log(\alpha_t/\sigma_t)` = ``sde.log_snr(t) / 2`` (increasing as t decreases), the
 "VE-equivalent" noise level :math:`\tilde\sigma_t = \sigma_t/\alpha_t = e^{-\ell_t}` and the scaled
-state :math:`\tilde x = x/\alpha_t`. The network's noise prediction is :math:`\hat\varepsilon = -\sigma_t s`
-and its data prediction :math:`\hat x_0 = (x - \sigma_t\hat\varepsilon)/\alpha_t`. For every linear SDE
-(VP, sub-VP, VE) the λ-family
-:math:`dX = [(1-\tfrac\lambda2) g^2 s - f X]\,d\tau + \sqrt{1-\lambda}\,g\,d\bar B` becomes, in these
-coordinates (using :math:`g^2 = -2\sigma_t^2\,d\ell_t/dt` and :math:`f = d\log\alpha_t/dt`),
+state :math:`\tilde x = x/\alpha_t`. The network's noise prediction is
+:math:`\hat\varepsilon = -\sigma_t s` (``model.predicted_noise``) and its data prediction
+:math:`\hat x_0 = (x - \sigma_t\hat\varepsilon)/\alpha_t`. For every linear SDE (VP, sub-VP, VE) the
+λ-family :math:`dX = [(1-\tfrac\lambda2) g^2 s - f X]\,d\tau + \sqrt{1-\lambda}\,g\,d\bar B` becomes,
+in these coordinates (using :math:`g^2 = -2\sigma_t^2\,d\ell_t/dt` and :math:`f = d\log\alpha_t/dt`),
 
 .. math::  d\tilde x = (2-\lambda)\,\hat\varepsilon\, d\tilde\sigma + \sqrt{1-\lambda}\; d\tilde W,
            \qquad \operatorname{Var}(d\tilde W) = -d(\tilde\sigma^2),
@@ -49,17 +45,18 @@ mean (the Langevin corrector, an MCMC move at t_min, keeps its noise).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .model import PluginReverseSDE, check_lmbd
-from .schedules import SCHEDULES, time_grid
-from .utils import (append_dims, check_choice, check_nonneg_int, check_positive_float, check_new_name,
-                    model_device_dtype)
+from ..utils import append_dims, check_nonneg_int, check_positive_float
+from .registry import Method, Option, register_method
 
-__all__ = ["sample", "register_method", "METHODS", "Method", "Option"]
+if TYPE_CHECKING:
+    from ..model import PluginReverseSDE
+
+__all__: list[str] = []  # the methods are reached through METHODS
 
 
 # ---- shared pieces -----------------------------------------------------------------------------
@@ -86,11 +83,6 @@ def _coefs(sde, t: torch.Tensor, ndim: int) -> _Coefs:
 
 def _t_from_half_log_snr(sde, half_log_snr: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return sde.t_from_log_snr(2 * half_log_snr.reshape(-1)).to(like.dtype)
-
-
-def _noise_prediction(model: PluginReverseSDE, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """ε̂ = −σ_t·s(x, t), whatever the network's parameterization. Shape of x."""
-    return -append_dims(model.sde.std(t), x.ndim).to(x.dtype) * model.score(x, t)
 
 
 def _lin(*terms) -> torch.Tensor:
@@ -129,18 +121,18 @@ def _heun_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, sta
         t_hat = _t_from_half_log_snr(sde, -torch.log(sigma_hat), t)
         c_hat = _coefs(sde, t_hat, x.ndim)
     d_sigma = c_next.sigma_tilde - c_hat.sigma_tilde
-    eps = _noise_prediction(model, x_tilde * c_hat.alpha.to(x.dtype), t_hat)
+    eps = model.predicted_noise(x_tilde * c_hat.alpha.to(x.dtype), t_hat)
     x_tilde_euler = x_tilde + _lin((d_sigma, eps))
     if bool((c_next.sigma_tilde == 0).all()):
         return x_tilde_euler * c_next.alpha.to(x.dtype), 1
-    eps_next = _noise_prediction(model, x_tilde_euler * c_next.alpha.to(x.dtype), t_next)
+    eps_next = model.predicted_noise(x_tilde_euler * c_next.alpha.to(x.dtype), t_next)
     x_tilde_next = x_tilde + _lin((0.5 * d_sigma, eps + eps_next))
     return x_tilde_next * c_next.alpha.to(x.dtype), 2
 
 
 def _ddim_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, state):
     c, c_next = _coefs(model.sde, t, x.ndim), _coefs(model.sde, t_next, x.ndim)
-    eps = _noise_prediction(model, x, t)
+    eps = model.predicted_noise(x, t)
     x0_hat = (x - c.sigma.to(x.dtype) * eps) / c.alpha.to(x.dtype)
     eta = math.sqrt(1 - lmbd)
     # s² = η² σ_{i+1}² (1 − SNR_i/SNR_{i+1}); at t_next = 0, σ_{i+1} = 0 and so is s.
@@ -162,9 +154,9 @@ def _dpm2_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, sta
     mid_half_log_snr = c.half_log_snr + 0.5 * h
     s1 = _t_from_half_log_snr(sde, mid_half_log_snr, t)
     c1 = _coefs(sde, s1, x.ndim)
-    eps = _noise_prediction(model, x, t)
+    eps = model.predicted_noise(x, t)
     u = _lin((c1.alpha / c.alpha, x), (-c1.sigma * torch.expm1(0.5 * h), eps))
-    eps_mid = _noise_prediction(model, u, s1)
+    eps_mid = model.predicted_noise(u, s1)
     return _lin((c_next.alpha / c.alpha, x), (-c_next.sigma * torch.expm1(h), eps_mid)), 2
 
 
@@ -181,12 +173,12 @@ def _dpm3_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, sta
     s2 = _t_from_half_log_snr(sde, c.half_log_snr + r2 * h, t)
     c1, c2 = _coefs(sde, s1, x.ndim), _coefs(sde, s2, x.ndim)
     phi_1, phi_r1, phi_r2 = torch.expm1(h), torch.expm1(r1 * h), torch.expm1(r2 * h)
-    eps = _noise_prediction(model, x, t)
+    eps = model.predicted_noise(x, t)
     u1 = _lin((c1.alpha / c.alpha, x), (-c1.sigma * phi_r1, eps))
-    d1 = _noise_prediction(model, u1, s1) - eps
+    d1 = model.predicted_noise(u1, s1) - eps
     u2 = _lin((c2.alpha / c.alpha, x), (-c2.sigma * phi_r2, eps),
               (-c2.sigma * (r2 / r1) * (phi_r2 / (r2 * h) - 1), d1))
-    d2 = _noise_prediction(model, u2, s2) - eps
+    d2 = model.predicted_noise(u2, s2) - eps
     x_next = _lin((c_next.alpha / c.alpha, x), (-c_next.sigma * phi_1, eps),
                   (-c_next.sigma / r2 * (phi_1 / h - 1), d2))
     return x_next, 3
@@ -198,7 +190,7 @@ def _dpmpp_2m_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last,
     and on a last step to t = 0, where h = ∞),
     x_{i+1} = (σ_{i+1}/σ_i) x_i − α_{i+1}(e^{−h_i} − 1) D."""
     c, c_next = _coefs(model.sde, t, x.ndim), _coefs(model.sde, t_next, x.ndim)
-    eps = _noise_prediction(model, x, t)
+    eps = model.predicted_noise(x, t)
     x0_hat = (x - c.sigma.to(x.dtype) * eps) / c.alpha.to(x.dtype)
     h = c_next.half_log_snr - c.half_log_snr
     previous = state.get("previous")
@@ -237,121 +229,7 @@ def _pc_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, state
     return x_next, nfe
 
 
-@dataclass(frozen=True)
-class Option:
-    """An option of a :class:`Method`, passed to :func:`sample` as a keyword.
-
-    Attributes:
-        default: the value used when the option is not given; its type (int, float) is the
-            option's type.
-        check: ``check(name, value) -> value``: the value, normalized, or ``ValueError`` naming
-            ``name`` and what is allowed.
-        help: what the option sets, in words.
-    """
-    default: Any
-    check: Callable[[str, Any], Any]
-    help: str = ""
-
-
-@dataclass(frozen=True)
-class Method:
-    """A fixed-step method for :func:`sample`.
-
-    Attributes:
-        step: ``step(model, x, t, t_next, lmbd, generator, last, state) -> (x_next, nfe)``; t, t_next
-            of shape (B,); ``state`` is a dict kept across the steps of one run, which starts as the
-            method's resolved options (multistep methods keep their history in it).
-        order: convergence order, in words.
-        nfe_per_step: network evaluations a step costs, in words or as a number (a Heun step onto
-            t = 0 costs 1).
-        lmbd: the λ it supports, in words; ``lmbd_range`` the closed interval.
-        default_lmbd, default_schedule: used when ``sample`` is given None.
-        default_t_min: t_min in units of T used when ``sample`` is given None.
-        needs_positive_t_min: the method evaluates the log-SNR at t_min, so t_min = 0 is refused.
-        options: name -> :class:`Option`: the keywords of :func:`sample` this method accepts.
-        step_nfe: ``step_nfe(options) -> int``, the NFE of one step given the resolved options, for
-            a cost that depends on them; None: ``nfe_per_step``, which must then be an int.
-    """
-    step: Callable
-    order: str
-    nfe_per_step: int | str
-    lmbd: str
-    lmbd_range: tuple[float, float] = (0.0, 1.0)
-    default_lmbd: float = 0.0
-    default_schedule: str = "uniform"
-    default_t_min: float = 0.0
-    needs_positive_t_min: bool = False
-    options: Mapping[str, Option] = field(default_factory=dict)
-    step_nfe: Callable[[Mapping[str, Any]], int] | None = None
-
-    def resolve_options(self, name: str, given: Mapping[str, Any] | None = None) -> dict:
-        """The options of one run: ``given`` checked by each option's own check, defaults for the
-        rest. ``name`` is the method's name, for the error: a ``ValueError`` naming any option this
-        method does not accept and the ones it does."""
-        given = dict(given or {})
-        unknown = sorted(set(given) - set(self.options))
-        if unknown:
-            accepted = ", ".join(self.options) if self.options else "none"
-            owners = {option: [m for m, spec in METHODS.items() if option in spec.options] for option in unknown}
-            hint = "; ".join(f"{option!r} is an option of {', '.join(repr(m) for m in owners[option])}"
-                             for option in unknown if owners[option])
-            raise ValueError(f"method {name!r} does not accept the option(s) {', '.join(unknown)}; "
-                             f"it accepts: {accepted}" + (f" ({hint})" if hint else ""))
-        return {option: spec.check(option, given[option]) if option in given else spec.default
-                for option, spec in self.options.items()}
-
-    def nfe(self, options: Mapping[str, Any] | None = None) -> int:
-        """Network evaluations of one step with ``options`` (missing ones at their defaults)."""
-        resolved = {option: spec.default for option, spec in self.options.items()}
-        resolved.update(options or {})
-        return int(self.step_nfe(resolved)) if self.step_nfe is not None else int(self.nfe_per_step)
-
-    def describe(self) -> str:
-        """One line: order, NFE per step, λ and the options with their defaults."""
-        options = ", ".join(f"{option}={spec.default!r}" for option, spec in self.options.items())
-        return (f"order {self.order}; {self.nfe_per_step} NFE/step; {self.lmbd}, default λ={self.default_lmbd:g}"
-                + (f"; options {options}" if options else ""))
-
-
-def _check_method(name: str, method: Method) -> None:
-    if not isinstance(method, Method):
-        raise ValueError(f"method must be a sdeflow.samplers.Method; got {type(method).__name__}")
-    if not callable(method.step):
-        raise ValueError(f"method {name!r}: step must be callable")
-    low, high = method.lmbd_range
-    if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"method {name!r}: lmbd_range must satisfy 0 <= low <= high <= 1; got {method.lmbd_range}")
-    if not low <= method.default_lmbd <= high:
-        raise ValueError(f"method {name!r}: default_lmbd={method.default_lmbd} lies outside lmbd_range "
-                         f"{method.lmbd_range}")
-    check_choice(f"method {name!r}: default_schedule", method.default_schedule, SCHEDULES)
-    if not 0.0 <= method.default_t_min < 1.0:
-        raise ValueError(f"method {name!r}: default_t_min (in units of T) must lie in [0, 1); "
-                         f"got {method.default_t_min}")
-    for option, spec in method.options.items():
-        if not (isinstance(option, str) and option.isidentifier()):
-            raise ValueError(f"method {name!r}: option names must be identifiers; got {option!r}")
-        if not isinstance(spec, Option):
-            raise ValueError(f"method {name!r}: option {option!r} must be a sdeflow.samplers.Option")
-        spec.check(option, spec.default)
-    if method.step_nfe is None and not isinstance(method.nfe_per_step, int):
-        raise ValueError(f"method {name!r}: nfe_per_step={method.nfe_per_step!r} is not a number, "
-                         f"so step_nfe(options) must say what a step costs")
-
-
-METHODS: dict[str, Method] = {}
-
-
-def register_method(name: str, method: Method) -> Method:
-    """Add ``method`` to ``METHODS`` under ``name``, so that :func:`sample` (and everything built on
-    it: :mod:`sdeflow.conditional`, the command line) can use it. Refuses a name already taken and a
-    ``Method`` whose defaults contradict themselves (``ValueError``). Returns ``method``."""
-    check_new_name(name, METHODS, "method")
-    _check_method(name, method)
-    METHODS[name] = method
-    return method
-
-
+# ---- the registry's built-in entries ---------------------------------------------------------
 register_method("euler", Method(
     _euler_step, order="1 (ODE); strong 1, weak 1 for λ < 1 (the noise is additive)",
     nfe_per_step=1, lmbd="any λ in [0, 1]"))
@@ -378,64 +256,3 @@ register_method("pc", Method(
              "snr": Option(0.16, check_positive_float, "the corrector's signal-to-noise ratio, which sets its "
                                                           "step size (Song et al. 2021, Alg. 4)")},
     step_nfe=lambda options: 1 + options["n_corrector"]))
-
-
-@torch.no_grad()
-def sample(model: PluginReverseSDE, shape, n_steps: int = 1000, lmbd: float | None = None,
-           method: str = "euler", schedule: str | None = None, t_min: float | None = None,
-           t_start: float | None = None, x_T: torch.Tensor | None = None,
-           project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-           generator: torch.Generator | None = None, device=None, dtype=None,
-           return_trajectory: bool = False, return_info: bool = False,
-           callback: Callable[[dict], None] | None = None, **options):
-    """Draw samples of shape ``shape`` by integrating the λ-family from T to ``t_min`` with ``method``
-    (see ``METHODS`` and the module docstring for the update each one makes) on an ``n_steps``
-    grid (``schedule``, see :func:`time_grid`).
-
-    ``lmbd``, ``schedule`` and ``t_min`` default (None) to the method's own (``METHODS[method]``:
-    λ = 0 and a uniform grid to t = 0 for "euler"; λ = 1 for the ODE methods; t_min = 10⁻³T where the
-    log-SNR must be finite). Starts at time ``t_start`` (default T) from ``x_T`` if given, else from
-    the prior drawn with ``generator``, which also draws every noise. ``project(x, t_next)``, if
-    given, replaces the state after every step (inpainting re-imposes the observed values with it).
-    ``callback`` is called after every step with {"i", "t", "x"}. ``options`` are the method's own
-    (``METHODS[method].options``, e.g. ``n_corrector`` (default 1) and ``snr`` (default 0.16) of the
-    Langevin corrector of "pc"), each checked by its entry; a method refuses options it does not declare.
-
-    Returns the samples; with ``return_trajectory`` also the states (n_steps + 1, *shape); with
-    ``return_info`` also {"nfe": n, "times": the grid (n_steps + 1,), "lmbd": the λ used}, in that order.
-    """
-    check_choice("method", method, tuple(METHODS))
-    spec = METHODS[method]
-    options = spec.resolve_options(method, options)
-    lmbd = spec.default_lmbd if lmbd is None else check_lmbd(lmbd)
-    low, high = spec.lmbd_range
-    if not low <= lmbd <= high:
-        raise ValueError(f"method {method!r} supports {spec.lmbd}; got lmbd={lmbd}")
-    device, dtype = model_device_dtype(model, device, dtype)
-    schedule = spec.default_schedule if schedule is None else schedule
-    t_min = spec.default_t_min * model.T if t_min is None else float(t_min)
-    if spec.needs_positive_t_min and not 0.0 < t_min < model.T:
-        raise ValueError(f"method {method!r} needs t_min in (0, T={model.T}) (it evaluates the log-SNR "
-                         f"at t_min, infinite at 0); got t_min={t_min}")
-    ts = time_grid(model.sde, n_steps, schedule, t_min, t_start, device=device, dtype=dtype)
-    x = model.sde.prior_sample(shape, generator=generator, device=device, dtype=dtype) if x_T is None else x_T
-    trajectory = [x] if return_trajectory else None
-    state = dict(options)
-    nfe = 0
-    for i in range(len(ts) - 1):
-        t = ts[i].expand(x.shape[0])
-        t_next = ts[i + 1].expand(x.shape[0])
-        x, n = spec.step(model, x, t, t_next, lmbd, generator, i == len(ts) - 2, state)
-        nfe += n
-        if project is not None:
-            x = project(x, t_next)
-        if trajectory is not None:
-            trajectory.append(x)
-        if callback is not None:
-            callback({"i": i, "t": ts[i + 1], "x": x})
-    out = (x,)
-    if return_trajectory:
-        out += (torch.stack(trajectory),)
-    if return_info:
-        out += ({"nfe": nfe, "times": ts, "lmbd": lmbd},)
-    return out[0] if len(out) == 1 else out

@@ -1,0 +1,71 @@
+"""The settings of one sampler run, shared by the Python API and the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from ..schedules import SCHEDULES, SCHEDULES_NEEDING_POSITIVE_T_MIN, check_time_span
+from ..utils import check_choice, check_positive_int
+from .registry import METHODS
+
+__all__ = ["SamplerSettings"]
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """What a fixed-step sampler run is: ``n_steps`` steps of ``method`` (a key of ``METHODS``) on a
+    ``schedule`` grid (a key of ``SCHEDULES``) from the start time down to ``t_min``, integrating
+    the λ-family member ``lmbd`` (0: the reverse SDE, 1: the probability-flow ODE), with the
+    method's own ``options`` (e.g. ``{"n_corrector": 2}`` for "pc"). None: the method's default.
+
+    Build one freely; :meth:`validate` is where every rule is checked and every None resolved.
+    ``options`` is kept as a read-only mapping.
+    """
+    method: str = "euler"
+    n_steps: int = 1000
+    lmbd: float | None = None
+    schedule: str | None = None
+    t_min: float | None = None
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self):
+        if not isinstance(self.options, Mapping):
+            raise ValueError(f"options must be a mapping of the method's option names to values; "
+                             f"got {type(self.options).__name__}")
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    def __reduce__(self):
+        # A mappingproxy does not pickle; the plain dict it wraps does.
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return (_rebuild, (fields | {"options": dict(self.options)},))
+
+    def validate(self, T: float, t_start: float | None = None) -> SamplerSettings:
+        """These settings checked for a model whose SDE ends at ``T`` and a run that starts at
+        ``t_start`` (None: T), with every None replaced by the method's default (t_min: its
+        ``default_t_min``·T) and every option of the method present. Rules: ``method`` registered;
+        ``n_steps`` a positive integer; ``lmbd`` in the method's ``lmbd_range``; ``schedule``
+        known; t_min in [0, t_start), in (0, t_start) for a method with ``needs_positive_t_min``
+        or a log-SNR schedule; each option accepted by the method and passed by its
+        :class:`~sdeflow.samplers.Option` check. ``ValueError`` naming the setting otherwise."""
+        check_choice("method", self.method, tuple(METHODS))
+        spec = METHODS[self.method]
+        options = spec.resolve_options(self.method, self.options)
+        lmbd = spec.default_lmbd if self.lmbd is None else self.lmbd
+        low, high = spec.lmbd_range
+        if isinstance(lmbd, (bool, str, bytes)) or not low <= lmbd <= high:
+            raise ValueError(f"method {self.method!r} supports {spec.lmbd}; got lmbd={lmbd!r}")
+        schedule = spec.default_schedule if self.schedule is None else self.schedule
+        check_choice("schedule", schedule, SCHEDULES)
+        t_min = spec.default_t_min * T if self.t_min is None else self.t_min
+        needs_positive = (f"method {self.method!r}" if spec.needs_positive_t_min else
+                          f"schedule {schedule!r}" if schedule in SCHEDULES_NEEDING_POSITIVE_T_MIN else None)
+        t_min, _ = check_time_span(t_min, t_start, T, needs_positive)
+        return SamplerSettings(method=self.method, n_steps=check_positive_int("n_steps", self.n_steps),
+                               lmbd=float(lmbd), schedule=schedule, t_min=t_min, options=options)
+
+
+def _rebuild(fields: dict) -> SamplerSettings:
+    return SamplerSettings(**fields)
