@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils import check_choice, check_positive_int
+from ..utils import check_choice, check_decay, check_positive_int
 
 __all__ = ["UNet", "PRESETS", "DEFAULT_PRESET", "make_unet", "sinusoidal_embedding"]
 
@@ -225,8 +225,7 @@ class UNet(nn.Module):
                              f"{2 ** (len(channel_mult) - 1)}; got {image_size}")
         if base_channels < 2:
             raise ValueError(f"base_channels must be at least 2 (sinusoidal embedding); got {base_channels}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1); got {dropout}")
+        dropout = check_decay("dropout", dropout)
         self.in_channels, self.image_size = in_channels, image_size
         self.time_scale = float(time_scale)
         self.config = dict(in_channels=in_channels, image_size=image_size, base_channels=base_channels,
