@@ -135,3 +135,19 @@ def test_directory_refusing_new_files_gives_clear_error(tmp_path, monkeypatch):
         ckpt.save_checkpoint(tmp_path / "ckpt-00000004.pt", _state(4))
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_check_run_dir_refuses_what_a_run_could_not_do(tmp_path):
+    assert ckpt.check_run_dir(tmp_path / "new", resume=False) is None
+    with pytest.raises(ValueError, match="nothing|no checkpoint to resume"):
+        ckpt.check_run_dir(tmp_path / "new", resume=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        ckpt.check_run_dir(tmp_path / "file", resume=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    written = ckpt.save_checkpoint(ckpt.checkpoint_path(run, 3), {"format": ckpt.FORMAT, "version": ckpt.VERSION,
+                                                                   "config": {}, "step": 3})
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        ckpt.check_run_dir(run, resume=False)
+    assert ckpt.check_run_dir(run, resume=True) == written
