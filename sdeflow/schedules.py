@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .utils import check_choice, check_positive_float, check_positive_int
+from .utils import check_choice, check_positive_float, check_positive_int, check_t_min
 
 __all__ = ["time_grid", "check_time_span", "SCHEDULES", "SCHEDULES_NEEDING_POSITIVE_T_MIN"]
 
@@ -25,14 +25,10 @@ def check_time_span(t_min, t_start, T: float, needs_positive_t_min: str | None =
     t_start = float(T) if t_start is None else _finite("t_start", t_start)
     if not 0.0 < t_start <= T:
         raise ValueError(f"t_start must lie in (0, T={T}]; got {t_start}")
-    t_min = _finite("t_min", t_min)
-    if needs_positive_t_min is not None:
-        if not 0.0 < t_min < t_start:
-            raise ValueError(f"{needs_positive_t_min} needs t_min in (0, t_start={t_start}) (the log-SNR is "
-                             f"infinite at t = 0); got t_min={t_min}")
-    elif not 0.0 <= t_min < t_start:
-        raise ValueError(f"t_min must lie in [0, t_start={t_start}); got {t_min}")
-    return t_min, t_start
+    if needs_positive_t_min is not None and not 0.0 < _finite("t_min", t_min) < t_start:
+        raise ValueError(f"{needs_positive_t_min} needs t_min in (0, t_start={t_start}) (the log-SNR is "
+                         f"infinite at t = 0); got t_min={t_min}")
+    return check_t_min(t_min, t_start, end="t_start"), t_start
 
 
 def _finite(name: str, value) -> float:

@@ -129,11 +129,11 @@ def model_device_dtype(model, device, dtype):
     return device, dtype
 
 
-def check_t_min(t_min, T: float, name: str = "t_min") -> float:
-    """Return ``t_min`` as a float if it lies in [0, T), where every estimator and sampler can start;
-    otherwise raise ``ValueError`` naming the argument (``name``) and the interval. The one place this
-    rule is written."""
+def check_t_min(t_min, T: float, name: str = "t_min", end: str = "T") -> float:
+    """Return ``t_min`` as a float if it lies in [0, T), where every estimator and sampler can stop
+    (``end`` names T in the message: "T", or a sampler's "t_start"); otherwise raise ``ValueError``
+    naming the argument (``name``) and the interval. The one place this rule is written."""
     real = _as_real(t_min)
     if real is None or not 0.0 <= real < T:
-        raise ValueError(f"{name} must lie in [0, T={T}); got {t_min!r}")
+        raise ValueError(f"{name} must lie in [0, {end}={T}); got {t_min!r}")
     return real

@@ -34,7 +34,7 @@ def test_time_grids_have_their_defining_spacing():
     (dict(n_steps=0), "n_steps must be a positive integer"),
     (dict(t_min=-0.1), r"t_min must lie in \[0, t_start=1.0\); got -0.1"),
     (dict(t_min=0.5, t_start=0.5), r"t_min must lie in \[0, t_start=0.5\)"),
-    (dict(t_min=float("nan")), "t_min must be a finite number"),
+    (dict(t_min=float("nan")), r"t_min must lie in \[0, t_start=1.0\); got nan"),
     (dict(t_start=1.5), r"t_start must lie in \(0, T=1.0\]"),
     (dict(t_start=0.0), r"t_start must lie in \(0, T=1.0\]"),
     (dict(schedule="logsnr", t_min=0.0), r"schedule 'logsnr' needs t_min in \(0, t_start=1.0\)"),
