@@ -308,7 +308,8 @@ def bench_checkpoint(args, device, out):
     """The default ELBO of a trained model (fitted proposal) against the baseline network's
     Hutchinson ELBO with q ∝ g²/v, on held-out real images; speed and per-image spread."""
     from sdeflow.data.images import load_cifar10
-    from sdeflow.experiments.images import load_model, preprocess
+    from sdeflow.checkpoint import load_model
+    from sdeflow.data.transforms import preprocess
 
     model, config, step = load_model(args.checkpoint, device=device)
     model.requires_grad_(False)
@@ -327,7 +328,7 @@ def bench_checkpoint(args, device, out):
     out(f"   fitting the proposal (once per model): {time.perf_counter() - start:.1f} s; every draw uses the "
         f"divergence-free denoising form, control-variate coefficients {float(proposal.control.min()):.2f} "
         f"to {float(proposal.control.max()):.2f} across its {len(proposal.probs)} bins")
-    runs = {"ours, default (fitted)": (model, "fitted"), "ours, q ∝ g²/v": (model, "importance"),
+    runs = {"ours, default (fitted)": (model, proposal), "ours, q ∝ g²/v": (model, "importance"),
             "baseline, q ∝ g²/v": (baseline, "importance")}
     times = {k: [] for k in runs}
     values = {k: [] for k in runs}
