@@ -60,7 +60,7 @@ nonneg_int = arg_type(check_nonneg_int, int)
 positive_float = arg_type(check_positive_float)
 nonneg_float = arg_type(check_nonneg_float)
 fraction = arg_type(check_fraction)
-lmbd = arg_type(lambda name, value: check_lmbd(value if isinstance(value, float) else float("nan")), name="lmbd")  # 0: the reverse SDE, 1: the ODE
+lmbd = arg_type(lambda name, value: check_lmbd(value), name="lmbd")
 
 
 def device(text: str) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .sdes import SDE
-from .utils import append_dims, as_time, check_choice
+from .utils import append_dims, as_time, check_choice, check_fraction
 
 __all__ = ["PluginReverseSDE", "PARAMETERIZATIONS", "velocity_coefficients", "check_lmbd", "MIN_STD"]
 
@@ -46,10 +46,7 @@ def velocity_coefficients(sde: SDE, t: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def check_lmbd(lmbd: float) -> float:
     """λ as a float if it lies in [0, 1]; ValueError naming ``lmbd`` otherwise."""
-    lmbd = float(lmbd)
-    if not 0.0 <= lmbd <= 1.0:
-        raise ValueError(f"lmbd must lie in [0, 1] (0: reverse SDE, 1: probability-flow ODE); got {lmbd}")
-    return lmbd
+    return check_fraction("lmbd", lmbd, "(0: reverse SDE, 1: probability-flow ODE)")
 
 
 class PluginReverseSDE(nn.Module):

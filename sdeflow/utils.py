@@ -89,11 +89,12 @@ def check_nonneg_float(name: str, value) -> float:
     return real
 
 
-def check_fraction(name: str, value) -> float:
-    """Return ``value`` as a float, or raise ``ValueError`` naming the argument if it does not lie in [0, 1]."""
+def check_fraction(name: str, value, meaning: str = "") -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` naming the argument (and what its ends
+    mean, ``meaning``) if it does not lie in [0, 1]."""
     real = _as_real(value)
     if real is None or not 0.0 <= real <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1]; got {value!r}")
+        raise ValueError(f"{name} must lie in [0, 1]{' ' + meaning if meaning else ''}; got {value!r}")
     return real
 
 

@@ -46,7 +46,7 @@ from ..statistics import mean_se
 from ..metrics import sliced_wasserstein
 from ..plotting import lmbd_key, plot_points, plot_samples, plot_training, plot_trajectories
 from ..samplers import SamplerSettings, Trace, sample
-from ..utils import check_positive_int
+from ..utils import check_fraction, check_positive_float, check_positive_int
 
 __all__ = ["ToyConfig", "ToyEvalConfig", "toy_train_config", "make_toy_model", "train_toy", "evaluate_toy",
            "run_toy", "write_metrics", "OUTPUT_FILES"]
@@ -92,11 +92,9 @@ class ToyEvalConfig:
         if not self.lmbds:
             raise ValueError("lmbds must hold at least one value in [0, 1]")
         for lmbd in self.lmbds:
-            if not 0 <= float(lmbd) <= 1:
-                raise ValueError(f"lmbds must lie in [0, 1] (0: reverse SDE, 1: probability-flow ODE); got {lmbd}")
+            check_fraction("lmbds", lmbd, "(0: reverse SDE, 1: probability-flow ODE)")
         for name in ("ode_rtol", "ode_atol"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive; got {getattr(self, name)!r}")
+            check_positive_float(name, getattr(self, name))
         return self
 
 
