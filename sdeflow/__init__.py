@@ -19,6 +19,8 @@ from .samplers import METHODS, Method, Option, register_method, sample
 from .schedules import SCHEDULES, time_grid
 from .ode import sample_ode
 from .conditional import denoise, inpaint, posterior_sample
+from .noise_schedules import CosineVPSDE, DiscreteVPSDE
+from .adapters import adapt_denoiser, adapt_diffusers, adapt_discrete, adapt_score_network, bound_start, load_foreign
 
 __version__ = "0.1.0"
 
@@ -28,4 +30,6 @@ __all__ = [
     "TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "divergence",
     "sample", "sample_ode", "time_grid", "METHODS", "SCHEDULES", "Method", "Option", "register_method",
     "denoise", "inpaint", "posterior_sample",
+    "CosineVPSDE", "DiscreteVPSDE", "adapt_discrete", "adapt_diffusers", "adapt_denoiser", "adapt_score_network",
+    "bound_start", "load_foreign",
 ]
