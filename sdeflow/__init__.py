@@ -26,6 +26,8 @@ from .conditional import denoise, inpaint, posterior_sample
 from .config import TrainConfig, build_model, model_config
 from .evaluation import LikelihoodSettings, evaluate_bpd, log_likelihood
 from .checkpoint import load_model
+from .noise_schedules import CosineVPSDE, DiscreteVPSDE
+from .adapters import adapt_denoiser, adapt_diffusers, adapt_discrete, adapt_score_network, bound_start, load_foreign
 
 __version__ = "0.1.0"
 
@@ -47,4 +49,6 @@ __all__ = [
     "register_method", "denoise", "inpaint", "posterior_sample",
     "TrainConfig", "build_model", "model_config", "fit",
     "LikelihoodSettings", "log_likelihood", "evaluate_bpd", "load_model",
+    "CosineVPSDE", "DiscreteVPSDE", "adapt_discrete", "adapt_diffusers", "adapt_denoiser", "adapt_score_network",
+    "bound_start", "load_foreign",
 ]

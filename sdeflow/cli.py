@@ -147,11 +147,15 @@ def add_sde_arguments(parser, default: str = "vp") -> None:
     group.add_argument("--sde", choices=tuple(SDES), default=default,
                        help=f"forward SDE: {', '.join(f'{n} ({SDES[n].__name__})' for n in SDES)} (default: %(default)s)")
     owners: dict[str, list[str]] = {}
+    types: dict[str, type] = {}
     for name in SDES:
         for param, value in sde_parameters(name).items():
-            owners.setdefault(param, []).append(f"{name}: {value:g}")
+            if value is None:  # settable from Python only (e.g. a given table)
+                continue
+            owners.setdefault(param, []).append(f"{name}: {value:g}" if isinstance(value, float) else f"{name}: {value}")
+            types.setdefault(param, type(value))  # parsed as its default's type; the SDE's __init__ checks it
     for param, owners_of in owners.items():
-        group.add_argument(_flag(param), dest=f"sde_{param}", type=positive_float, metavar="X",
+        group.add_argument(_flag(param), dest=f"sde_{param}", type=types[param], metavar="X",
                            help=f"SDE parameter {param} (defaults {', '.join(owners_of)})")
 
 

@@ -95,7 +95,7 @@ def test_sde_registry_refuses_duplicates_bad_classes_and_bad_parameters():
 
     with pytest.raises(ValueError, match="beta have none"):
         register_sde("no_default", NoDefault)
-    with pytest.raises(ValueError, match="name must be one of 'vp', 'subvp', 've'; got 'vpp'"):
+    with pytest.raises(ValueError, match="name must be one of 'vp', 'subvp', 've', 'cosine', 'discrete'; got 'vpp'"):
         make_sde("vpp")
     with pytest.raises(ValueError, match="unknown parameter.* beta .*allowed: beta_min, beta_max, T"):
         make_sde("vp", beta=1.0)

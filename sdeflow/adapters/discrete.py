@@ -1,0 +1,88 @@
+r"""Discrete-time networks ε(x, n), x₀(x, n) or v(x, n) (DDPM, improved DDPM, diffusers) as sdeflow models.
+
+Such a network was trained at DDPM's steps n = 1..N on :math:`x_n = \sqrt{\bar\alpha_n}\,x_0 +
+\sqrt{1-\bar\alpha_n}\,\varepsilon` and takes the step's index n − 1 (diffusers' ``timesteps``). On the
+:class:`~sdeflow.noise_schedules.DiscreteVPSDE` of its table, y_t at :math:`t_n = nT/N` is exactly that
+x_n, so the network is called at the fractional index :math:`Nt/T - 1` (an integer at the steps) and its
+output is read per ``prediction_type``:
+
+* ``"epsilon"``: ε̂ itself (sdeflow's "noise" parameterization);
+* ``"v_prediction"``: :math:`\hat v = \sqrt{\bar\alpha}\,\varepsilon - \sqrt{1-\bar\alpha}\,x_0`, which is
+  sdeflow's "velocity" for a VP SDE (c = 1 in :func:`sdeflow.model.velocity_coefficients`);
+* ``"sample"``: x̂₀, turned into :math:`\hat\varepsilon = (y - m\,\hat x_0)/\mathrm{std}`.
+
+A network that also outputs its variance (improved DDPM's learned Σ: 2C channels for C input channels)
+contributes its first C channels, the mean's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model import MIN_STD, PluginReverseSDE
+from ..noise_schedules import DiscreteVPSDE
+from ..utils import append_dims, check_choice
+
+__all__ = ["PREDICTION_TYPES", "DiscreteTimeNet", "adapt_discrete", "network_output", "noise_from_data"]
+
+#: diffusers' names of what a network predicts.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_PARAMETERIZATION = {"epsilon": "noise", "v_prediction": "velocity", "sample": "noise"}
+# Fractional indices this close to an integer are the integer: t = nT/N rounds in floating point.
+_SNAP = 1e-6
+
+
+def network_output(out, like: torch.Tensor) -> torch.Tensor:
+    """The prediction in a foreign network's return value: the ``.sample`` of diffusers' output
+    objects, the first element of a tuple, and of 2C channels (a learned variance beside the mean) the
+    first C, for ``like`` (B, C, ...). ValueError if it cannot be shaped like ``like``."""
+    if hasattr(out, "sample"):
+        out = out.sample
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    if (out.ndim == like.ndim and out.shape[0] == like.shape[0] and out.shape[2:] == like.shape[2:]
+            and out.shape[1] == 2 * like.shape[1]):
+        out = out[:, :like.shape[1]]
+    if out.shape != like.shape:
+        raise ValueError(f"net must return a tensor shaped like its input {tuple(like.shape)} (or with twice its "
+                         f"channels: mean and variance); got {tuple(out.shape)}")
+    return out
+
+
+def noise_from_data(sde, y: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """ε̂ = (y − m(t)·x̂₀)/std(t) (std at least ``MIN_STD``) of a data prediction x̂₀; shapes of y."""
+    m = append_dims(sde.mean_weight(t), y.ndim).to(y.dtype)
+    std = append_dims(sde.std(t), y.ndim).clamp_min(MIN_STD).to(y.dtype)
+    return (y - m * x0) / std
+
+
+class DiscreteTimeNet(nn.Module):
+    """``net(y, t)`` for sdeflow from a network ``net(x, timestep)`` trained on ``sde``'s discrete steps
+    (timestep = diffusers' index Nt/T − 1, a float tensor (B,)); returns ε̂ for "epsilon" and "sample",
+    v̂ for "v_prediction" (see the module docstring). ``first_trained_time()`` is t₁ = T/N."""
+
+    def __init__(self, net: nn.Module, sde: DiscreteVPSDE, prediction_type: str = "epsilon"):
+        super().__init__()
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        if not isinstance(sde, DiscreteVPSDE):
+            raise ValueError(f"sde must be a sdeflow.noise_schedules.DiscreteVPSDE; got {type(sde).__name__}")
+        self.net, self.sde, self.prediction_type = net, sde, prediction_type
+
+    def first_trained_time(self) -> float:
+        return self.sde.first_step_time()
+
+    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        step = self.sde.timestep(t.double())
+        nearest = step.round()
+        step = torch.where((step - nearest).abs() < _SNAP, nearest, step)
+        out = network_output(self.net(y, step.to(y.dtype)), y)
+        return noise_from_data(self.sde, y, t, out) if self.prediction_type == "sample" else out
+
+
+def adapt_discrete(net: nn.Module, sde: DiscreteVPSDE, prediction_type: str = "epsilon") -> PluginReverseSDE:
+    """The sdeflow model of a discrete-time network ``net(x, timestep)`` trained on ``sde``'s table,
+    predicting ``prediction_type`` (one of ``PREDICTION_TYPES``): a
+    :class:`~sdeflow.model.PluginReverseSDE` with every estimator and sampler of sdeflow."""
+    wrapped = DiscreteTimeNet(net, sde, prediction_type)
+    return PluginReverseSDE(sde, wrapped, _PARAMETERIZATION[prediction_type])

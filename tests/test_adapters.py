@@ -1,0 +1,174 @@
+"""Oracles through the foreign interfaces: the exact score of a Gaussian exposed as a discrete-time
+ε(x, n) / x₀ / v network, as a denoiser D(x; σ) and as a score network with score_sde's labels gives,
+through each adapter, the closed-form ELBO and ODE likelihood of the model started where the network's
+training started (``bound_start``)."""
+
+import math
+
+import pytest
+import torch
+
+import sdeflow
+from sdeflow.adapters import (adapt_denoiser, adapt_discrete, adapt_score_network, bound_start, load_foreign)
+from sdeflow.adapters.discrete import network_output
+from sdeflow.noise_schedules import DiscreteVPSDE
+from sdeflow.oracles import ExactScoreNet
+
+from oracle_helpers import _one_thread, expected_ode_log_prob, expected_truncated_elbo, gaussian  # noqa: F401
+
+REPEATS = 3000
+
+
+# ---- funnels: the lead adapts these at merge when the estimators change shape --------------------------
+def _elbo(model, x, **kwargs):
+    return sdeflow.elbo(model, x, **kwargs)
+
+
+def _log_prob_ode(model, x, **kwargs):
+    return sdeflow.log_prob_ode(model, x, **kwargs)[0]
+
+
+# ---- the oracle behind each foreign interface ----------------------------------------------------------
+class DiscreteOracle(torch.nn.Module):
+    """``net(x, timestep)`` at diffusers' index n − 1 of step n: the exact ε, x₀ or v of ``data`` at
+    t = nT/N (fractional indices included), optionally with a (meaningless) variance half appended."""
+
+    def __init__(self, sde, data, prediction_type, learned_variance=False):
+        super().__init__()
+        self.sde, self.prediction_type, self.learned_variance = sde, prediction_type, learned_variance
+        self.exact = ExactScoreNet(sde, data, "velocity" if prediction_type == "v_prediction" else "noise")
+
+    def forward(self, x, timestep):
+        t = self.sde.step_time(timestep + 1).expand(x.shape[0])
+        out = self.exact(x, t)
+        if self.prediction_type == "sample":
+            m, std = self.sde.mean_weight(t)[:, None], self.sde.std(t)[:, None]
+            out = (x - std * out) / m
+        return torch.cat([out, torch.full_like(out, 7.0)], dim=1) if self.learned_variance else out
+
+
+class ExactDenoiser(torch.nn.Module):
+    """D(x; σ) = E[x₀ | x₀ + σ n = x] = x + σ² ∇log p_σ(x) of ``data``."""
+
+    def __init__(self, data):
+        super().__init__()
+        self.data = data
+
+    def forward(self, x, sigma):
+        return x + sigma[:, None] ** 2 * self.data.score(x, 1.0, sigma ** 2).to(x.dtype)
+
+
+class LabelledOracle(torch.nn.Module):
+    """``net(x, label)`` with score_sde's label of t: "ddpm" (N−1)t/T → ε̂, "sigma" σ̃ → s."""
+
+    def __init__(self, sde, data, labels, n_labels=1000):
+        super().__init__()
+        self.sde, self.labels, self.n_labels = sde, labels, n_labels
+        self.exact = ExactScoreNet(sde, data, "noise" if labels == "ddpm" else "score")
+
+    def forward(self, x, label):
+        if self.labels == "ddpm":
+            t = label.double() * self.sde.T / (self.n_labels - 1)
+        else:
+            t = self.sde.t_from_log_snr(-2 * torch.log(label.double()))
+        return self.exact(x, t)
+
+
+def _discrete_model(prediction_type="epsilon", learned_variance=False):
+    sde, data = DiscreteVPSDE("linear", 1e-3, 0.3, 40), gaussian()
+    return adapt_discrete(DiscreteOracle(sde, data, prediction_type, learned_variance), sde, prediction_type).double()
+
+
+def _cases():
+    data = gaussian()
+    denoiser = adapt_denoiser(ExactDenoiser(data), sigma_min=0.01, sigma_max=30.0).double()
+    ddpm_sde, ve_sde = sdeflow.VPSDE(0.1, 20.0), sdeflow.VESDE(0.01, 50.0)
+    return {
+        "epsilon": _discrete_model("epsilon"),
+        "v_prediction": _discrete_model("v_prediction"),
+        "sample-learned-variance": _discrete_model("sample", learned_variance=True),
+        "denoiser": denoiser,
+        "score-ddpm": adapt_score_network(LabelledOracle(ddpm_sde, data, "ddpm"), ddpm_sde, "ddpm", "noise").double(),
+        "score-sigma": adapt_score_network(LabelledOracle(ve_sde, data, "sigma"), ve_sde, "sigma", "score").double(),
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_elbo_through_the_adapter_is_the_closed_form(case):
+    model, data = CASES[case], gaussian()
+    x = data.sample(3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t_min = bound_start(model) or 1e-3
+    gen = torch.Generator().manual_seed(1)
+    values = _elbo(model, x.repeat(REPEATS, 1), time_sampling="importance", t_min=t_min, generator=gen)
+    values = values.reshape(REPEATS, x.shape[0])
+    mean, se = values.mean(0), values.std(0) / math.sqrt(REPEATS)
+    expected = expected_truncated_elbo(model.sde, data, x, t_min)
+    assert ((mean - expected).abs() < 5 * se + 1e-3).all(), (mean, expected, se)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ode_likelihood_through_the_adapter_is_the_closed_form(case):
+    model, data = CASES[case], gaussian()
+    x = data.sample(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t_min = bound_start(model) or 1e-3
+    logp = _log_prob_ode(model, x, t_min=t_min, divergence="exact")
+    assert (logp - expected_ode_log_prob(model.sde, data, x, t_min)).abs().max() < 1e-3 * data.dim
+
+
+def test_bound_start_is_the_first_trained_noise_level():
+    assert bound_start(CASES["epsilon"]) == pytest.approx(1 / 40)
+    denoiser = CASES["denoiser"]
+    t = torch.tensor(bound_start(denoiser), dtype=torch.float64)
+    assert float(denoiser.sde.std(t)) == pytest.approx(0.01, rel=1e-12)
+    assert float(denoiser.sde.std(torch.tensor(1.0, dtype=torch.float64))) == pytest.approx(30.0, rel=1e-12)
+    assert bound_start(CASES["score-ddpm"]) == 0.0
+
+
+def test_discrete_network_is_called_at_integer_indices_on_the_steps():
+    seen = []
+
+    def net(x, timestep):
+        seen.append(timestep)
+        return torch.zeros_like(x)
+
+    sde = DiscreteVPSDE(num_train_timesteps=1000)
+    model = adapt_discrete(net, sde)
+    model.predicted_noise(torch.zeros(3, 2, dtype=torch.float64), sde.step_time(torch.tensor([1, 500, 1000])))
+    assert seen[0].tolist() == [0.0, 499.0, 999.0]
+    model.predicted_noise(torch.zeros(1, 2, dtype=torch.float64), torch.tensor([0.0105], dtype=torch.float64))
+    assert seen[1].tolist() == [pytest.approx(9.5)]
+
+
+def test_ncsn_labels_index_the_decreasing_sigmas():
+    labels = []
+    sde = sdeflow.VESDE(0.01, 50.0)
+    model = adapt_score_network(lambda x, label: labels.append(label) or torch.zeros_like(x), sde, "ncsn",
+                                n_labels=11)
+    model.score(torch.zeros(3, 2), torch.tensor([1.0, 0.5, 0.0]))
+    assert labels[0].dtype == torch.long and labels[0].tolist() == [0, 5, 10]
+
+
+def test_network_output_refuses_a_wrong_shape():
+    like = torch.zeros(2, 3, 4, 4)
+    assert network_output(torch.ones(2, 6, 4, 4), like).shape == like.shape
+    with pytest.raises(ValueError, match="shaped like"):
+        network_output(torch.ones(2, 5, 4, 4), like)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(prediction_type="x0"), "prediction_type"), (dict(sde=sdeflow.VPSDE()), "sde")])
+def test_adapt_discrete_refuses_bad_input(kwargs, word):
+    arguments = dict(net=torch.nn.Identity(), sde=DiscreteVPSDE(), prediction_type="epsilon") | kwargs
+    with pytest.raises(ValueError, match=word):
+        adapt_discrete(**arguments)
+
+
+def test_load_foreign_refuses_an_unknown_source_and_names_the_extra(monkeypatch):
+    with pytest.raises(ValueError, match="SOURCE:LOCATION"):
+        load_foreign("huggingface:google/ddpm-cifar10-32")
+    monkeypatch.setitem(__import__("sys").modules, "diffusers", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r"pip install sdeflow\[diffusers\]"):
+        load_foreign("diffusers:google/ddpm-cifar10-32")

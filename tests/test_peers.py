@@ -1,0 +1,206 @@
+"""sdeflow's samplers and likelihoods on adapted foreign models against the peers' own loops, on the same
+small random-initialised networks in float64, the same x_T and the same noise levels. Skipped when a peer
+(diffusers, k-diffusion installed with ``pip install --no-deps k-diffusion``) is absent."""
+
+import importlib.util
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+import sdeflow
+from sdeflow.adapters import adapt_denoiser, adapt_diffusers, bound_start, load_foreign
+from sdeflow.samplers import METHODS
+
+from oracle_helpers import _one_thread  # noqa: F401  (one intra-op thread for these small batches)
+
+
+# ---- funnels: the lead adapts these at merge when the estimators and samplers change shape ----------
+def _sample(model, x_T, method, **kwargs):
+    return sdeflow.sample(model, x_T.shape, sdeflow.SamplerSettings(method=method, **kwargs), x_T=x_T)
+
+
+def _log_prob_ode(model, x, **kwargs):
+    return sdeflow.log_prob_ode(model, x, **kwargs)[0]
+
+
+def _sample_on_times(model, x, method, times, lmbd=1.0):
+    """``method``'s steps on the explicit decreasing times ``times`` (sdeflow.sample takes a schedule's
+    name only)."""
+    spec, state = METHODS[method], {}
+    for i in range(len(times) - 1):
+        t, t_next = times[i].expand(x.shape[0]), times[i + 1].expand(x.shape[0])
+        x, _ = spec.step(model, x, t, t_next, lmbd, None, i == len(times) - 2, state)
+    return x
+
+
+# ---- diffusers ---------------------------------------------------------------------------------------
+def _unet():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).double().eval()
+
+
+def _diffusers_loop(unet, scheduler, x, n_steps):
+    scheduler.set_timesteps(n_steps)
+    with torch.no_grad():
+        for step in scheduler.timesteps:
+            x = scheduler.step(unet(x, step).sample, step, x).prev_sample
+    return x, scheduler.timesteps
+
+
+# diffusers computes its schedules' coefficients in float32 (√ᾱ of a float32 ᾱ): agreement to float32's
+# rounding, relative to the size of the samples.
+FLOAT32_AGREEMENT = 1e-6
+
+
+def _assert_close(ours, expected, relative):
+    error = float((ours - expected).abs().max())
+    assert error <= relative * float(expected.abs().max()), f"max error {error:.3g} of {float(expected.abs().max()):.3g}"
+
+
+def _x_T(shape=(2, 3, 8, 8)):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
+def test_ddim_equals_diffusers_ddim_trailing(beta_schedule):
+    diffusers = pytest.importorskip("diffusers")
+    unet = _unet()
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, clip_sample=False,
+                                        set_alpha_to_one=True, timestep_spacing="trailing")
+    expected, _ = _diffusers_loop(unet, scheduler, _x_T(), 10)
+    model = adapt_diffusers(unet, scheduler)
+    ours = _sample(model, _x_T(), "ddim", n_steps=10, schedule="uniform", t_min=0.0, lmbd=1.0)
+    _assert_close(ours, expected, FLOAT32_AGREEMENT)
+
+
+def test_ddim_equals_diffusers_ddim_leading():
+    """diffusers' default spacing starts below T (900, 800, …, 0 of 1000) and ends on ᾱ_0 = ᾱ_1 without
+    set_alpha_to_one: t_n = (index + 1)/N, then t₁."""
+    diffusers = pytest.importorskip("diffusers")
+    unet = _unet()
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False)
+    expected, steps = _diffusers_loop(unet, scheduler, _x_T(), 10)
+    model = adapt_diffusers(unet, scheduler)
+    times = model.sde.step_time(torch.cat([steps, steps[-1:]]) + 1)
+    assert float(times[-1]) == pytest.approx(bound_start(model))
+    ours = _sample_on_times(model, _x_T(), "ddim", times)
+    _assert_close(ours, expected, FLOAT32_AGREEMENT)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_dpmpp_2m_equals_diffusers_dpm_solver_multistep(prediction_type):
+    diffusers = pytest.importorskip("diffusers")
+    unet = _unet()
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", algorithm_type="dpmsolver++", solver_order=2,
+        prediction_type=prediction_type, timestep_spacing="trailing", final_sigmas_type="zero")
+    expected, _ = _diffusers_loop(unet, scheduler, _x_T(), 8)
+    model = adapt_diffusers(unet, scheduler)
+    ours = _sample(model, _x_T(), "dpm++2m", n_steps=8, schedule="uniform", t_min=0.0)
+    _assert_close(ours, expected, FLOAT32_AGREEMENT)
+
+
+def test_load_foreign_reads_a_saved_pipeline(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    unet = _unet().float()
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=200, beta_schedule="linear", beta_start=1e-4,
+                                        beta_end=0.04, variance_type="fixed_small")
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
+    unet.save_pretrained(tmp_path / "unet-only")
+    scheduler.save_pretrained(tmp_path / "unet-only")
+    y = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.3, 0.7])
+    for folder in ("pipe", "unet-only"):
+        model, config = load_foreign(f"diffusers:{tmp_path / folder}")
+        assert config["net"]["in_channels"] == 3 and config["net"]["image_size"] == 8
+        assert config["data"]["transform"] == "centered" and config["bound_start"] == pytest.approx(1 / 200)
+        assert sdeflow.make_sde(**config["sde"]) == model.sde and model.sde.num_train_timesteps == 200
+        with torch.no_grad():
+            direct = unet(y, model.sde.timestep(t).float()).sample
+            assert torch.allclose(model.predicted_noise(y, t), direct, atol=1e-6)
+
+
+# ---- k-diffusion -------------------------------------------------------------------------------------
+def _kdiffusion_sampling():
+    """k_diffusion.sampling; its package __init__ imports its training dependencies, so without them
+    (``pip install --no-deps k-diffusion``) the file is loaded on its own with the one helper it uses."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion)")
+    pytest.importorskip("torchsde")
+    try:
+        import k_diffusion.sampling as sampling
+        return sampling
+    except ImportError:
+        pass
+    package = types.ModuleType("_kdiffusion_alone")
+    package.__path__ = []
+    utils = types.ModuleType("_kdiffusion_alone.utils")
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    sys.modules.update({"_kdiffusion_alone": package, "_kdiffusion_alone.utils": utils})
+    location = spec.submodule_search_locations[0] + "/sampling.py"
+    file_spec = importlib.util.spec_from_file_location("_kdiffusion_alone.sampling", location)
+    sampling = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(sampling)
+    return sampling
+
+
+class SmallDenoiser(torch.nn.Module):
+    """EDM's preconditioning around a small random conv net: D = c_skip x + c_out F(c_in x, log σ / 4)."""
+
+    def __init__(self, sigma_data=0.5):
+        super().__init__()
+        torch.manual_seed(1)
+        self.sigma_data = sigma_data
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x, sigma):
+        s = sigma.reshape(-1, 1, 1, 1)
+        c_skip = self.sigma_data ** 2 / (s ** 2 + self.sigma_data ** 2)
+        c_out = s * self.sigma_data / (s ** 2 + self.sigma_data ** 2).sqrt()
+        c_in = 1 / (s ** 2 + self.sigma_data ** 2).sqrt()
+        h = torch.tanh(self.conv1(c_in * x) + torch.log(s) / 4)
+        return c_skip * x + c_out * self.conv2(h)
+
+
+SIGMA_MIN, SIGMA_MAX = 0.02, 20.0
+
+
+def test_ode_likelihood_equals_kdiffusion_log_likelihood():
+    sampling = _kdiffusion_sampling()
+    denoiser = SmallDenoiser().double()
+    x = 0.5 * _x_T((3, 3, 8, 8))
+    torch.manual_seed(11)
+    expected, _ = sampling.log_likelihood(denoiser, x, SIGMA_MIN, SIGMA_MAX, atol=1e-8, rtol=1e-8)
+    model = adapt_denoiser(denoiser, SIGMA_MIN, SIGMA_MAX)
+    ours = _log_prob_ode(model, x, rtol=1e-8, atol=1e-8, t_min=bound_start(model),
+                         generator=torch.Generator().manual_seed(11))
+    assert torch.allclose(ours, expected, rtol=1e-6, atol=1e-4), (ours - expected)
+
+
+def test_heun_equals_kdiffusion_sample_heun():
+    sampling = _kdiffusion_sampling()
+    denoiser = SmallDenoiser().double()
+    model = adapt_denoiser(denoiser, SIGMA_MIN, SIGMA_MAX)
+    t_min, n_steps = bound_start(model), 12
+    times = sdeflow.time_grid(model.sde, n_steps, "karras", t_min, dtype=torch.float64)
+    sigmas = model.sde.std(times)
+    assert torch.allclose(sigmas, sampling.get_sigmas_karras(n_steps + 1, SIGMA_MIN, SIGMA_MAX).double()[:-1],
+                          rtol=1e-5)
+    x_T = SIGMA_MAX * _x_T()
+    with torch.no_grad():
+        expected = sampling.sample_heun(denoiser, x_T, sigmas, disable=True)
+        expected_to_zero = sampling.sample_heun(denoiser, x_T, torch.cat([sigmas, sigmas.new_zeros(1)]), disable=True)
+    ours = _sample(model, x_T, "heun", n_steps=n_steps, schedule="karras", t_min=t_min, lmbd=1.0)
+    _assert_close(ours, expected, 1e-12)
+    with torch.no_grad():
+        ours_to_zero = _sample_on_times(model, x_T, "heun", torch.cat([times, times.new_zeros(1)]))
+    _assert_close(ours_to_zero, expected_to_zero, 1e-12)
+    assert math.isfinite(float(ours_to_zero.abs().max()))
