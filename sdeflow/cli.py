@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     except (TrainingError, EvaluationError) as err:  # a run-time failure, not the user's input
         print(f"sdeflow {args.command}: error: {err}", file=sys.stderr)
         return 1
-    except (CLIError, ValueError, FileNotFoundError, PermissionError) as err:
+    except (CLIError, ValueError, ImportError, FileNotFoundError, PermissionError) as err:  # incl. a missing extra
         print(f"sdeflow {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # the disk filled or a device failed while running: not the user's input

@@ -263,7 +263,9 @@ def evaluate_bpd(model, images: torch.Tensor, config: dict, settings: Likelihood
     the noise level std/m equals σ, the narrowest half-bin of a pixel in model space over 3): the ELBO
     then decodes the image with a Gaussian of that scale, which fits inside every pixel's bin within
     ±3σ, and the ODE outputs y_{t_σ}/m; below t_σ a network's ε prediction has nothing left to denoise
-    (i-DODE's choice).
+    (i-DODE's choice). A model trained elsewhere on noise levels down to a first step above t_σ
+    (:func:`sdeflow.adapters.bound_start`: t₁ = T/N of N discrete steps) starts there instead, so the
+    result still bounds the images' discrete negative log-likelihood.
 
     ``dequantization="uniform"``: each image x is dequantised, u = (x + U)/256 with U ~ U[0,1)^D,
     mapped to model space y with log-determinant log|∂y/∂u|, and scored by :func:`log_likelihood`;
@@ -277,6 +279,7 @@ def evaluate_bpd(model, images: torch.Tensor, config: dict, settings: Likelihood
     "tail_share", "tail_count", "kurtosis", "heavy_tailed", "nfe" (ODE)}, the last six as in
     :func:`log_likelihood`; the same on every rank, reproducible for a given seed and batch size.
     """
+    from .adapters import bound_start
     from .data.transforms import (bits_per_dim, check_images, preprocess, truncated_normal_dequantize,
                                   truncated_normal_scale)
 
@@ -286,7 +289,8 @@ def evaluate_bpd(model, images: torch.Tensor, config: dict, settings: Likelihood
     data = config["data"]
     sigma = truncated_normal_scale(data["transform"], data["alpha"])
     if settings.t_min is None:
-        settings = dataclasses.replace(settings, t_min=quantization_time(model.sde, data))
+        start = max(quantization_time(model.sde, data), bound_start(model))
+        settings = dataclasses.replace(settings, t_min=start)
 
     def batch(start, stop, generator):
         if settings.dequantization == "uniform":

@@ -10,10 +10,10 @@ every sampler of sdeflow on them.
 **Where a bound starts.** A network trained on noise levels down to its first step (t₁ = T/N for N
 discrete steps, the time of σ_min for a denoiser) was never asked to denoise below it. Its ELBO and ODE
 likelihood should run from T down to :func:`bound_start` and decode x from there with the Gaussian
-decoder N(y/m, v/m²) (see :meth:`sdeflow.model.PluginReverseSDE.elbo`): the result stays a bound on the
-discrete data's negative log-likelihood, paying for the decoder's blur instead of trusting untrained
-outputs. Pass ``t_min=max(bound_start(model), quantization_time(model.sde, config["data"]))`` to
-:func:`sdeflow.evaluation.evaluate_bpd`.
+decoder N(y/m, v/m²) (see :func:`sdeflow.elbo.elbo`): the result stays a bound on the discrete data's
+negative log-likelihood, paying for the decoder's blur instead of trusting untrained outputs.
+:func:`sdeflow.evaluation.evaluate_bpd` starts there by default (at the later of it and the images'
+quantization time).
 """
 
 from __future__ import annotations

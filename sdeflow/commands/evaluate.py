@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..cli import CLIError, add_config_arguments, config_from_args, device, nonneg_int, positive_int
+from .sampling import add_model_arguments, open_model
 from .train import add_data_arguments, load_images
 
 
@@ -24,8 +25,7 @@ def register(subparsers) -> None:
                     "estimator used, and warns on stderr when a few images carry most of the variance "
                     "(then the standard error itself is unreliable). "
                     "Under torchrun the images are split across processes.")
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a ckpt-*.pt file, or a run directory (its newest checkpoint is used)")
+    add_model_arguments(p)
     p.add_argument("--no-ema", dest="ema", action="store_false",
                    help="use the raw trained weights instead of their EMA (the default)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of every random choice (default: 0)")
@@ -45,20 +45,20 @@ def register(subparsers) -> None:
 
 
 def run_eval(args) -> int:
-    from ..checkpoint import atomic_write_bytes, load_model, resolve_checkpoint
+    from ..checkpoint import atomic_write_bytes
     from ..engine.distributed import init_distributed
     from ..evaluation import LikelihoodSettings, evaluate_bpd
 
-    path = resolve_checkpoint(args.checkpoint)
     settings = config_from_args(LikelihoodSettings, args)
     if args.per_image and not args.json:
         raise CLIError("--per-image writes to the --json file: give --json FILE too")
     if args.json and not Path(args.json).parent.is_dir():
         raise CLIError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
     rank, world, dev = init_distributed(args.device)
-    model, config, step = load_model(path, use_ema=args.ema, device=dev)
+    args.device = dev
+    model, config, label = open_model(args)
     settings.validate(model.T)
-    if config.get("dataset") != args.dataset:
+    if config.get("dataset") not in (None, args.dataset):
         raise CLIError(f"the checkpoint was trained on {config.get('dataset')!r}, not --dataset {args.dataset}")
     images = load_images(args, args.split)
     if args.limit:
@@ -72,7 +72,8 @@ def run_eval(args) -> int:
             "heavy_tailed")
     summary = {key: result[key] for key in keys + (("nfe",) if ode else ())}
     summary = {key: None if value != value else value for key, value in summary.items()}  # NaN: JSON's null
-    summary.update({"checkpoint": str(path), "step": step, "split": args.split, "ema": args.ema, "seed": args.seed})
+    summary.update({"model": args.model or str(args.checkpoint), "weights": label, "split": args.split,
+                    "seed": args.seed})
     if args.per_image:
         summary["bpd_per_image"] = result["bpd_per_image"].tolist()
     extra = f", mean NFE {result['nfe']:.0f}" if ode else ""

@@ -92,9 +92,35 @@ def _sampler_settings(args):
                            options={option: value for option, value in options.items() if value is not None})
 
 
+def add_model_arguments(p) -> None:
+    """--checkpoint PATH (a model sdeflow trained) or --model SOURCE:LOCATION (one trained elsewhere)."""
+    from ..adapters import FOREIGN_SOURCES
+
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", metavar="PATH",
+                       help="a checkpoint written by `sdeflow train`: a ckpt-*.pt file, or its run folder (the newest)")
+    which.add_argument("--model", metavar="SOURCE:LOCATION",
+                       help=f"a model trained elsewhere, SOURCE one of {', '.join(FOREIGN_SOURCES)}: e.g. "
+                            f"diffusers:DIR (a folder written by save_pretrained) or diffusers:HUB_ID "
+                            f"(needs pip install sdeflow[diffusers])")
+
+
+def open_model(args):
+    """(model in eval mode, its configuration, a label for titles) from --checkpoint (its EMA weights unless
+    --no-ema) or --model (through :func:`sdeflow.adapters.load_foreign`)."""
+    if args.model is not None:
+        from ..adapters import load_foreign
+
+        model, config = load_foreign(args.model, device=args.device)
+        return model, config, args.model
+    from ..checkpoint import load_model
+
+    model, config, step = load_model(_resolve_checkpoint(args.checkpoint), use_ema=args.ema, device=args.device)
+    return model, config, f"step {step}{' (EMA)' if args.ema else ''}"
+
+
 def _checkpoint_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a checkpoint written by `sdeflow train`: a ckpt-*.pt file, or its run folder (the newest)")
+    add_model_arguments(p)
     p.add_argument("--seed", type=arg_type(check_nonneg_int, int, "seed"), default=0,
                    help="seed of every random draw (default: 0)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not their EMA")
@@ -228,37 +254,35 @@ def _load_split(name: str, root: Path, split: str):
 
 
 def _load_conditional(args):
-    """(model, config, step, clean images in model space (n, C, H, W), generator)."""
+    """(model, config, label, clean images in model space (n, C, H, W), generator)."""
     import torch
 
-    from ..checkpoint import load_model
     from ..data.transforms import check_images, preprocess
 
-    path = _resolve_checkpoint(args.checkpoint)
     root = Path(args.data_root)
     if not root.is_dir():
         raise CLIError(f"--data-root {root} is not a directory")
-    model, config, step = load_model(path, use_ema=args.ema, device=args.device)
+    model, config, label = open_model(args)
+    if config.get("dataset") is None:
+        raise CLIError(f"--model {args.model} names no data set to condition on; use a --checkpoint of sdeflow train")
     images = check_images(_load_split(config["dataset"], root, args.split)[: args.n_images], config)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     clean = preprocess(images, config["data"], generator).y.to(args.device)
-    return model, config, step, clean, generator
+    return model, config, label, clean, generator
 
 
 # ---- handlers -------------------------------------------------------------------------------------
 def run_sample(args) -> int:
-    from ..checkpoint import load_model
     from ..experiments import images as images_lib
     from ..plotting import save_image_grid
 
     out = _check_out(args.out)
-    path = _resolve_checkpoint(args.checkpoint)
-    model, config, step = load_model(path, use_ema=args.ema, device=args.device)
+    model, config, label = open_model(args)
     settings = _sampler_settings(args).validate(model.T)
     with _Progress(args, settings, settings.n_steps * math.ceil(args.n_samples / 256)) as progress:
         images = images_lib.sample_images(model, config, args.n_samples, settings, seed=args.seed, device=args.device,
                                           callback=progress)
-    save_image_grid(images, out, f"{config['dataset']} samples, step {step}{' (EMA)' if args.ema else ''}, "
+    save_image_grid(images, out, f"{config['dataset'] or 'image'} samples, {label}, "
                                  f"{settings.n_steps} {settings.method} steps, λ={settings.lmbd:g}, "
                                  f"NFE {progress.nfe}")
     print(f"wrote {args.n_samples} samples to {out} ({_describe(settings, progress.nfe)})")
@@ -275,7 +299,7 @@ def _run_conditional(args, observe, draw, title: str, summary: str) -> int:
 
     out = _check_out(args.out)
     settings = _sampler_settings(args)
-    model, config, step, clean, generator = _load_conditional(args)
+    model, config, label, clean, generator = _load_conditional(args)
     settings.validate(model.T)  # bad settings are refused before any image is drawn; λ is left to draw
     n, k = clean.shape[0], args.n_samples
     label, observation, what = observe(clean, generator)
@@ -284,7 +308,7 @@ def _run_conditional(args, observe, draw, title: str, summary: str) -> int:
     to_uint8 = lambda y: postprocess(y.float(), config["data"])  # noqa: E731
     rows = [("original", to_uint8(clean)), (label, to_uint8(observation))]
     rows += [(f"sample {i + 1}", to_uint8(samples[i * n:(i + 1) * n])) for i in range(k)]
-    save_image_rows(rows, out, f"{title}, {config['dataset']} step {step}, {settings.n_steps} "
+    save_image_rows(rows, out, f"{title}, {config['dataset']} {label}, {settings.n_steps} "
                                f"{settings.method} steps, NFE {progress.nfe}")
     print(f"wrote {out}: {n} images x {k} samples{summary(what)} ({_describe(settings, progress.nfe)})")
     return 0
