@@ -194,3 +194,173 @@ def test_discrete_bound_approaches_the_continuous_elbo_at_first_order():
                                                 torch.ones(len(sizes), dtype=torch.float64)], 1),
                                    torch.log(torch.tensor(gaps, dtype=torch.float64))[:, None]).solution[0, 0]
         assert abs(slope + 1) < 0.25, (name, gaps, float(slope))
+
+
+# ---- reverse variances --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(SDES))
+def test_analytic_variance_is_the_exact_optimal_variance(name):
+    sde, data = SDES[name](), gaussian(3)
+    chain = forward_chain(sde, n_steps=10)
+    gen = torch.Generator().manual_seed(5)
+    analytic = estimate_analytic_variance(exact_model(sde, data, "score"), data.sample(20_000, gen, torch.float64),
+                                          chain, generator=gen, batch_size=5000)
+    c = _coefficients(sde, chain.times[1:])
+    got = analytic.variances(chain)
+    for n in range(1, chain.n_steps + 1):
+        expected = _optimal_var(data, n, c)
+        # σ² is linear in Γ with slope (c^x)² v/m²; Γ's estimate carries its standard error.
+        tolerance = Z * c["coef"][n] ** 2 * c["v"][n] / c["m"][n] ** 2 * analytic.gamma_se[n - 1]
+        assert abs(got[n] - expected) < tolerance, (n, float(got[n]), float(expected), float(tolerance))
+    # A value to keep: through JSON and back, and onto a sub-grid of its times (exact there).
+    restored = AnalyticVariance.from_state(json.loads(json.dumps(analytic.to_state())))
+    assert torch.equal(restored.variances(chain), got)
+    coarse = forward_chain(sde, times=chain.times[2::2])
+    assert torch.allclose(restored.variances(coarse)[1:], _exact_sub_grid(analytic, coarse), rtol=1e-12)
+
+
+def _exact_sub_grid(analytic, chain):
+    """σ² on ``chain`` from Γ read off at its times, which are among the table's."""
+    index = [int(torch.argmin((analytic.times - t).abs())) for t in chain.times[1:]]
+    gamma = analytic.gamma[index].clamp(0, 1)
+    return (chain.posterior_var + chain.posterior_data_coef ** 2 * chain.var / chain.mean_weight ** 2
+            * torch.cat([torch.zeros(1, dtype=torch.float64), 1 - gamma]))[1:]
+
+
+class StepTable(torch.nn.Module):
+    """v(y, t) = a learned value per step of a DDPM grid of ``n_steps`` (one per example, all dims)."""
+
+    def __init__(self, sde, n_steps):
+        super().__init__()
+        self.T, self.n_steps = sde.T, n_steps
+        self.v = torch.nn.Parameter(torch.zeros(n_steps + 1, dtype=torch.float64))
+
+    def forward(self, y, t):
+        return self.v[torch.round(t.double() / self.T * self.n_steps).long()][:, None].expand_as(y)
+
+
+def test_learned_variance_trained_by_the_hybrid_loss_converges_to_the_optimal_variance():
+    """Isotropic Gaussian data, so that the per-element optimum is the isotropic one of Analytic-DPM.
+    The exact mean has no parameters: only L_vlb moves the variance, whose stationary point is
+    σ_n² = β̃_n + E[(μ̃ − μ_θ)²]. Averaged over the last iterates, the learned σ_n² is that mean of
+    V_n χ²₁ draws (V_n = σ*² − β̃_n) over the M of them seen, standard error V_n √(2/M)."""
+    sde = SDES["vp"]()
+    data = GaussianMixture.gaussian(torch.tensor([0.3, -0.2]), torch.tensor([0.5, 0.5]))
+    chain = forward_chain(sde, n_steps=8)
+    model, net = exact_model(sde, data, "noise"), LearnedVariance(StepTable(sde, 8))
+    # The last steps' gradients are ~1e-10 (β̃ ≈ β there): Adam's eps must not swamp them.
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05, eps=1e-30)
+    gen = torch.Generator().manual_seed(6)
+    iterations, window, batch = 400, 200, 1024
+    # Adam moves every v by about lr per iteration whatever its gradient: the rate decays to 0 over the
+    # window, so that the optimizer's own jitter dies out and the sampling error is what is left.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: 1.0 if i < iterations - window else (iterations - i) / window)
+    average = torch.zeros(chain.n_steps + 1, dtype=torch.float64)
+    for i in range(iterations):
+        loss = hybrid_loss(model, net, data.sample(batch, gen, torch.float64), chain, generator=gen).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if i >= iterations - window:
+            average += net.net.v.detach() / window
+    c = _coefficients(sde, chain.times[1:])
+    seen = window * batch / chain.n_steps * data.dim
+    for n in range(1, chain.n_steps + 1):
+        low = torch.log(c["beta_tilde"][n] if n > 1 else c["beta_tilde"][2])
+        learned = torch.exp(average[n] * torch.log(c["beta"][n]) + (1 - average[n]) * low)
+        optimal = _optimal_var(data, n, c)
+        spread = (optimal - (c["beta_tilde"][n] if n > 1 else 0.0)) * math.sqrt(2 / seen)
+        assert abs(learned - optimal) < Z * spread, (n, float(learned), float(optimal), float(spread))
+
+
+def test_the_analytic_variance_gives_the_best_expected_bound():
+    """Over the data, the analytic variance maximizes every step's expected term (it is isotropic, so
+    for one x another choice may do better): its expected bound is at least those of β̃ and β. Every
+    term is quadratic in each x_i alone, so the average over x = μ ± s (per dimension) is the exact
+    expectation over the data."""
+    for name in SDES:
+        sde, data = SDES[name](), gaussian(3)
+        times = _grids(sde)["ddpm"]
+        x = torch.stack([data.means[0] + data.stds[0], data.means[0] - data.stds[0]])
+        expected = {}
+        for choice, (_, variance_of) in _variance_cases(data, sde, times).items():
+            decoder, steps, prior = _expected_bound(sde, data, x, times, variance_of)
+            expected[choice] = float((decoder - steps - prior).mean())
+        assert expected["analytic"] >= max(expected["posterior"], expected["step"]), (name, expected)
+
+
+# ---- the decoder over pixel bins ----------------------------------------------------------------------
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_decoder_probabilities_sum_to_one_over_the_256_bins(transform):
+    bins = PixelBins(transform)
+    levels = torch.arange(256, dtype=torch.uint8)[:, None]
+    x = bins.centre(levels)
+    assert torch.equal(bins.level(x), levels.long())
+    for mean, var in ((float(x.median()), 1e-4), (float(x[3]), 1e-2), (float(x[-1]) + 5.0, 4.0), (-40.0, 1e-6)):
+        log_p = bins.log_prob(x, torch.full_like(x, mean), torch.tensor(var, dtype=torch.float64))
+        assert torch.isclose(log_p.exp().sum(), torch.tensor(1.0, dtype=torch.float64), atol=1e-12)
+        # and each mass is the normal's between the bin's edges
+        normal = torch.distributions.Normal(mean, math.sqrt(var))
+        direct = normal.cdf(bins.edges[1:]) - normal.cdf(bins.edges[:-1])
+        assert torch.allclose(log_p.exp(), direct, atol=1e-12)
+
+
+def test_bits_per_dim_of_the_discrete_bound_are_those_of_the_transforms_module():
+    sde, data = SDES["vp"](), gaussian(3)
+    bins = PixelBins("centered")
+    images = torch.randint(0, 256, (5, 3), generator=torch.Generator().manual_seed(8), dtype=torch.uint8)
+    model = exact_model(sde, GaussianMixture.gaussian(torch.zeros(3), torch.full((3,), 0.5)), "noise")
+    bound = discrete_bound(model, bins.centre(images), forward_chain(sde, n_steps=20), "posterior", bins=bins,
+                           generator=torch.Generator().manual_seed(9))
+    assert bound.discrete and (bound.log_prob < 0).all()
+    bpd = bound.bits_per_dim()
+    assert torch.allclose(bpd, -bound.log_prob / (3 * math.log(2)))
+    assert torch.allclose(bpd, bits_per_dim(bound.log_prob, torch.full((5,), 3 * math.log(256.0), dtype=torch.float64), 3))
+    continuous = discrete_bound(model, bins.centre(images), forward_chain(sde, n_steps=20))
+    with pytest.raises(ValueError, match="discretized decoder"):
+        continuous.bits_per_dim()
+
+
+# ---- ancestral sampling -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("choice", ["posterior", "step", "analytic", "learned"])
+def test_ancestral_samples_have_the_data_law(name, choice):
+    sde, data = SDES[name](), gaussian(2)
+    n_steps = 400
+    times = forward_chain(sde, n_steps=n_steps).times[1:]
+    variance, _ = _variance_cases(data, sde, times)[choice]
+    model = exact_model(sde, data, "noise")
+    calls = []
+    x = ancestral_sample(model, variance, n_steps, (4000, 2), generator=torch.Generator().manual_seed(10),
+                         callback=calls.append, dtype=torch.float64)
+    assert_gaussian_moments(x, data)
+    assert len(calls) == n_steps == model.net.calls and calls[-1]["t"] == 0
+
+
+def test_a_seed_reproduces_the_samples_and_bad_input_is_refused():
+    sde, data = SDES["vp"](), gaussian(2)
+    model = exact_model(sde, data)
+    draw = lambda: ancestral_sample(model, "step", 5, (3, 2), generator=torch.Generator().manual_seed(0))  # noqa: E731
+    assert torch.equal(draw(), draw())
+    chain = forward_chain(sde, n_steps=4)
+    x = data.sample(3, torch.Generator().manual_seed(0), torch.float64)
+    cases = [
+        (lambda: forward_chain(sde), "exactly one"),
+        (lambda: forward_chain(sde, n_steps=0), "n_steps"),
+        (lambda: forward_chain(sde, times=[0.5, 0.2, 1.0]), "times"),
+        (lambda: forward_chain(sde, times=[0.5, 0.9]), "times"),
+        (lambda: discrete_bound(model, x, chain, "fixedlarge"), "variance"),
+        (lambda: discrete_bound(model, x, chain, n_sampled_steps=0), "n_sampled_steps"),
+        (lambda: discrete_bound(model, x, chain, step_proposal=torch.ones(5)), "n_sampled_steps"),
+        (lambda: discrete_bound(model, x, chain, n_sampled_steps=2, step_proposal=torch.ones(5)), "step_proposal"),
+        (lambda: discrete_bound(model, x, chain, bins="logit"), "bins"),
+        (lambda: discrete_bound(model, x * math.nan, chain), "x"),
+        (lambda: PixelBins("sigmoid"), "transform"),
+        (lambda: AnalyticVariance.from_state({"times": [0.1]}), "gamma"),
+        (lambda: hybrid_loss(model, "posterior", x, chain), "variance_net"),
+        (lambda: ancestral_sample(model, "large", 5, (3, 2)), "variance"),
+    ]
+    for call, name in cases:
+        with pytest.raises(ValueError, match=name):
+            call()
