@@ -19,6 +19,8 @@ from .samplers import METHODS, Method, Option, register_method, sample
 from .schedules import SCHEDULES, time_grid
 from .ode import sample_ode
 from .conditional import denoise, inpaint, posterior_sample
+from .discrete import (AnalyticVariance, LearnedVariance, PixelBins, ancestral_sample, discrete_bound,
+                       estimate_analytic_variance, forward_chain, hybrid_loss)
 
 __version__ = "0.1.0"
 
@@ -28,4 +30,6 @@ __all__ = [
     "TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "divergence",
     "sample", "sample_ode", "time_grid", "METHODS", "SCHEDULES", "Method", "Option", "register_method",
     "denoise", "inpaint", "posterior_sample",
+    "forward_chain", "discrete_bound", "PixelBins", "AnalyticVariance", "estimate_analytic_variance",
+    "LearnedVariance", "hybrid_loss", "ancestral_sample",
 ]

@@ -364,3 +364,29 @@ def test_a_seed_reproduces_the_samples_and_bad_input_is_refused():
     for call, name in cases:
         with pytest.raises(ValueError, match=name):
             call()
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_network_in_float32_on_images_runs_every_path(device):
+    """A float32 MLP on 8-bit "images" in logit space: bounds finite in bits/dim, gradients through
+    the discretized decoder finite, everything on the device."""
+    from sdeflow.nets.mlp import MLP
+
+    sde = SDES["vp"]()
+    model = sdeflow.PluginReverseSDE(sde, MLP(dim=3), "noise").to(device)
+    bins, gen = PixelBins("logit"), torch.Generator(device).manual_seed(0)
+    images = torch.randint(0, 256, (6, 3), dtype=torch.uint8, device=device)
+    images[0, 0], images[0, 1] = 0, 255  # the outer bins, whose far edges are infinite
+    x, chain = bins.centre(images).float(), forward_chain(sde, n_steps=12)
+    analytic = estimate_analytic_variance(model, x, chain, generator=gen)
+    for variance in ("posterior", analytic):
+        for sampled in (None, 3):
+            bound = discrete_bound(model, x, chain, variance, bins=bins, n_sampled_steps=sampled, generator=gen)
+            assert bound.log_prob.device.type == device and torch.isfinite(bound.bits_per_dim()).all()
+    learned = LearnedVariance(MLP(dim=3)).to(device)
+    hybrid_loss(model, learned, x, chain, bins=bins, generator=gen).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in learned.parameters() if p.grad is not None)
+    assert ancestral_sample(model, learned, 5, (4, 3), generator=gen).device.type == device

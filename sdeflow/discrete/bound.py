@@ -175,17 +175,12 @@ def _check_proposal(step_proposal, chain: ForwardChain) -> torch.Tensor:
 def _sampled_step_kl(model, x, chain, variance, bins, n_sampled_steps, proposal, generator):
     """(estimate, standard error) of Σ_{n≥2} KL_n from K steps per example drawn from the proposal."""
     batch = x.shape[0]
-    draws = torch.multinomial(proposal, batch * n_sampled_steps, replacement=True, generator=_cpu(generator))
-    draws = draws.reshape(n_sampled_steps, batch).to(x.device)
-    values = torch.stack([step_terms(model, x, chain, variance, n, bins, generator) / proposal.to(x.device)[n]
-                          for n in draws])
+    proposal = proposal.to(x.device)
+    draws = torch.multinomial(proposal, batch * n_sampled_steps, replacement=True, generator=generator)
+    draws = draws.reshape(n_sampled_steps, batch)
+    values = torch.stack([step_terms(model, x, chain, variance, n, bins, generator) / proposal[n] for n in draws])
     se = values.std(dim=0) / math.sqrt(n_sampled_steps) if n_sampled_steps > 1 else torch.full_like(values[0], math.nan)
     return values.mean(dim=0), se
-
-
-def _cpu(generator):
-    # torch.multinomial on a CPU tensor needs a CPU generator; a CUDA one draws the steps on the side.
-    return generator if generator is None or generator.device.type == "cpu" else None
 
 
 def discrete_bound(model, x: torch.Tensor, chain: ForwardChain, variance="posterior", *,
@@ -243,7 +238,7 @@ def hybrid_loss(model, variance_net: LearnedVariance, x: torch.Tensor, chain: Fo
         raise ValueError(f"variance_net must be a LearnedVariance; got {type(variance_net).__name__}")
     vlb_weight = check_positive_float("vlb_weight", vlb_weight)
     batch, dim = x.shape[0], x[0].numel()
-    n = torch.randint(1, chain.n_steps + 1, (batch,), generator=_cpu(generator)).to(x.device)
+    n = torch.randint(1, chain.n_steps + 1, (batch,), generator=generator, device=x.device)
     y, noise, t = _draw(chain, x, n, generator)
     eps_hat = model.predicted_noise(y, t)
     simple = sum_except_batch((eps_hat - noise) ** 2) / dim
