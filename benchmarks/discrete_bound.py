@@ -25,13 +25,14 @@ the 8-bit images (the decoder integrates each pixel's bin), exact over the steps
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 
 import torch
 
 import sdeflow
-from sdeflow.discrete import (AnalyticVariance, LearnedVariance, PixelBins, ancestral_sample, discrete_bound,
+from sdeflow.discrete import (LearnedVariance, PixelBins, ancestral_sample, discrete_bound,
                               estimate_analytic_variance, forward_chain, hybrid_loss)
 from sdeflow.metrics import sliced_wasserstein
 from sdeflow.nets.mlp import MLP
@@ -111,7 +112,6 @@ def toy_table(name: str, data: GaussianMixture, n_samples: int, repeats: int, it
 
 
 def run_toy(args) -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     for name, data in toy_problems(args.quick).items():
         toy_table(name, data, args.n_samples, args.repeats, args.iterations)
 
@@ -157,9 +157,8 @@ def run_images(args) -> None:
         extra = f"(Γ: {analytic_seconds:.0f} s on {x_train.shape[0]} training images)" if label == "analytic" else ""
         _summary(f"discrete bound, N = {args.n_steps}, {label}", torch.cat(values), time.perf_counter() - start, extra)
     if args.save_analytic:
-        import json
         with open(args.save_analytic, "w") as f:
-            json.dump(AnalyticVariance.to_state(analytic), f)
+            json.dump(analytic.to_state(), f)
 
 
 def main() -> None:

@@ -60,7 +60,7 @@ def _expected_bound(sde, data, x, times, variance_of):
     decoder = (-0.5 * torch.log(2 * math.pi * var) - err / (2 * var)).sum(-1)
     steps = torch.zeros(x.shape[0], dtype=torch.float64)
     for n in range(2, n_steps + 1):
-        var, ratio = variance_of(n, c), None
+        var = variance_of(n, c)
         ratio = c["beta_tilde"][n] / var
         err = c["coef"][n] ** 2 * _data_error(data, x, c["m"][n], c["v"][n])
         steps += 0.5 * (ratio - 1 - torch.log(ratio) + err / var).expand_as(x).sum(-1)
@@ -307,7 +307,7 @@ def test_decoder_probabilities_sum_to_one_over_the_256_bins(transform):
 
 
 def test_bits_per_dim_of_the_discrete_bound_are_those_of_the_transforms_module():
-    sde, data = SDES["vp"](), gaussian(3)
+    sde = SDES["vp"]()
     bins = PixelBins("centered")
     images = torch.randint(0, 256, (5, 3), generator=torch.Generator().manual_seed(8), dtype=torch.uint8)
     model = exact_model(sde, GaussianMixture.gaussian(torch.zeros(3), torch.full((3,), 0.5)), "noise")

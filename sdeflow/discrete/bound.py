@@ -62,7 +62,7 @@ class DiscreteBound:
     """Per-example terms of the discrete bound, float64 (B,), in nats.
 
     Attributes:
-        log_prob: the bound, decoder_log_prob − step_kl − prior_kl (≤ log P(x)).
+        log_prob: the bound, decoder_log_prob − step_kl − prior_kl (≤ log P(x) in expectation).
         decoder_log_prob: one draw of log p(x | y_1).
         step_kl: the estimate of Σ_{n≥2} KL_n.
         step_kl_se: its standard error from the sampled steps (0 when every step is taken; NaN for
@@ -100,7 +100,9 @@ def _draw(chain: ForwardChain, x: torch.Tensor, n: torch.Tensor, generator):
 
 def _negative_terms(chain: ForwardChain, x, noise, eps_hat, n, var, bins) -> torch.Tensor:
     """Per row, KL_n for n ≥ 2 and −log p(x | y_1) for n = 1, float64 (B,); ``var`` = σ_n²."""
-    index = lambda table: append_dims(table.to(x.device)[n], x.ndim)  # noqa: E731
+    def index(table):
+        return append_dims(table.to(x.device)[n], x.ndim)
+
     # x − x̂_0 = √v_n (ε̂ − ε)/m_n, formed from the noises so that no large y cancels.
     data_error = index(chain.var.sqrt() / chain.mean_weight) * (eps_hat.double() - noise.double())
     out = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)

@@ -106,10 +106,6 @@ class ForwardChain:
         out[1:] = torch.exp(self._log_snr_step[1:]) / self.step_mean_weight[1:]
         return out
 
-    def to_state(self) -> dict:
-        """The times as a plain list, enough to rebuild the chain with :func:`forward_chain`."""
-        return {"times": [float(t) for t in self.times[1:]]}
-
 
 def forward_chain(sde: SDE, n_steps: int | None = None, times=None) -> ForwardChain:
     r"""The N-step chain of ``sde``: either ``n_steps`` = N at DDPM's :math:`t_n = nT/N`, or ``times``,

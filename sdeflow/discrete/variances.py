@@ -116,7 +116,8 @@ def estimate_analytic_variance(model, x: torch.Tensor, chain: ForwardChain,
                                batch_size: int | None = None) -> AnalyticVariance:
     r"""Γ_n = mean over the batch of ‖ε̂(y_n, t_n)‖²/D with :math:`y_n = m_n x + \sqrt{v_n}\,\varepsilon`,
     at every step n = 1..N of ``chain`` (N·B network evaluations, ``batch_size`` at a time), and its
-    standard error sd/√B. ``x``: (B, ...) training data in the model's space, B ≥ 2."""
+    standard error sd/√B. ``x``: (B, ...) training data in the model's space, B ≥ 2; the model as it
+    will be evaluated (``eval()`` mode, EMA weights)."""
     if x.shape[0] < 2:
         raise ValueError(f"x must hold at least 2 examples to estimate Γ and its error; got {x.shape[0]}")
     batch_size = x.shape[0] if batch_size is None else check_positive_int("batch_size", batch_size)
