@@ -28,6 +28,8 @@ from .evaluation import LikelihoodSettings, evaluate_bpd, log_likelihood
 from .checkpoint import load_model
 from .noise_schedules import CosineVPSDE, DiscreteVPSDE
 from .adapters import adapt_denoiser, adapt_diffusers, adapt_discrete, adapt_score_network, bound_start, load_foreign
+from .discrete import (AnalyticVariance, LearnedVariance, PixelBins, ancestral_sample, discrete_bound,
+                       estimate_analytic_variance, forward_chain, hybrid_loss)
 
 __version__ = "0.1.0"
 
@@ -45,10 +47,12 @@ __all__ = [
     "PluginReverseSDE", "PARAMETERIZATIONS",
     "dsm", "WEIGHTINGS", "register_weighting",
     "TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "elbo", "fit_time_proposal", "divergence",
-    "log_prob_ode", "sample_ode", "sample", "SamplerSettings", "Trace", "time_grid", "METHODS", "SCHEDULES", "Method", "Option",
-    "register_method", "denoise", "inpaint", "posterior_sample",
+    "log_prob_ode", "sample_ode", "sample", "SamplerSettings", "Trace", "time_grid", "METHODS", "SCHEDULES",
+    "Method", "Option", "register_method", "denoise", "inpaint", "posterior_sample",
     "TrainConfig", "build_model", "model_config", "fit",
     "LikelihoodSettings", "log_likelihood", "evaluate_bpd", "load_model",
     "CosineVPSDE", "DiscreteVPSDE", "adapt_discrete", "adapt_diffusers", "adapt_denoiser", "adapt_score_network",
     "bound_start", "load_foreign",
+    "forward_chain", "discrete_bound", "PixelBins", "AnalyticVariance", "estimate_analytic_variance",
+    "LearnedVariance", "hybrid_loss", "ancestral_sample",
 ]

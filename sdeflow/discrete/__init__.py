@@ -1,0 +1,19 @@
+"""DDPM's discrete-time bound and reverse variances for any sdeflow model (issue 21).
+
+:mod:`~sdeflow.discrete.chain` (the forward SDE on N steps, the prior term, the pixel bins of the
+decoder), :mod:`~sdeflow.discrete.variances` (β̃, β, analytic and learned reverse variances),
+:mod:`~sdeflow.discrete.bound` (the bound, its estimators, the hybrid loss) and
+:mod:`~sdeflow.discrete.sampling` (ancestral sampling).
+"""
+
+from .chain import ForwardChain, PixelBins, forward_chain, gaussian_log_prob, prior_kl
+from .variances import (FIXED_VARIANCES, AnalyticVariance, LearnedVariance, check_variance,
+                        estimate_analytic_variance, fixed_variances, reverse_variance)
+from .bound import DiscreteBound, bound_bits_per_dim, discrete_bound, fit_step_proposal, hybrid_loss, step_terms
+from .sampling import ancestral_sample
+
+__all__ = ["ForwardChain", "forward_chain", "prior_kl", "PixelBins", "gaussian_log_prob",
+           "FIXED_VARIANCES", "fixed_variances", "AnalyticVariance", "estimate_analytic_variance",
+           "LearnedVariance", "reverse_variance", "check_variance",
+           "DiscreteBound", "discrete_bound", "step_terms", "fit_step_proposal", "hybrid_loss",
+           "bound_bits_per_dim", "ancestral_sample"]
