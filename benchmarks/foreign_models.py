@@ -1,13 +1,15 @@
 """A model trained elsewhere, measured by sdeflow: train a small diffusers UNet2DModel with diffusers' own
 DDPM objective (DDPMScheduler.add_noise, ε-MSE) for a CPU budget on CIFAR-10, save it with save_pretrained,
-load it back through ``sdeflow.load_foreign("diffusers:DIR")`` and report held-out bits/dim by the ELBO and
-by the probability-flow ODE, with seconds per 100 images.
+and report ``sdeflow eval --model diffusers:DIR`` bits/dim on held-out images by the ELBO and by the
+probability-flow ODE, with seconds per 100 images, beside an sdeflow-trained model of the same budget
+(``--compare RUN``: e.g. the run of ``benchmarks/cifar_budget.py``), scored by the same commands on the
+same images.
 
-    OMP_NUM_THREADS=2 python benchmarks/foreign_models.py --seconds 720 --n-eval 256 --out runs/diffusers-12min
+    python benchmarks/foreign_models.py --seconds 720 --compare runs/cifar_budget/run --out runs/foreign
     python benchmarks/foreign_models.py --bound-cost   # what starting at DDPM's first step costs, on an oracle
 
-The held-out images are the last ``--n-eval`` of the training files (the shared subset has no test batch)
-and are never trained on. ``--bound-cost`` needs no data: for 8-bit data whose pixels are independent
+The data split is cifar_budget's (batches 1-4 of the shared subset for training, batch 5 held out), so
+both models are scored on images neither saw. ``--bound-cost`` needs no data: for 8-bit data whose pixels are independent
 discretized Gaussians of a given width (in levels), the exact model from t = 0 gives the data's exact
 bits/dim; started at the noise level σ̃ of a first step and decoded there, its ODE costs
 KL(p₀ ‖ p₀ ∗ N(0, σ̃²)) and its ELBO E[log p₀(x) − E_n log (p₀ ∗ N(0, σ̃²))(x + σ̃n)] per dimension,
@@ -27,10 +29,12 @@ import torch
 from scipy.special import ndtr
 
 import sdeflow
+from sdeflow.cli import main as sdeflow_cli
 from sdeflow.data.images import load_cifar10
-from sdeflow.evaluation import evaluate_bpd, quantization_time
 
-DATA_ROOT = "/work/shared/data/cifar10-subset"
+from cifar_budget import DEFAULT_ROOT, write_split
+
+DATA_ROOT = str(DEFAULT_ROOT)
 
 
 def train_diffusers(images: torch.Tensor, seconds: float, seed: int, batch_size: int = 32):
@@ -58,19 +62,21 @@ def train_diffusers(images: torch.Tensor, seconds: float, seed: int, batch_size:
     return unet, scheduler, {"steps": steps, "final_loss": float(np.mean(losses[-50:])) if losses else None}
 
 
-def measure(folder: str, held_out: torch.Tensor, n_slices: int, seed: int) -> dict:
-    """Bits/dim of ``held_out`` by the ELBO and the ODE, both started at
-    max(bound_start, quantization_time), through load_foreign."""
-    model, config = sdeflow.load_foreign(f"diffusers:{folder}")
-    t_min = max(sdeflow.bound_start(model), quantization_time(model.sde, config["data"]))
-    out = {"t_min": t_min}
-    for name, ode in (("elbo", False), ("ode", True)):
-        result = evaluate_bpd(model, held_out, config, n_slices=n_slices, ode=ode, t_min=t_min, seed=seed,
-                              batch_size=16)
-        out[name] = {"bpd": result["bpd"], "bpd_se": result["bpd_se"], "estimator": result["estimator"],
-                     "seconds_per_100_images": 100 * result["seconds"] / held_out.shape[0],
-                     **({"nfe": result["nfe"]} if ode else {})}
-    return out
+def measure(model_flags: list, root: Path, out: Path, limit: int, ode_limit: int) -> dict:
+    """``sdeflow eval`` of the model given by ``model_flags`` on the held-out split: the default ELBO on
+    the first ``limit`` images and the ODE on the first ``ode_limit``; bits/dim, SE, seconds per 100."""
+    results = {}
+    for name, extra, n in (("elbo", [], limit), ("ode", ["--bound", "ode"], ode_limit)):
+        path = out / f"{name}.json"
+        code = sdeflow_cli(["eval", *model_flags, "--dataset", "cifar10", "--data-root", str(root), "--split", "test",
+                        "--limit", str(n), "--json", str(path), "--no-progress", *extra])
+        if code != 0:
+            raise SystemExit(f"sdeflow eval failed with exit status {code}")
+        r = json.loads(path.read_text())
+        results[name] = {"bpd": r["bpd"], "bpd_se": r["bpd_se"], "n_images": r["n_images"],
+                         "seconds_per_100_images": 100 * r["seconds"] / r["n_images"], "estimator": r["estimator"],
+                         **({"nfe": r["nfe"]} if "nfe" in r else {})}
+    return results
 
 
 def bound_cost(level_widths=(1.0, 2.0, 4.0, 16.0), sigmas=None) -> list[dict]:
@@ -111,12 +117,13 @@ def bound_cost(level_widths=(1.0, 2.0, 4.0, 16.0), sigmas=None) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=720.0)
-    parser.add_argument("--n-eval", type=int, default=256)
-    parser.add_argument("--n-slices", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=720.0, help="diffusers' training budget")
+    parser.add_argument("--limit", type=int, default=256, help="held-out images of the ELBO")
+    parser.add_argument("--ode-limit", type=int, default=8, help="held-out images of the ODE")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", default=DATA_ROOT)
-    parser.add_argument("--out", default="runs/foreign-diffusers")
+    parser.add_argument("--compare", default=None, help="an sdeflow run of the same budget, scored alike")
+    parser.add_argument("--out", default="runs/foreign")
     parser.add_argument("--bound-cost", action="store_true", help="only the oracle's cost of the bound's start")
     args = parser.parse_args()
     if args.bound_cost:
@@ -125,13 +132,19 @@ def main():
         return
     from diffusers import DDPMPipeline
 
-    images = load_cifar10(args.data_root)
-    train, held_out = images[:-args.n_eval], images[-args.n_eval:]
-    unet, scheduler, info = train_diffusers(train, args.seconds, args.seed)
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(args.out)
-    report = {"train_seconds": args.seconds, **info, "n_eval": args.n_eval,
-              **measure(args.out, held_out, args.n_slices, args.seed)}
+    out = Path(args.out)
+    root, folder = out / "data", out / "diffusers"
+    write_split(Path(args.data_root), root)
+    unet, scheduler, info = train_diffusers(load_cifar10(root, "train"), args.seconds, args.seed)
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    report = {"train_seconds": args.seconds, **info,
+              "diffusers": measure(["--model", f"diffusers:{folder}"], root, out / "diffusers-eval", args.limit,
+                                   args.ode_limit)}
+    if args.compare:
+        report["sdeflow"] = measure(["--checkpoint", args.compare], root, out / "sdeflow-eval", args.limit,
+                                    args.ode_limit)
     print(json.dumps(report, indent=1))
+    (out / "summary.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

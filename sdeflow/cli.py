@@ -109,9 +109,9 @@ def add_config_arguments(parser, cls, defaults, *, skip=(), aliases=None, requir
         flags = [_flag(f.name), *aliases.get(f.name, [])]
         text = f.metadata.get("help", "")
         default = defaults.get(f.name)
-        if f.type in (bool, "bool"):
-            group.add_argument(_flag("no_" + f.name) if default else flags[0], dest=f.name,
-                               action="store_false" if default else "store_true", help=text)
+        if f.type in (bool, "bool"):  # --flag and --no-flag, whichever the default is
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=bool(default),
+                               help=f"{text} (default: %(default)s)")
             continue
         kwargs = {"dest": f.name, "help": f"{text} (default: %(default)s)"}
         choices, check = f.metadata.get("choices"), f.metadata.get("check")

@@ -38,13 +38,14 @@ def _help(text: str, choices=None, check=None, **kwargs):
 
 
 def validate_fields(config) -> None:
-    """Apply every field's ``check`` (to values other than None) and ``choices`` of a configuration
-    dataclass built with :func:`_help`; ``ValueError`` naming the first bad field."""
+    """Apply every field's ``check`` (to values other than None) and ``choices`` (to strings: a field may
+    take a value in place of a name, its check says which) of a configuration dataclass built with
+    :func:`_help`; ``ValueError`` naming the first bad field."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if value is None:
             continue
-        if f.metadata.get("choices") is not None:
+        if f.metadata.get("choices") is not None and isinstance(value, str):
             check_choice(f.name, value, tuple(f.metadata["choices"]()))
         if f.metadata.get("check") is not None:
             f.metadata["check"](f.name, value)

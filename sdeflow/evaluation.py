@@ -39,97 +39,29 @@ import contextlib
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .config import _help, validate_fields
-from .divergence import DIVERGENCES, PROBES
-from .elbo import default_t_min, elbo, fit_time_proposal
+from .elbo import elbo, fit_time_proposal
 from .engine.distributed import all_gather_objects, world_info
 from .engine.state import STREAM_EVAL, STREAM_PILOT, make_generator, step_seed
-from .ode import ADAPTIVE_SOLVERS, log_prob_ode
+from .likelihood_settings import BOUNDS, DEQUANTIZATIONS, LikelihoodSettings
+from .ode import log_prob_ode
 from .statistics import mean_se, tail_diagnostics
-from .time_sampling import TIME_SAMPLINGS
-from .utils import (check_nonneg_float, check_positive_float, check_positive_int, check_t_min,
-                    model_device_dtype)
+from .utils import check_positive_int, model_device_dtype
 
 __all__ = ["LikelihoodSettings", "BOUNDS", "DEQUANTIZATIONS", "noise_level_time", "quantization_time",
-           "EvaluationError", "log_likelihood", "evaluate_bpd"]
-
-#: What a likelihood estimate bounds or computes: the continuous-time ELBO, or the probability-flow ODE.
-BOUNDS = ("elbo", "ode")
-#: How ``evaluate_bpd`` turns 8-bit levels into continuous data: uniform noise in each level's bin, or
-#: the truncated normal of i-DODE (:func:`sdeflow.data.transforms.truncated_normal_dequantize`).
-DEQUANTIZATIONS = ("uniform", "truncated-normal")
-
+           "EvaluationError", "log_likelihood", "evaluate_bpd", "analytic_variance"]
 
 class EvaluationError(RuntimeError):
     """The model gave non-finite likelihoods (it has diverged)."""
 
 
-@dataclass(frozen=True)
-class LikelihoodSettings:
-    """What a likelihood estimate is: every setting of :func:`log_likelihood` and :func:`evaluate_bpd`
-    but the data, in one value shared by the Python API and ``sdeflow eval`` (whose flags are built
-    from these fields). :meth:`validate` is the one place their rules are checked; :meth:`describe`
-    says in one line what they select."""
-
-    bound: str = _help("elbo: the unbiased ELBO of the reverse SDE; ode: the probability-flow ODE's exact "
-                          "log-likelihood", choices=lambda: BOUNDS, default="elbo")
-    n_slices: int = _help("time draws per example of the ELBO, one per stratum of the time proposal", default=4,
-                         check=check_positive_int)
-    time_sampling: str = _help("the ELBO's time proposal: fitted on a pilot batch (lowest variance), uniform, "
-                                  "or importance ∝ g²/v", choices=lambda: TIME_SAMPLINGS, default="fitted")
-    divergence: str = _help("hutchinson (one probe) or exact (D times the cost)", choices=lambda: DIVERGENCES,
-                               default="hutchinson")
-    probe: str = _help("Hutchinson probe", choices=lambda: PROBES, default="rademacher")
-    t_min: float | None = _help("where the estimate starts (decoding with a Gaussian there); default: the "
-                                   "images' quantization level t_σ, or 1e-5·T (ELBO) / 0 (ODE) for other data",
-                                   default=None, check=check_nonneg_float)
-    dequantization: str = _help("images: uniform, or i-DODE's truncated normal", choices=lambda: DEQUANTIZATIONS,
-                                   default="uniform")
-    rtol: float = _help("the ODE solver's relative tolerance", default=1e-5, check=check_positive_float)
-    atol: float = _help("the ODE solver's absolute tolerance", default=1e-5, check=check_positive_float)
-    solver: str = _help("the ODE's adaptive torchdiffeq solver", choices=lambda: ADAPTIVE_SOLVERS, default="dopri5")
-    fit_examples: int = _help("pilot examples the fitted time proposal is fitted on", default=16,
-                             check=check_positive_int)
-
-    def validate(self, T: float | None = None) -> "LikelihoodSettings":
-        """Raise ``ValueError`` naming the first bad setting (t_min against the model's ``T`` if given);
-        return self."""
-        validate_fields(self)
-        if self.t_min is not None and T is not None:
-            check_t_min(self.t_min, T)
-        return self
-
-    def describe(self, T: float = 1.0, fit_examples: int | None = None) -> str:
-        """One line saying what these settings estimate, e.g. "ELBO from t_min 1e-05 (Gaussian decoder),
-        time proposal fitted on 16 pilot examples (denoising form with a fitted control variate), 4 slices
-        per example" or "probability-flow ODE from t_min 0, dopri5, rtol 1e-05, atol 1e-05, Hutchinson
-        divergence (rademacher probe)". ``fit_examples``: the pilot's actual size (default the setting)."""
-        div = f"Hutchinson divergence ({self.probe} probe)" if self.divergence == "hutchinson" else "exact divergence"
-        t_min = self.t_min
-        if self.bound == "ode":
-            return (f"probability-flow ODE from t_min {t_min or 0:g}, {self.solver}, rtol {self.rtol:g}, "
-                    f"atol {self.atol:g}, {div}")
-        t_min = default_t_min(T) if t_min is None else t_min
-        start = f"ELBO from t_min {t_min:g}" + (" (Gaussian decoder)" if t_min > 0 else "")
-        if self.time_sampling == "fitted":
-            how = (f"time proposal fitted on {fit_examples or self.fit_examples} pilot examples (denoising form "
-                   "with a fitted control variate")
-            how += ", Hutchinson form with the exact divergence where quieter)" if self.divergence == "exact" else ")"
-        else:
-            how = {"uniform": "uniform time", "importance": "importance time proposal q ∝ g²/v"}[self.time_sampling]
-            how += f", {div}"
-        return f"{start}, {how}, {self.n_slices} slice{'s' if self.n_slices > 1 else ''} per example"
-
-
 def _fitted_proposal(model, n: int, batch: Callable, settings: LikelihoodSettings, seed: int, device):
     """The ELBO's time proposal for ``settings``: fitted once on the first examples, with its own seed."""
-    if settings.bound != "elbo" or settings.time_sampling != "fitted":
+    if settings.time_sampling != "fitted":
         return settings.time_sampling
     pilot_gen = make_generator(device, step_seed(seed, 0, 0, stream=STREAM_PILOT))
     pilot, _ = batch(0, min(n, settings.fit_examples), pilot_gen)
@@ -141,24 +73,43 @@ def _fitted_proposal(model, n: int, batch: Callable, settings: LikelihoodSetting
                               f"non-finite values and has probably diverged") from None
 
 
-def _estimate(model, y: torch.Tensor, settings: LikelihoodSettings, proposal, generator) -> tuple[torch.Tensor, list]:
-    """Per-example log-likelihoods of one batch in model space, and the ODE's NFE ([] for the ELBO)."""
+def _estimator(model, n: int, batch: Callable, settings: LikelihoodSettings, seed: int, device, bins):
+    """``estimate(y, generator) -> (per-example log-likelihoods (B,), [network evaluations])`` of one batch
+    in model space, for ``settings``' bound (the ELBO's proposal fitted first; the discrete bound's chain
+    built once, decoding with ``bins`` or, when None, a Gaussian)."""
     s = settings
     if s.bound == "elbo":
-        return elbo(model, y, n_slices=s.n_slices, time_sampling=proposal, divergence=s.divergence, probe=s.probe,
-                    generator=generator, t_min=s.t_min), []
-    # The probe is drawn here per example (shape of y), so the examples' errors are independent.
-    try:
-        logp, info = log_prob_ode(model, y, rtol=s.rtol, atol=s.atol, solver=s.solver, divergence=s.divergence,
-                                  probe=s.probe, t_min=s.t_min or 0.0, generator=generator)
-    except AssertionError as err:  # torchdiffeq's step-size underflow: the dynamics are too stiff
-        raise EvaluationError(f"the ODE solver failed ({err}); the model's probability flow is too stiff for "
-                              f"rtol={s.rtol}, atol={s.atol}") from None
-    return logp, [info["nfe"]]
+        proposal = _fitted_proposal(model, n, batch, settings, seed, device)
+        return lambda y, gen: (elbo(model, y, n_slices=s.n_slices, time_sampling=proposal, divergence=s.divergence,
+                                    probe=s.probe, generator=gen, t_min=s.t_min), [])
+    if s.bound == "discrete":
+        from .discrete import discrete_bound, forward_chain
+
+        if s.variance == "analytic":
+            raise ValueError("variance 'analytic' needs its value: pass the AnalyticVariance of "
+                             "sdeflow.estimate_analytic_variance(model, training_examples, chain) as variance")
+        chain = forward_chain(model.sde, n_steps=s.n_steps)
+
+        def discrete(y, gen):
+            bound = discrete_bound(model, y, chain, s.variance, bins=bins, n_sampled_steps=s.sampled_steps,
+                                   generator=gen)
+            return bound.log_prob, [bound.nfe]
+        return discrete
+
+    def ode(y, gen):
+        # The probe is drawn here per example (shape of y), so the examples' errors are independent.
+        try:
+            logp, info = log_prob_ode(model, y, rtol=s.rtol, atol=s.atol, solver=s.solver, divergence=s.divergence,
+                                      probe=s.probe, t_min=s.t_min or 0.0, generator=gen)
+        except AssertionError as err:  # torchdiffeq's step-size underflow: the dynamics are too stiff
+            raise EvaluationError(f"the ODE solver failed ({err}); the model's probability flow is too stiff "
+                                  f"for rtol={s.rtol}, atol={s.atol}") from None
+        return logp, [info["nfe"]]
+    return ode
 
 
 def _score(model, n: int, batch: Callable, settings: LikelihoodSettings, batch_size: int, seed: int, device,
-           progress: bool) -> tuple[torch.Tensor, list]:
+           progress: bool, bins=None) -> tuple[torch.Tensor, list]:
     """Per-example log-likelihoods (nats, plus the batch's log-determinant where ``batch`` gives one)
     of examples [0, n) of this rank's shard; ``batch(start, stop, generator) -> (y, logdet or None)``."""
     from tqdm.auto import tqdm
@@ -167,14 +118,14 @@ def _score(model, n: int, batch: Callable, settings: LikelihoodSettings, batch_s
     bounds = np.linspace(0, n, world + 1).astype(int)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise EvaluationError("the model has non-finite parameters: training diverged")
-    proposal = _fitted_proposal(model, n, batch, settings, seed, device)
+    estimate = _estimator(model, n, batch, settings, seed, device, bins)
     results, nfes = [], []
     starts = range(bounds[rank], bounds[rank + 1], batch_size)
     for start in tqdm(starts, desc="eval", disable=(not progress) or rank != 0, dynamic_ncols=True):
         stop = min(start + batch_size, bounds[rank + 1])
         gen = make_generator(device, step_seed(seed, start, 0, stream=STREAM_EVAL))
         y, logdet = batch(start, stop, gen)
-        logp, nfe = _estimate(model, y, settings, proposal, gen)
+        logp, nfe = estimate(y, gen)
         logp = logp.detach().double()
         results.append((logp if logdet is None else logp + logdet.double()).cpu())
         nfes += nfe
@@ -200,29 +151,38 @@ def log_likelihood(model, x: torch.Tensor | None = None, *, n: int | None = None
     """Log-likelihood in nats of every example of ``x`` (N, ...) in model space, or of ``n`` examples
     given by ``batch(start, stop, generator) -> (y, logdet)`` (``logdet`` added to each estimate, or
     None), estimated as ``settings`` say (default :class:`LikelihoodSettings`: the ELBO with a fitted
-    time proposal, 4 slices). ``settings.t_min`` None: 10⁻⁵·T for the ELBO, 0 for the ODE. Pass the model
-    unwrapped (not DDP); it is evaluated in eval mode, without a graph through its weights, and left as
-    it was.
+    time proposal, 4 slices; the discrete bound decodes continuous data with a Gaussian here, images with
+    their pixel bins in :func:`evaluate_bpd`). ``settings.t_min`` None: 10⁻⁵·T for the ELBO, 0 for the
+    ODE. Pass the model unwrapped (not DDP); it is evaluated in eval mode, without a graph through its
+    weights, and left as it was.
 
     Returns {"mean", "se", "per_example" (N,) float64, "n", "seconds", "estimator" (the line of
     :meth:`LikelihoodSettings.describe`), "tail_share", "tail_count", "kurtosis", "heavy_tailed" (of
-    :func:`~sdeflow.statistics.tail_diagnostics`: whether "se" can be trusted)} and, for the ODE, "nfe"
-    (mean network evaluations per batch). The ODE's "se" includes the Hutchinson probe's noise (each
-    example has its own probe), not the solver's error (see the module's notes). Raises
-    :class:`EvaluationError` if any estimate is not finite.
+    :func:`~sdeflow.statistics.tail_diagnostics`: whether "se" can be trusted)} and, for the ODE and the
+    discrete bound, "nfe" (mean network evaluations per batch). The ODE's "se" includes the Hutchinson
+    probe's noise (each example has its own probe), not the solver's error (see the module's notes).
+    Raises :class:`EvaluationError` if any estimate is not finite.
     """
     settings = (settings or LikelihoodSettings()).validate(model.T)
     check_positive_int("batch_size", batch_size)
     device = torch.device(model_device_dtype(model, device, None)[0] or "cpu")
     n, batch = _examples(x, n, batch, device)
+    return _likelihoods(model, n, batch, settings, batch_size, seed, device, progress)
+
+
+def _likelihoods(model, n: int, batch: Callable, settings: LikelihoodSettings, batch_size: int, seed: int, device,
+                 progress: bool, bins=None) -> dict:
+    """The body of :func:`log_likelihood` (``bins``: the discrete bound's pixel bins, for images)."""
     started = time.perf_counter()
     was_training, needs_grad = model.training, [p.requires_grad for p in model.parameters()]
     model.eval().requires_grad_(False)  # no graph through the weights; divergences still differentiate in y
     try:
-        # The fitted ELBO takes the denoising form everywhere unless the divergence is exact: no derivative.
-        no_derivative = (settings.bound, settings.time_sampling, settings.divergence) == ("elbo", "fitted", "hutchinson")
+        # Neither the fitted ELBO (denoising form unless the divergence is exact) nor the discrete bound
+        # takes a derivative.
+        no_derivative = (settings.bound == "discrete" or (settings.bound, settings.time_sampling,
+                                                          settings.divergence) == ("elbo", "fitted", "hutchinson"))
         with torch.no_grad() if no_derivative else contextlib.nullcontext():
-            values, nfes = _score(model, n, batch, settings, batch_size, seed, device, progress)
+            values, nfes = _score(model, n, batch, settings, batch_size, seed, device, progress, bins)
     finally:
         model.train(was_training)
         for p, flag in zip(model.parameters(), needs_grad):
@@ -234,7 +194,7 @@ def log_likelihood(model, x: torch.Tensor | None = None, *, n: int | None = None
     out = {"mean": mean, "se": se, "per_example": values, "n": n, "seconds": time.perf_counter() - started,
            "estimator": settings.describe(model.T, fit_examples=min(n, settings.fit_examples)),
            **tail_diagnostics(values)}
-    if settings.bound == "ode":
+    if nfes:
         out["nfe"] = float(np.mean(nfes))
     return out
 
@@ -252,6 +212,36 @@ def quantization_time(sde, data_config: dict) -> float:
     from .data.transforms import truncated_normal_scale
 
     return noise_level_time(sde, truncated_normal_scale(data_config["transform"], data_config["alpha"]))
+
+
+def analytic_variance(model, images: torch.Tensor, config: dict, n_steps: int, *, n_grid: int = 128,
+                      seed: int = 0, batch_size: int = 64, device=None):
+    """Analytic-DPM's reverse variances for the discrete bound on ``n_steps`` steps of ``model``, from
+    uint8 training ``images`` (N, C, H, W) of model configuration ``config``: Γ(t) = E‖ε̂‖²/D estimated
+    by :func:`sdeflow.discrete.estimate_analytic_variance` on ``n_grid`` times equally spaced in log-SNR
+    from t_1 = T/n_steps to T (N·n_grid forward passes; Γ is smooth in log-SNR and interpolated between
+    them), on the images dequantised uniformly. Returns the
+    :class:`~sdeflow.discrete.AnalyticVariance` value (keep it with ``to_state``)."""
+    from .data.transforms import check_images, preprocess
+    from .discrete import estimate_analytic_variance, forward_chain
+
+    images = check_images(images, config)
+    n_grid = check_positive_int("n_grid", n_grid)
+    device = torch.device(model_device_dtype(model, device, None)[0] or "cpu")
+    sde, first = model.sde, model.T / check_positive_int("n_steps", n_steps)
+    ends = sde.log_snr(torch.tensor([first, model.T], dtype=torch.float64))
+    times = sde.t_from_log_snr(torch.linspace(float(ends[0]), float(ends[1]), n_grid, dtype=torch.float64))
+    times[0], times[-1] = first, model.T
+    gen = make_generator(device, step_seed(seed, 0, 0, stream=STREAM_PILOT))
+    x = preprocess(images.to(device), config["data"], gen).y
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return estimate_analytic_variance(model, x, forward_chain(sde, times=times), generator=gen,
+                                              batch_size=batch_size)
+    finally:
+        model.train(was_training)
 
 
 def evaluate_bpd(model, images: torch.Tensor, config: dict, settings: LikelihoodSettings | None = None, *,
@@ -274,12 +264,16 @@ def evaluate_bpd(model, images: torch.Tensor, config: dict, settings: Likelihood
     ``dequantization="truncated-normal"`` (i-DODE, training-free): y = c + z in model space, z a normal
     of scale σ truncated to the pixel's bin, with log-weight w = −log q(y|x) + D ln 256; per image
     bpd = −(log p(y) − log q(y|x))/(D ln 2), a bound on −log₂ P(x)/D by Jensen.
+    ``bound="discrete"``: DDPM's discrete-time bound on ``n_steps`` steps (:mod:`sdeflow.discrete`), which
+    scores the pixels' bins themselves (no dequantization, no t_min), bpd = −log P(x)/(D ln 2); the
+    "analytic" variance must be given as its value (:func:`analytic_variance`).
 
     Returns {"bpd": mean, "bpd_se": sd/√n, "n_images", "seconds", "bpd_per_image": (N,), "estimator",
     "tail_share", "tail_count", "kurtosis", "heavy_tailed", "nfe" (ODE)}, the last six as in
     :func:`log_likelihood`; the same on every rank, reproducible for a given seed and batch size.
     """
     from .adapters import bound_start
+    from .discrete import PixelBins
     from .data.transforms import (bits_per_dim, check_images, preprocess, truncated_normal_dequantize,
                                   truncated_normal_scale)
 
@@ -292,19 +286,27 @@ def evaluate_bpd(model, images: torch.Tensor, config: dict, settings: Likelihood
         start = max(quantization_time(model.sde, data), bound_start(model))
         settings = dataclasses.replace(settings, t_min=start)
 
+    bins = PixelBins(data["transform"], data["alpha"]) if settings.bound == "discrete" else None
+    num_dims = int(np.prod(images.shape[1:]))
+
     def batch(start, stop, generator):
+        if bins is not None:  # the discrete bound scores the pixels' bins: P(x) itself, no dequantization
+            x = bins.centre(images[start:stop].to(device)).to(model_device_dtype(model, None, None)[1])
+            return x, torch.full((x.shape[0],), num_dims * math.log(256), dtype=torch.float64, device=device)
         if settings.dequantization == "uniform":
             pre = preprocess(images[start:stop].to(device), data, generator)
             return pre.y, pre.logdet
         return truncated_normal_dequantize(images[start:stop].to(device), data["transform"], data["alpha"], sigma,
                                            generator=generator)
 
-    result = log_likelihood(model, n=images.shape[0], batch=batch, settings=settings, batch_size=batch_size,
-                            seed=seed, device=device, progress=progress)
-    bpd = bits_per_dim(result["per_example"], torch.zeros_like(result["per_example"]), int(np.prod(images.shape[1:])))
+    check_positive_int("batch_size", batch_size)
+    result = _likelihoods(model, images.shape[0], batch, settings, batch_size, seed, device, progress, bins)
+    # With the discrete bound, per_example holds log P(x) + D ln 256, so that the 8 of bits_per_dim cancels.
+    bpd = bits_per_dim(result["per_example"], torch.zeros_like(result["per_example"]), num_dims)
     mean, se = mean_se(bpd)
+    how = ", DDPM's discretized Gaussian decoder" if bins is not None else f", {settings.dequantization} dequantization"
     out = {"bpd": mean, "bpd_se": se, "n_images": result["n"], "seconds": result["seconds"], "bpd_per_image": bpd,
-           "estimator": result["estimator"] + f", {settings.dequantization} dequantization", **tail_diagnostics(bpd)}
-    if settings.bound == "ode":
+           "estimator": result["estimator"] + how, **tail_diagnostics(bpd)}
+    if "nfe" in result:
         out["nfe"] = result["nfe"]
     return out

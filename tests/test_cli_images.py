@@ -121,8 +121,6 @@ def test_eval_ode_reports_nfe(tmp_path, capsys, monkeypatch, trained):
     """Plumbing only (the ODE likelihood itself is tested in test_training and test_model): a 2-step
     model is stiff near t = 0, so its adaptive solve costs thousands of evaluations."""
     root, run = trained
-    from sdeflow.model import PluginReverseSDE
-
     from sdeflow import evaluation
 
     starts = []
@@ -146,6 +144,30 @@ def test_eval_ode_reports_nfe(tmp_path, capsys, monkeypatch, trained):
     assert starts[-1] == 0.001
     assert json.loads(out.read_text())["estimator"].endswith("truncated-normal dequantization")
     assert "mean NFE 7" in capsys.readouterr().out
+
+
+def test_eval_discrete_bound_with_analytic_variances_kept_in_a_json_file(tmp_path, capsys, trained):
+    """Plumbing of --bound discrete (the bound itself is tested in test_discrete): the analytic variance
+    is estimated on training images once, written to --variance-json, and read back by the next run."""
+    root, run = trained
+    out, variances = tmp_path / "discrete.json", tmp_path / "variances.json"
+    argv = ["eval", "--checkpoint", run, "--dataset", "cifar10", "--data-root", root, "--bound", "discrete",
+            "--n-steps", "20", "--sampled-steps", "4", "--variance", "analytic", "--variance-images", "4",
+            "--variance-json", variances, "--limit", "3", "--json", out, "--no-progress"]
+    assert cli.main([str(a) for a in argv]) == 0
+    result = json.loads(out.read_text())
+    assert result["estimator"] == ("discrete-time bound on N = 20 steps (t_n = n·T/N), analytic reverse variances, "
+                                   "4 sampled steps per example, DDPM's discretized Gaussian decoder")
+    assert result["n_images"] == 3 and result["nfe"] == 5 and result["bpd"] > 0
+    state = json.loads(variances.read_text())
+    assert set(state) == {"times", "gamma", "gamma_se"} and len(state["times"]) == 128
+    variances.write_text(json.dumps({**state, "gamma": [0.5] * len(state["gamma"])}))
+    assert cli.main([str(a) for a in argv]) == 0  # reads the file: a different Γ gives a different bound
+    assert json.loads(out.read_text())["bpd"] != result["bpd"]
+    bad = argv[:argv.index("--variance")] + ["--variance", "exact"] + argv[argv.index("--variance") + 2:]
+    with pytest.raises(SystemExit) as stop:
+        cli.main([str(a) for a in bad])
+    assert stop.value.code == 2 and "invalid choice: 'exact'" in capsys.readouterr().err
 
 
 def test_sample_writes_grid(tmp_path, capsys, trained):

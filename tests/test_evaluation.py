@@ -190,3 +190,25 @@ def test_bits_per_dim_bound_the_exact_probability_of_the_discrete_images(ode):
         mean, se = float(difference.mean()), float(difference.std() / math.sqrt(48))
         assert mean > -5 * se - 1e-4, (dequantization, mean, se)
         assert mean < gap, (dequantization, mean)
+
+
+def test_the_discrete_bound_of_evaluate_bpd_is_discrete_bound_on_the_pixels_bins():
+    """evaluate_bpd(bound="discrete") scores each image's bins (no dequantization) with the bound of
+    sdeflow.discrete, in bits: −log P(x)/(D ln 2), on the same draws for the same seed."""
+    from sdeflow.discrete import PixelBins, discrete_bound, forward_chain
+    from sdeflow.engine.state import STREAM_EVAL, make_generator, step_seed
+
+    config = image_model_config("toy", "small", in_channels=1, image_size=4)
+    sde, data = SDES["vp"](), GaussianMixture.gaussian(torch.full((16,), 0.2), torch.full((16,), 1.5))
+    model = sdeflow.PluginReverseSDE(sde, _FlatNet(ExactScoreNet(sde, data, "score")), "score").double()
+    images = torch.randint(0, 256, (6, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    for variance in ("posterior", "step"):
+        settings = LikelihoodSettings(bound="discrete", n_steps=50, variance=variance)
+        result = evaluate_bpd(model, images, config, settings, batch_size=6, seed=3)
+        bins = PixelBins(config["data"]["transform"], config["data"]["alpha"])
+        direct = discrete_bound(model, bins.centre(images).float(), forward_chain(sde, n_steps=50), variance,
+                                bins=bins, generator=make_generator("cpu", step_seed(3, 0, 0, stream=STREAM_EVAL)))
+        torch.testing.assert_close(result["bpd_per_image"], direct.bits_per_dim().double())
+        assert result["nfe"] == 50 and "discretized Gaussian decoder" in result["estimator"]
+    with pytest.raises(ValueError, match="variance 'analytic' needs its value"):
+        evaluate_bpd(model, images, config, LikelihoodSettings(bound="discrete", variance="analytic"))
