@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
+from pathlib import Path
 
 import torch
 
 import sdeflow
-from sdeflow.discrete import (LearnedVariance, PixelBins, ancestral_sample, discrete_bound,
-                              estimate_analytic_variance, forward_chain, hybrid_loss)
+from sdeflow.discrete import (LearnedVariance, ancestral_sample, estimate_analytic_variance, forward_chain, hybrid_loss)
 from sdeflow.metrics import sliced_wasserstein
 from sdeflow.nets.mlp import MLP
 from sdeflow.oracles import ExactScoreNet, GaussianMixture
@@ -117,48 +116,42 @@ def run_toy(args) -> None:
 
 
 # ---- (2) images -------------------------------------------------------------------------------------
-def _summary(label: str, bpd: torch.Tensor, seconds: float, extra: str = "") -> None:
-    se = float(bpd.std() / math.sqrt(bpd.numel()))
-    print(f"{label:<42}{float(bpd.mean()):>9.4f} ± {se:.4f}{seconds:>10.0f} s  {extra}")
-
-
 def run_images(args) -> None:
-    from sdeflow.data.images import load_cifar10
-    from sdeflow.data.transforms import Preprocess
-    from sdeflow.evaluation import evaluate_bpd
+    """(2): held-out bits/dim of a checkpoint by the continuous ELBO, the discrete bound at N steps with
+    β̃, β and analytic variances (sampled steps, and every step on the first images as a check), and the
+    ODE on the first images; each row with its standard error and seconds per 100 images."""
     from sdeflow.checkpoint import load_model
+    from sdeflow.data.images import load_cifar10
+    from sdeflow.evaluation import LikelihoodSettings, analytic_variance, evaluate_bpd
 
     device = torch.device(args.device)
     model, config, step = load_model(args.run, device=device)
     test = load_cifar10(args.data_root, "test")[: args.limit]
     train = load_cifar10(args.data_root, "train")[: args.train_images]
-    data = config["data"]
     print(f"checkpoint {args.run} step {step}; {test.shape[0]} held-out images; N = {args.n_steps}")
-    print(f"{'estimator':<42}{'bits/dim':>9}{'':>9}{'time':>10}")
+    print(f"{'estimator':<58}{'images':>7}{'bits/dim':>10}{'':>9}{'s/100 images':>14}")
     start = time.perf_counter()
-    result = evaluate_bpd(model, test, config, batch_size=args.batch_size, seed=args.seed, device=device)
-    _summary("continuous ELBO (" + result["estimator"] + ")", result["bpd_per_image"], time.perf_counter() - start)
-
-    bins = PixelBins(data["transform"], data["alpha"])
-    chain = forward_chain(model.sde, n_steps=args.n_steps)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    start = time.perf_counter()
-    x_train = Preprocess(data["transform"], data["alpha"], flip=False)(train.to(device), generator=gen).y
-    analytic = estimate_analytic_variance(model, x_train, chain, generator=gen, batch_size=args.batch_size)
-    analytic_seconds = time.perf_counter() - start
-    choices = {"β̃ (posterior)": "posterior", "β (step)": "step", "analytic": analytic}
-    for label, variance in choices.items():
-        start = time.perf_counter()
-        values = []
-        for images in test.split(args.batch_size):
-            bound = discrete_bound(model, bins.centre(images.to(device)).to(torch.float32), chain, variance,
-                                   bins=bins, n_sampled_steps=args.n_sampled_steps, generator=gen)
-            values.append(bound.bits_per_dim().cpu())
-        extra = f"(Γ: {analytic_seconds:.0f} s on {x_train.shape[0]} training images)" if label == "analytic" else ""
-        _summary(f"discrete bound, N = {args.n_steps}, {label}", torch.cat(values), time.perf_counter() - start, extra)
-    if args.save_analytic:
-        with open(args.save_analytic, "w") as f:
-            json.dump(analytic.to_state(), f)
+    analytic = analytic_variance(model, train, config, args.n_steps, seed=args.seed, batch_size=args.batch_size)
+    print(f"(analytic variance: Γ on {train.shape[0]} training images, 128 log-SNR times, "
+          f"{time.perf_counter() - start:.0f} s)")
+    discrete = dict(bound="discrete", n_steps=args.n_steps)
+    rows = [("continuous ELBO (sdeflow eval's default)", LikelihoodSettings(), test)]
+    for label, variance in (("β̃ (posterior)", "posterior"), ("β (step)", "step"), ("analytic", analytic)):
+        rows.append((f"discrete, {label}, {args.n_sampled_steps} sampled steps",
+                     LikelihoodSettings(variance=variance, sampled_steps=args.n_sampled_steps, **discrete), test))
+    for label, variance in (("β̃ (posterior)", "posterior"), ("analytic", analytic)):
+        rows.append((f"discrete, {label}, every step", LikelihoodSettings(variance=variance, **discrete),
+                     test[:args.exact_images]))
+    rows.append(("probability-flow ODE (tol 1e-5)", LikelihoodSettings(bound="ode"), test[:args.exact_images]))
+    results = {}
+    for label, settings, images in rows:
+        r = evaluate_bpd(model, images, config, settings, batch_size=args.batch_size, seed=args.seed, device=device)
+        per_100 = 100 * r["seconds"] / images.shape[0]
+        results[label] = {"bpd": r["bpd"], "bpd_se": r["bpd_se"], "n_images": images.shape[0],
+                          "seconds_per_100": per_100, "estimator": r["estimator"]}
+        print(f"{label:<58}{images.shape[0]:>7}{r['bpd']:>10.4f} ± {r['bpd_se']:.4f}{per_100:>14.1f}", flush=True)
+    if args.save:
+        Path(args.save).write_text(json.dumps({"step": step, "rows": results, "analytic": analytic.to_state()}) + "\n")
 
 
 def main() -> None:
@@ -173,13 +166,14 @@ def main() -> None:
     images.add_argument("run", help="a run directory (its newest checkpoint) or a checkpoint file")
     images.add_argument("--data-root", required=True, help="the folder holding cifar-10-batches-py/")
     images.add_argument("--limit", type=int, default=256, help="held-out images scored")
-    images.add_argument("--train-images", type=int, default=256, help="training images for Γ of the analytic variance")
+    images.add_argument("--train-images", type=int, default=64, help="training images for Γ of the analytic variance")
     images.add_argument("--n-steps", type=int, default=1000)
-    images.add_argument("--n-sampled-steps", type=int, default=None, help="sampled steps per image (default: all)")
+    images.add_argument("--n-sampled-steps", type=int, default=32, help="sampled steps per image")
+    images.add_argument("--exact-images", type=int, default=8, help="images of the every-step and ODE rows")
     images.add_argument("--batch-size", type=int, default=64)
     images.add_argument("--seed", type=int, default=0)
     images.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    images.add_argument("--save-analytic", default=None, help="write the analytic variance's Γ table to this JSON")
+    images.add_argument("--save", default=None, help="write the table and the analytic variance's Γ to this JSON")
     args = parser.parse_args()
     if args.part == "toy":
         args.n_samples = args.n_samples or (1000 if args.quick else 4000)

@@ -83,18 +83,7 @@ def _estimator(model, n: int, batch: Callable, settings: LikelihoodSettings, see
         return lambda y, gen: (elbo(model, y, n_slices=s.n_slices, time_sampling=proposal, divergence=s.divergence,
                                     probe=s.probe, generator=gen, t_min=s.t_min), [])
     if s.bound == "discrete":
-        from .discrete import discrete_bound, forward_chain
-
-        if s.variance == "analytic":
-            raise ValueError("variance 'analytic' needs its value: pass the AnalyticVariance of "
-                             "sdeflow.estimate_analytic_variance(model, training_examples, chain) as variance")
-        chain = forward_chain(model.sde, n_steps=s.n_steps)
-
-        def discrete(y, gen):
-            bound = discrete_bound(model, y, chain, s.variance, bins=bins, n_sampled_steps=s.sampled_steps,
-                                   generator=gen)
-            return bound.log_prob, [bound.nfe]
-        return discrete
+        return _discrete_estimator(model, n, batch, settings, seed, device, bins)
 
     def ode(y, gen):
         # The probe is drawn here per example (shape of y), so the examples' errors are independent.
@@ -106,6 +95,28 @@ def _estimator(model, n: int, batch: Callable, settings: LikelihoodSettings, see
                                   f"for rtol={s.rtol}, atol={s.atol}") from None
         return logp, [info["nfe"]]
     return ode
+
+
+def _discrete_estimator(model, n: int, batch: Callable, settings: LikelihoodSettings, seed: int, device, bins):
+    """The discrete bound's ``estimate`` (see :func:`_estimator`), its sampled steps drawn from a proposal
+    fitted once on the first examples when ``settings.step_sampling`` is "fitted"."""
+    from .discrete import discrete_bound, fit_step_proposal, forward_chain
+
+    s = settings
+    if s.variance == "analytic":
+        raise ValueError("variance 'analytic' needs its value: pass the AnalyticVariance of "
+                         "sdeflow.estimate_analytic_variance(model, training_examples, chain) as variance")
+    chain, proposal = forward_chain(model.sde, n_steps=s.n_steps), None
+    if s.sampled_steps is not None and s.step_sampling == "fitted" and chain.n_steps > 1:
+        pilot_gen = make_generator(device, step_seed(seed, 0, 0, stream=STREAM_PILOT))
+        pilot, _ = batch(0, min(n, s.fit_examples), pilot_gen)
+        proposal = fit_step_proposal(model, pilot, chain, s.variance, bins=bins, generator=pilot_gen)
+
+    def discrete(y, gen):
+        bound = discrete_bound(model, y, chain, s.variance, bins=bins, n_sampled_steps=s.sampled_steps,
+                               step_proposal=proposal, generator=gen)
+        return bound.log_prob, [bound.nfe]
+    return discrete
 
 
 def _score(model, n: int, batch: Callable, settings: LikelihoodSettings, batch_size: int, seed: int, device,

@@ -12,7 +12,7 @@ from .ode import ADAPTIVE_SOLVERS
 from .time_sampling import TIME_SAMPLINGS
 from .utils import check_nonneg_float, check_positive_float, check_positive_int, check_t_min
 
-__all__ = ["LikelihoodSettings", "BOUNDS", "DEQUANTIZATIONS", "VARIANCES"]
+__all__ = ["LikelihoodSettings", "BOUNDS", "DEQUANTIZATIONS", "VARIANCES", "STEP_SAMPLINGS"]
 
 
 def _check_variance(name: str, value):
@@ -30,6 +30,8 @@ BOUNDS = ("elbo", "ode", "discrete")
 #: The reverse variances of the discrete bound: DDPM's β̃ (posterior) and β (step), or Analytic-DPM's
 #: (an :class:`~sdeflow.discrete.AnalyticVariance` value in place of the name).
 VARIANCES = ("posterior", "step", "analytic")
+#: How the discrete bound's sampled steps are drawn.
+STEP_SAMPLINGS = ("fitted", "uniform")
 #: How ``evaluate_bpd`` turns 8-bit levels into continuous data: uniform noise in each level's bin, or
 #: the truncated normal of i-DODE (:func:`sdeflow.data.transforms.truncated_normal_dequantize`).
 DEQUANTIZATIONS = ("uniform", "truncated-normal")
@@ -70,6 +72,9 @@ class LikelihoodSettings:
     sampled_steps: int | None = _help("the discrete bound: draw this many of its N steps per example (unbiased, "
                                       "with a standard error) instead of taking every step", default=None,
                                       check=check_positive_int)
+    step_sampling: str = _help("how the discrete bound's sampled steps are drawn: fitted (improved DDPM's "
+                               "p(n) ∝ √E[KL_n²] on fit_examples pilot examples, N − 1 evaluations each) or "
+                               "uniform", choices=lambda: STEP_SAMPLINGS, default="fitted")
 
     def validate(self, T: float | None = None) -> "LikelihoodSettings":
         """Raise ``ValueError`` naming the first bad setting (t_min against the model's ``T`` if given);
@@ -88,7 +93,11 @@ class LikelihoodSettings:
         t_min = self.t_min
         if self.bound == "discrete":
             variance = self.variance if isinstance(self.variance, str) else "analytic"
-            steps = "every step" if self.sampled_steps is None else f"{self.sampled_steps} sampled steps per example"
+            steps = "every step"
+            if self.sampled_steps is not None:
+                steps = f"{self.sampled_steps} steps per example drawn " + (
+                    f"from a proposal fitted on {fit_examples or self.fit_examples} pilot examples"
+                    if self.step_sampling == "fitted" else "uniformly")
             return (f"discrete-time bound on N = {self.n_steps} steps (t_n = n·T/N), {variance} reverse variances, "
                     f"{steps}")
         if self.bound == "ode":

@@ -157,7 +157,8 @@ def test_eval_discrete_bound_with_analytic_variances_kept_in_a_json_file(tmp_pat
     assert cli.main([str(a) for a in argv]) == 0
     result = json.loads(out.read_text())
     assert result["estimator"] == ("discrete-time bound on N = 20 steps (t_n = n·T/N), analytic reverse variances, "
-                                   "4 sampled steps per example, DDPM's discretized Gaussian decoder")
+                                   "4 steps per example drawn from a proposal fitted on 3 pilot examples, DDPM's "
+                                   "discretized Gaussian decoder")
     assert result["n_images"] == 3 and result["nfe"] == 5 and result["bpd"] > 0
     state = json.loads(variances.read_text())
     assert set(state) == {"times", "gamma", "gamma_se"} and len(state["times"]) == 128
