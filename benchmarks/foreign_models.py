@@ -58,7 +58,7 @@ def train_diffusers(images: torch.Tensor, seconds: float, seed: int, batch_size:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        steps, losses = steps + 1, losses + [float(loss)]
+        steps, losses = steps + 1, losses + [float(loss.detach())]
     return unet, scheduler, {"steps": steps, "final_loss": float(np.mean(losses[-50:])) if losses else None}
 
 
@@ -66,6 +66,7 @@ def measure(model_flags: list, root: Path, out: Path, limit: int, ode_limit: int
     """``sdeflow eval`` of the model given by ``model_flags`` on the held-out split: the default ELBO on
     the first ``limit`` images and the ODE on the first ``ode_limit``; bits/dim, SE, seconds per 100."""
     results = {}
+    out.mkdir(parents=True, exist_ok=True)
     for name, extra, n in (("elbo", [], limit), ("ode", ["--bound", "ode"], ode_limit)):
         path = out / f"{name}.json"
         code = sdeflow_cli(["eval", *model_flags, "--dataset", "cifar10", "--data-root", str(root), "--split", "test",

@@ -4,7 +4,9 @@ The method in a few small modules: forward SDEs (:mod:`sdeflow.sdes`); the model
 through a parameterization (:mod:`sdeflow.model`); the estimators over any model: the training loss
 (:mod:`sdeflow.losses`), the ELBO with its time proposals (:mod:`sdeflow.elbo`,
 :mod:`sdeflow.time_sampling`) and the probability-flow ODE (:mod:`sdeflow.ode`); samplers
-(:mod:`sdeflow.samplers`, on the time grids of :mod:`sdeflow.schedules`). Around them:
+(:mod:`sdeflow.samplers`, on the time grids of :mod:`sdeflow.schedules`); DDPM's discrete-time bound and
+reverse variances (:mod:`sdeflow.discrete`); networks trained elsewhere as models (:mod:`sdeflow.adapters`,
+on the schedules of :mod:`sdeflow.noise_schedules`). Around them:
 :mod:`sdeflow.evaluation` (likelihoods over data sets, in nats or bits/dim), :mod:`sdeflow.engine`
 (the training loop), :mod:`sdeflow.config` and :mod:`sdeflow.experiments` (the toy example and images).
 Each kind of extension has one registry, owned by the module that defines it: ``SDES``

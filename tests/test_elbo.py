@@ -1,5 +1,6 @@
 """The ELBO and its time proposals: unbiased for the exact bound of Gaussian and mixture oracles."""
 
+import json
 import math
 
 import pytest
@@ -122,8 +123,12 @@ def test_fitted_proposal_fits_the_control_variate_where_it_helps():
     proposal = sdeflow.fit_time_proposal(model, x, generator=torch.Generator().manual_seed(1))
     assert proposal.t_min == pytest.approx(default_t_min(model.T))
     assert (proposal.control[:3] > 0.8).all() and (proposal.control[-3:].abs() < 0.3).all(), proposal.control
-    restored = sdeflow.FittedTime.from_dict(proposal.to_dict())
-    torch.testing.assert_close(restored.control, proposal.control)
+    restored = sdeflow.FittedTime.from_dict(json.loads(json.dumps(proposal.to_dict())))  # a value a JSON keeps
+    for name in ("edges", "probs", "control", "moments", "hutchinson"):
+        assert torch.equal(getattr(restored, name), getattr(proposal, name)), name
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    torch.testing.assert_close(sdeflow.elbo(model, x, time_sampling=restored, n_slices=4, generator=gen_a),
+                               sdeflow.elbo(model, x, time_sampling=proposal, n_slices=4, generator=gen_b))
     # A pilot pass in chunks of 7 (not dividing bins × examples) fits the same proposal up to its
     # noise (the draws fall differently into chunks).
     chunked = sdeflow.fit_time_proposal(model, x, chunk_size=7, generator=torch.Generator().manual_seed(1))

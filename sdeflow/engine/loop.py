@@ -1,7 +1,7 @@
 r"""The one training loop, for the toy example and the images alike.
 
 :func:`fit` minimises the per-example denoising score matching loss of
-:meth:`PluginReverseSDE.dsm` (second-order DSM added in the last ``second_order_fraction`` of the
+:func:`sdeflow.losses.dsm` (second-order DSM added in the last ``second_order_fraction`` of the
 steps) with Adam, the learning rate of :meth:`TrainConfig.lr_at` and optional gradient clipping,
 and keeps an :class:`~sdeflow.engine.ema.EMA` of the parameters. Around the steps:
 
