@@ -255,6 +255,27 @@ def analytic_variance(model, images: torch.Tensor, config: dict, n_steps: int, *
         model.train(was_training)
 
 
+def _image_batches(model, images: torch.Tensor, data: dict, dequantization: str, bins, device) -> Callable:
+    """``batch(start, stop, generator) -> (y, logdet)`` of uint8 ``images`` in model space: dequantised
+    (uniformly, or by the truncated normal with its log-weight), or for the discrete bound (``bins``) the
+    bins' centres with logdet D ln 256, so that bits_per_dim's 8 cancels and bpd = −log P(x)/(D ln 2)."""
+    from .data.transforms import preprocess, truncated_normal_dequantize, truncated_normal_scale
+
+    num_dims = int(np.prod(images.shape[1:]))
+    sigma = truncated_normal_scale(data["transform"], data["alpha"])
+
+    def batch(start, stop, generator):
+        if bins is not None:  # the discrete bound scores the pixels' bins: P(x) itself, no dequantization
+            x = bins.centre(images[start:stop].to(device)).to(model_device_dtype(model, None, None)[1])
+            return x, torch.full((x.shape[0],), num_dims * math.log(256), dtype=torch.float64, device=device)
+        if dequantization == "uniform":
+            pre = preprocess(images[start:stop].to(device), data, generator)
+            return pre.y, pre.logdet
+        return truncated_normal_dequantize(images[start:stop].to(device), data["transform"], data["alpha"], sigma,
+                                           generator=generator)
+    return batch
+
+
 def evaluate_bpd(model, images: torch.Tensor, config: dict, settings: LikelihoodSettings | None = None, *,
                  batch_size: int = 64, seed: int = 0, device=None, progress: bool = False) -> dict:
     r"""Bits per dimension of uint8 ``images`` (N, C, H, W) under ``model`` of model configuration
@@ -284,32 +305,19 @@ def evaluate_bpd(model, images: torch.Tensor, config: dict, settings: Likelihood
     :func:`log_likelihood`; the same on every rank, reproducible for a given seed and batch size.
     """
     from .adapters import bound_start
+    from .data.transforms import bits_per_dim, check_images
     from .discrete import PixelBins
-    from .data.transforms import (bits_per_dim, check_images, preprocess, truncated_normal_dequantize,
-                                  truncated_normal_scale)
 
     settings = (settings or LikelihoodSettings()).validate(model.T)
     images = check_images(images, config)
     device = torch.device(model_device_dtype(model, device, None)[0] or "cpu")
     data = config["data"]
-    sigma = truncated_normal_scale(data["transform"], data["alpha"])
     if settings.t_min is None:
         start = max(quantization_time(model.sde, data), bound_start(model))
         settings = dataclasses.replace(settings, t_min=start)
-
     bins = PixelBins(data["transform"], data["alpha"]) if settings.bound == "discrete" else None
     num_dims = int(np.prod(images.shape[1:]))
-
-    def batch(start, stop, generator):
-        if bins is not None:  # the discrete bound scores the pixels' bins: P(x) itself, no dequantization
-            x = bins.centre(images[start:stop].to(device)).to(model_device_dtype(model, None, None)[1])
-            return x, torch.full((x.shape[0],), num_dims * math.log(256), dtype=torch.float64, device=device)
-        if settings.dequantization == "uniform":
-            pre = preprocess(images[start:stop].to(device), data, generator)
-            return pre.y, pre.logdet
-        return truncated_normal_dequantize(images[start:stop].to(device), data["transform"], data["alpha"], sigma,
-                                           generator=generator)
-
+    batch = _image_batches(model, images, data, settings.dequantization, bins, device)
     check_positive_int("batch_size", batch_size)
     result = _likelihoods(model, images.shape[0], batch, settings, batch_size, seed, device, progress, bins)
     # With the discrete bound, per_example holds log P(x) + D ln 256, so that the 8 of bits_per_dim cancels.
