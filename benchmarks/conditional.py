@@ -9,7 +9,7 @@ medians over repeats (seeds), with NFE (network evaluations, from the sampler's 
 methods' backward passes. The Monte-Carlo floor (the same errors for n exact draws) is printed
 first: no sampler can beat it.
 
-    python benchmarks/conditional.py [--n 4000] [--repeats 3] [--steps 25 50 100 200]
+    python benchmarks/conditional.py [--n 4000] [--repeats 3] [--n-steps 25 50 100 200]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4000, help="samples per run")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100, 200])
+    parser.add_argument("--n-steps", type=int, nargs="+", default=[25, 50, 100, 200], help="sampler steps")
     parser.add_argument("--sde", choices=("vp", "subvp", "ve"), default="vp")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -99,7 +99,7 @@ def main() -> None:
     for name, (mean, cov, run, keep) in runs.items():
         print(f"{name + '  [Monte-Carlo floor]':36s} {'':>5s} {'':>5s} {'':>5s} {floors[name][0]:9.4f} "
               f"{floors[name][1]:8.4f}")
-        for steps in args.steps:
+        for steps in args.n_steps:
             errs, seconds = [], []
             for r in range(args.repeats):
                 start = time.perf_counter()

@@ -23,13 +23,13 @@ def main() -> int:
     parser.add_argument("--checkpoint", required=True, help="a ckpt-*.pt file or run folder of `sdeflow train`")
     parser.add_argument("--out-dir", default="figures")
     parser.add_argument("--data-root", required=True, help="the folder holding cifar-10-batches-py/")
-    parser.add_argument("--steps", default="500")
+    parser.add_argument("--n-steps", default="500", help="sampler steps")
     parser.add_argument("--method", default="euler", help="the sampler: a name of sdeflow.samplers.METHODS")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    common = ["--checkpoint", args.checkpoint, "--data-root", args.data_root, "--steps", args.steps,
+    common = ["--checkpoint", args.checkpoint, "--data-root", args.data_root, "--n-steps", args.n_steps,
               "--method", args.method, "--device", args.device]
     for scheme in ("guided", "replacement"):
         status = cli(["inpaint", *common, "--mask", "left-half", "--scheme", scheme,
