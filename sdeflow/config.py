@@ -23,17 +23,19 @@ from dataclasses import dataclass, field
 from .utils import (check_choice, check_decay, check_fraction, check_nonneg_float, check_nonneg_int,
                     check_positive_float, check_positive_int)
 
-__all__ = ["TrainConfig", "LR_SCHEDULES", "PRECISIONS", "model_config", "build_model", "validate_fields"]
+__all__ = ["TrainConfig", "LR_SCHEDULES", "PRECISIONS", "model_config", "build_model", "config_field",
+           "validate_fields"]
 
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
 
 
-def _help(text: str, choices=None, check=None, **kwargs):
+def config_field(text: str, choices=None, check=None, **kwargs):
     """A field with its help text, its rule and, for a choice, a function returning the allowed values
     (read from the registry that owns them when the command line is built). ``check(name, value) ->
     value`` is the field's rule (a ``sdeflow.utils.check_*``), applied by ``validate`` (to values other
-    than None) and by the command line's argument type: each rule is written once."""
+    than None) and by the command line's argument type: each rule is written once. TrainConfig and
+    LikelihoodSettings build their fields with it."""
     return field(metadata={"help": text, "choices": choices, "check": check}, **kwargs)
 
 
@@ -67,46 +69,46 @@ class TrainConfig:
     the likelihood weighting. The toy example has its own
     (:data:`sdeflow.experiments.toy.TOY_TRAINING`)."""
 
-    steps: int = _help("total optimizer steps (a resumed run counts from its checkpoint)", check=check_positive_int)
-    batch_size: int = _help("global batch size (split evenly across processes)", check=check_positive_int)
-    lr: float = _help("peak Adam learning rate", default=2e-3, check=check_positive_float)
-    warmup_steps: int = _help("linear learning-rate warm-up steps", default=100, check=check_nonneg_int)
-    lr_schedule: str = _help("after warm-up: constant, or cosine decay to final_lr_fraction·lr at the last step",
+    steps: int = config_field("total optimizer steps (a resumed run counts from its checkpoint)", check=check_positive_int)
+    batch_size: int = config_field("global batch size (split evenly across processes)", check=check_positive_int)
+    lr: float = config_field("peak Adam learning rate", default=2e-3, check=check_positive_float)
+    warmup_steps: int = config_field("linear learning-rate warm-up steps", default=100, check=check_nonneg_int)
+    lr_schedule: str = config_field("after warm-up: constant, or cosine decay to final_lr_fraction·lr at the last step",
                              choices=lambda: LR_SCHEDULES, default="constant")
-    final_lr_fraction: float = _help("where the cosine schedule ends, as a fraction of lr", default=0.0, check=check_fraction)
-    grad_clip: float | None = _help("clip the global gradient norm to this; 0 or None: no clipping", default=1.0, check=check_nonneg_float)
-    ema_decay: float = _help("decay of the weight average used to evaluate and sample, in [0, 1)", default=0.995,
+    final_lr_fraction: float = config_field("where the cosine schedule ends, as a fraction of lr", default=0.0, check=check_fraction)
+    grad_clip: float | None = config_field("clip the global gradient norm to this; 0 or None: no clipping", default=1.0, check=check_nonneg_float)
+    ema_decay: float = config_field("decay of the weight average used to evaluate and sample, in [0, 1)", default=0.995,
                             check=check_decay)
-    time_sampling: str = _help("distribution of the diffusion time in the loss: uniform, or importance ∝ g²/σ²",
+    time_sampling: str = config_field("distribution of the diffusion time in the loss: uniform, or importance ∝ g²/σ²",
                                choices=lambda: ("uniform", "importance"), default="importance")
-    weighting: str = _help("DSM loss weighting: likelihood (the ELBO's) or noise (DDPM's ε-loss)",
+    weighting: str = config_field("DSM loss weighting: likelihood (the ELBO's) or noise (DDPM's ε-loss)",
                              choices=_weightings, default="likelihood")
-    loss_t_min: float = _help("the loss covers diffusion times in [loss_t_min, T], with the weighting exact above it "
+    loss_t_min: float = config_field("the loss covers diffusion times in [loss_t_min, T], with the weighting exact above it "
                               "(the ELBO started there); 0: from t = 0, the weighting truncated below 10⁻³T "
                               "(sdeflow-light's)", default=0.0, check=check_nonneg_float)
-    stratified_time: bool = _help("draw the batch's diffusion times stratified, one per equal quantile range of the "
+    stratified_time: bool = config_field("draw the batch's diffusion times stratified, one per equal quantile range of the "
                                   "time distribution (a low-discrepancy sampler: less variance)", default=False)
-    second_order_fraction: float = _help("the last fraction of the steps adds second-order score matching "
+    second_order_fraction: float = config_field("the last fraction of the steps adds second-order score matching "
                                          "(Lu et al. 2022; data of at most 64 dimensions)", default=0.0, check=check_fraction)
-    second_order_weight: float = _help("weight of the second-order term", default=0.3, check=check_nonneg_float)
-    precision: str = _help("fp32, or bf16 autocast for the network's forward pass",
+    second_order_weight: float = config_field("weight of the second-order term", default=0.3, check=check_nonneg_float)
+    precision: str = config_field("fp32, or bf16 autocast for the network's forward pass",
                            choices=lambda: PRECISIONS, default="fp32")
-    max_bad_steps: int = _help("stop after this many consecutive steps with a non-finite loss or gradient",
+    max_bad_steps: int = config_field("stop after this many consecutive steps with a non-finite loss or gradient",
                                default=10, check=check_positive_int)
-    checkpoint_every: int = _help("checkpoint period in steps (and one at the end)", default=1000, check=check_positive_int)
-    keep_checkpoints: int = _help("keep the newest K checkpoints", default=3, check=check_positive_int)
-    log_every: int = _help("period in steps of the records of metrics.jsonl", default=10, check=check_positive_int)
-    sample_every: int = _help("write a figure of EMA samples every N steps; 0: never", default=0, check=check_nonneg_int)
-    sample_n_samples: int = _help("samples per figure", default=64, check=check_positive_int)
-    sample_n_steps: int = _help("sampler steps per figure", default=200, check=check_positive_int)
-    monitor_every: int = _help("estimate the EMA model's ELBO on a fresh batch every N steps; 0: never", default=0, check=check_nonneg_int)
-    monitor_batch: int = _help("examples per monitoring ELBO", default=256, check=check_positive_int)
-    monitor_slices: int = _help("time draws per example of the monitoring ELBO", default=4, check=check_positive_int)
-    flip: bool = _help("random horizontal flips of images", default=True)
-    seed: int = _help("seed of every random choice", default=0, check=check_nonneg_int)
-    max_seconds: float | None = _help("stop with a checkpoint after this many seconds of training in this call",
+    checkpoint_every: int = config_field("checkpoint period in steps (and one at the end)", default=1000, check=check_positive_int)
+    keep_checkpoints: int = config_field("keep the newest K checkpoints", default=3, check=check_positive_int)
+    log_every: int = config_field("period in steps of the records of metrics.jsonl", default=10, check=check_positive_int)
+    sample_every: int = config_field("write a figure of EMA samples every N steps; 0: never", default=0, check=check_nonneg_int)
+    sample_n_samples: int = config_field("samples per figure", default=64, check=check_positive_int)
+    sample_n_steps: int = config_field("sampler steps per figure", default=200, check=check_positive_int)
+    monitor_every: int = config_field("estimate the EMA model's ELBO on a fresh batch every N steps; 0: never", default=0, check=check_nonneg_int)
+    monitor_batch: int = config_field("examples per monitoring ELBO", default=256, check=check_positive_int)
+    monitor_slices: int = config_field("time draws per example of the monitoring ELBO", default=4, check=check_positive_int)
+    flip: bool = config_field("random horizontal flips of images", default=True)
+    seed: int = config_field("seed of every random choice", default=0, check=check_nonneg_int)
+    max_seconds: float | None = config_field("stop with a checkpoint after this many seconds of training in this call",
                                       default=None, check=check_positive_float)
-    fit_schedule: bool = _help("with max_seconds: fit the schedule (cosine decay, second-order phase, last step) "
+    fit_schedule: bool = config_field("with max_seconds: fit the schedule (cosine decay, second-order phase, last step) "
                                "to the steps the time affords, measured as training runs", default=False)
 
     def validate(self) -> "TrainConfig":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import _help, validate_fields
+from .config import config_field, validate_fields
 from .divergence import DIVERGENCES, PROBES
 from .elbo import default_t_min
 from .ode import ADAPTIVE_SOLVERS
@@ -44,35 +44,35 @@ class LikelihoodSettings:
     from these fields). :meth:`validate` is the one place their rules are checked; :meth:`describe`
     says in one line what they select."""
 
-    bound: str = _help("elbo: the unbiased ELBO of the reverse SDE; ode: the probability-flow ODE's exact "
+    bound: str = config_field("elbo: the unbiased ELBO of the reverse SDE; ode: the probability-flow ODE's exact "
                        "log-likelihood; discrete: DDPM's discrete-time bound on n_steps steps",
                        choices=lambda: BOUNDS, default="elbo")
-    n_slices: int = _help("time draws per example of the ELBO, one per stratum of the time proposal", default=4,
+    n_slices: int = config_field("time draws per example of the ELBO, one per stratum of the time proposal", default=4,
                          check=check_positive_int)
-    time_sampling: str = _help("the ELBO's time proposal: fitted on a pilot batch (lowest variance), uniform, "
+    time_sampling: str = config_field("the ELBO's time proposal: fitted on a pilot batch (lowest variance), uniform, "
                                   "or importance ∝ g²/v", choices=lambda: TIME_SAMPLINGS, default="fitted")
-    divergence: str = _help("hutchinson (one probe) or exact (D times the cost)", choices=lambda: DIVERGENCES,
+    divergence: str = config_field("hutchinson (one probe) or exact (D times the cost)", choices=lambda: DIVERGENCES,
                                default="hutchinson")
-    probe: str = _help("Hutchinson probe", choices=lambda: PROBES, default="rademacher")
-    t_min: float | None = _help("where the estimate starts (decoding with a Gaussian there); default: the "
+    probe: str = config_field("Hutchinson probe", choices=lambda: PROBES, default="rademacher")
+    t_min: float | None = config_field("where the estimate starts (decoding with a Gaussian there); default: the "
                                    "images' quantization level t_σ, or 1e-5·T (ELBO) / 0 (ODE) for other data",
                                    default=None, check=check_nonneg_float)
-    dequantization: str = _help("images: uniform, or i-DODE's truncated normal", choices=lambda: DEQUANTIZATIONS,
+    dequantization: str = config_field("images: uniform, or i-DODE's truncated normal", choices=lambda: DEQUANTIZATIONS,
                                    default="uniform")
-    rtol: float = _help("the ODE solver's relative tolerance", default=1e-5, check=check_positive_float)
-    atol: float = _help("the ODE solver's absolute tolerance", default=1e-5, check=check_positive_float)
-    solver: str = _help("the ODE's adaptive torchdiffeq solver", choices=lambda: ADAPTIVE_SOLVERS, default="dopri5")
-    fit_examples: int = _help("pilot examples the fitted time proposal is fitted on", default=16,
+    rtol: float = config_field("the ODE solver's relative tolerance", default=1e-5, check=check_positive_float)
+    atol: float = config_field("the ODE solver's absolute tolerance", default=1e-5, check=check_positive_float)
+    solver: str = config_field("the ODE's adaptive torchdiffeq solver", choices=lambda: ADAPTIVE_SOLVERS, default="dopri5")
+    fit_examples: int = config_field("pilot examples the fitted time proposal is fitted on", default=16,
                               check=check_positive_int)
-    n_steps: int = _help("the discrete bound's steps N of the forward SDE (t_n = n·T/N)", default=1000,
+    n_steps: int = config_field("the discrete bound's steps N of the forward SDE (t_n = n·T/N)", default=1000,
                          check=check_positive_int)
-    variance: str = _help("the discrete bound's reverse variances: posterior (β̃), step (β), or analytic "
+    variance: str = config_field("the discrete bound's reverse variances: posterior (β̃), step (β), or analytic "
                           "(Analytic-DPM, estimated once on training images)", choices=lambda: VARIANCES,
                           default="posterior", check=_check_variance)
-    sampled_steps: int | None = _help("the discrete bound: draw this many of its N steps per example (unbiased, "
+    sampled_steps: int | None = config_field("the discrete bound: draw this many of its N steps per example (unbiased, "
                                       "with a standard error) instead of taking every step", default=None,
                                       check=check_positive_int)
-    step_sampling: str = _help("how the discrete bound's sampled steps are drawn: fitted (improved DDPM's "
+    step_sampling: str = config_field("how the discrete bound's sampled steps are drawn: fitted (improved DDPM's "
                                "p(n) ∝ √E[KL_n²] on fit_examples pilot examples, N − 1 evaluations each) or "
                                "uniform", choices=lambda: STEP_SAMPLINGS, default="fitted")
 
