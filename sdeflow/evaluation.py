@@ -59,12 +59,18 @@ class EvaluationError(RuntimeError):
     """The model gave non-finite likelihoods (it has diverged)."""
 
 
+def _pilot(n: int, batch: Callable, settings: LikelihoodSettings, seed: int, device):
+    """(the first ``fit_examples`` examples, their generator): the pilot batch a proposal is fitted on,
+    drawn with a seed of its own."""
+    pilot_gen = make_generator(device, step_seed(seed, 0, 0, stream=STREAM_PILOT))
+    return batch(0, min(n, settings.fit_examples), pilot_gen)[0], pilot_gen
+
+
 def _fitted_proposal(model, n: int, batch: Callable, settings: LikelihoodSettings, seed: int, device):
     """The ELBO's time proposal for ``settings``: fitted once on the first examples, with its own seed."""
     if settings.time_sampling != "fitted":
         return settings.time_sampling
-    pilot_gen = make_generator(device, step_seed(seed, 0, 0, stream=STREAM_PILOT))
-    pilot, _ = batch(0, min(n, settings.fit_examples), pilot_gen)
+    pilot, pilot_gen = _pilot(n, batch, settings, seed, device)
     try:
         return fit_time_proposal(model, pilot, max_examples=pilot.shape[0], t_min=settings.t_min,
                                  divergence=settings.divergence, generator=pilot_gen)
@@ -108,8 +114,7 @@ def _discrete_estimator(model, n: int, batch: Callable, settings: LikelihoodSett
                          "sdeflow.estimate_analytic_variance(model, training_examples, chain) as variance")
     chain, proposal = forward_chain(model.sde, n_steps=s.n_steps), None
     if s.sampled_steps is not None and s.step_sampling == "fitted" and chain.n_steps > 1:
-        pilot_gen = make_generator(device, step_seed(seed, 0, 0, stream=STREAM_PILOT))
-        pilot, _ = batch(0, min(n, s.fit_examples), pilot_gen)
+        pilot, pilot_gen = _pilot(n, batch, s, seed, device)
         proposal = fit_step_proposal(model, pilot, chain, s.variance, bins=bins, generator=pilot_gen)
 
     def discrete(y, gen):

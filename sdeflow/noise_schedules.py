@@ -30,59 +30,19 @@ so its ELBO and ODE likelihood should start there and decode (see :mod:`sdeflow.
 from __future__ import annotations
 
 import math
-from abc import abstractmethod
 
 import torch
 
-from .sdes import SDE, register_sde
+from .sdes import IntegratedRateVPSDE, register_sde
 from .utils import check_choice, check_positive_float, check_positive_int
 
-__all__ = ["IntegratedRateVPSDE", "CosineVPSDE", "DiscreteVPSDE", "BETA_SCHEDULES", "discrete_alphas_cumprod"]
+__all__ = ["CosineVPSDE", "DiscreteVPSDE", "BETA_SCHEDULES", "discrete_alphas_cumprod"]
 
 #: The β tables :class:`DiscreteVPSDE` rebuilds by name, as diffusers names them, plus "given".
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "given")
 #: improved DDPM's cap on each step's β in the cosine table (the last steps would reach β = 1).
 COSINE_MAX_BETA = 0.999
 _NEWTON_STEPS = 40
-
-
-class IntegratedRateVPSDE(SDE):
-    """A VP SDE given by B(t) = ∫₀ᵗ β (subclasses: ``beta``, ``beta_integral`` and its inverse)."""
-
-    @abstractmethod
-    def beta(self, t: torch.Tensor) -> torch.Tensor:
-        """β(t) = B'(t) > 0."""
-
-    @abstractmethod
-    def beta_integral(self, t: torch.Tensor) -> torch.Tensor:
-        """B(t) = −log ᾱ(t), 0 at t = 0, increasing."""
-
-    @abstractmethod
-    def t_from_beta_integral(self, B: torch.Tensor) -> torch.Tensor:
-        """The time t with B(t) = B (clamped to [0, T])."""
-
-    def f_coef(self, t):
-        return -0.5 * self.beta(t)
-
-    def g2(self, t):
-        return self.beta(t)
-
-    def mean_weight(self, t):
-        return torch.exp(-0.5 * self.beta_integral(t))
-
-    def var(self, t):
-        return -torch.expm1(-self.beta_integral(t))
-
-    def log_snr(self, t):
-        return -torch.log(torch.expm1(self.beta_integral(t)))
-
-    def t_from_log_snr(self, log_snr):
-        # e^B − 1 = e^{−λ}  ⇒  B = softplus(−λ)
-        return self.t_from_beta_integral(torch.nn.functional.softplus(-torch.as_tensor(log_snr)))
-
-    @property
-    def prior_var(self) -> float:
-        return 1.0
 
 
 class CosineVPSDE(IntegratedRateVPSDE):

@@ -32,7 +32,7 @@ import torch
 
 from .utils import append_dims, check_new_name, check_positive_float, sum_except_batch
 
-__all__ = ["SDE", "VPSDE", "VESDE", "SubVPSDE", "SDES", "register_sde", "make_sde", "sde_parameters",
+__all__ = ["SDE", "IntegratedRateSDE", "IntegratedRateVPSDE", "VPSDE", "VESDE", "SubVPSDE", "SDES", "register_sde", "make_sde", "sde_parameters",
            "sde_config"]
 
 
@@ -150,7 +150,54 @@ class SDE(ABC):
         return f"{type(self).__name__}({params})"
 
 
-class _LinearBetaSDE(SDE):
+class IntegratedRateSDE(SDE):
+    """VP and sub-VP share their drift: f = −β/2 for a rate β(t) with B(t) = ∫₀ᵗ β, so m = e^{−B/2}; the
+    prior is N(0, I). Subclasses give ``beta``, ``beta_integral`` and its inverse."""
+
+    @abstractmethod
+    def beta(self, t: torch.Tensor) -> torch.Tensor:
+        """β(t) = B'(t) > 0."""
+
+    @abstractmethod
+    def beta_integral(self, t: torch.Tensor) -> torch.Tensor:
+        """B(t) = ∫₀ᵗ β, 0 at t = 0, increasing."""
+
+    @abstractmethod
+    def t_from_beta_integral(self, B: torch.Tensor) -> torch.Tensor:
+        """The time t with B(t) = B."""
+
+    def f_coef(self, t):
+        return -0.5 * self.beta(t)
+
+    def mean_weight(self, t):
+        return torch.exp(-0.5 * self.beta_integral(t))
+
+    @property
+    def prior_var(self) -> float:
+        return 1.0
+
+
+class IntegratedRateVPSDE(IntegratedRateSDE):
+    r"""The variance-preserving SDE of any rate β(t):
+    :math:`dY = -\tfrac12\beta(t) Y dt + \sqrt{\beta(t)}\, dB`, with
+    :math:`m = e^{-B/2}`, :math:`v = 1 - e^{-B}`, :math:`\lambda = -\log(e^{B} - 1)` (ᾱ = e^{−B} in DDPM's
+    notation). :class:`VPSDE` is its linear β; :mod:`sdeflow.noise_schedules` holds the others."""
+
+    def g2(self, t):
+        return self.beta(t)
+
+    def var(self, t):
+        return -torch.expm1(-self.beta_integral(t))
+
+    def log_snr(self, t):
+        return -torch.log(torch.expm1(self.beta_integral(t)))
+
+    def t_from_log_snr(self, log_snr):
+        # e^B − 1 = e^{−λ}  ⇒  B = softplus(−λ)
+        return self.t_from_beta_integral(torch.nn.functional.softplus(-torch.as_tensor(log_snr)))
+
+
+class _LinearBetaSDE(IntegratedRateSDE):
     """Shared by VP and sub-VP: β(t) = β_min + (β_max − β_min)·t/T, B(t) = ∫₀ᵗ β."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0):
@@ -173,35 +220,12 @@ class _LinearBetaSDE(SDE):
         k = (self.beta_max - self.beta_min) / self.T
         return 2 * B / (self.beta_min + torch.sqrt(self.beta_min ** 2 + 2 * k * B))
 
-    def f_coef(self, t):
-        return -0.5 * self.beta(t)
 
-    def mean_weight(self, t):
-        return torch.exp(-0.5 * self.beta_integral(t))
-
-    @property
-    def prior_var(self) -> float:
-        return 1.0
-
-
-class VPSDE(_LinearBetaSDE):
-    r"""Variance-preserving SDE (DDPM in continuous time):
+class VPSDE(_LinearBetaSDE, IntegratedRateVPSDE):
+    r"""Variance-preserving SDE (DDPM in continuous time) with a linear rate β(t):
     :math:`dY = -\tfrac12\beta(t) Y dt + \sqrt{\beta(t)}\, dB`, with
     :math:`m = e^{-B/2}`, :math:`v = 1 - e^{-B}`, :math:`\lambda = -\log(e^{B} - 1)`, prior N(0, I).
     """
-
-    def g2(self, t):
-        return self.beta(t)
-
-    def var(self, t):
-        return -torch.expm1(-self.beta_integral(t))
-
-    def log_snr(self, t):
-        return -torch.log(torch.expm1(self.beta_integral(t)))
-
-    def t_from_log_snr(self, log_snr):
-        # e^B − 1 = e^{−λ}  ⇒  B = softplus(−λ)
-        return self.t_from_beta_integral(torch.nn.functional.softplus(-log_snr))
 
 
 class SubVPSDE(_LinearBetaSDE):
