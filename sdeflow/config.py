@@ -91,6 +91,12 @@ class TrainConfig:
     second_order_fraction: float = config_field("the last fraction of the steps adds second-order score matching "
                                          "(Lu et al. 2022; data of at most 64 dimensions)", default=0.0, check=check_fraction)
     second_order_weight: float = config_field("weight of the second-order term", default=0.3, check=check_nonneg_float)
+    vlb_weight: float = config_field("with a learned variance (a net built with learned_variance): the weight of the "
+                                     "discrete bound's terms that train it, beside the mean's loss (improved DDPM's "
+                                     "hybrid loss; the mean's gradient is stopped in them)", default=1e-3,
+                                     check=check_positive_float)
+    variance_steps: int = config_field("with a learned variance: the steps N of the discrete chain it is trained on",
+                                       default=1000, check=check_positive_int)
     precision: str = config_field("fp32, or bf16 autocast for the network's forward pass",
                            choices=lambda: PRECISIONS, default="fp32")
     max_bad_steps: int = config_field("stop after this many consecutive steps with a non-finite loss or gradient",

@@ -27,9 +27,10 @@ def _check_variance(name: str, value):
 #: What a likelihood estimate bounds or computes: the continuous-time ELBO, the probability-flow ODE, or
 #: the discrete-time bound of DDPM on N steps of the forward SDE (:mod:`sdeflow.discrete`).
 BOUNDS = ("elbo", "ode", "discrete")
-#: The reverse variances of the discrete bound: DDPM's β̃ (posterior) and β (step), or Analytic-DPM's
-#: (an :class:`~sdeflow.discrete.AnalyticVariance` value in place of the name).
-VARIANCES = ("posterior", "step", "analytic")
+#: The reverse variances of the discrete bound: DDPM's β̃ (posterior) and β (step), Analytic-DPM's (an
+#: :class:`~sdeflow.discrete.AnalyticVariance` value in place of the name), or the model's learned one
+#: (improved DDPM's; a network built with ``learned_variance=True``).
+VARIANCES = ("posterior", "step", "analytic", "learned")
 #: How the discrete bound's sampled steps are drawn.
 STEP_SAMPLINGS = ("fitted", "uniform")
 #: How ``evaluate_bpd`` turns 8-bit levels into continuous data: uniform noise in each level's bin, or
@@ -66,8 +67,9 @@ class LikelihoodSettings:
                               check=check_positive_int)
     n_steps: int = config_field("the discrete bound's steps N of the forward SDE (t_n = n·T/N)", default=1000,
                          check=check_positive_int)
-    variance: str = config_field("the discrete bound's reverse variances: posterior (β̃), step (β), or analytic "
-                          "(Analytic-DPM, estimated once on training images)", choices=lambda: VARIANCES,
+    variance: str = config_field("the discrete bound's reverse variances: posterior (β̃), step (β), analytic "
+                          "(Analytic-DPM, estimated once on training images), or learned (the model's own "
+                          "variance head, improved DDPM's)", choices=lambda: VARIANCES,
                           default="posterior", check=_check_variance)
     sampled_steps: int | None = config_field("the discrete bound: draw this many of its N steps per example (unbiased, "
                                       "with a standard error) instead of taking every step", default=None,

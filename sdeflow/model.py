@@ -94,24 +94,23 @@ class PluginReverseSDE(nn.Module):
         if self.parameterization == "score":
             return self._net(y, t)
         std = append_dims(self.sde.std(t), y.ndim).clamp_min(MIN_STD)
-        return -self._noise_from_output(self._net(y, t), y, t) / std
+        return -self.noise_from_output(self._net(y, t), y, t) / std
 
     def predicted_noise(self, y: torch.Tensor, t) -> torch.Tensor:
-        """ε̂(y, t) = −std·s(y, t): the network's output for "noise", σ·c·y + α·v̂ for "velocity",
-        −std·out for "score", −std·out/g for "drift" (no clamping of std). Shape of y."""
+        """ε̂(y, t) = −std·s(y, t) of the network's output (:meth:`noise_from_output`). Shape of y."""
         t = as_time(t, y.shape[0], y)
-        out = self._net(y, t)
-        if self.parameterization in ("noise", "velocity"):
-            return self._noise_from_output(out, y, t)
-        std = append_dims(self.sde.std(t), y.ndim).to(y.dtype)
-        return -std * out if self.parameterization == "score" else -std * out / self.sde.g(y, t)
+        return self.noise_from_output(self._net(y, t), y, t)
 
-    def _noise_from_output(self, out: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # ε̂ of the "noise" (the output itself) and "velocity" (σ·c·y + α·v̂) parameterizations.
+    def noise_from_output(self, out: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ε̂ of the network's output ``out`` at (y, t), t of shape (B,): the output itself for "noise",
+        σ·c·y + α·v̂ for "velocity", −std·out for "score", −std·out/g for "drift" (no clamping of std)."""
         if self.parameterization == "noise":
             return out
-        c, alpha, sigma = (append_dims(k, y.ndim).to(y.dtype) for k in velocity_coefficients(self.sde, t))
-        return sigma * c * y + alpha * out
+        if self.parameterization == "velocity":
+            c, alpha, sigma = (append_dims(k, y.ndim).to(y.dtype) for k in velocity_coefficients(self.sde, t))
+            return sigma * c * y + alpha * out
+        std = append_dims(self.sde.std(t), y.ndim).to(y.dtype)
+        return -std * out if self.parameterization == "score" else -std * out / self.sde.g(y, t)
 
     def mu(self, y: torch.Tensor, t, lmbd: float = 0.0) -> torch.Tensor:
         """Generative drift (1 − λ/2)·g·a − f at forward time t (the process runs t: T → 0). Shape of y."""

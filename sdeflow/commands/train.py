@@ -84,6 +84,10 @@ def register(subparsers) -> None:
                      help="override the resolutions with self-attention ('none' for none)")
     net.add_argument("--dropout", type=arg_type(check_decay, name="dropout"),
                      help="override the dropout probability, in [0, 1)")
+    net.add_argument("--learned-variance", action="store_true",
+                     help="the U-Net also outputs the reverse variance of the discrete model (improved DDPM's "
+                          "learned Σ), trained with --vlb-weight times the discrete bound's terms on a "
+                          "--variance-steps chain; evaluate with sdeflow eval --bound discrete --variance learned")
     add_sde_arguments(p)
     model = p.add_argument_group("model")
     model.add_argument("--parameterization", choices=PARAMETERIZATIONS, default="noise",
@@ -105,6 +109,8 @@ def _model_config(args) -> dict:
     overrides = {key: getattr(args, key) for key in ("base_channels", "channel_mult", "num_res_blocks",
                                                      "attn_resolutions", "dropout")
                  if getattr(args, key) is not None}
+    if args.learned_variance:
+        overrides["learned_variance"] = True
     return image_model_config(args.dataset, args.preset, in_channels=channels, image_size=size,
                               net_overrides=overrides, sde=sde_from_args(args),
                               parameterization=args.parameterization, transform=args.transform)

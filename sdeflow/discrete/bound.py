@@ -40,9 +40,9 @@ import torch
 from ..data.transforms import NUM_LEVELS, bits_per_dim
 from ..utils import append_dims, check_finite, check_positive_float, check_positive_int, sum_except_batch
 from .chain import ForwardChain, PixelBins, gaussian_log_prob, prior_kl
-from .variances import LearnedVariance, check_variance, reverse_variance
+from .variances import LearnedVariance, check_variance, noise_and_variance
 
-__all__ = ["DiscreteBound", "discrete_bound", "step_terms", "fit_step_proposal", "hybrid_loss",
+__all__ = ["DiscreteBound", "discrete_bound", "step_terms", "fit_step_proposal", "hybrid_loss", "variance_loss",
            "bound_bits_per_dim"]
 
 #: The share of the uniform distribution mixed into a fitted step proposal, so that every step keeps
@@ -126,8 +126,8 @@ def step_terms(model, x: torch.Tensor, chain: ForwardChain, variance, n: torch.T
     """One-draw estimates of the bound's term at the step n (B,) of each example of x (B, ...):
     KL_n for n ≥ 2, −log p(x | y_1) for n = 1. float64 (B,); one network evaluation per example."""
     y, noise, t = _draw(chain, x, n, generator)
-    eps_hat = model.predicted_noise(y, t)
-    return _negative_terms(chain, x, noise, eps_hat, n, reverse_variance(variance, chain, n, y), bins)
+    eps_hat, var = noise_and_variance(model, variance, chain, n, y, t)
+    return _negative_terms(chain, x, noise, eps_hat, n, var, bins)
 
 
 def _check_inputs(x, chain, variance, bins):
@@ -222,6 +222,35 @@ def discrete_bound(model, x: torch.Tensor, chain: ForwardChain, variance="poster
                          nfe=nfe)
 
 
+def _variance_terms(model, variance: LearnedVariance, x, chain, bins, generator):
+    """(ε̂ − ε per dimension², N·L_n with the mean's ε̂ detached), each (B,), for n ~ U{1..N}."""
+    n = torch.randint(1, chain.n_steps + 1, (x.shape[0],), generator=generator, device=x.device)
+    y, noise, t = _draw(chain, x, n, generator)
+    eps_hat, var = noise_and_variance(model, variance, chain, n, y, t)
+    simple = sum_except_batch((eps_hat - noise) ** 2) / x[0].numel()
+    vlb = chain.n_steps * _negative_terms(chain, x, noise, eps_hat.detach(), n, var, bins)
+    return simple, vlb.to(simple.dtype)
+
+
+def _check_learned(x, chain, variance, bins, name: str = "variance"):
+    _check_inputs(x, chain, "posterior", bins)
+    if not isinstance(variance, LearnedVariance):
+        raise ValueError(f"{name} must be a LearnedVariance; got {type(variance).__name__}")
+
+
+def variance_loss(model, variance: LearnedVariance, x: torch.Tensor, chain: ForwardChain, *,
+                  bins: PixelBins | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""The learned variance's part of the hybrid loss per example, (B,), in nats:
+    :math:`N\,L_n(\mathrm{sg}[\hat\varepsilon], \sigma^2_\phi(y_n, n))` for a step n ~ U{1..N} per
+    example and one draw :math:`y_n = m_n x + \sqrt{v_n}\varepsilon`, L_n the bound's term at step n
+    (KL_n, or −log p(x | y_1) at n = 1; see :func:`step_terms`), an unbiased estimate of the bound's
+    step terms. The mean's ε̂ is detached: only the variance learns from it (through the shared
+    network when ``variance`` is the model's own head, :meth:`LearnedVariance.of`, evaluated once).
+    Add it, weighted, to any loss of the mean: sdeflow's training does so with its DSM loss."""
+    _check_learned(x, chain, variance, bins)
+    return _variance_terms(model, variance, x, chain, bins, generator)[1]
+
+
 def hybrid_loss(model, variance_net: LearnedVariance, x: torch.Tensor, chain: ForwardChain, *,
                 vlb_weight: float = 1e-3, bins: PixelBins | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -231,18 +260,11 @@ def hybrid_loss(model, variance_net: LearnedVariance, x: torch.Tensor, chain: Fo
     .. math::  L_{simple} = \frac1D\|\hat\varepsilon(y_n, t_n) - \varepsilon\|^2,\qquad
                L_{vlb} = \frac{N}{D}\,L_n\big(\mathrm{sg}[\hat\varepsilon],\ \sigma^2_\phi(y_n, n)\big),
 
-    L_n the bound's term at step n (KL_n, or −log p(x | y_1) at n = 1; see :func:`step_terms`) in
-    nats, N·L_n/D an unbiased estimate of the bound's step terms per dimension, and sg the stop-gradient:
-    the mean learns from L_simple only, the variance network from L_vlb only. λ = ``vlb_weight``
-    (improved DDPM's 10⁻³, who state L_vlb in bits). Differentiable in both networks."""
-    _check_inputs(x, chain, "posterior", bins)
-    if not isinstance(variance_net, LearnedVariance):
-        raise ValueError(f"variance_net must be a LearnedVariance; got {type(variance_net).__name__}")
+    L_n as in :func:`variance_loss` (whose value is D·L_vlb), and sg the stop-gradient: the mean
+    learns from L_simple only, the variance from L_vlb only. λ = ``vlb_weight`` (improved DDPM's
+    10⁻³, who state L_vlb in bits). Differentiable in both networks; one network evaluation when the
+    variance is the model's own head."""
+    _check_learned(x, chain, variance_net, bins, "variance_net")
     vlb_weight = check_positive_float("vlb_weight", vlb_weight)
-    batch, dim = x.shape[0], x[0].numel()
-    n = torch.randint(1, chain.n_steps + 1, (batch,), generator=generator, device=x.device)
-    y, noise, t = _draw(chain, x, n, generator)
-    eps_hat = model.predicted_noise(y, t)
-    simple = sum_except_batch((eps_hat - noise) ** 2) / dim
-    vlb = _negative_terms(chain, x, noise, eps_hat.detach(), n, variance_net.variance(chain, n, y), bins)
-    return simple + vlb_weight * (chain.n_steps / dim) * vlb.to(simple.dtype)
+    simple, vlb = _variance_terms(model, variance_net, x, chain, bins, generator)
+    return simple + vlb_weight * vlb / x[0].numel()

@@ -8,8 +8,8 @@ From :math:`y_N \sim p_T`, for n = N, …, 1:
 
 with no noise at n = 1, whose mean x̂_0 is the sample (as DDPM's code does); the chain, a_n, β_n and
 the variance choices as in :mod:`sdeflow.discrete.chain` and :mod:`sdeflow.discrete.variances`. One
-network evaluation per step (a learned variance adds one evaluation of its own network per step but
-the last).
+network evaluation per step (a learned variance with a network of its own adds one evaluation of it
+per step; the variance head of the model's network adds none).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from ..utils import model_device_dtype
 from .chain import forward_chain
-from .variances import check_variance, reverse_variance
+from .variances import check_variance, noise_and_variance
 
 __all__ = ["ancestral_sample"]
 
@@ -39,12 +39,11 @@ def ancestral_sample(model, variance, n_steps: int, shape, generator: torch.Gene
     step_mean_weight, step_var, std = chain.step_mean_weight, chain.step_var, chain.var.sqrt()
     for i, step in enumerate(range(chain.n_steps, 0, -1)):
         t = torch.full((y.shape[0],), float(chain.times[step]), device=device, dtype=dtype)
-        eps_hat = model.predicted_noise(y, t)
+        n = torch.full((y.shape[0],), step, dtype=torch.long, device=device)
+        eps_hat, var = noise_and_variance(model, variance, chain, n, y, t)
         mean = (y - float(step_var[step] / std[step]) * eps_hat) / float(step_mean_weight[step])
         if step > 1:
-            n = torch.full((y.shape[0],), step, dtype=torch.long, device=device)
-            var = reverse_variance(variance, chain, n, y).to(dtype)
-            mean = mean + var.sqrt() * torch.randn(y.shape, generator=generator, device=device, dtype=dtype)
+            mean = mean + var.to(dtype).sqrt() * torch.randn(y.shape, generator=generator, device=device, dtype=dtype)
         y = mean
         if callback is not None:
             callback({"i": i, "t": chain.times[step - 1], "x": y})

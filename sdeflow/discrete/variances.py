@@ -21,7 +21,10 @@ Four choices, each accepted wherever a ``variance`` is taken (:func:`reverse_var
   interpolation in t, exact at its own times), and it is stored as plain lists (:meth:`to_state`);
 * :class:`LearnedVariance` (improved DDPM, Nichol & Dhariwal 2021): a network outputs v per
   element and :math:`\log\sigma_n^2 = v\log\beta_n + (1 - v)\log\tilde\beta_n` (β̃_1 → β̃_2 as above,
-  β_1 at n = 1 as improved DDPM's code). Trained by :func:`sdeflow.discrete.hybrid_loss`.
+  β_1 at n = 1 as improved DDPM's code), either a network of its own or the variance head of the
+  model's network (:class:`sdeflow.nets.MeanAndVariance`, :meth:`LearnedVariance.of`), whose ε̂ and
+  σ² then come from one evaluation (:func:`noise_and_variance`). Trained by
+  :func:`sdeflow.discrete.hybrid_loss` or, beside any mean loss, :func:`sdeflow.discrete.variance_loss`.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..nets.heads import MeanAndVariance
 from ..utils import append_dims, check_choice, check_positive_int, sum_except_batch
 from .chain import ForwardChain
 
 __all__ = ["FIXED_VARIANCES", "fixed_variances", "AnalyticVariance", "estimate_analytic_variance",
-           "LearnedVariance", "reverse_variance", "check_variance"]
+           "LearnedVariance", "noise_and_variance", "reverse_variance", "check_variance"]
 
 FIXED_VARIANCES = ("posterior", "step")
 
@@ -141,21 +145,48 @@ def estimate_analytic_variance(model, x: torch.Tensor, chain: ForwardChain,
 class LearnedVariance(nn.Module):
     """Improved DDPM's learned variance: ``net(y, t)`` returns the interpolation v, shaped like y
     (per element) or broadcastable against it ((B, 1, ..., 1) for one value per example), and
-    :math:`\\log\\sigma^2 = v\\log\\beta_n + (1 - v)\\log\\tilde\\beta_n`. v = 0 is the posterior
-    variance, v = 1 the step's; v is not clipped (improved DDPM's is not either)."""
+    :math:`\log\sigma^2 = v\log\beta_n + (1 - v)\log\tilde\beta_n`. v = 0 is the posterior
+    variance, v = 1 the step's; v is not clipped (improved DDPM's is not either). ``net`` may be a
+    :class:`~sdeflow.nets.MeanAndVariance`, the variance head of a model's own network
+    (:meth:`of`), whose v it reads."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
+    @classmethod
+    def of(cls, model) -> "LearnedVariance":
+        """The variance head of ``model``'s network (one built with ``learned_variance=True``).
+        ValueError for a model without one."""
+        if not isinstance(getattr(model, "net", None), MeanAndVariance):
+            raise ValueError("variance 'learned' needs a model whose network outputs a variance "
+                             "(a net built with learned_variance=True)")
+        return cls(model.net)
+
     def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(y, t)
+        return self.net.variance(y, t) if isinstance(self.net, MeanAndVariance) else self.net(y, t)
 
     def variance(self, chain: ForwardChain, n: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """σ² at the steps n (B,) and states y (B, ...) = y_n, float64, broadcastable against y."""
-        low, high = (append_dims(table.to(y.device)[n], y.ndim) for table in _log_variance_range(chain))
-        v = self(y, chain.times.to(device=y.device, dtype=y.dtype)[n]).double()
+        return self.from_interpolation(chain, n, self(y, chain.times.to(device=y.device, dtype=y.dtype)[n]))
+
+    @staticmethod
+    def from_interpolation(chain: ForwardChain, n: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """σ² = exp(v log β_n + (1 − v) log β̃_n) at the steps n (B,) for the interpolation v, float64."""
+        low, high = (append_dims(table.to(v.device)[n], v.ndim) for table in _log_variance_range(chain))
+        v = v.double()
         return torch.exp(v * high + (1 - v) * low)
+
+
+def noise_and_variance(model, variance, chain: ForwardChain, n: torch.Tensor, y: torch.Tensor,
+                       t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε̂(y, t), σ_n²) for the states y = y_n (B, ...) at the steps n (B,) and times t = t_n (B,):
+    one network evaluation when ``variance`` is the model's own head (:meth:`LearnedVariance.of`),
+    else the model's and the variance's own (see :func:`reverse_variance`)."""
+    if isinstance(variance, LearnedVariance) and variance.net is getattr(model, "net", None):
+        out, v = model.net.both(y, t)
+        return model.noise_from_output(out, y, t), LearnedVariance.from_interpolation(chain, n, v)
+    return model.predicted_noise(y, t), reverse_variance(variance, chain, n, y)
 
 
 def check_variance(variance) -> None:

@@ -34,7 +34,9 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..config import TrainConfig
+from ..discrete import LearnedVariance, PixelBins, forward_chain, variance_loss
 from ..losses import dsm
+from ..nets.heads import MeanAndVariance
 from ..utils import check_t_min
 from .distributed import all_gather_objects, all_reduce, check_batch_divides, world_info
 from .ema import EMA
@@ -46,19 +48,37 @@ __all__ = ["fit", "Trainer", "TrainingError", "NonFiniteError", "TrainingInterru
 
 
 class DSMObjective(nn.Module):
-    """The mean DSM loss (1/B)·Σᵢ ℓ_dsm(yᵢ) as a module's forward, so that DDP's gradient hooks see it."""
+    """The mean DSM loss (1/B)·Σᵢ ℓ_dsm(yᵢ) as a module's forward, so that DDP's gradient hooks see it.
+    For a model whose network outputs a reverse variance beside the mean
+    (:class:`~sdeflow.nets.MeanAndVariance`), plus ``vlb_weight`` times the mean of
+    :func:`sdeflow.discrete.variance_loss` on a ``variance_steps``-step chain (improved DDPM's hybrid
+    loss with sdeflow's DSM as the mean's part), its decoder term the discretized one of 8-bit images
+    when the model configuration has a data transform."""
 
-    def __init__(self, model, config: TrainConfig):
+    def __init__(self, model, config: TrainConfig, data_config: dict | None = None):
         super().__init__()
         self.model = model
         self.time_sampling, self.weighting = config.time_sampling, config.weighting
         self.second_order_weight = config.second_order_weight
         self.t_min, self.stratified = config.loss_t_min, config.stratified_time
+        self.variance = None
+        if isinstance(model.net, MeanAndVariance):
+            data = data_config or {}
+            self.variance = LearnedVariance.of(model)
+            self.chain = forward_chain(model.sde, n_steps=config.variance_steps)
+            self.bins = PixelBins(data["transform"], data["alpha"]) if "transform" in data else None
+            self.vlb_weight = config.vlb_weight
 
     def forward(self, y: torch.Tensor, generator: torch.Generator, order: int = 1) -> torch.Tensor:
         kwargs = {"order": 2, "second_order_weight": self.second_order_weight} if order == 2 else {}
-        return dsm(self.model, y, time_sampling=self.time_sampling, weighting=self.weighting, generator=generator,
+        loss = dsm(self.model, y, time_sampling=self.time_sampling, weighting=self.weighting, generator=generator,
                    t_min=self.t_min, stratified_time=self.stratified, **kwargs).mean()
+        if self.variance is None:
+            return loss
+        # The decoder's bins hold the 8-bit image; its centre stands for the dequantized value.
+        x = y if self.bins is None else self.bins.centres.to(y.device, y.dtype)[self.bins.level(y)]
+        vlb = variance_loss(self.model, self.variance, x, self.chain, bins=self.bins, generator=generator)
+        return loss + self.vlb_weight * vlb.mean()
 
 
 class _StopOnSignal:
@@ -140,7 +160,7 @@ class Trainer:
         if resume:
             self._restore(existing)
         self.last_checkpoint = existing if resume else None
-        self.objective = DSMObjective(self.model, self.config)
+        self.objective = DSMObjective(self.model, self.config, self.model_config.get("data"))
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
             self.objective = DistributedDataParallel(

@@ -2,7 +2,9 @@
 
 :data:`NETS` maps a name to a builder, a callable ``builder(**params) -> nn.Module``;
 :func:`make_net` builds one by name (the model configuration stored in checkpoints is
-``{"name": ..., **params}``), :func:`register_net` adds one.
+``{"name": ..., **params}``), :func:`register_net` adds one. A net built with
+``learned_variance=True`` outputs a reverse variance beside the mean and comes wrapped in
+:class:`~sdeflow.nets.heads.MeanAndVariance`.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from typing import Callable
 from torch import nn
 
 from ..utils import check_new_name
+from .heads import MeanAndVariance
 from .mlp import MLP
 from .unet import make_unet
 
-__all__ = ["NETS", "register_net", "make_net"]
+__all__ = ["NETS", "register_net", "make_net", "MeanAndVariance"]
 
 #: name → builder(**params) -> nn.Module. "unet": :func:`~sdeflow.nets.unet.make_unet` (``preset``,
 #: ``in_channels``, ``image_size`` and any of the preset's hyper-parameters); "mlp": :class:`~sdeflow.nets.mlp.MLP`.
@@ -36,7 +39,8 @@ def register_net(name: str, builder: Callable[..., nn.Module]) -> Callable[..., 
 def make_net(name: str, **params) -> nn.Module:
     """Build the net registered as ``name`` with ``params``. ValueError naming an unknown parameter
     (and listing the allowed ones) or a missing required one; a builder that takes ``**kwargs``
-    checks those itself."""
+    checks those itself. With ``learned_variance=True`` (a parameter the builder must take), the net is
+    returned wrapped in :class:`MeanAndVariance`."""
     if name not in NETS:
         raise ValueError(f"name must be one of {', '.join(repr(n) for n in NETS)}; got {name!r}")
     builder = NETS[name]
@@ -51,4 +55,5 @@ def make_net(name: str, **params) -> nn.Module:
     missing = [p for p, param in named.items() if param.default is param.empty and p not in params]
     if missing:
         raise ValueError(f"the net {name!r} needs the parameter(s) {', '.join(missing)}")
-    return builder(**params)
+    net = builder(**params)
+    return MeanAndVariance(net) if params.get("learned_variance") else net

@@ -55,10 +55,13 @@ class MLP(nn.Module):
         n_blocks: number L of residual blocks (each two linear layers).
         time_dim: size of the sinusoidal time features.
         T: the SDE's end time (times are normalised by it).
+        learned_variance: output (B, 2D), the mean's and then a learned reverse variance's
+            (:mod:`sdeflow.nets.heads`; :func:`sdeflow.nets.make_net` wraps such a net).
     """
 
     def __init__(self, dim: int = 2, hidden: int = 128, n_blocks: int = 2, time_dim: int = 32,
-                 T: float = 1.0, fourier_features: int = 0, fourier_scale: float = 1.0):
+                 T: float = 1.0, fourier_features: int = 0, fourier_scale: float = 1.0,
+                 learned_variance: bool = False):
         super().__init__()
         dim, hidden = check_positive_int("dim", dim), check_positive_int("hidden", hidden)
         n_blocks = check_positive_int("n_blocks", n_blocks)
@@ -73,7 +76,7 @@ class MLP(nn.Module):
         self.inner = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_blocks))
         self.time_proj = nn.ModuleList(nn.Linear(time_dim, hidden) for _ in range(n_blocks))
         self.outer = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_blocks))
-        self.output = nn.Linear(hidden, dim)
+        self.output = nn.Linear(hidden, dim * (2 if learned_variance else 1))
         self.act = nn.SiLU()
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)

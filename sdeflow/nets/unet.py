@@ -207,11 +207,13 @@ class UNet(nn.Module):
             always has attention.
         dropout: dropout probability inside residual blocks.
         time_scale: the embedding sees t·time_scale.
+        learned_variance: output twice ``in_channels``, the mean's and then a learned reverse
+            variance's (:mod:`sdeflow.nets.heads`; :func:`sdeflow.nets.make_net` wraps such a net).
     """
 
     def __init__(self, in_channels: int = 3, image_size: int = 32, base_channels: int = 128,
                  channel_mult=(1, 2, 2, 2), num_res_blocks: int = 2, attn_resolutions=(16,),
-                 dropout: float = 0.1, time_scale: float = 1000.0):
+                 dropout: float = 0.1, time_scale: float = 1000.0, learned_variance: bool = False):
         super().__init__()
         in_channels = check_positive_int("in_channels", in_channels)
         image_size = check_positive_int("image_size", image_size)
@@ -231,7 +233,8 @@ class UNet(nn.Module):
         self.config = dict(in_channels=in_channels, image_size=image_size, base_channels=base_channels,
                            channel_mult=channel_mult, num_res_blocks=num_res_blocks,
                            attn_resolutions=tuple(int(r) for r in attn_resolutions),
-                           dropout=float(dropout), time_scale=self.time_scale)
+                           dropout=float(dropout), time_scale=self.time_scale,
+                           learned_variance=bool(learned_variance))
 
         self.base_channels = base_channels
         temb_ch = 4 * base_channels
@@ -268,7 +271,7 @@ class UNet(nn.Module):
                 resolution *= 2
 
         self.norm_out = group_norm(ch)
-        self.conv_out = _conv(ch, in_channels, scale=0.0)
+        self.conv_out = _conv(ch, in_channels * (2 if learned_variance else 1), scale=0.0)
 
     def compile_blocks(self, **compile_kwargs) -> "UNet":
         """``torch.compile`` every residual/attention block in place (static shapes) and return self.
@@ -326,8 +329,8 @@ def make_unet(preset: str, in_channels: int = 3, image_size: int = 32, **overrid
     ``overrides`` replaces (e.g. ``dropout=0.0``)."""
     check_choice("preset", preset, tuple(PRESETS))
     unknown = set(overrides) - {"base_channels", "channel_mult", "num_res_blocks", "attn_resolutions",
-                                "dropout", "time_scale"}
+                                "dropout", "time_scale", "learned_variance"}
     if unknown:
         raise ValueError(f"unknown UNet option(s) {sorted(unknown)}; allowed: base_channels, channel_mult, "
-                         f"num_res_blocks, attn_resolutions, dropout, time_scale")
+                         f"num_res_blocks, attn_resolutions, dropout, time_scale, learned_variance")
     return UNet(in_channels=in_channels, image_size=image_size, **{**PRESETS[preset], **overrides})
