@@ -16,7 +16,8 @@ floor is the distance between two independent true sets.
 
 (2) Images: held-out bits/dim of a checkpoint (the newest of RUN_DIR, EMA weights) by the continuous
 ELBO (``sdeflow.evaluation.evaluate_bpd``, its defaults) and by the discrete bound at N steps with β̃,
-β and the analytic variance (Γ estimated on ``--train-images`` dequantized training images), each
+β, the analytic variance (Γ estimated on ``--train-images`` dequantized training images) and, for a
+model trained with ``sdeflow train --learned-variance``, its learned variance, each
 with its standard error over images and its seconds. The discrete bound is a bound on −log₂ P(x)/D of
 the 8-bit images (the decoder integrates each pixel's bin), exact over the steps unless
 ``--n-sampled-steps`` is given.
@@ -33,6 +34,7 @@ import torch
 
 import sdeflow
 from sdeflow.discrete import (LearnedVariance, ancestral_sample, estimate_analytic_variance, forward_chain, hybrid_loss)
+from sdeflow.nets import MeanAndVariance
 from sdeflow.metrics import sliced_wasserstein
 from sdeflow.nets.mlp import MLP
 from sdeflow.oracles import ExactScoreNet, GaussianMixture
@@ -135,11 +137,16 @@ def run_images(args) -> None:
     print(f"(analytic variance: Γ on {train.shape[0]} training images, 128 log-SNR times, "
           f"{time.perf_counter() - start:.0f} s)")
     discrete = dict(bound="discrete", n_steps=args.n_steps)
+    choices = [("β̃ (posterior)", "posterior"), ("β (step)", "step"), ("analytic", analytic)]
+    exact_choices = [("β̃ (posterior)", "posterior"), ("analytic", analytic)]
+    if isinstance(model.net, MeanAndVariance):  # trained with sdeflow train --learned-variance
+        choices.append(("learned", "learned"))
+        exact_choices.append(("learned", "learned"))
     rows = [("continuous ELBO (sdeflow eval's default)", LikelihoodSettings(), test)]
-    for label, variance in (("β̃ (posterior)", "posterior"), ("β (step)", "step"), ("analytic", analytic)):
+    for label, variance in choices:
         rows.append((f"discrete, {label}, {args.n_sampled_steps} sampled steps",
                      LikelihoodSettings(variance=variance, sampled_steps=args.n_sampled_steps, **discrete), test))
-    for label, variance in (("β̃ (posterior)", "posterior"), ("analytic", analytic)):
+    for label, variance in exact_choices:
         rows.append((f"discrete, {label}, every step", LikelihoodSettings(variance=variance, **discrete),
                      test[:args.exact_images]))
     rows.append(("probability-flow ODE (tol 1e-5)", LikelihoodSettings(bound="ode"), test[:args.exact_images]))

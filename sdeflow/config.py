@@ -97,6 +97,10 @@ class TrainConfig:
                                      check=check_positive_float)
     variance_steps: int = config_field("with a learned variance: the steps N of the discrete chain it is trained on",
                                        default=1000, check=check_positive_int)
+    variance_batch_fraction: float = config_field("with a learned variance: the share of each batch its terms are "
+                                                  "drawn on, at least one example (a draw of their own: they cost a "
+                                                  "second pass of the network on that share)", default=0.25,
+                                                  check=check_fraction)
     precision: str = config_field("fp32, or bf16 autocast for the network's forward pass",
                            choices=lambda: PRECISIONS, default="fp32")
     max_bad_steps: int = config_field("stop after this many consecutive steps with a non-finite loss or gradient",

@@ -173,6 +173,28 @@ def test_eval_discrete_bound_with_analytic_variances_kept_in_a_json_file(tmp_pat
     assert stop.value.code == 2 and "invalid choice: 'exact'" in capsys.readouterr().err
 
 
+def test_a_learned_variance_trains_from_the_command_line_and_scores_the_discrete_bound(tmp_path, capsys, trained):
+    """--learned-variance: the checkpoint's network carries the head, the metrics are those of the one
+    loop, and eval --variance learned reads the head; a model without one is one line, exit 2."""
+    root, plain = trained
+    run, out = tmp_path / "run", tmp_path / "learned.json"
+    with one_thread():
+        assert cli.main(train_args(root, run, 2, "--learned-variance", "--variance-steps", "20")) == 0
+    state = torch.load(ckpt.latest_checkpoint(run), weights_only=True)
+    assert state["config"]["net"]["learned_variance"] is True
+    assert state["trainer"]["train_config"]["variance_steps"] == 20
+    argv = ["eval", "--dataset", "cifar10", "--data-root", root, "--bound", "discrete", "--n-steps", "20",
+            "--sampled-steps", "2", "--step-sampling", "uniform", "--variance", "learned", "--limit", "2",
+            "--no-progress"]
+    assert cli.main([str(a) for a in argv] + ["--checkpoint", str(run), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "learned reverse variances" in result["estimator"] and result["bpd"] > 0
+    capsys.readouterr()
+    assert cli.main([str(a) for a in argv] + ["--checkpoint", str(plain)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--learned-variance" in err and "Traceback" not in err
+
+
 def test_sample_writes_grid(tmp_path, capsys, trained):
     _, run = trained
     out = tmp_path / "grid.png"

@@ -238,7 +238,36 @@ class StepTable(torch.nn.Module):
         return self.v[torch.round(t.double() / self.T * self.n_steps).long()][:, None].expand_as(y)
 
 
-def test_learned_variance_trained_by_the_hybrid_loss_converges_to_the_optimal_variance():
+class OracleWithHead(torch.nn.Module):
+    """The exact ε̂ and, beside it, a :class:`StepTable`'s v as the raw channels r = 2v − 1 of a network
+    with a variance head (improved DDPM's layout, :class:`sdeflow.nets.MeanAndVariance`)."""
+
+    def __init__(self, oracle, table):
+        super().__init__()
+        self.oracle, self.table = oracle, table
+
+    def forward(self, y, t):
+        return torch.cat([self.oracle(y, t), 2 * self.table(y, t) - 1], dim=1)
+
+
+def _learned_variance_setup(sde, data, kind):
+    """(model, the StepTable of its variance, loss(x, generator)) for the variance's two training paths:
+    a network of its own trained by the hybrid loss, or the model's own head trained by the objective
+    of ``sdeflow train`` (DSM for the mean plus the bound's terms)."""
+    from sdeflow.engine.loop import DSMObjective
+    from sdeflow.nets import MeanAndVariance
+
+    exact, table = exact_model(sde, data, "noise"), StepTable(sde, 8)
+    if kind == "hybrid loss":
+        variance, chain = LearnedVariance(table), forward_chain(sde, n_steps=8)
+        return exact, table, lambda x, gen: hybrid_loss(exact, variance, x, chain, generator=gen).mean()
+    model = sdeflow.PluginReverseSDE(sde, MeanAndVariance(OracleWithHead(exact.net, table)), "noise")
+    objective = DSMObjective(model, sdeflow.TrainConfig(steps=1, batch_size=1, variance_steps=8, vlb_weight=1.0))
+    return model, table, objective
+
+
+@pytest.mark.parametrize("kind", ["hybrid loss", "the model's head by the training objective"])
+def test_learned_variance_converges_to_the_optimal_variance(kind):
     """Isotropic Gaussian data, so that the per-element optimum is the isotropic one of Analytic-DPM.
     The exact mean has no parameters: only L_vlb moves the variance, whose stationary point is
     σ_n² = β̃_n + E[(μ̃ − μ_θ)²]. Averaged over the last iterates, the learned σ_n² is that mean of
@@ -246,9 +275,9 @@ def test_learned_variance_trained_by_the_hybrid_loss_converges_to_the_optimal_va
     sde = SDES["vp"]()
     data = GaussianMixture.gaussian(torch.tensor([0.3, -0.2]), torch.tensor([0.5, 0.5]))
     chain = forward_chain(sde, n_steps=8)
-    model, net = exact_model(sde, data, "noise"), LearnedVariance(StepTable(sde, 8))
+    _, table, loss_of = _learned_variance_setup(sde, data, kind)
     # The last steps' gradients are ~1e-10 (β̃ ≈ β there): Adam's eps must not swamp them.
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.05, eps=1e-30)
+    optimizer = torch.optim.Adam(table.parameters(), lr=0.05, eps=1e-30)
     gen = torch.Generator().manual_seed(6)
     iterations, window, batch = 400, 200, 1024
     # Adam moves every v by about lr per iteration whatever its gradient: the rate decays to 0 over the
@@ -257,13 +286,13 @@ def test_learned_variance_trained_by_the_hybrid_loss_converges_to_the_optimal_va
         optimizer, lambda i: 1.0 if i < iterations - window else (iterations - i) / window)
     average = torch.zeros(chain.n_steps + 1, dtype=torch.float64)
     for i in range(iterations):
-        loss = hybrid_loss(model, net, data.sample(batch, gen, torch.float64), chain, generator=gen).mean()
+        loss = loss_of(data.sample(batch, gen, torch.float64), gen)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         if i >= iterations - window:
-            average += net.net.v.detach() / window
+            average += table.v.detach() / window
     c = _coefficients(sde, chain.times[1:])
     seen = window * batch / chain.n_steps * data.dim
     for n in range(1, chain.n_steps + 1):
@@ -272,6 +301,49 @@ def test_learned_variance_trained_by_the_hybrid_loss_converges_to_the_optimal_va
         optimal = _optimal_var(data, n, c)
         spread = (optimal - (c["beta_tilde"][n] if n > 1 else 0.0)) * math.sqrt(2 / seen)
         assert abs(learned - optimal) < Z * spread, (n, float(learned), float(optimal), float(spread))
+
+
+def test_a_variance_head_shares_one_evaluation_with_the_mean_and_learns_from_the_bound_alone():
+    """With the model's own head, ε̂ and σ² come from one network evaluation, equal to the model's and
+    the LearnedVariance's own; ancestral sampling costs one evaluation per step; the bound's terms
+    reach the variance's parameters and never the mean's; a model without a head is refused."""
+    from sdeflow.discrete import noise_and_variance, variance_loss
+
+    sde, data = SDES["vp"](), gaussian(2)
+    model, table, _ = _learned_variance_setup(sde, data, "head")
+    with torch.no_grad():
+        table.v.copy_(torch.linspace(-0.3, 1.2, 9, dtype=torch.float64))
+    oracle, variance = model.net.net.oracle, LearnedVariance.of(model)
+    chain, gen = forward_chain(sde, n_steps=8), torch.Generator().manual_seed(0)
+    y = data.sample(5, gen, torch.float64)
+    n = torch.tensor([1, 2, 4, 8, 8])
+    t = chain.times[n]
+    before = oracle.calls
+    eps_hat, var = noise_and_variance(model, variance, chain, n, y, t)
+    assert oracle.calls == before + 1
+    torch.testing.assert_close(eps_hat, model.predicted_noise(y, t), rtol=0, atol=0)
+    torch.testing.assert_close(var, variance.variance(chain, n, y), rtol=0, atol=0)
+    own_table = LearnedVariance(lambda_module(lambda y_, t_: table(y_, t_)))
+    torch.testing.assert_close(var, own_table.variance(chain, n, y), rtol=0, atol=0)
+    before = oracle.calls
+    ancestral_sample(model, variance, 8, (6, 2), generator=gen, dtype=torch.float64)
+    assert oracle.calls == before + 8
+    mean_weight = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+    scaled = sdeflow.PluginReverseSDE(sde, sdeflow.nets.MeanAndVariance(lambda_module(
+        lambda y_, t_: torch.cat([mean_weight * oracle(y_, t_), 2 * table(y_, t_) - 1], dim=1))), "noise")
+    variance_loss(scaled, LearnedVariance.of(scaled), y, chain, generator=gen).sum().backward()
+    assert mean_weight.grad is None and table.v.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="learned_variance"):
+        LearnedVariance.of(exact_model(sde, data, "noise"))
+
+
+class lambda_module(torch.nn.Module):  # noqa: N801 (a module made of a function, for the test above)
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, y, t):
+        return self.fn(y, t)
 
 
 def test_the_analytic_variance_gives_the_best_expected_bound():

@@ -53,6 +53,7 @@ def run_eval(args) -> int:
     from ..checkpoint import atomic_write_bytes
     from ..engine.distributed import init_distributed
     from ..evaluation import LikelihoodSettings, evaluate_bpd
+    from ..nets import MeanAndVariance
 
     settings = config_from_args(LikelihoodSettings, args)
     if args.per_image and not args.json:
@@ -65,6 +66,9 @@ def run_eval(args) -> int:
     settings.validate(model.T)
     if config.get("dataset") not in (None, args.dataset):
         raise CLIError(f"the checkpoint was trained on {config.get('dataset')!r}, not --dataset {args.dataset}")
+    if settings.bound == "discrete" and settings.variance == "learned" and not isinstance(model.net, MeanAndVariance):
+        raise CLIError("--variance learned needs a model with a variance head: train it with sdeflow train "
+                       "--learned-variance")
     if settings.bound == "discrete" and settings.variance == "analytic":
         settings = dataclasses.replace(settings, variance=_analytic_variance(args, model, config, settings.n_steps))
     images = load_images(args, args.split)

@@ -51,9 +51,10 @@ class DSMObjective(nn.Module):
     """The mean DSM loss (1/B)·Σᵢ ℓ_dsm(yᵢ) as a module's forward, so that DDP's gradient hooks see it.
     For a model whose network outputs a reverse variance beside the mean
     (:class:`~sdeflow.nets.MeanAndVariance`), plus ``vlb_weight`` times the mean of
-    :func:`sdeflow.discrete.variance_loss` on a ``variance_steps``-step chain (improved DDPM's hybrid
-    loss with sdeflow's DSM as the mean's part), its decoder term the discretized one of 8-bit images
-    when the model configuration has a data transform."""
+    :func:`sdeflow.discrete.variance_loss` on a ``variance_steps``-step chain, drawn on the first
+    ``variance_batch_fraction`` of the batch (improved DDPM's hybrid loss with sdeflow's DSM as the
+    mean's part), its decoder term the discretized one of 8-bit images when the model configuration
+    has a data transform."""
 
     def __init__(self, model, config: TrainConfig, data_config: dict | None = None):
         super().__init__()
@@ -67,7 +68,7 @@ class DSMObjective(nn.Module):
             self.variance = LearnedVariance.of(model)
             self.chain = forward_chain(model.sde, n_steps=config.variance_steps)
             self.bins = PixelBins(data["transform"], data["alpha"]) if "transform" in data else None
-            self.vlb_weight = config.vlb_weight
+            self.vlb_weight, self.fraction = config.vlb_weight, config.variance_batch_fraction
 
     def forward(self, y: torch.Tensor, generator: torch.Generator, order: int = 1) -> torch.Tensor:
         kwargs = {"order": 2, "second_order_weight": self.second_order_weight} if order == 2 else {}
@@ -75,8 +76,10 @@ class DSMObjective(nn.Module):
                    t_min=self.t_min, stratified_time=self.stratified, **kwargs).mean()
         if self.variance is None:
             return loss
-        # The decoder's bins hold the 8-bit image; its centre stands for the dequantized value.
-        x = y if self.bins is None else self.bins.centres.to(y.device, y.dtype)[self.bins.level(y)]
+        # On the batch's first share (its order is random); the decoder's bins hold the 8-bit image,
+        # whose centre stands for the dequantized value.
+        x = y[:max(1, round(self.fraction * y.shape[0]))]
+        x = x if self.bins is None else self.bins.centres.to(x.device, x.dtype)[self.bins.level(x)]
         vlb = variance_loss(self.model, self.variance, x, self.chain, bins=self.bins, generator=generator)
         return loss + self.vlb_weight * vlb.mean()
 
