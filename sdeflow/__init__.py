@@ -31,7 +31,7 @@ from .checkpoint import load_model
 from .noise_schedules import CosineVPSDE, DiscreteVPSDE
 from .adapters import adapt_denoiser, adapt_diffusers, adapt_discrete, adapt_score_network, bound_start, load_foreign
 from .discrete import (AnalyticVariance, LearnedVariance, PixelBins, ancestral_sample, discrete_bound,
-                       estimate_analytic_variance, forward_chain, hybrid_loss)
+                       estimate_analytic_variance, forward_chain, hybrid_loss, variance_loss)
 
 __version__ = "0.1.0"
 
@@ -56,5 +56,5 @@ __all__ = [
     "CosineVPSDE", "DiscreteVPSDE", "adapt_discrete", "adapt_diffusers", "adapt_denoiser", "adapt_score_network",
     "bound_start", "load_foreign",
     "forward_chain", "discrete_bound", "PixelBins", "AnalyticVariance", "estimate_analytic_variance",
-    "LearnedVariance", "hybrid_loss", "ancestral_sample",
+    "LearnedVariance", "hybrid_loss", "variance_loss", "ancestral_sample",
 ]

@@ -74,9 +74,10 @@ class LabelledOracle(torch.nn.Module):
         return self.exact(x, t)
 
 
-def _discrete_model(prediction_type="epsilon", learned_variance=False):
+def _discrete_model(prediction_type="epsilon", learned_variance=False, keep_variance=False):
     sde, data = DiscreteVPSDE("linear", 1e-3, 0.3, 40), gaussian()
-    return adapt_discrete(DiscreteOracle(sde, data, prediction_type, learned_variance), sde, prediction_type).double()
+    return adapt_discrete(DiscreteOracle(sde, data, prediction_type, learned_variance), sde, prediction_type,
+                          learned_variance=keep_variance).double()
 
 
 def _cases():
@@ -87,6 +88,7 @@ def _cases():
         "epsilon": _discrete_model("epsilon"),
         "v_prediction": _discrete_model("v_prediction"),
         "sample-learned-variance": _discrete_model("sample", learned_variance=True),
+        "sample-learned-range-kept": _discrete_model("sample", learned_variance=True, keep_variance=True),
         "denoiser": denoiser,
         "score-ddpm": adapt_score_network(LabelledOracle(ddpm_sde, data, "ddpm"), ddpm_sde, "ddpm", "noise").double(),
         "score-sigma": adapt_score_network(LabelledOracle(ve_sde, data, "sigma"), ve_sde, "sigma", "score").double(),
@@ -125,6 +127,23 @@ def test_bound_start_is_the_first_trained_noise_level():
     assert float(denoiser.sde.std(t)) == pytest.approx(0.01, rel=1e-12)
     assert float(denoiser.sde.std(torch.tensor(1.0, dtype=torch.float64))) == pytest.approx(30.0, rel=1e-12)
     assert bound_start(CASES["score-ddpm"]) == 0.0
+
+
+def test_a_learned_range_is_kept_as_the_models_variance_head():
+    """improved DDPM's / diffusers' "learned_range": the other C channels r give v = (r + 1)/2 between
+    log β̃ and log β (the oracle's r = 7, so v = 4); the mean and where the bound starts are unchanged."""
+    from sdeflow.discrete import LearnedVariance, forward_chain
+
+    model, plain = CASES["sample-learned-range-kept"], CASES["sample-learned-variance"]
+    assert bound_start(model) == bound_start(plain) == pytest.approx(1 / 40)
+    chain, n = forward_chain(model.sde, n_steps=40), torch.tensor([2, 20, 40])
+    y, t = torch.randn(3, 3, dtype=torch.float64), chain.times[n]
+    torch.testing.assert_close(model.predicted_noise(y, t), plain.predicted_noise(y, t))
+    var = LearnedVariance.of(model).variance(chain, n, y)
+    expected = torch.exp(4 * chain.step_var[n].log() + (1 - 4) * chain.posterior_var[n].log())[:, None]
+    torch.testing.assert_close(var, expected.expand_as(y))
+    with pytest.raises(ValueError, match="twice the channels"):
+        _discrete_model("epsilon", keep_variance=True).predicted_noise(y, t)
 
 
 def test_discrete_network_is_called_at_integer_indices_on_the_steps():

@@ -174,8 +174,8 @@ def test_eval_discrete_bound_with_analytic_variances_kept_in_a_json_file(tmp_pat
 
 
 def test_a_learned_variance_trains_from_the_command_line_and_scores_the_discrete_bound(tmp_path, capsys, trained):
-    """--learned-variance: the checkpoint's network carries the head, the metrics are those of the one
-    loop, and eval --variance learned reads the head; a model without one is one line, exit 2."""
+    """--learned-variance: the checkpoint's network carries the head; eval --variance learned and
+    sample --method ancestral --variance learned read it; a model without one is one line, exit 2."""
     root, plain = trained
     run, out = tmp_path / "run", tmp_path / "learned.json"
     with one_thread():
@@ -189,6 +189,10 @@ def test_a_learned_variance_trains_from_the_command_line_and_scores_the_discrete
     assert cli.main([str(a) for a in argv] + ["--checkpoint", str(run), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert "learned reverse variances" in result["estimator"] and result["bpd"] > 0
+    grid = tmp_path / "grid.png"
+    sample = ["sample", "--checkpoint", run, "--n", "2", "--method", "ancestral", "--variance", "learned",
+              "--n-steps", "3", "--out", grid]
+    assert cli.main([str(a) for a in sample]) == 0 and grid.read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
     assert cli.main([str(a) for a in argv] + ["--checkpoint", str(plain)]) == 2
     err = capsys.readouterr().err

@@ -332,7 +332,7 @@ def test_a_variance_head_shares_one_evaluation_with_the_mean_and_learns_from_the
     scaled = sdeflow.PluginReverseSDE(sde, sdeflow.nets.MeanAndVariance(lambda_module(
         lambda y_, t_: torch.cat([mean_weight * oracle(y_, t_), 2 * table(y_, t_) - 1], dim=1))), "noise")
     variance_loss(scaled, LearnedVariance.of(scaled), y, chain, generator=gen).sum().backward()
-    assert mean_weight.grad is None and table.v.grad.abs().sum() > 0
+    assert (mean_weight.grad is None or mean_weight.grad == 0) and table.v.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="learned_variance"):
         LearnedVariance.of(exact_model(sde, data, "noise"))
 
@@ -378,6 +378,19 @@ def test_decoder_probabilities_sum_to_one_over_the_256_bins(transform):
         assert torch.allclose(log_p.exp(), direct, atol=1e-12)
 
 
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_the_decoders_gradient_is_finite_in_the_outer_bins(transform):
+    """Levels 0 and 255 own half-lines: their masses and the gradients through the mean and a learned
+    variance stay finite (an infinite edge divided by σ once made them NaN in training)."""
+    bins = PixelBins(transform)
+    x = bins.centre(torch.tensor([[0, 255, 128]], dtype=torch.uint8))
+    mean = (x + 0.01).requires_grad_()
+    var = torch.full_like(x, 1e-3).requires_grad_()
+    log_prob = bins.log_prob(x, mean, var)
+    log_prob.sum().backward()
+    assert torch.isfinite(log_prob).all() and torch.isfinite(mean.grad).all() and torch.isfinite(var.grad).all()
+
+
 def test_bits_per_dim_of_the_discrete_bound_are_those_of_the_transforms_module():
     sde = SDES["vp"]()
     bins = PixelBins("centered")
@@ -408,6 +421,19 @@ def test_ancestral_samples_have_the_data_law(name, choice):
                          callback=calls.append, dtype=torch.float64)
     assert_gaussian_moments(x, data)
     assert len(calls) == n_steps == model.net.calls and calls[-1]["t"] == 0
+
+
+@pytest.mark.parametrize("choice", ["step", "analytic", "learned"])
+def test_ancestral_steps_on_a_respaced_grid_keep_the_data_law(choice):
+    """The "ancestral" sampler of sdeflow.samplers on a grid other than DDPM's (quadratic in t, as
+    improved DDPM samples with respaced steps): each step's variance is taken on that step."""
+    sde, data = SDES["vp"](), gaussian(2)
+    variance, _ = _variance_cases(data, sde, forward_chain(sde, n_steps=400).times[1:])[choice]
+    settings = sdeflow.SamplerSettings("ancestral", n_steps=200, schedule="quadratic", t_min=0.0,
+                                       options={"variance": variance})
+    x = sdeflow.sample(exact_model(sde, data, "noise"), (4000, 2), settings,
+                       generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    assert_gaussian_moments(x, data)
 
 
 def test_a_seed_reproduces_the_samples_and_bad_input_is_refused():

@@ -26,21 +26,22 @@ def _log_prob_ode(model, x, **kwargs):
     return sdeflow.log_prob_ode(model, x, **kwargs)[0]
 
 
-def _sample_on_times(model, x, method, times, lmbd=1.0):
+def _sample_on_times(model, x, method, times, lmbd=1.0, options=None, generator=None):
     """``method``'s steps on the explicit decreasing times ``times`` (sdeflow.sample takes a schedule's
     name only)."""
-    spec, state = METHODS[method], {}
+    spec = METHODS[method]
+    state = spec.resolve_options(method, options)
     for i in range(len(times) - 1):
         t, t_next = times[i].expand(x.shape[0]), times[i + 1].expand(x.shape[0])
-        x, _ = spec.step(model, x, t, t_next, lmbd, None, i == len(times) - 2, state)
+        x, _ = spec.step(model, x, t, t_next, lmbd, generator, i == len(times) - 2, state)
     return x
 
 
 # ---- diffusers ---------------------------------------------------------------------------------------
-def _unet():
+def _unet(out_channels=3):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=out_channels, layers_per_block=1,
                                  block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).double().eval()
 
@@ -104,6 +105,28 @@ def test_dpmpp_2m_equals_diffusers_dpm_solver_multistep(prediction_type):
     model = adapt_diffusers(unet, scheduler)
     ours = _sample(model, _x_T(), "dpm++2m", n_steps=8, schedule="uniform", t_min=0.0)
     _assert_close(ours, expected, FLOAT32_AGREEMENT)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned_range"])
+def test_ancestral_equals_diffusers_ddpm_on_respaced_steps(variance_type):
+    """DDPMScheduler's 10 of 1000 steps (leading spacing: 900, 800, …, 0, each step on the respaced β)
+    and sdeflow's "ancestral" method on the same times with the same noise draws: β̃, β, and improved
+    DDPM's learned range read from a UNet's extra channels by adapt_diffusers."""
+    diffusers = pytest.importorskip("diffusers")
+    unet = _unet(6 if variance_type == "learned_range" else 3)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type=variance_type, clip_sample=False)
+    scheduler.set_timesteps(10)
+    x, generator = _x_T(), torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for step in scheduler.timesteps:
+            x = scheduler.step(unet(x, step).sample, step, x, generator=generator).prev_sample
+    model = adapt_diffusers(unet, scheduler)
+    times = torch.cat([model.sde.step_time(scheduler.timesteps + 1), torch.zeros(1, dtype=torch.float64)])
+    variance = {"fixed_small": "posterior", "fixed_large": "step", "learned_range": "learned"}[variance_type]
+    with torch.no_grad():
+        ours = _sample_on_times(model, _x_T(), "ancestral", times, lmbd=0.0, options={"variance": variance},
+                                generator=torch.Generator().manual_seed(5))
+    _assert_close(ours, x, FLOAT32_AGREEMENT)
 
 
 def test_load_foreign_reads_a_saved_pipeline(tmp_path):

@@ -79,6 +79,42 @@ def test_error_shrinks_at_the_stated_order(name, method, n_steps, order):
     assert abs(measured - order) < 0.5, f"{method}: errors {errors}, measured order {measured:.2f}"
 
 
+def _ancestral_law(sde, data, variance, n_steps):
+    """The exact mean and variance (D,) of the "ancestral" sampler's output: with the exact ε̂ of Gaussian
+    data each step is x' = A x + b + σ z per dimension, A and b read off two noiseless steps."""
+    from sdeflow.discrete import step_chain
+
+    model, spec = exact_model(sde, data, "noise"), METHODS["ancestral"]
+    state = spec.resolve_options("ancestral", {"variance": variance})
+    times = sdeflow.time_grid(sde, n_steps, "uniform", t_min=0.0)
+    mean = torch.zeros(data.dim, dtype=torch.float64)
+    var = torch.full((data.dim,), float(sde.prior_var), dtype=torch.float64)
+    for i in range(n_steps):
+        t, t_next = times[i].expand(2), times[i + 1].expand(2)
+        basis = torch.stack([torch.zeros(data.dim), torch.ones(data.dim)]).double()
+        out, _ = spec.step(model, basis, t, t_next, 0.0, None, True, state)
+        b, a = out[0], out[1] - out[0]
+        chain = step_chain(sde, float(t_next[0]), float(t[0]))
+        noise = 0.0 if i == n_steps - 1 else float((chain.posterior_var if variance == "posterior" else chain.step_var)[2])
+        mean, var = a * mean + b, a ** 2 * var + noise
+    return mean, var
+
+
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("variance", ["posterior", "step"])
+def test_ancestral_sampling_converges_weakly_at_first_order(name, variance):
+    """The law of DDPM's ancestral sampler, propagated exactly, approaches the data's: the error of its
+    variance halves when the steps double (weak order 1, as METHODS["ancestral"].order says)."""
+    assert "1" in METHODS["ancestral"].order
+    sde, data = SDES[name](), gaussian(2)
+    errors = []
+    for n_steps in (64, 128):
+        mean, var = _ancestral_law(sde, data, variance, n_steps)
+        errors.append(float((var - data.stds[0] ** 2).abs().max() + (mean - data.means[0]).abs().max()))
+    measured = math.log2(errors[0] / errors[1])
+    assert abs(measured - 1) < 0.3, f"errors {errors}, measured order {measured:.2f}"
+
+
 @pytest.mark.parametrize("method,tolerance", [("heun", 0.02), ("dpm++2m", 0.01), ("ddim", 0.3)])
 def test_a_last_step_onto_t_zero_lands_on_the_flow(method, tolerance):
     """At t = 0 (σ̃ = 0, infinite log-SNR) Heun takes an Euler step and DPM-Solver++ returns x̂₀."""

@@ -34,7 +34,10 @@ FOREIGN_SOURCES = {"diffusers": load_diffusers}
 def bound_start(model) -> float:
     """The time of the smallest noise level ``model``'s network was trained on (0.0 when its adapter does
     not know one): t₁ = T/N of a discrete-time network, the time of σ_min of a denoiser."""
-    first = getattr(model.net, "first_trained_time", None)
+    from ..nets.heads import MeanAndVariance
+
+    net = model.net.net if isinstance(model.net, MeanAndVariance) else model.net
+    first = getattr(net, "first_trained_time", None)
     return float(first()) if callable(first) else 0.0
 
 

@@ -55,13 +55,16 @@ def sde_from_scheduler_config(scheduler) -> DiscreteVPSDE:
 
 def adapt_diffusers(unet: nn.Module, scheduler) -> PluginReverseSDE:
     """The sdeflow model of ``unet(x, timestep)`` trained with ``scheduler`` (a diffusers scheduler or
-    its config): ``adapt_discrete(unet, sde_from_scheduler_config(scheduler), prediction_type)``."""
+    its config): ``adapt_discrete(unet, sde_from_scheduler_config(scheduler), prediction_type)``, with
+    the learned variance kept when the scheduler's ``variance_type`` is "learned_range" (improved
+    DDPM's; diffusers' "learned", a log-variance, is read for its mean only)."""
     config = _scheduler_config(scheduler)
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"scheduler's prediction_type must be one of {', '.join(PREDICTION_TYPES)}; "
                          f"got {prediction_type!r}")
-    return adapt_discrete(unet, sde_from_scheduler_config(config), prediction_type)
+    learned = config.get("variance_type") == "learned_range"
+    return adapt_discrete(unet, sde_from_scheduler_config(config), prediction_type, learned_variance=learned)
 
 
 def _load(loader, path: str, subfolder: str):

@@ -12,7 +12,10 @@ output is read per ``prediction_type``:
 * ``"sample"``: x̂₀, turned into :math:`\hat\varepsilon = (y - m\,\hat x_0)/\mathrm{std}`.
 
 A network that also outputs its variance (improved DDPM's learned Σ: 2C channels for C input channels)
-contributes its first C channels, the mean's.
+contributes its first C channels, the mean's; with ``learned_variance=True`` (improved DDPM's and
+diffusers' "learned_range": the other C channels r give :math:`v = (r + 1)/2` between log β̃ and log β)
+the model keeps them as its variance head (:class:`sdeflow.nets.MeanAndVariance`), which the discrete
+bound and the ancestral sampler read as the "learned" variance.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from ..model import MIN_STD, PluginReverseSDE
+from ..nets.heads import MeanAndVariance
 from ..noise_schedules import DiscreteVPSDE
 from ..utils import append_dims, check_choice
 
@@ -33,14 +37,18 @@ _PARAMETERIZATION = {"epsilon": "noise", "v_prediction": "velocity", "sample": "
 _SNAP = 1e-6
 
 
+def _unwrap(out):
+    """The tensor in a foreign network's return value: diffusers' ``.sample``, or a tuple's first."""
+    if hasattr(out, "sample"):
+        return out.sample
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def network_output(out, like: torch.Tensor) -> torch.Tensor:
     """The prediction in a foreign network's return value: the ``.sample`` of diffusers' output
     objects, the first element of a tuple, and of 2C channels (a learned variance beside the mean) the
     first C, for ``like`` (B, C, ...). ValueError if it cannot be shaped like ``like``."""
-    if hasattr(out, "sample"):
-        out = out.sample
-    elif isinstance(out, (tuple, list)):
-        out = out[0]
+    out = _unwrap(out)
     if (out.ndim == like.ndim and out.shape[0] == like.shape[0] and out.shape[2:] == like.shape[2:]
             and out.shape[1] == 2 * like.shape[1]):
         out = out[:, :like.shape[1]]
@@ -62,8 +70,10 @@ class DiscreteTimeNet(nn.Module):
     (timestep = diffusers' index Nt/T − 1, a float tensor (B,)); returns ε̂ for "epsilon" and "sample",
     v̂ for "v_prediction" (see the module docstring). ``first_trained_time()`` is t₁ = T/N."""
 
-    def __init__(self, net: nn.Module, sde: DiscreteVPSDE, prediction_type: str = "epsilon"):
+    def __init__(self, net: nn.Module, sde: DiscreteVPSDE, prediction_type: str = "epsilon",
+                 learned_variance: bool = False):
         super().__init__()
+        self.learned_variance = bool(learned_variance)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         if not isinstance(sde, DiscreteVPSDE):
             raise ValueError(f"sde must be a sdeflow.noise_schedules.DiscreteVPSDE; got {type(sde).__name__}")
@@ -76,13 +86,27 @@ class DiscreteTimeNet(nn.Module):
         step = self.sde.timestep(t.double())
         nearest = step.round()
         step = torch.where((step - nearest).abs() < _SNAP, nearest, step)
-        out = network_output(self.net(y, step.to(y.dtype)), y)
-        return noise_from_data(self.sde, y, t, out) if self.prediction_type == "sample" else out
+        raw = self.net(y, step.to(y.dtype))
+        if not self.learned_variance:
+            out = network_output(raw, y)
+            return noise_from_data(self.sde, y, t, out) if self.prediction_type == "sample" else out
+        out = _unwrap(raw)
+        if out.shape[1:2] != (2 * y.shape[1],) or out.shape[0] != y.shape[0] or out.shape[2:] != y.shape[2:]:
+            raise ValueError(f"learned_variance needs a net that returns twice the channels of its input "
+                             f"{tuple(y.shape)} (mean, then variance); got {tuple(out.shape)}")
+        mean, r = out.chunk(2, dim=1)
+        mean = noise_from_data(self.sde, y, t, mean) if self.prediction_type == "sample" else mean
+        return torch.cat([mean, r], dim=1)
 
 
-def adapt_discrete(net: nn.Module, sde: DiscreteVPSDE, prediction_type: str = "epsilon") -> PluginReverseSDE:
+def adapt_discrete(net: nn.Module, sde: DiscreteVPSDE, prediction_type: str = "epsilon",
+                   learned_variance: bool = False) -> PluginReverseSDE:
     """The sdeflow model of a discrete-time network ``net(x, timestep)`` trained on ``sde``'s table,
     predicting ``prediction_type`` (one of ``PREDICTION_TYPES``): a
-    :class:`~sdeflow.model.PluginReverseSDE` with every estimator and sampler of sdeflow."""
-    wrapped = DiscreteTimeNet(net, sde, prediction_type)
+    :class:`~sdeflow.model.PluginReverseSDE` with every estimator and sampler of sdeflow. With
+    ``learned_variance`` the network's 2C channels are the mean's and improved DDPM's learned range, kept
+    as the model's variance head (see the module docstring)."""
+    wrapped = DiscreteTimeNet(net, sde, prediction_type, learned_variance)
+    if learned_variance:
+        wrapped = MeanAndVariance(wrapped)
     return PluginReverseSDE(sde, wrapped, _PARAMETERIZATION[prediction_type])

@@ -45,7 +45,7 @@ from ..data.transforms import ALPHA, NUM_LEVELS, TRANSFORMS, _bin_geometry
 from ..sdes import SDE
 from ..utils import check_choice, check_positive_int, sum_except_batch
 
-__all__ = ["ForwardChain", "forward_chain", "prior_kl", "PixelBins", "gaussian_log_prob"]
+__all__ = ["ForwardChain", "forward_chain", "step_chain", "prior_kl", "PixelBins", "gaussian_log_prob"]
 
 
 @dataclass(frozen=True)
@@ -127,13 +127,25 @@ def forward_chain(sde: SDE, n_steps: int | None = None, times=None) -> ForwardCh
             raise ValueError(f"times must increase strictly from t_1 > 0 to t_N = T = {sde.T}; "
                              f"got {grid[0].item():g} ... {grid[-1].item():g}")
         grid[-1] = sde.T
-    times = torch.cat([torch.zeros(1, dtype=torch.float64), grid])
-    var = sde.var(times)
-    if not bool((var[1:] > 0).all()):
+    chain = _chain(sde, grid)
+    if not bool((chain.var[1:] > 0).all()):
         raise ValueError("times must have v(t_n) > 0 at every step; the first time is too small")
-    log_snr = sde.log_snr(times)
+    return chain
+
+
+def _chain(sde: SDE, grid: torch.Tensor) -> ForwardChain:
+    """The chain at times (0, *grid), float64, with λ = +∞ wherever v = 0 (at t_0 = 0 always)."""
+    times = torch.cat([torch.zeros(1, dtype=torch.float64), grid.double()])
+    var = sde.var(times)
+    log_snr = torch.where(var > 0, sde.log_snr(times), torch.full_like(times, math.inf))
     log_snr[0] = math.inf
     return ForwardChain(times=times, mean_weight=sde.mean_weight(times), var=var, log_snr=log_snr)
+
+
+def step_chain(sde: SDE, t_next: float, t: float) -> ForwardChain:
+    """The one step from t_next to t > t_next (t_next may be 0) as step n = 2 of a chain at the times
+    (0, t_next, t): its β_2, β̃_2, c^x_2, c^y_2 are the step's own, for a reverse step on any grid."""
+    return _chain(sde, torch.tensor([float(t_next), float(t)], dtype=torch.float64))
 
 
 def prior_kl(sde: SDE, chain: ForwardChain, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +169,7 @@ def _log_interval_mass(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor
     r""":math:`\log(\Phi(b) - \Phi(a))` for a < b (either may be ±∞), accurate in both tails: an
     interval on the positive side is mirrored onto the negative one, where
     :math:`\log(\Phi(b) - \Phi(a)) = \log\Phi(b) + \log(1 - e^{\log\Phi(a) - \log\Phi(b)})`."""
-    # Infinite edges are held at ±10⁴ standard deviations, where the mass is exactly 0 or 1 in
+    # Edges beyond ±10⁴ standard deviations are held there, where the mass is exactly 0 or 1 in
     # float64 anyway, so that gradients through a learned variance stay finite.
     lower, upper = lower.clamp(-1e4, 1e4), upper.clamp(-1e4, 1e4)
     mirror = lower > 0
@@ -207,7 +219,8 @@ class PixelBins:
         with :math:`[l_k, u_k]` the bin of x_i's level k_i (outer edges ∓∞), in float64.
         x, mean: (B, ...) in model space; var broadcasts against them. -> (B,)."""
         level = self.level(x)
-        edges = self.edges.to(x.device)
+        # The outer edges ∓∞ stand at ∓10³⁰: the same masses, and no ∞·0 in the gradient through σ.
+        edges = self.edges.to(x.device).clamp(-1e30, 1e30)
         std = var.double().sqrt()
         mean = mean.double()
         lower = (edges[level] - mean) / std

@@ -18,33 +18,23 @@ from typing import Callable
 
 import torch
 
-from ..utils import model_device_dtype
-from .chain import forward_chain
-from .variances import check_variance, noise_and_variance
+from ..utils import check_positive_int
+from .variances import check_variance
 
 __all__ = ["ancestral_sample"]
 
 
-@torch.no_grad()
 def ancestral_sample(model, variance, n_steps: int, shape, generator: torch.Generator | None = None,
                      callback: Callable[[dict], None] | None = None, *, device=None, dtype=None) -> torch.Tensor:
     """Samples of ``shape`` (B, ...) from the ``n_steps``-step model (DDPM's grid t_n = n·T/N) with
-    reverse variances ``variance`` ("posterior", "step", an AnalyticVariance or a LearnedVariance).
-    ``generator`` draws the prior and every noise; ``callback`` gets {"i", "t", "x"} after every step
-    (i counts the steps taken, t is t_{n−1}). ``device``/``dtype`` default to the model's."""
+    reverse variances ``variance`` ("posterior", "step", "learned" for the model's own head, an
+    AnalyticVariance or a LearnedVariance):
+    :func:`sdeflow.samplers.sample` with the "ancestral" method on the uniform grid from T to 0.
+    ``generator`` draws the prior and every noise; ``callback`` gets the sampler's {"i", "t", "x", ...}
+    after every step (t is t_{n−1}). ``device``/``dtype`` default to the model's."""
+    from ..samplers import SamplerSettings, sample
+
     check_variance(variance)
-    chain = forward_chain(model.sde, n_steps=n_steps)
-    device, dtype = model_device_dtype(model, device, dtype)
-    y = model.sde.prior_sample(shape, generator=generator, device=device, dtype=dtype)
-    step_mean_weight, step_var, std = chain.step_mean_weight, chain.step_var, chain.var.sqrt()
-    for i, step in enumerate(range(chain.n_steps, 0, -1)):
-        t = torch.full((y.shape[0],), float(chain.times[step]), device=device, dtype=dtype)
-        n = torch.full((y.shape[0],), step, dtype=torch.long, device=device)
-        eps_hat, var = noise_and_variance(model, variance, chain, n, y, t)
-        mean = (y - float(step_var[step] / std[step]) * eps_hat) / float(step_mean_weight[step])
-        if step > 1:
-            mean = mean + var.to(dtype).sqrt() * torch.randn(y.shape, generator=generator, device=device, dtype=dtype)
-        y = mean
-        if callback is not None:
-            callback({"i": i, "t": chain.times[step - 1], "x": y})
-    return y
+    settings = SamplerSettings("ancestral", n_steps=check_positive_int("n_steps", n_steps), schedule="uniform",
+                               t_min=0.0, options={"variance": variance})
+    return sample(model, shape, settings, generator=generator, callback=callback, device=device, dtype=dtype)

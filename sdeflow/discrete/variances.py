@@ -143,7 +143,7 @@ def estimate_analytic_variance(model, x: torch.Tensor, chain: ForwardChain,
 
 
 class LearnedVariance(nn.Module):
-    """Improved DDPM's learned variance: ``net(y, t)`` returns the interpolation v, shaped like y
+    r"""Improved DDPM's learned variance: ``net(y, t)`` returns the interpolation v, shaped like y
     (per element) or broadcastable against it ((B, 1, ..., 1) for one value per example), and
     :math:`\log\sigma^2 = v\log\beta_n + (1 - v)\log\tilde\beta_n`. v = 0 is the posterior
     variance, v = 1 the step's; v is not clipped (improved DDPM's is not either). ``net`` may be a
@@ -181,28 +181,36 @@ class LearnedVariance(nn.Module):
 def noise_and_variance(model, variance, chain: ForwardChain, n: torch.Tensor, y: torch.Tensor,
                        t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(ε̂(y, t), σ_n²) for the states y = y_n (B, ...) at the steps n (B,) and times t = t_n (B,):
-    one network evaluation when ``variance`` is the model's own head (:meth:`LearnedVariance.of`),
-    else the model's and the variance's own (see :func:`reverse_variance`)."""
+    one network evaluation when ``variance`` is the model's own head ("learned" or
+    :meth:`LearnedVariance.of`), else the model's and the variance's own (see :func:`reverse_variance`)."""
+    if variance == "learned":
+        variance = LearnedVariance.of(model)
     if isinstance(variance, LearnedVariance) and variance.net is getattr(model, "net", None):
         out, v = model.net.both(y, t)
         return model.noise_from_output(out, y, t), LearnedVariance.from_interpolation(chain, n, v)
     return model.predicted_noise(y, t), reverse_variance(variance, chain, n, y)
 
 
-def check_variance(variance) -> None:
-    """ValueError unless ``variance`` is "posterior", "step", an :class:`AnalyticVariance` or a
-    :class:`LearnedVariance`."""
+def check_variance(variance, name: str = "variance"):
+    """``variance`` if it is "posterior", "step", "learned" (the model's own variance head,
+    :meth:`LearnedVariance.of`), an :class:`AnalyticVariance` or a :class:`LearnedVariance`; ValueError
+    naming ``name`` otherwise."""
     if isinstance(variance, (AnalyticVariance, LearnedVariance)):
-        return
-    if not isinstance(variance, str) or variance not in FIXED_VARIANCES:
-        raise ValueError(f"variance must be one of 'posterior', 'step', an AnalyticVariance or a "
-                         f"LearnedVariance; got {variance!r}")
+        return variance
+    if not isinstance(variance, str) or variance not in (*FIXED_VARIANCES, "learned"):
+        raise ValueError(f"{name} must be one of 'posterior', 'step', 'learned' (the model's variance head), an "
+                         f"AnalyticVariance or a LearnedVariance; got {variance!r}")
+    return variance
 
 
 def reverse_variance(variance, chain: ForwardChain, n: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """σ_n² of ``variance`` (see :func:`check_variance`) at the steps n (B,) for the states y = y_n
-    (B, ...): float64, (B, 1, ..., 1), or y's shape for a learned variance."""
+    (B, ...): float64, (B, 1, ..., 1), or y's shape for a learned variance. "learned" names the
+    model's head: :func:`noise_and_variance` resolves it."""
     check_variance(variance)
+    if variance == "learned":
+        raise ValueError("variance 'learned' is the model's own head: pass LearnedVariance.of(model), or use "
+                         "noise_and_variance(model, ...)")
     if isinstance(variance, LearnedVariance):
         return variance.variance(chain, n, y)
     table = variance.variances(chain) if isinstance(variance, AnalyticVariance) else fixed_variances(chain, variance)

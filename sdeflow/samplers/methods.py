@@ -34,6 +34,12 @@ Methods (see ``METHODS`` for each one's order, NFE per step, λ and defaults); o
   probability-flow ODE in log-SNR (Lu et al. 2022, Algorithms 1 and 2), from the exact solution
   :math:`x_t = \frac{\alpha_t}{\alpha_s}x_s - \alpha_t\int_{\ell_s}^{\ell_t} e^{-\ell}\hat\varepsilon\, d\ell`.
 * ``"dpm++2m"``: multistep DPM-Solver++(2M) (Lu et al. 2022b), data prediction, one NFE a step.
+* ``"ancestral"``: DDPM's ancestral sampler (Ho et al. 2020, Alg. 2) on any grid, each step the
+  forward SDE's posterior q(x_{t_{i+1}} | x_{t_i}, x̂_0) with its mean kept and its variance one of
+  :mod:`sdeflow.discrete.variances` (option ``variance``: β̃ "posterior", β "step", "learned" (the
+  model's variance head) or an AnalyticVariance value) on the step from t_{i+1} to t_i
+  (:func:`sdeflow.discrete.step_chain`): improved DDPM's sampling with respaced steps. With β̃ it is
+  "ddim" at λ = 0.
 * ``"pc"``: predictor–corrector sampling, Algorithm 1 of Song et al. (2021): **predictor first**
   (an Euler–Maruyama step of the λ-family from t_i to t_{i+1}), **then** ``n_corrector`` Langevin
   steps at t_{i+1}.
@@ -229,6 +235,30 @@ def _pc_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, state
     return x_next, nfe
 
 
+def _ancestral_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, state):
+    """x_{i+1} = (x − β/√v_t · ε̂)/a + σ z (no noise on the last step), with a = m_t/m_{t_{i+1}},
+    β = v_t − a² v_{t_{i+1}} and σ² the ``variance`` option's on that step (the grid's times are
+    shared by the batch)."""
+    from ..discrete.chain import step_chain
+    from ..discrete.variances import noise_and_variance
+
+    chain = step_chain(model.sde, float(t_next[0]), float(t[0]))
+    n = torch.full((x.shape[0],), 2, dtype=torch.long, device=x.device)
+    eps, var = noise_and_variance(model, state["variance"], chain, n, x, t)
+    step_var, std, step_mean_weight = (float(chain.step_var[2]), float(chain.var[2].sqrt()),
+                                       float(chain.step_mean_weight[2]))
+    x_next = (x - (step_var / std) * eps) / step_mean_weight
+    if not last:
+        x_next = x_next + var.to(x.dtype).sqrt() * _noise(x, generator)
+    return x_next, 1
+
+
+def _check_variance_option(name: str, value):
+    from ..discrete.variances import check_variance
+
+    return check_variance(value, name)
+
+
 # ---- the registry's built-in entries ---------------------------------------------------------
 register_method("euler", Method(
     _euler_step, order="1 (ODE); strong 1, weak 1 for λ < 1 (the noise is additive)",
@@ -248,6 +278,12 @@ register_method("dpm3", Method(
 register_method("dpm++2m", Method(
     _dpmpp_2m_step, order="2", nfe_per_step=1, lmbd="λ = 1 only (probability-flow ODE)", lmbd_range=(1.0, 1.0),
     default_lmbd=1.0, default_schedule="logsnr", default_t_min=1e-3))
+register_method("ancestral", Method(
+    _ancestral_step, order="weak 1", nfe_per_step=1, lmbd="λ = 0 only (a reverse-SDE sampler)",
+    lmbd_range=(0.0, 0.0), default_schedule="uniform",
+    options={"variance": Option("posterior", _check_variance_option,
+                                "reverse variances of the ancestral steps: posterior (β̃), step (β) or learned "
+                                "(the model's variance head)")}))
 register_method("pc", Method(
     _pc_step, order="that of the Euler–Maruyama predictor; the corrector adds accuracy, not order",
     nfe_per_step="1 + n_corrector", lmbd="any λ in [0, 1] for the predictor",
