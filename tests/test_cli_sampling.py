@@ -47,7 +47,8 @@ def test_sample_passes_the_method_options(tmp_path, capsys, trained):
     code, stdout, err = _run(["sample", "--checkpoint", run, "--n", 2, "--method", "pc", "--n-corrector", 2,
                               "--snr", "0.1", "--n-steps", 2, "--out", out, "--no-progress"], capsys)
     assert code == 0, err
-    assert stdout.endswith("(pc, 2 steps, NFE 6)")  # 2 steps × (1 predictor + 2 corrector) evaluations
+    # the options it ran with; 2 steps × (1 predictor + 2 corrector) evaluations
+    assert stdout.endswith("(pc (n corrector 2, snr 0.1), 2 steps, NFE 6)")
 
 
 def test_inpaint_and_denoise_with_heun(tmp_path, capsys, trained):
@@ -161,7 +162,7 @@ def test_a_registered_method_appears_in_the_command_line(tmp_path, capsys, train
         code, stdout, err = _run(["sample", "--checkpoint", run, "--n", 2, "--method", "test-damped-euler",
                                   "--damping", "0.9", "--n-steps", 2, "--out", out, "--no-progress"], capsys)
         assert code == 0, err
-        assert stdout.endswith("(test-damped-euler, 2 steps, NFE 2)")
+        assert stdout.endswith("(test-damped-euler (damping 0.9), 2 steps, NFE 2)")
         with pytest.raises(SystemExit):
             cli.main(["sample", "--checkpoint", str(run), "--out", str(out), "--method", "test-damped-euler",
                       "--damping", "2"])

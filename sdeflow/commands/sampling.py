@@ -209,8 +209,14 @@ def _resolve_checkpoint(text: str) -> Path:
         raise CLIError(f"--checkpoint: {err}") from None
 
 
+def _method_text(settings) -> str:
+    """The method with its options, e.g. "ancestral (variance learned)"."""
+    options = ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in settings.options.items())
+    return settings.method + (f" ({options})" if options else "")
+
+
 def _describe(settings, nfe: int) -> str:
-    return f"{settings.method}, {settings.n_steps} steps, NFE {nfe}"
+    return f"{_method_text(settings)}, {settings.n_steps} steps, NFE {nfe}"
 
 
 class _Progress:
@@ -283,7 +289,7 @@ def run_sample(args) -> int:
         images = images_lib.sample_images(model, config, args.n_samples, settings, seed=args.seed, device=args.device,
                                           callback=progress)
     save_image_grid(images, out, f"{config['dataset'] or 'image'} samples, {label}, "
-                                 f"{settings.n_steps} {settings.method} steps, λ={settings.lmbd:g}, "
+                                 f"{settings.n_steps} {_method_text(settings)} steps, λ={settings.lmbd:g}, "
                                  f"NFE {progress.nfe}")
     print(f"wrote {args.n_samples} samples to {out} ({_describe(settings, progress.nfe)})")
     return 0
@@ -309,7 +315,7 @@ def _run_conditional(args, observe, draw, title: str, summary: str) -> int:
     rows = [("original", to_uint8(clean)), (label, to_uint8(observation))]
     rows += [(f"sample {i + 1}", to_uint8(samples[i * n:(i + 1) * n])) for i in range(k)]
     save_image_rows(rows, out, f"{title}, {config['dataset']} {label}, {settings.n_steps} "
-                               f"{settings.method} steps, NFE {progress.nfe}")
+                               f"{_method_text(settings)} steps, NFE {progress.nfe}")
     print(f"wrote {out}: {n} images x {k} samples{summary(what)} ({_describe(settings, progress.nfe)})")
     return 0
 
