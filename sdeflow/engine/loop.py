@@ -2,7 +2,8 @@ r"""The one training loop, for the toy example and the images alike.
 
 :func:`fit` minimises the per-example denoising score matching loss of
 :func:`sdeflow.losses.dsm` (second-order DSM added in the last ``second_order_fraction`` of the
-steps) with Adam, the learning rate of :meth:`TrainConfig.lr_at` and optional gradient clipping,
+steps; for a network with a variance head, plus the discrete bound's terms that train it, see
+:class:`DSMObjective`) with Adam, the learning rate of :meth:`TrainConfig.lr_at` and optional gradient clipping,
 and keeps an :class:`~sdeflow.engine.ema.EMA` of the parameters. Around the steps:
 
 - Checkpoints ``RUN/ckpt-<step>.pt`` are written atomically every ``checkpoint_every`` steps and at
