@@ -106,20 +106,19 @@ def _estimator(model, n: int, batch: Callable, settings: LikelihoodSettings, see
 def _discrete_estimator(model, n: int, batch: Callable, settings: LikelihoodSettings, seed: int, device, bins):
     """The discrete bound's ``estimate`` (see :func:`_estimator`), its sampled steps drawn from a proposal
     fitted once on the first examples when ``settings.step_sampling`` is "fitted"."""
-    from .discrete import LearnedVariance, discrete_bound, fit_step_proposal, forward_chain
+    from .discrete import discrete_bound, fit_step_proposal, forward_chain
 
     s = settings
     if s.variance == "analytic":
         raise ValueError("variance 'analytic' needs its value: pass the AnalyticVariance of "
                          "sdeflow.estimate_analytic_variance(model, training_examples, chain) as variance")
-    variance = LearnedVariance.of(model) if s.variance == "learned" else s.variance
     chain, proposal = forward_chain(model.sde, n_steps=s.n_steps), None
     if s.sampled_steps is not None and s.step_sampling == "fitted" and chain.n_steps > 1:
         pilot, pilot_gen = _pilot(n, batch, s, seed, device)
-        proposal = fit_step_proposal(model, pilot, chain, variance, bins=bins, generator=pilot_gen)
+        proposal = fit_step_proposal(model, pilot, chain, s.variance, bins=bins, generator=pilot_gen)
 
     def discrete(y, gen):
-        bound = discrete_bound(model, y, chain, variance, bins=bins, n_sampled_steps=s.sampled_steps,
+        bound = discrete_bound(model, y, chain, s.variance, bins=bins, n_sampled_steps=s.sampled_steps,
                                step_proposal=proposal, generator=gen)
         return bound.log_prob, [bound.nfe]
     return discrete

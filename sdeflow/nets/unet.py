@@ -230,11 +230,6 @@ class UNet(nn.Module):
         dropout = check_decay("dropout", dropout)
         self.in_channels, self.image_size = in_channels, image_size
         self.time_scale = float(time_scale)
-        self.config = dict(in_channels=in_channels, image_size=image_size, base_channels=base_channels,
-                           channel_mult=channel_mult, num_res_blocks=num_res_blocks,
-                           attn_resolutions=tuple(int(r) for r in attn_resolutions),
-                           dropout=float(dropout), time_scale=self.time_scale,
-                           learned_variance=bool(learned_variance))
 
         self.base_channels = base_channels
         temb_ch = 4 * base_channels
