@@ -94,14 +94,16 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_arguments(parser, cls, defaults, *, skip=(), aliases=None, required=()) -> None:
+def add_config_arguments(parser, cls, defaults, *, skip=(), aliases=None, required=(), default_help=None) -> None:
     """One flag per field of the dataclass ``cls`` (``--batch-size`` for ``batch_size``), typed,
     with its help text and choices from the field's metadata and the default from ``defaults`` (an
-    instance or a dict). ``aliases`` {field: [extra flags]}; ``required`` fields have no default."""
+    instance or a dict). ``aliases`` {field: [extra flags]}; ``required`` fields have no default;
+    ``default_help`` {field: words} says what the default is where the value alone would not."""
     import dataclasses
 
     defaults = defaults if isinstance(defaults, dict) else dataclasses.asdict(defaults)
     aliases = aliases or {}
+    default_help = default_help or {}
     group = parser.add_argument_group(f"settings of {cls.__module__}.{cls.__name__}")
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -109,11 +111,13 @@ def add_config_arguments(parser, cls, defaults, *, skip=(), aliases=None, requir
         flags = [_flag(f.name), *aliases.get(f.name, [])]
         text = f.metadata.get("help", "")
         default = defaults.get(f.name)
-        if f.type in (bool, "bool"):  # --flag and --no-flag, whichever the default is
-            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=bool(default),
-                               help=f"{text} (default: %(default)s)")
+        said = f"(default: {default_help[f.name]})" if f.name in default_help else "(default: %(default)s)"
+        if f.type in (bool, "bool", "bool | None"):  # --flag and --no-flag, whichever the default is
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=None if default is None else bool(default),
+                               help=f"{text} {said}")
             continue
-        kwargs = {"dest": f.name, "help": f"{text} (default: %(default)s)"}
+        kwargs = {"dest": f.name, "help": f"{text} {said}"}
         choices, check = f.metadata.get("choices"), f.metadata.get("check")
         if choices is not None:
             kwargs["choices"] = tuple(choices())

@@ -114,10 +114,11 @@ class TrainConfig:
     monitor_every: int = config_field("estimate the EMA model's ELBO on a fresh batch every N steps; 0: never", default=0, check=check_nonneg_int)
     monitor_batch: int = config_field("examples per monitoring ELBO", default=256, check=check_positive_int)
     monitor_slices: int = config_field("time draws per example of the monitoring ELBO", default=4, check=check_positive_int)
-    flip: bool = config_field("random horizontal flips of images", default=True)
+    flip: bool | None = config_field("random horizontal flips of images; None: where the data set is mirror-symmetric "
+                                     "(CIFAR-10, not digits)", default=None)
     seed: int = config_field("seed of every random choice", default=0, check=check_nonneg_int)
-    max_seconds: float | None = config_field("stop with a checkpoint after this many seconds of training in this call",
-                                      default=None, check=check_positive_float)
+    max_seconds: float | None = config_field("stop with a checkpoint after this many seconds of training in this call; "
+                                             "0 or None: no limit", default=None, check=check_nonneg_float)
     fit_schedule: bool = config_field("with max_seconds: fit the schedule (cosine decay, second-order phase, last step) "
                                "to the steps the time affords, measured as training runs", default=False)
 

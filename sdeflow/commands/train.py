@@ -55,7 +55,7 @@ def load_images(args, split: str):
 def register(subparsers) -> None:
     from ..config import TrainConfig
     from ..data.transforms import TRANSFORMS
-    from ..experiments.images import CPU_BUDGET_RECIPE
+    from ..experiments.images import CPU_BUDGET_RECIPE, OBJECTIVES
     from ..engine import HOOKS
     from ..model import PARAMETERIZATIONS
     from ..nets.unet import DEFAULT_PRESET, PRESETS
@@ -90,15 +90,48 @@ def register(subparsers) -> None:
                           "--variance-steps chain; evaluate with sdeflow eval --bound discrete --variance learned")
     add_sde_arguments(p)
     model = p.add_argument_group("model")
-    model.add_argument("--parameterization", choices=PARAMETERIZATIONS, default="noise",
+    model.add_argument("--objective", choices=tuple(OBJECTIVES), default="likelihood",
+                       help="what the model is trained to be good at, a named recipe of the flags below: "
+                            + "; ".join(f"{name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipe.items())
+                                        for name, recipe in OBJECTIVES.items())
+                            + ". A flag given explicitly wins (default: %(default)s)")
+    model.add_argument("--parameterization", choices=PARAMETERIZATIONS, default=None,
                        help="what the network predicts: the drift a, the score s, the noise ε, or the velocity "
-                            "α·ε − σ·x (default: noise)")
-    model.add_argument("--transform", choices=TRANSFORMS, default="logit",
-                       help="map from dequantised pixels x in [0,1] to model space: logit(0.05 + 0.9x) (default, "
-                            "as sdeflow-light), centered 2x-1, or identity")
+                            "α·ε − σ·x (default: the objective's)")
+    model.add_argument("--transform", choices=TRANSFORMS, default=None,
+                       help="map from dequantised pixels x in [0,1] to model space: logit(0.05 + 0.9x) "
+                            "(sdeflow-light's), centered 2x-1, or identity (default: the objective's)")
+    # None marks "not given": the objective and the budget recipe fill these in (resolve_recipe).
+    unset = {name: None for name in ("steps", "max_seconds", "fit_schedule", "flip",
+                                     *(key for recipe in OBJECTIVES.values() for key in recipe))}
     add_config_arguments(p, TrainConfig, {**{f.name: f.default for f in dataclasses.fields(TrainConfig)},
-                                          **CPU_BUDGET_RECIPE}, aliases=ALIASES)
+                                          **CPU_BUDGET_RECIPE, **unset}, aliases=ALIASES,
+                         default_help={
+                             "steps": f"none: the CPU budget recipe, {CPU_BUDGET_RECIPE['max_seconds']:g} s of "
+                                      "training with the schedule fitted to the steps it affords",
+                             "max_seconds": f"{CPU_BUDGET_RECIPE['max_seconds']:g} without --steps, else no limit",
+                             "fit_schedule": "on without --steps, else off",
+                             "flip": "on for mirror-symmetric data sets (CIFAR-10), off for digits",
+                             **{key: "the --objective's" for recipe in OBJECTIVES.values() for key in recipe}})
     p.set_defaults(func=run_train)
+
+
+def resolve_recipe(args) -> None:
+    """Fill in what the user left unset: the ``--objective``'s settings (OBJECTIVES), and the CPU
+    budget (CPU_BUDGET_RECIPE: a 720-second run with its schedule fitted to the time) only when no
+    ``--steps`` is given; with ``--steps N`` training runs N steps unless ``--max-seconds`` is given.
+    ``--max-seconds 0`` means no limit."""
+    from ..experiments.images import CPU_BUDGET_RECIPE, OBJECTIVES
+
+    for key, value in OBJECTIVES[args.objective].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    budget = CPU_BUDGET_RECIPE if args.steps is None else {"fit_schedule": False}
+    for key in ("steps", "max_seconds", "fit_schedule"):
+        if getattr(args, key) is None:
+            setattr(args, key, budget.get(key))
+    if args.max_seconds == 0:
+        args.max_seconds = None
 
 
 def _model_config(args) -> dict:
@@ -125,6 +158,7 @@ def run_train(args) -> int:
     from ..engine import ProgressBar, init_distributed, make_hook
     from ..experiments.images import train_images
 
+    resolve_recipe(args)
     model_config = _model_config(args)
     config = config_from_args(TrainConfig, args, grad_clip=args.grad_clip or None)
     rank, world, dev = init_distributed(args.device)

@@ -36,6 +36,8 @@ class Dataset:
         sample: toy sets: ``sample(n, generator=None) -> (n, *shape)`` float32.
         load: image sets: ``load(root, split="train", download=False) -> (N, *shape)`` uint8.
         log_prob: the exact log-density, ``log_prob(x) -> (n,)`` float64, or None.
+        mirror_symmetric: image sets: a horizontally flipped example is as likely as the example
+            (photographs, not digits), so training may flip images at random.
     """
 
     name: str
@@ -45,6 +47,7 @@ class Dataset:
     sample: Callable[..., torch.Tensor] | None = None
     load: Callable[..., torch.Tensor] | None = None
     log_prob: Callable[[torch.Tensor], torch.Tensor] | None = None
+    mirror_symmetric: bool = False
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -93,7 +96,7 @@ for _entry in (
     Dataset("gaussian_mixture", "toy", (2,), "an anisotropic four-component Gaussian mixture (exact density)",
             sample=_toy.gaussian_mixture, log_prob=_toy.gaussian_mixture_log_prob),
     Dataset("cifar10", "image", (3, 32, 32), "CIFAR-10, 50,000 + 10,000 32x32 colour images",
-            load=_images.load_cifar10),
+            load=_images.load_cifar10, mirror_symmetric=True),
     Dataset("mnist", "image", (1, 28, 28), "MNIST, 60,000 + 10,000 28x28 grey-scale digits",
             load=_images.load_mnist),
 ):

@@ -187,7 +187,7 @@ class TimeBudget(Hook):
         from .distributed import broadcast_flag
 
         limit = trainer.config.max_seconds
-        if limit is None or trainer.step >= trainer.config.steps:
+        if not limit or trainer.step >= trainer.config.steps:  # None or 0: no limit
             return
         elapsed = time.perf_counter() - self.started
         if trainer.config.fit_schedule:

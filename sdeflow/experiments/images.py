@@ -15,13 +15,25 @@ from ..engine.state import make_generator
 from ..nets.unet import DEFAULT_PRESET
 from ..utils import check_choice, check_positive_int
 
-__all__ = ["image_model_config", "train_images", "sample_images", "CPU_BUDGET_RECIPE"]
+__all__ = ["image_model_config", "train_images", "sample_images", "CPU_BUDGET_RECIPE", "OBJECTIVES"]
 
 #: The training settings ``sdeflow train`` starts from (with :class:`~sdeflow.config.TrainConfig`'s own
 #: defaults for the rest): the recipe measured best for 12 minutes of training on 2 CPU cores (README,
 #: "CIFAR-10 in 12 minutes"): batch 16, a 720-second budget with the schedule and the last step fitted
 #: to the steps it affords; ``steps`` is only an upper bound.
 CPU_BUDGET_RECIPE = {"steps": 1_000_000, "batch_size": 16, "max_seconds": 720.0, "fit_schedule": True}
+
+#: Named training objectives: the settings of the model configuration (``transform``,
+#: ``parameterization``) and of :class:`~sdeflow.config.TrainConfig` that go together. "likelihood"
+#: wins bits/dim (logit pixels, the ELBO's weighting g²/σ², time drawn ∝ that weighting: the loss is
+#: the ELBO's integrand); "samples" wins samples (DDPM's recipe: centered pixels, ε-loss
+#: ‖ε̂ − ε‖² unweighted, uniform time). README, "Samples": both measured at equal CPU time.
+OBJECTIVES: dict[str, dict] = {
+    "likelihood": {"transform": "logit", "parameterization": "noise", "weighting": "likelihood",
+                   "time_sampling": "importance"},
+    "samples": {"transform": "centered", "parameterization": "noise", "weighting": "noise",
+                "time_sampling": "uniform"},
+}
 
 
 def image_model_config(dataset: str = "cifar10", preset: str = DEFAULT_PRESET, *, in_channels: int = 3,
@@ -69,12 +81,14 @@ def sample_images(model, config: dict, n_samples: int, settings=None, *, seed: i
 def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, model_config: dict, *,
                  resume: bool = False, device="cpu", hooks=()) -> dict:
     """Train ``model`` on uint8 ``images`` (N, C, H, W) with :func:`sdeflow.engine.fit`: batches
-    drawn without replacement per epoch, dequantised, flipped (``config.flip``) and transformed by
+    drawn without replacement per epoch, dequantised, flipped (``config.flip``; None: if the data
+    set is ``mirror_symmetric`` in :data:`sdeflow.data.DATASETS`) and transformed by
     the step's generator. Writes ``metrics.jsonl`` (:class:`~sdeflow.engine.JSONLLog`), checkpoints
     and, every ``config.sample_every`` steps, ``samples-<step>.png`` grids of EMA samples, plus
     whatever ``hooks`` do. Returns what :func:`~sdeflow.engine.fit` returns."""
     from ..engine import DatasetBatches, ElboMonitor, JSONLLog, SampleFigures, fit
     from ..evaluation import evaluate_bpd
+    from ..likelihood_settings import LikelihoodSettings
     from ..plotting import save_image_grid
 
     from ..losses import MAX_SECOND_ORDER_DIM
@@ -88,8 +102,10 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
                          f"Jacobian, for data of at most {MAX_SECOND_ORDER_DIM} dimensions; they have {dim}")
     data = model_config["data"]
 
+    flip = config.flip if config.flip is not None else _mirror_symmetric(model_config["dataset"])
+
     def transform(batch, generator):
-        return preprocess(batch, data, generator, flip=config.flip).y
+        return preprocess(batch, data, generator, flip=flip).y
 
     def draw(ema_model, path, step):
         grid = sample_images(ema_model, model_config, config.sample_n_samples,
@@ -98,9 +114,17 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
 
     def estimate(ema_model, step):
         # Bits/dim of a fixed batch of training images, a new draw of the ELBO's noise each time.
-        return evaluate_bpd(ema_model, images[:config.monitor_batch], model_config, n_slices=config.monitor_slices,
-                            time_sampling="importance", seed=step, device=device)["bpd"]
+        settings = LikelihoodSettings(n_slices=config.monitor_slices, time_sampling="importance")
+        return evaluate_bpd(ema_model, images[:config.monitor_batch], model_config, settings, seed=step,
+                            device=device)["bpd"]
 
     batches = DatasetBatches(images, config.batch_size, config.seed, transform)
     return fit(model, batches, config, run_dir, model_config, resume=resume, device=device,
                hooks=[JSONLLog(), SampleFigures(draw), ElboMonitor(estimate, unit="bits/dim"), *hooks])
+
+
+def _mirror_symmetric(dataset: str) -> bool:
+    from ..data import DATASETS
+
+    entry = DATASETS.get(dataset)
+    return bool(entry is not None and entry.mirror_symmetric)

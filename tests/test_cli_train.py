@@ -1,0 +1,74 @@
+"""``sdeflow train``: what the flags resolve to (objective, CPU budget, flips) and the paths that
+once crashed (the ELBO monitor)."""
+
+import json
+
+import pytest
+
+from sdeflow import cli
+from sdeflow import checkpoint as ckpt
+from sdeflow.commands.train import resolve_recipe
+from sdeflow.data import DATASETS
+from sdeflow.experiments.images import CPU_BUDGET_RECIPE, OBJECTIVES
+
+from training_helpers import single_thread, train_args, write_cifar_batches  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _resolved(*extra):
+    args = cli.build_parser().parse_args(["train", "--dataset", "mnist", "--data-root", "d", "--out", "o", *extra])
+    resolve_recipe(args)
+    return args
+
+
+def test_without_steps_the_cpu_budget_recipe_applies():
+    args = _resolved()
+    assert (args.steps, args.max_seconds, args.fit_schedule) == (
+        CPU_BUDGET_RECIPE["steps"], CPU_BUDGET_RECIPE["max_seconds"], CPU_BUDGET_RECIPE["fit_schedule"])
+
+
+def test_explicit_steps_run_to_the_end_unless_a_limit_is_given():
+    args = _resolved("--steps", "20000")
+    assert (args.steps, args.max_seconds, args.fit_schedule) == (20000, None, False)
+    args = _resolved("--steps", "20000", "--max-seconds", "60", "--fit-schedule")
+    assert (args.steps, args.max_seconds, args.fit_schedule) == (20000, 60.0, True)
+
+
+def test_max_seconds_zero_means_no_limit():
+    args = _resolved("--max-seconds", "0")
+    assert args.max_seconds is None and args.steps == CPU_BUDGET_RECIPE["steps"]
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_an_objective_sets_its_recipe_and_explicit_flags_win(objective):
+    args = _resolved("--objective", objective)
+    assert {key: getattr(args, key) for key in OBJECTIVES[objective]} == OBJECTIVES[objective]
+    other = "identity" if OBJECTIVES[objective]["transform"] != "identity" else "logit"
+    args = _resolved("--objective", objective, "--transform", other, "--weighting", "noise")
+    assert args.transform == other and args.weighting == "noise"
+    assert args.time_sampling == OBJECTIVES[objective]["time_sampling"]
+
+
+def test_the_default_objective_is_the_likelihood_recipe():
+    args = _resolved()
+    assert (args.transform, args.weighting, args.time_sampling) == ("logit", "likelihood", "importance")
+
+
+def test_flips_follow_the_data_set_unless_given():
+    assert DATASETS["cifar10"].mirror_symmetric and not DATASETS["mnist"].mirror_symmetric
+    assert _resolved().flip is None  # train_images asks the data set
+    assert _resolved("--flip").flip is True and _resolved("--no-flip").flip is False
+
+
+def test_explicit_steps_are_not_cut_by_the_budget_and_the_elbo_monitor_runs(tmp_path):
+    root = write_cifar_batches(tmp_path / "data", n_train=8, n_test=2)
+    run = tmp_path / "run"
+    code = cli.main(train_args(root, run, 3, "--monitor-every", "2", "--monitor-batch", "2", "--monitor-slices", "1"))
+    assert code == 0
+    assert [s for s, _ in ckpt.list_checkpoints(run)][-1] == 3
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    monitored = [r for r in records if any("elbo" in key or "bits" in key for key in r)]
+    assert monitored, records
+    state = ckpt.load_checkpoint(run / "ckpt-00000003.pt")
+    assert state["trainer"]["train_config"]["max_seconds"] is None
