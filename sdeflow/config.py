@@ -53,6 +53,11 @@ def validate_fields(config) -> None:
             f.metadata["check"](f.name, value)
 
 
+def _check_threshold(name: str, value):
+    from .samplers.clipping import check_threshold
+    return check_threshold(name, value)
+
+
 def _weightings():
     from .losses import WEIGHTINGS
     return tuple(WEIGHTINGS)
@@ -111,6 +116,10 @@ class TrainConfig:
     sample_every: int = config_field("write a figure of EMA samples every N steps; 0: never", default=0, check=check_nonneg_int)
     sample_n_samples: int = config_field("samples per figure", default=64, check=check_positive_int)
     sample_n_steps: int = config_field("sampler steps per figure", default=200, check=check_positive_int)
+    sample_clip: bool = config_field("the figures' sampler clips x̂₀ into the data transform's range", default=False)
+    sample_threshold: float | None = config_field("the figures' sampler thresholds x̂₀ dynamically (Imagen) within "
+                                                  "the data transform's range at this percentile in (0, 100]; "
+                                                  "None: no thresholding", default=None, check=_check_threshold)
     monitor_every: int = config_field("estimate the EMA model's ELBO on a fresh batch every N steps; 0: never", default=0, check=check_nonneg_int)
     monitor_batch: int = config_field("examples per monitoring ELBO", default=256, check=check_positive_int)
     monitor_slices: int = config_field("time draws per example of the monitoring ELBO", default=4, check=check_positive_int)

@@ -84,6 +84,11 @@ def test_inpaint_and_denoise_with_heun(tmp_path, capsys, trained):
     (["--schedule", "karras", "--t-min", "0"], "schedule 'karras' needs t_min in (0, t_start=1.0)"),
     (["--t-min", "1"], "t_min must lie in [0, t_start=1.0); got 1.0"),
     (["--seed", "-1"], "argument --seed: seed must be an integer >= 0; got -1"),
+    (["--threshold", "0"], "argument --threshold: threshold must be a percentile in (0, 100]"),
+    (["--threshold", "101"], "argument --threshold: threshold must be a percentile in (0, 100]"),
+    (["--threshold", "p99"], "argument --threshold: threshold must be a percentile in (0, 100]"),
+    (["--clip", "1"], "unrecognized arguments: 1"),
+    (["--out", "g.npy"], "--out must name a .png or .npz file; got g.npy"),
 ])
 def test_sample_bad_values_are_one_line_exit_2(tmp_path, capsys, trained, extra, message):
     _, run = trained
@@ -96,6 +101,55 @@ def test_sample_bad_values_are_one_line_exit_2(tmp_path, capsys, trained, extra,
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_sample_clips_thresholds_and_writes_npz(tmp_path, capsys, trained):
+    """--clip and --threshold keep x̂₀ in the checkpoint's transform range and say so; --out FILE.npz keeps
+    the uint8 samples (N, C, H, W) under "samples" and writes the grid beside it, FILE.png."""
+    import numpy as np
+
+    from sdeflow.checkpoint import load_model, resolve_checkpoint
+    from sdeflow.data.transforms import data_range
+
+    _, run = trained
+    _, config, _ = load_model(resolve_checkpoint(str(run)))
+    low, high = data_range(config["data"])
+    where = f"[{low:.4g}, {high:.4g}]"
+    out = tmp_path / "samples.npz"
+    common = ["sample", "--checkpoint", run, "--n", 3, "--method", "ddim", "--n-steps", 2, "--no-progress"]
+    code, stdout, err = _run([*common, "--clip", "--out", out], capsys)
+    assert code == 0, err
+    assert stdout == (f"wrote 3 samples to {out} and their grid to {out.with_suffix('.png')} "
+                      f"(ddim, 2 steps, NFE 2, x̂₀ clipped to {where})")
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    with np.load(out) as archive:
+        assert archive.files == ["samples"]
+        clipped = archive["samples"]
+    assert clipped.dtype == np.uint8 and clipped.shape == (3, 3, 32, 32)
+    assert not list(tmp_path.glob("*.tmp"))
+    code, stdout, err = _run([*common, "--threshold", 99.5, "--out", tmp_path / "t.npz"], capsys)
+    assert code == 0, err
+    assert stdout.endswith(f"(ddim, 2 steps, NFE 2, x̂₀ thresholded at p99.5 in {where})")
+    code, _, err = _run([*common, "--out", tmp_path / "plain.npz"], capsys)
+    assert code == 0, err
+    with np.load(tmp_path / "plain.npz") as archive:
+        plain = archive["samples"]
+    # A 2-step DDIM of a 2-step model: x̂₀ leaves the range, so clipping changes the images.
+    assert not np.array_equal(plain, clipped)
+
+
+def test_inpaint_and_denoise_take_clip_and_threshold(tmp_path, capsys, trained):
+    root, run = trained
+    common = ["--checkpoint", run, "--data-root", root, "--n-images", 1, "--n-samples", 1, "--method", "ddim",
+              "--n-steps", 2, "--no-progress"]
+    code, stdout, err = _run(["inpaint", *common, "--mask", "center", "--clip", "--out", tmp_path / "i.png"], capsys)
+    assert code == 0, err
+    assert re.fullmatch(r"wrote .*i\.png: 1 images x 1 samples, guided \(ddim, 2 steps, NFE 2, x̂₀ clipped to "
+                        r"\[\S+, \S+\]\)", stdout), stdout
+    code, stdout, err = _run(["denoise", *common, "--snr", 1, "--threshold", 95, "--out", tmp_path / "d.png"], capsys)
+    assert code == 0, err
+    assert re.search(r"x̂₀ thresholded at p95 in \[\S+, \S+\]\)$", stdout), stdout
+    assert (tmp_path / "i.png").exists() and (tmp_path / "d.png").exists()
 
 
 def test_missing_checkpoint_and_bad_conditional_input_exit_2(tmp_path, capsys, trained):

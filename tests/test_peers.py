@@ -12,7 +12,7 @@ import torch
 
 import sdeflow
 from sdeflow.adapters import adapt_denoiser, adapt_diffusers, bound_start, load_foreign
-from sdeflow.samplers import METHODS
+from sdeflow.samplers import METHODS, ClippedModel
 
 from oracle_helpers import _one_thread  # noqa: F401  (one intra-op thread for these small batches)
 
@@ -46,11 +46,11 @@ def _unet(out_channels=3):
                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).double().eval()
 
 
-def _diffusers_loop(unet, scheduler, x, n_steps):
+def _diffusers_loop(unet, scheduler, x, n_steps, **step_kwargs):
     scheduler.set_timesteps(n_steps)
     with torch.no_grad():
         for step in scheduler.timesteps:
-            x = scheduler.step(unet(x, step).sample, step, x).prev_sample
+            x = scheduler.step(unet(x, step).sample, step, x, **step_kwargs).prev_sample
     return x, scheduler.timesteps
 
 
@@ -107,14 +107,12 @@ def test_dpmpp_2m_equals_diffusers_dpm_solver_multistep(prediction_type):
     _assert_close(ours, expected, FLOAT32_AGREEMENT)
 
 
-@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned_range"])
-def test_ancestral_equals_diffusers_ddpm_on_respaced_steps(variance_type):
-    """DDPMScheduler's 10 of 1000 steps (leading spacing: 900, 800, …, 0, each step on the respaced β)
-    and sdeflow's "ancestral" method on the same times with the same noise draws: β̃, β, and improved
-    DDPM's learned range read from a UNet's extra channels by adapt_diffusers."""
+def _ddpm_and_ancestral(variance_type, wrap=lambda model: model, **scheduler_kwargs):
+    """(diffusers' DDPMScheduler samples, sdeflow's "ancestral" samples of ``wrap(model)``) of 10 of 1000
+    steps from the same x_T with the same noise draws."""
     diffusers = pytest.importorskip("diffusers")
     unet = _unet(6 if variance_type == "learned_range" else 3)
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type=variance_type, clip_sample=False)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type=variance_type, **scheduler_kwargs)
     scheduler.set_timesteps(10)
     x, generator = _x_T(), torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -124,9 +122,47 @@ def test_ancestral_equals_diffusers_ddpm_on_respaced_steps(variance_type):
     times = torch.cat([model.sde.step_time(scheduler.timesteps + 1), torch.zeros(1, dtype=torch.float64)])
     variance = {"fixed_small": "posterior", "fixed_large": "step", "learned_range": "learned"}[variance_type]
     with torch.no_grad():
-        ours = _sample_on_times(model, _x_T(), "ancestral", times, lmbd=0.0, options={"variance": variance},
+        ours = _sample_on_times(wrap(model), _x_T(), "ancestral", times, lmbd=0.0, options={"variance": variance},
                                 generator=torch.Generator().manual_seed(5))
-    _assert_close(ours, x, FLOAT32_AGREEMENT)
+    return x, ours
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned_range"])
+def test_ancestral_equals_diffusers_ddpm_on_respaced_steps(variance_type):
+    """DDPMScheduler's 10 of 1000 steps (leading spacing: 900, 800, …, 0, each step on the respaced β)
+    and sdeflow's "ancestral" method on the same times with the same noise draws: β̃, β, and improved
+    DDPM's learned range read from a UNet's extra channels by adapt_diffusers."""
+    expected, ours = _ddpm_and_ancestral(variance_type, clip_sample=False)
+    _assert_close(ours, expected, FLOAT32_AGREEMENT)
+
+
+def test_clipped_ddim_equals_diffusers_ddim_clip_sample():
+    """DDIMScheduler(clip_sample=True) clips x̂₀ to [−1, 1]; with use_clipped_model_output=True it also
+    re-derives ε̂ from the clipped x̂₀ (GLIDE's convention), which is what sdeflow's clipping does for
+    every method: the λ-family's drift, the score and every ε̂ a method reads must agree with the x̂₀ it
+    forms, or the "direction pointing to x_t" of DDIM's update would still carry the unclipped x̂₀."""
+    diffusers = pytest.importorskip("diffusers")
+    unet = _unet()
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=True, set_alpha_to_one=True,
+                                        timestep_spacing="trailing")
+    expected, _ = _diffusers_loop(unet, scheduler, _x_T(), 10, use_clipped_model_output=True)
+    model = adapt_diffusers(unet, scheduler)
+    settings = dict(n_steps=10, schedule="uniform", t_min=0.0, lmbd=1.0)
+    ours = _sample(model, _x_T(), "ddim", clip=(-1.0, 1.0), **settings)
+    _assert_close(ours, expected, FLOAT32_AGREEMENT)
+    assert float((ours - _sample(model, _x_T(), "ddim", **settings)).abs().max()) > 0.1  # the clipping binds
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "learned_range"])
+def test_thresholded_ancestral_equals_diffusers_ddpm_thresholding(variance_type):
+    """DDPMScheduler(thresholding=True) at dynamic_thresholding_ratio = p/100 and sdeflow's thresholding
+    at percentile p of the same x̂₀, the posterior mean formed from it; diffusers also caps s at
+    sample_max_value (1 by default, which makes thresholding plain clipping), set out of reach here."""
+    expected, ours = _ddpm_and_ancestral(variance_type, wrap=lambda model: ClippedModel(model, (-1.0, 1.0), 99.5),
+                                         thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1e6)
+    _assert_close(ours, expected, FLOAT32_AGREEMENT)
+    clipped, _ = _ddpm_and_ancestral(variance_type, clip_sample=True)
+    assert float((expected - clipped).abs().max()) > 0.1  # thresholding is not clipping here
 
 
 def test_load_foreign_reads_a_saved_pipeline(tmp_path):

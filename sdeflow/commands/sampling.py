@@ -2,17 +2,20 @@
 :data:`sdeflow.samplers.METHODS`, unconditionally or given masked or noisy images.
 
 argparse only: the sampler flags are those of :class:`sdeflow.samplers.SamplerSettings`
-(``--method``, ``--n-steps``, ``--lmbd``, ``--schedule``, ``--t-min``, and one flag per option of a
-registered method, e.g. ``--n-corrector``), their choices built from the registries, their values
+(``--method``, ``--n-steps``, ``--lmbd``, ``--schedule``, ``--t-min``, one flag per option of a
+registered method, e.g. ``--n-corrector``, and ``--clip`` / ``--threshold P``, which keep x̂₀ in the
+range of the checkpoint's data transform), their choices built from the registries, their values
 checked by the library: a flag's type parses a number and hands it to the library's check, and
-the settings as a whole are checked by :meth:`~sdeflow.samplers.SamplerSettings.validate` once the
-checkpoint's SDE is known. So a method added with :func:`sdeflow.samplers.register_method` before
-the parser is built shows up here. The handlers call :mod:`sdeflow.experiments.images` (load the
-model, map images to and from model space, draw samples), :mod:`sdeflow.conditional` and
-:mod:`sdeflow.plotting`; each prints one line saying what it wrote, with the number of network
-evaluations (NFE). Masks and noise act in the model's space (after the checkpoint's data
-transform). Bad input: one line on stderr, exit status 2; a failure at run time (samples that
-diverge, a disk that refuses the write): one line, exit status 1.
+the settings as a whole (built by :func:`sampler_settings_from_args`) are checked by
+:meth:`~sdeflow.samplers.SamplerSettings.validate` once the checkpoint's SDE is known. So a method
+added with :func:`sdeflow.samplers.register_method` before the parser is built shows up here. The
+handlers call :mod:`sdeflow.experiments.images` (load the model, map images to and from model
+space, draw samples), :mod:`sdeflow.conditional` and :mod:`sdeflow.plotting`; each prints one line
+saying what it wrote, with the number of network evaluations (NFE). ``sample --out FILE.npz`` keeps
+the images themselves (uint8 (N, C, H, W), key "samples") beside their grid FILE.png. Masks and
+noise act in the model's space (after the checkpoint's data transform). Bad input: one line on
+stderr, exit status 2; a failure at run time (samples that diverge, a disk that refuses the
+write): one line, exit status 1.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def _add_method_options(parser) -> None:
 def _sampler_arguments(p, *, n_steps: int, method: str, with_lmbd: bool = True) -> None:
     """The flags of :class:`~sdeflow.samplers.SamplerSettings`."""
     from ..samplers import METHODS
+    from ..samplers.clipping import check_threshold
     from ..schedules import SCHEDULES
 
     p.add_argument("--method", choices=tuple(METHODS), default=method, help=_method_help())
@@ -79,17 +83,31 @@ def _sampler_arguments(p, *, n_steps: int, method: str, with_lmbd: bool = True) 
                             "(default: the method's own)")
     p.add_argument("--t-min", type=float, default=None,
                    help="time at which sampling stops (default: the method's own)")
+    p.add_argument("--clip", action="store_true",
+                   help="clip every step's prediction x̂₀ into the data's range under the checkpoint's transform "
+                        "([-1, 1] centered, [logit α, logit(1-α)] logit, [0, 1] identity), with ε̂ re-derived from it")
+    p.add_argument("--threshold", type=arg_type(check_threshold, float, "threshold"), default=None, metavar="P",
+                   help="dynamic thresholding (Imagen) of x̂₀ within that range at percentile P in (0, 100], "
+                        "e.g. 99.5: per image, s = max(1, P-th percentile of |x̂₀| scaled to [-1, 1]), clip to "
+                        "[-s, s], divide by s (implies the range of --clip)")
     _add_method_options(p)
 
 
-def _sampler_settings(args):
-    """The :class:`~sdeflow.samplers.SamplerSettings` the flags give (checked later, by ``validate``)."""
+def sampler_settings_from_args(args, config: dict):
+    """The :class:`~sdeflow.samplers.SamplerSettings` the sampler flags of ``args`` give (checked later, by
+    ``validate``), with ``clip`` the range of the model configuration ``config``'s data transform
+    (:func:`sdeflow.data.transforms.data_range`) under ``--clip`` or ``--threshold P`` (then ``threshold``
+    = P). Flags a parser lacks count as not given."""
+    from ..data.transforms import data_range
     from ..samplers import SamplerSettings
 
-    options = {option: getattr(args, f"method_option_{option}") for option in args.method_options}
+    threshold = getattr(args, "threshold", None)
+    clip = data_range(config["data"]) if getattr(args, "clip", False) or threshold is not None else None
+    options = {option: getattr(args, f"method_option_{option}") for option in getattr(args, "method_options", ())}
     return SamplerSettings(method=args.method, n_steps=args.n_steps, lmbd=getattr(args, "lmbd", None),
-                           schedule=args.schedule, t_min=args.t_min,
-                           options={option: value for option, value in options.items() if value is not None})
+                           schedule=getattr(args, "schedule", None), t_min=getattr(args, "t_min", None),
+                           options={option: value for option, value in options.items() if value is not None},
+                           clip=clip, threshold=threshold)
 
 
 def add_model_arguments(p) -> None:
@@ -160,7 +178,9 @@ def register(subparsers) -> None:
     _checkpoint_arguments(p)
     p.add_argument("--n-samples", "--n", dest="n_samples", type=arg_type(check_positive_int, int, "n_samples"),
                    default=64, help="number of images (default: 64)")
-    p.add_argument("--out", required=True, metavar="PNG", help="the PNG grid to write")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="FILE.png: the grid of the images; FILE.npz: the images themselves (uint8 (N, C, H, W), key "
+                        "'samples') and their grid beside it, FILE.png")
     _sampler_arguments(p, n_steps=1000, method="euler")
     p.set_defaults(func=run_sample)
 
@@ -191,10 +211,10 @@ def register(subparsers) -> None:
 
 
 # ---- shared plumbing ------------------------------------------------------------------------------
-def _check_out(text: str) -> Path:
+def _check_out(text: str, suffixes=(".png",)) -> Path:
     out = Path(text)
-    if out.suffix.lower() != ".png":
-        raise CLIError(f"--out must name a .png file; got {out}")
+    if out.suffix.lower() not in suffixes:
+        raise CLIError(f"--out must name a {' or '.join(suffixes)} file; got {out}")
     if str(out.parent) not in ("", ".") and not out.parent.is_dir():
         raise CLIError(f"--out {out}: folder {out.parent} does not exist")
     return out
@@ -215,8 +235,16 @@ def _method_text(settings) -> str:
     return settings.method + (f" ({options})" if options else "")
 
 
+def _clip_text(settings) -> str:
+    """", x̂₀ clipped to [-1, 1]" (or thresholded) when the settings keep x̂₀ in a range, else ""."""
+    from ..samplers.clipping import describe_clipping
+
+    text = describe_clipping(settings.clip, settings.threshold)
+    return f", {text}" if text else ""
+
+
 def _describe(settings, nfe: int) -> str:
-    return f"{_method_text(settings)}, {settings.n_steps} steps, NFE {nfe}"
+    return f"{_method_text(settings)}, {settings.n_steps} steps, NFE {nfe}{_clip_text(settings)}"
 
 
 class _Progress:
@@ -278,20 +306,38 @@ def _load_conditional(args):
 
 
 # ---- handlers -------------------------------------------------------------------------------------
+def _save_samples(images, path: Path) -> None:
+    """uint8 images (N, C, H, W) as ``path`` (.npz, key "samples"), written atomically."""
+    import io
+
+    import numpy as np
+
+    from ..checkpoint import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez(buffer, samples=images.cpu().numpy())
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def run_sample(args) -> int:
     from ..experiments import images as images_lib
     from ..plotting import save_image_grid
 
-    out = _check_out(args.out)
+    out = _check_out(args.out, (".png", ".npz"))
     model, config, label = open_model(args)
-    settings = _sampler_settings(args).validate(model.T)
+    settings = sampler_settings_from_args(args, config).validate(model.T)
     with _Progress(args, settings, settings.n_steps * math.ceil(args.n_samples / 256)) as progress:
         images = images_lib.sample_images(model, config, args.n_samples, settings, seed=args.seed, device=args.device,
                                           callback=progress)
-    save_image_grid(images, out, f"{config['dataset'] or 'image'} samples, {label}, "
-                                 f"{settings.n_steps} {_method_text(settings)} steps, λ={settings.lmbd:g}, "
-                                 f"NFE {progress.nfe}")
-    print(f"wrote {args.n_samples} samples to {out} ({_describe(settings, progress.nfe)})")
+    grid = out.with_suffix(".png")
+    save_image_grid(images, grid, f"{config['dataset'] or 'image'} samples, {label}, "
+                                  f"{settings.n_steps} {_method_text(settings)} steps, λ={settings.lmbd:g}, "
+                                  f"NFE {progress.nfe}{_clip_text(settings)}")
+    written = str(out)
+    if out.suffix.lower() == ".npz":
+        _save_samples(images, out)
+        written = f"{out} and their grid to {grid}"
+    print(f"wrote {args.n_samples} samples to {written} ({_describe(settings, progress.nfe)})")
     return 0
 
 
@@ -304,8 +350,8 @@ def _run_conditional(args, observe, draw, title: str, summary: str) -> int:
     from ..plotting import save_image_rows
 
     out = _check_out(args.out)
-    settings = _sampler_settings(args)
     model, config, label, clean, generator = _load_conditional(args)
+    settings = sampler_settings_from_args(args, config)
     settings.validate(model.T)  # bad settings are refused before any image is drawn; λ is left to draw
     n, k = clean.shape[0], args.n_samples
     label, observation, what = observe(clean, generator)
@@ -315,7 +361,7 @@ def _run_conditional(args, observe, draw, title: str, summary: str) -> int:
     rows = [("original", to_uint8(clean)), (label, to_uint8(observation))]
     rows += [(f"sample {i + 1}", to_uint8(samples[i * n:(i + 1) * n])) for i in range(k)]
     save_image_rows(rows, out, f"{title}, {config['dataset']} {label}, {settings.n_steps} "
-                               f"{_method_text(settings)} steps, NFE {progress.nfe}")
+                               f"{_method_text(settings)} steps, NFE {progress.nfe}{_clip_text(settings)}")
     print(f"wrote {out}: {n} images x {k} samples{summary(what)} ({_describe(settings, progress.nfe)})")
     return 0
 

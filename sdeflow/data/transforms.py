@@ -40,7 +40,8 @@ from ..utils import check_choice, check_positive_float, check_positive_int, sum_
 
 __all__ = ["ALPHA", "NUM_LEVELS", "TRANSFORMS", "TRUNCATION", "dequantize", "quantize",
            "logit_transform", "logit_inverse", "random_hflip", "bits_per_dim", "Preprocess",
-           "Preprocessed", "truncated_normal_scale", "truncated_normal_dequantize", "check_images", "preprocess", "postprocess"]
+           "Preprocessed", "truncated_normal_scale", "truncated_normal_dequantize", "check_images", "preprocess", "postprocess",
+           "data_range"]
 
 ALPHA = 0.05  # RealNVP's / sdeflow-light's margin: keeps logit away from ±∞ at x = 0 and 1.
 NUM_LEVELS = 256  # 8-bit images
@@ -349,6 +350,21 @@ def check_images(images, config: dict, name: str = "images") -> torch.Tensor:
     if images.shape[0] == 0:
         raise ValueError(f"{name} is empty")
     return images
+
+
+def data_range(data_config: dict) -> tuple[float, float]:
+    r"""(low, high) = (φ(0), φ(1)): the range of the data in model space under the configured
+    transform φ ({"transform", "alpha"}; φ increasing): [−1, 1] for "centered",
+    :math:`[\operatorname{logit}\alpha, \operatorname{logit}(1-\alpha)]` for "logit" (symmetric
+    about 0), [0, 1] for "identity". What the samplers clip x̂₀ into
+    (:attr:`sdeflow.samplers.SamplerSettings.clip`)."""
+    transform = data_config["transform"]
+    check_choice("transform", transform, TRANSFORMS)
+    if transform == "logit":
+        alpha = float(data_config.get("alpha", ALPHA))
+        high = math.log1p(-alpha) - math.log(alpha)
+        return -high, high
+    return (-1.0, 1.0) if transform == "centered" else (0.0, 1.0)
 
 
 def _preprocessor(data_config: dict, flip: bool = False) -> Preprocess:

@@ -108,9 +108,17 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
         return preprocess(batch, data, generator, flip=flip).y
 
     def draw(ema_model, path, step):
-        grid = sample_images(ema_model, model_config, config.sample_n_samples,
-                             SamplerSettings(n_steps=config.sample_n_steps), seed=config.seed, device=device)
-        save_image_grid(grid, path, title=f"EMA samples at step {step} ({config.sample_n_steps} Euler steps, λ=0)")
+        from ..data.transforms import data_range
+        from ..samplers.clipping import describe_clipping
+
+        # x̂₀ kept in the transform's range with sample_clip, or thresholded within it at sample_threshold.
+        clip = data_range(data) if config.sample_clip or config.sample_threshold is not None else None
+        settings = SamplerSettings(n_steps=config.sample_n_steps, clip=clip, threshold=config.sample_threshold)
+        grid = sample_images(ema_model, model_config, config.sample_n_samples, settings, seed=config.seed,
+                             device=device)
+        clipping = describe_clipping(clip, config.sample_threshold)
+        save_image_grid(grid, path, title=f"EMA samples at step {step} ({config.sample_n_steps} Euler steps, λ=0"
+                                          f"{', ' + clipping if clipping else ''})")
 
     def estimate(ema_model, step):
         # Bits/dim of a fixed batch of training images, a new draw of the ELBO's noise each time.

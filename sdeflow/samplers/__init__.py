@@ -8,7 +8,8 @@ torchdiffeq solver instead.
 
 The layout: :mod:`~sdeflow.samplers.registry` says what a method is and holds ``METHODS``;
 :mod:`~sdeflow.samplers.methods` holds the built-in methods and the equations each step
-implements; :mod:`~sdeflow.samplers.settings` holds the rules a run must satisfy; the time grids
+implements; :mod:`~sdeflow.samplers.settings` holds the rules a run must satisfy;
+:mod:`~sdeflow.samplers.clipping` keeps x̂₀ in the data's range for every method; the time grids
 are :mod:`sdeflow.schedules`'.
 """
 
@@ -21,13 +22,15 @@ import torch
 from ..schedules import time_grid
 from ..utils import model_device_dtype
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from .clipping import ClippedModel, clip_prediction
 from .registry import METHODS, Method, Option, register_method
 from .settings import SamplerSettings
 
 if TYPE_CHECKING:
     from ..model import PluginReverseSDE
 
-__all__ = ["sample", "SamplerSettings", "Trace", "register_method", "METHODS", "Method", "Option"]
+__all__ = ["sample", "SamplerSettings", "Trace", "register_method", "METHODS", "Method", "Option", "ClippedModel",
+           "clip_prediction"]
 
 
 @torch.no_grad()
@@ -46,11 +49,15 @@ def sample(model: PluginReverseSDE, shape, settings: SamplerSettings | None = No
     noise, so a seed reproduces the batch. ``project(x, t_next)``, if given, replaces the state
     after every step (inpainting re-imposes the observed values with it). ``callback`` is called
     after every step with {"i": step index, "t": t_{i+1}, "x": the state, "nfe": network
-    evaluations so far}. ``device``/``dtype`` default to the model's parameters'.
+    evaluations so far}. ``device``/``dtype`` default to the model's parameters'. With
+    ``settings.clip`` every step reads the model through :class:`ClippedModel` (x̂₀ clipped, or
+    thresholded at ``settings.threshold``, into the range).
     Raises ``ValueError`` for settings that :meth:`SamplerSettings.validate` refuses.
     """
     settings = _settings(settings).validate(model.T, t_start)
     step = METHODS[settings.method].step
+    if settings.clip is not None:
+        model = ClippedModel(model, settings.clip, settings.threshold)
     device, dtype = model_device_dtype(model, device, dtype)
     ts = time_grid(model.sde, settings.n_steps, settings.schedule, settings.t_min, t_start, device=device,
                    dtype=dtype)

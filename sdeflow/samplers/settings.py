@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from ..schedules import SCHEDULES, SCHEDULES_NEEDING_POSITIVE_T_MIN, check_time_span
 from ..utils import check_choice, check_positive_int
+from .clipping import check_clip, check_threshold
 from .registry import METHODS
 
 __all__ = ["SamplerSettings"]
@@ -20,6 +21,10 @@ class SamplerSettings:
     ``schedule`` grid (a key of ``SCHEDULES``) from the start time down to ``t_min``, integrating
     the λ-family member ``lmbd`` (0: the reverse SDE, 1: the probability-flow ODE), with the
     method's own ``options`` (e.g. ``{"n_corrector": 2}`` for "pc"). None: the method's default.
+    ``clip`` = (low, high), the data's range (:func:`sdeflow.data.transforms.data_range`): every
+    step sees the data prediction x̂₀ clipped into it, or with ``threshold`` = p (a percentile in
+    (0, 100]) dynamically thresholded within it (:mod:`sdeflow.samplers.clipping`); None: x̂₀ as the
+    model gives it.
 
     Build one freely; :meth:`validate` is where every rule is checked and every None resolved.
     ``options`` is kept as a read-only mapping.
@@ -30,6 +35,8 @@ class SamplerSettings:
     schedule: str | None = None
     t_min: float | None = None
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    clip: tuple[float, float] | None = None
+    threshold: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.options, Mapping):
@@ -49,7 +56,9 @@ class SamplerSettings:
         ``n_steps`` a positive integer; ``lmbd`` in the method's ``lmbd_range``; ``schedule``
         known; t_min in [0, t_start), in (0, t_start) for a method with ``needs_positive_t_min``
         or a log-SNR schedule; each option accepted by the method and passed by its
-        :class:`~sdeflow.samplers.Option` check. ``ValueError`` naming the setting otherwise."""
+        :class:`~sdeflow.samplers.Option` check; ``clip`` None or (low, high), finite, low < high;
+        ``threshold`` None or in (0, 100], and only with a ``clip`` range. ``ValueError`` naming the
+        setting otherwise."""
         check_choice("method", self.method, tuple(METHODS))
         spec = METHODS[self.method]
         options = spec.resolve_options(self.method, self.options)
@@ -63,8 +72,13 @@ class SamplerSettings:
         needs_positive = (f"method {self.method!r}" if spec.needs_positive_t_min else
                           f"schedule {schedule!r}" if schedule in SCHEDULES_NEEDING_POSITIVE_T_MIN else None)
         t_min, _ = check_time_span(t_min, t_start, T, needs_positive)
+        clip, threshold = check_clip("clip", self.clip), check_threshold("threshold", self.threshold)
+        if threshold is not None and clip is None:
+            raise ValueError(f"threshold={threshold:g} needs clip, the data range (low, high) it rescales x̂₀ within; "
+                             f"got clip=None")
         return SamplerSettings(method=self.method, n_steps=check_positive_int("n_steps", self.n_steps),
-                               lmbd=float(lmbd), schedule=schedule, t_min=t_min, options=options)
+                               lmbd=float(lmbd), schedule=schedule, t_min=t_min, options=options, clip=clip,
+                               threshold=threshold)
 
 
 def _rebuild(fields: dict) -> SamplerSettings:
