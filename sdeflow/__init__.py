@@ -8,11 +8,12 @@ through a parameterization (:mod:`sdeflow.model`); the estimators over any model
 reverse variances (:mod:`sdeflow.discrete`); networks trained elsewhere as models (:mod:`sdeflow.adapters`,
 on the schedules of :mod:`sdeflow.noise_schedules`). Around them:
 :mod:`sdeflow.evaluation` (likelihoods over data sets, in nats or bits/dim), :mod:`sdeflow.engine`
-(the training loop), :mod:`sdeflow.config` and :mod:`sdeflow.experiments` (the toy example and images).
+(the training loop), :mod:`sdeflow.config` and :mod:`sdeflow.experiments` (the toy example and images),
+:mod:`sdeflow.metrics` (sample quality: FID and KID in Inception or classifier features, sliced Wasserstein).
 Each kind of extension has one registry, owned by the module that defines it: ``SDES``
 (:func:`register_sde`), ``WEIGHTINGS`` (:func:`register_weighting`), ``METHODS``
-(:func:`register_method`), :data:`sdeflow.data.DATASETS`, :data:`sdeflow.nets.NETS` and
-:data:`sdeflow.engine.HOOKS`.
+(:func:`register_method`), :data:`sdeflow.data.DATASETS`, :data:`sdeflow.nets.NETS`,
+:data:`sdeflow.engine.HOOKS` and :data:`sdeflow.metrics.FEATURES`.
 """
 
 from .sdes import SDE, SDES, VPSDE, VESDE, SubVPSDE, make_sde, register_sde
@@ -30,6 +31,7 @@ from .evaluation import LikelihoodSettings, evaluate_bpd, log_likelihood
 from .checkpoint import load_model
 from .noise_schedules import CosineVPSDE, DiscreteVPSDE
 from .adapters import adapt_denoiser, adapt_diffusers, adapt_discrete, adapt_score_network, bound_start, load_foreign
+from .metrics import frechet_distance, image_metrics, kid, sliced_wasserstein
 from .discrete import (AnalyticVariance, LearnedVariance, PixelBins, ancestral_sample, discrete_bound,
                        estimate_analytic_variance, forward_chain, hybrid_loss, variance_loss)
 
@@ -57,4 +59,5 @@ __all__ = [
     "bound_start", "load_foreign",
     "forward_chain", "discrete_bound", "PixelBins", "AnalyticVariance", "estimate_analytic_variance",
     "LearnedVariance", "hybrid_loss", "variance_loss", "ancestral_sample",
+    "frechet_distance", "kid", "image_metrics", "sliced_wasserstein",
 ]

@@ -24,7 +24,7 @@ from .model import check_lmbd
 from .utils import (check_fraction, check_nonneg_float, check_nonneg_int, check_positive_float,
                     check_positive_int)
 
-COMMAND_MODULES = ("swissroll", "train", "evaluate", "sampling")
+COMMAND_MODULES = ("swissroll", "train", "evaluate", "sampling", "metrics")
 
 
 class CLIError(Exception):

@@ -45,7 +45,7 @@ SWISSROLL_TINY = _present("swissroll", [
     ("--steps", "1"), ("--batch-size", "8"), ("--n-samples", "20"), ("--n-likelihood", "10"), ("--sample-steps", "2"),
     ("--n-trajectories", "2"), ("--elbo-slices", "2"), ("--n-slices", "2"), ("--hidden", "4"), ("--blocks", "1"),
     ("--monitor-every", "0"), ("--no-progress", None), ("--max-seconds", "20")])
-COMMANDS = ("swissroll", "train", "eval", "sample", "inpaint", "denoise")
+COMMANDS = ("swissroll", "train", "eval", "sample", "inpaint", "denoise", "classifier", "fid")
 
 
 def test_every_command_is_fuzzed():
@@ -142,6 +142,18 @@ def _base(name: str, tmp: Path, root: Path, run: Path) -> list:
     if name == "eval":
         return ["eval", "--checkpoint", str(run), "--dataset", "cifar10", "--data-root", str(root), "--n-slices", "1",
                 "--batch-size", "4", "--limit", "2", "--no-progress", "--json", str(tmp / "eval.json")]
+    if name == "classifier":
+        return ["classifier", "--dataset", "cifar10", "--data-root", str(root), "--out", str(tmp / "c.pt"),
+                "--steps", "1", "--batch-size", "4", "--no-progress"]
+    if name == "fid":
+        import numpy as np
+        from sdeflow.metrics import ClassifierNet, save_classifier
+
+        save_classifier(ClassifierNet(3, 32, width=4, feature_dim=8), tmp / "c.pt")
+        np.savez(tmp / "s.npz", samples=np.full((6, 3, 32, 32), 100, np.uint8))
+        return ["fid", "--samples", str(tmp / "s.npz"), "--dataset", "cifar10", "--data-root", str(root),
+                "--features", "classifier", "--classifier", str(tmp / "c.pt"), "--kid-subsets", "2",
+                "--kid-subset-size", "4", "--no-progress"]
     common = ["--checkpoint", str(run), "--out", str(tmp / "out.png"), "--n-steps", "2", "--n-samples", "1",
               "--no-progress"]
     if name == "sample":

@@ -1,4 +1,4 @@
-"""Sample-quality metrics that need no learned features."""
+"""The sliced Wasserstein distance between point sets: a sample-quality metric that needs no learned features."""
 
 from __future__ import annotations
 
