@@ -123,6 +123,13 @@ class TrainConfig:
     monitor_every: int = config_field("estimate the EMA model's ELBO on a fresh batch every N steps; 0: never", default=0, check=check_nonneg_int)
     monitor_batch: int = config_field("examples per monitoring ELBO", default=256, check=check_positive_int)
     monitor_slices: int = config_field("time draws per example of the monitoring ELBO", default=4, check=check_positive_int)
+    fid_every: int = config_field("log the FID and KID of EMA samples against the training images every N steps (and "
+                                  "at the last) to metrics.jsonl and fid.png; 0: never", default=0, check=check_nonneg_int)
+    fid_n_samples: int = config_field("samples per FID, drawn by the default sampler with the figures' clipping",
+                                      default=500, check=check_positive_int)
+    fid_features: str | None = config_field("the FID's feature network: a classifier file written by `sdeflow "
+                                            "classifier`, or 'inception' (the extra sdeflow[metrics] and its "
+                                            "weights); needed with fid_every", default=None)
     flip: bool | None = config_field("random horizontal flips of images; None: where the data set is mirror-symmetric "
                                      "(CIFAR-10, not digits)", default=None)
     seed: int = config_field("seed of every random choice", default=0, check=check_nonneg_int)
@@ -134,6 +141,9 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first bad setting (each field's own rule); return self."""
         validate_fields(self)
+        if self.fid_every and not self.fid_features:
+            raise ValueError("fid_features must name the FID's feature network (a classifier file of `sdeflow "
+                             "classifier`, or 'inception') when fid_every is set")
         return self
 
     def lr_at(self, step: int) -> float:

@@ -238,3 +238,17 @@ def plot_training(history: dict, metrics: dict, path: str, title: str, weighting
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     save_figure(fig, path, dpi=130, bbox_inches="tight")
+
+
+def plot_metric_curve(steps, values, path, ylabel: str, title: str = "", errors=None) -> Path:
+    """One metric against the training step (e.g. the FID of EMA samples), with ±``errors`` bars if
+    given, on a log y-axis where every value is positive; written atomically."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.errorbar(steps, values, yerr=errors, marker="o", color="tab:purple", capsize=3)
+    if len(values) and min(values) > 0:
+        ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)

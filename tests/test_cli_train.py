@@ -4,11 +4,13 @@ once crashed (the ELBO monitor)."""
 import json
 
 import pytest
+import torch
 
 from sdeflow import cli
 from sdeflow import checkpoint as ckpt
 from sdeflow.commands.train import resolve_recipe
 from sdeflow.data import DATASETS
+from sdeflow.engine.hooks import read_log
 from sdeflow.experiments.images import CPU_BUDGET_RECIPE, OBJECTIVES
 
 from training_helpers import single_thread, train_args, write_cifar_batches  # noqa: F401 (fixture)
@@ -72,3 +74,27 @@ def test_explicit_steps_are_not_cut_by_the_budget_and_the_elbo_monitor_runs(tmp_
     assert monitored, records
     state = ckpt.load_checkpoint(run / "ckpt-00000003.pt")
     assert state["trainer"]["train_config"]["max_seconds"] is None
+
+
+def test_fid_every_logs_fid_of_ema_samples_and_draws_its_curve(tmp_path):
+    from sdeflow.metrics import ClassifierNet, save_classifier
+
+    torch.manual_seed(0)
+    root = write_cifar_batches(tmp_path / "data", n_train=8, n_test=2)
+    classifier = save_classifier(ClassifierNet(in_channels=3, image_size=32, width=2, feature_dim=4),
+                                 tmp_path / "classifier.pt")
+    run = tmp_path / "run"
+    code = cli.main(train_args(root, run, 4, "--fid-every", "2", "--fid-n-samples", "6", "--fid-features",
+                               str(classifier)))
+    assert code == 0
+    records = [r for r in read_log(run / "metrics.jsonl") if r.get("event") == "fid"]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(r["fid"] > 0 and r["n_samples"] == 6 and r["features"] == "classifier" for r in records)
+    assert (run / "fid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fid_every_without_features_is_one_line_exit_2(tmp_path, capsys):
+    root = write_cifar_batches(tmp_path / "data", n_train=8, n_test=2)
+    assert cli.main(train_args(root, tmp_path / "run", 2, "--fid-every", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fid_features" in err[0]

@@ -10,7 +10,7 @@ import importlib
 _WHERE = {
     "fit": "loop", "Trainer": "loop", "DSMObjective": "loop", "TrainingError": "errors", "NonFiniteError": "errors",
     "TrainingInterrupted": "errors", "EMA": "ema", "DatasetBatches": "batches", "StreamBatches": "batches",
-    "Hook": "hooks", "JSONLLog": "hooks", "ProgressBar": "hooks", "SampleFigures": "hooks", "ElboMonitor": "hooks",
+    "Hook": "hooks", "JSONLLog": "hooks", "ProgressBar": "hooks", "SampleFigures": "hooks", "ElboMonitor": "hooks", "SampleMetrics": "hooks",
     "TimeBudget": "hooks", "HOOKS": "hooks", "register_hook": "hooks", "make_hook": "hooks",
     "init_distributed": "distributed", "world_info": "distributed",
 }

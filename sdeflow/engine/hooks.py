@@ -22,7 +22,7 @@ from typing import Callable
 from .. import checkpoint as ckpt
 from ..utils import check_new_name
 
-__all__ = ["Hook", "JSONLLog", "ProgressBar", "SampleFigures", "ElboMonitor", "TimeBudget", "HOOKS",
+__all__ = ["Hook", "JSONLLog", "ProgressBar", "SampleFigures", "ElboMonitor", "SampleMetrics", "TimeBudget", "HOOKS",
            "register_hook", "make_hook", "LOG_NAME", "read_log"]
 
 LOG_NAME = "metrics.jsonl"
@@ -158,6 +158,39 @@ class ElboMonitor(Hook):
 
     def load_state_dict(self, state: dict) -> None:
         self.running = state.get("running")
+
+
+class SampleMetrics(Hook):
+    """Every ``config.fid_every`` steps (and at the last), ``measure(ema_model, step)`` gives the
+    sample metrics of the EMA model ({"fid", ...}, :func:`sdeflow.metrics.image_metrics`); records
+    {"event": "fid", "step", **metrics} and redraws their curve, ``run_dir/fid.png``. The history
+    survives a resume."""
+    name = "sample_metrics"
+
+    def __init__(self, measure: Callable):
+        self.measure, self.history = measure, []
+
+    def on_step(self, trainer) -> None:
+        from ..plotting import plot_metric_curve
+
+        every = trainer.config.fid_every
+        if not every or (trainer.step % every and trainer.step != trainer.config.steps):
+            return
+        if self.history and self.history[-1][0] == trainer.step:
+            return
+        metrics = self.measure(trainer.ema.model, trainer.step)
+        self.history = [*self.history, [trainer.step, float(metrics["fid"])]]
+        trainer.emit({"event": "fid", "step": trainer.step, **metrics})
+        steps, values = zip(*self.history)
+        plot_metric_curve(list(steps), list(values), Path(trainer.run_dir) / "fid.png",
+                          f"FID ({metrics.get('features', 'features')})",
+                          f"EMA samples: {metrics.get('n_samples', '')} against the training images")
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [list(entry) for entry in state.get("history", [])]
 
 
 class TimeBudget(Hook):

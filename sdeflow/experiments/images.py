@@ -7,6 +7,8 @@ model with the checkpoints (:func:`sdeflow.checkpoint.load_model`).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..config import TrainConfig, model_config
@@ -15,7 +17,8 @@ from ..engine.state import make_generator
 from ..nets.unet import DEFAULT_PRESET
 from ..utils import check_choice, check_positive_int
 
-__all__ = ["image_model_config", "train_images", "sample_images", "CPU_BUDGET_RECIPE", "OBJECTIVES"]
+__all__ = ["image_model_config", "train_images", "sample_images", "CPU_BUDGET_RECIPE", "OBJECTIVES",
+           "DEFAULT_SAMPLER"]
 
 #: The training settings ``sdeflow train`` starts from (with :class:`~sdeflow.config.TrainConfig`'s own
 #: defaults for the rest): the recipe measured best for 12 minutes of training on 2 CPU cores (README,
@@ -28,6 +31,10 @@ CPU_BUDGET_RECIPE = {"steps": 1_000_000, "batch_size": 16, "max_seconds": 720.0,
 #: wins bits/dim (logit pixels, the ELBO's weighting g²/σ², time drawn ∝ that weighting: the loss is
 #: the ELBO's integrand); "samples" wins samples (DDPM's recipe: centered pixels, ε-loss
 #: ‖ε̂ − ε‖² unweighted, uniform time). README, "Samples": both measured at equal CPU time.
+#: The sampler of ``sdeflow sample`` and of the FID monitor unless told otherwise: chosen from the
+#: measured FID-vs-NFE curves (README, "Samples"; benchmarks/samples.py).
+DEFAULT_SAMPLER = {"method": "ddim", "n_steps": 20}
+
 OBJECTIVES: dict[str, dict] = {
     "likelihood": {"transform": "logit", "parameterization": "noise", "weighting": "likelihood",
                    "time_sampling": "importance"},
@@ -86,7 +93,9 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
     the step's generator. Writes ``metrics.jsonl`` (:class:`~sdeflow.engine.JSONLLog`), checkpoints
     and, every ``config.sample_every`` steps, ``samples-<step>.png`` grids of EMA samples, plus
     whatever ``hooks`` do. Returns what :func:`~sdeflow.engine.fit` returns."""
-    from ..engine import DatasetBatches, ElboMonitor, JSONLLog, SampleFigures, fit
+    from ..data.transforms import data_range
+    from ..engine import DatasetBatches, ElboMonitor, JSONLLog, SampleFigures, SampleMetrics, fit
+    from ..samplers.clipping import describe_clipping
     from ..evaluation import evaluate_bpd
     from ..likelihood_settings import LikelihoodSettings
     from ..plotting import save_image_grid
@@ -107,18 +116,20 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
     def transform(batch, generator):
         return preprocess(batch, data, generator, flip=flip).y
 
-    def draw(ema_model, path, step):
-        from ..data.transforms import data_range
-        from ..samplers.clipping import describe_clipping
+    # x̂₀ kept in the transform's range with sample_clip, or thresholded within it at sample_threshold.
+    clip = data_range(data) if config.sample_clip or config.sample_threshold is not None else None
+    clipping = describe_clipping(clip, config.sample_threshold)
 
-        # x̂₀ kept in the transform's range with sample_clip, or thresholded within it at sample_threshold.
-        clip = data_range(data) if config.sample_clip or config.sample_threshold is not None else None
+    def draw(ema_model, path, step):
         settings = SamplerSettings(n_steps=config.sample_n_steps, clip=clip, threshold=config.sample_threshold)
         grid = sample_images(ema_model, model_config, config.sample_n_samples, settings, seed=config.seed,
                              device=device)
-        clipping = describe_clipping(clip, config.sample_threshold)
         save_image_grid(grid, path, title=f"EMA samples at step {step} ({config.sample_n_steps} Euler steps, λ=0"
                                           f"{', ' + clipping if clipping else ''})")
+
+    measure = None
+    if config.fid_every:
+        measure = _fid_monitor(images, model_config, config, clip, device, Path(run_dir))
 
     def estimate(ema_model, step):
         # Bits/dim of a fixed batch of training images, a new draw of the ELBO's noise each time.
@@ -128,7 +139,34 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
 
     batches = DatasetBatches(images, config.batch_size, config.seed, transform)
     return fit(model, batches, config, run_dir, model_config, resume=resume, device=device,
-               hooks=[JSONLLog(), SampleFigures(draw), ElboMonitor(estimate, unit="bits/dim"), *hooks])
+               hooks=[JSONLLog(), SampleFigures(draw), ElboMonitor(estimate, unit="bits/dim"),
+                      *([SampleMetrics(measure)] if measure else []), *hooks])
+
+
+def _fid_monitor(images: torch.Tensor, model_config: dict, config: TrainConfig, clip, device, run_dir: Path):
+    """``measure(ema_model, step)`` of :class:`~sdeflow.engine.SampleMetrics`: FID and KID of
+    ``config.fid_n_samples`` EMA samples (the default sampler, x̂₀ as the figures') against the
+    training ``images`` in the features ``config.fid_features`` names (a classifier file, or
+    "inception"), their statistics computed once and cached in the run directory."""
+    from ..metrics import image_metrics, load_classifier, make_features, reference_statistics
+    from ..samplers import SamplerSettings
+
+    if config.fid_features == "inception":
+        net = make_features("inception").to(device)
+    else:
+        net = load_classifier(config.fid_features, device=device)
+    settings = SamplerSettings(**DEFAULT_SAMPLER, clip=clip, threshold=config.sample_threshold)
+
+    def measure(ema_model, step):
+        # The run directory exists once training has started.
+        reference = reference_statistics(net, images, cache=run_dir / "fid-reference.npz", device=device)
+        samples = sample_images(ema_model, model_config, config.fid_n_samples, settings, seed=config.seed,
+                                device=device)
+        result = image_metrics(net, samples, reference, device=device,
+                               generator=torch.Generator().manual_seed(config.seed))
+        return {key: value for key, value in result.items() if key != "class_counts"}
+
+    return measure
 
 
 def _mirror_symmetric(dataset: str) -> bool:
