@@ -191,3 +191,72 @@ def test_load_foreign_refuses_an_unknown_source_and_names_the_extra(monkeypatch)
     monkeypatch.setitem(__import__("sys").modules, "diffusers", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r"pip install sdeflow\[diffusers\]"):
         load_foreign("diffusers:google/ddpm-cifar10-32")
+
+
+# ---- loading a diffusers folder: safetensors only unless allowed, one line of error, quietly ----------
+def _save_diffusers_pipeline(folder, **save_options):
+    """A tiny UNet2DModel and its DDPMScheduler, saved as a pipeline folder; returns the UNet."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(num_train_timesteps=100)).save_pretrained(
+        folder, **save_options)
+    return unet
+
+
+def test_load_foreign_reads_pickled_weights_only_when_allowed(tmp_path, capfd):
+    """A folder saved with safe_serialization=False (diffusion_pytorch_model.bin) is refused by default,
+    naming the keyword that allows it; with allow_pickle=True it loads, the same network, and diffusers
+    says nothing on the way (no accelerate advice, no "unsafe serialization" notice)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from sdeflow.adapters import PickledWeightsError
+
+    unet = _save_diffusers_pipeline(tmp_path / "pipe", safe_serialization=False)
+    assert (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.bin").is_file()
+    verbosity = diffusers_logging.get_verbosity()
+    with pytest.raises(PickledWeightsError, match=r"diffusion_pytorch_model\.bin.*allow_pickle=True"):
+        load_foreign(f"diffusers:{tmp_path / 'pipe'}")
+    model, config = load_foreign(f"diffusers:{tmp_path / 'pipe'}", allow_pickle=True)
+    assert config["net"]["image_size"] == 8
+    y, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        assert torch.allclose(model.predicted_noise(y, t), unet(y, model.sde.timestep(t)).sample, atol=1e-6)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert diffusers_logging.get_verbosity() == verbosity  # restored after the load
+
+
+@pytest.mark.parametrize("weights", ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"])
+def test_load_foreign_reports_a_corrupt_weights_file_in_one_line(tmp_path, capfd, weights):
+    """The first real error (the weights file does not parse) is the one reported, in one line: not the
+    fallback's "no file named config.json" of the folder above the part."""
+    _save_diffusers_pipeline(tmp_path / "pipe", safe_serialization=weights.endswith(".safetensors"))
+    (tmp_path / "pipe" / "unet" / weights).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError) as caught:
+        load_foreign(f"diffusers:{tmp_path / 'pipe'}", allow_pickle=True)
+    message = str(caught.value)
+    assert "Unable to load weights from checkpoint file" in message and weights in message
+    assert "config.json" not in message and "\n" not in message
+    assert capfd.readouterr().err == ""
+
+
+def test_load_foreign_never_looks_up_a_local_path_on_the_hub(tmp_path, monkeypatch):
+    """A path that is not a folder is refused at once, and a folder is read with local_files_only."""
+    diffusers = pytest.importorskip("diffusers")
+
+    calls = []
+    original = diffusers.UNet2DModel.from_pretrained
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_foreign(f"diffusers:{tmp_path / 'missing'}")
+    _save_diffusers_pipeline(tmp_path / "pipe")
+    monkeypatch.setattr(diffusers.UNet2DModel, "from_pretrained", recorded)
+    load_foreign(f"diffusers:{tmp_path / 'pipe'}")
+    assert calls and all(call.get("local_files_only") and call.get("use_safetensors") for call in calls)

@@ -279,3 +279,37 @@ def test_eval_and_sample_a_diffusers_model_from_its_folder(tmp_path, capsys, mon
     assert cli.main(["eval", "--model", spec, "--dataset", "cifar10", "--data-root", str(root), "--no-progress"]) == 2
     assert capsys.readouterr().err.strip() == (
         "sdeflow eval: error: diffusers is not installed: pip install sdeflow[diffusers]")
+
+
+def test_a_diffusers_folder_with_pickled_or_corrupt_weights_is_one_line_exit_2(tmp_path, capfd):
+    """--model diffusers:DIR whose weights are pickled (save_pretrained(safe_serialization=False)) is
+    refused, naming --allow-pickle, and sampled with it; a corrupt weights file names the real reason.
+    Each refusal is exactly one line of stderr (no diffusers warnings, no traceback), exit status 2."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    pipeline = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(num_train_timesteps=100))
+    pipeline.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    pipeline.save_pretrained(tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a checkpoint")
+    grid = tmp_path / "grid.png"
+
+    def sample(folder, *flags):
+        capfd.readouterr()
+        argv = ["sample", "--model", f"diffusers:{tmp_path / folder}", *flags, "--n-samples", "1", "--n-steps", "2",
+                "--out", str(grid), "--no-progress"]
+        status = cli.main(argv)
+        return status, capfd.readouterr().err
+
+    status, err = sample("pickled")
+    assert status == 2 and err.count("\n") == 1 and err.startswith("sdeflow sample: error: --model diffusers:")
+    assert "diffusion_pytorch_model.bin" in err and "--allow-pickle" in err
+    status, err = sample("pickled", "--allow-pickle")
+    assert status == 0 and err == "" and grid.stat().st_size > 0
+    status, err = sample("corrupt")
+    assert status == 2 and err.count("\n") == 1 and "Unable to load weights from checkpoint file" in err
+    assert "config.json" not in err
+    status, err = sample("corrupt", "--allow-pickle")  # the safetensors file is still the one read
+    assert status == 2 and "Unable to load weights from checkpoint file" in err

@@ -18,16 +18,18 @@ quantization time).
 
 from __future__ import annotations
 
-from .diffusers import DATA_CONFIG, INSTALL_HINT, adapt_diffusers, load_diffusers, sde_from_scheduler_config
+from .diffusers import (DATA_CONFIG, INSTALL_HINT, PickledWeightsError, adapt_diffusers, load_diffusers,
+                        sde_from_scheduler_config)
 from .discrete import PREDICTION_TYPES, DiscreteTimeNet, adapt_discrete
 from .kdiffusion import DenoiserNet, adapt_denoiser, denoiser_sde
 from .score_sde import TIME_LABELS, LabelledScoreNet, adapt_score_network
 
 __all__ = ["adapt_discrete", "adapt_diffusers", "adapt_denoiser", "adapt_score_network", "denoiser_sde",
            "sde_from_scheduler_config", "load_foreign", "bound_start", "FOREIGN_SOURCES", "DATA_CONFIG",
-           "PREDICTION_TYPES", "TIME_LABELS", "DiscreteTimeNet", "DenoiserNet", "LabelledScoreNet"]
+           "PREDICTION_TYPES", "TIME_LABELS", "DiscreteTimeNet", "DenoiserNet", "LabelledScoreNet",
+           "PickledWeightsError"]
 
-#: prefix → loader(location, device, dtype) -> (model, config) of :func:`load_foreign`.
+#: prefix → loader(location, device=, dtype=, allow_pickle=) -> (model, config) of :func:`load_foreign`.
 FOREIGN_SOURCES = {"diffusers": load_diffusers}
 
 
@@ -41,14 +43,16 @@ def bound_start(model) -> float:
     return float(first()) if callable(first) else 0.0
 
 
-def load_foreign(spec: str, device=None, dtype=None):
+def load_foreign(spec: str, device=None, dtype=None, *, allow_pickle: bool = False):
     """Load ``spec`` = "SOURCE:LOCATION" (SOURCE in ``FOREIGN_SOURCES``: "diffusers:DIR_OR_ID", a folder
     written by ``save_pretrained`` or a hub id) as (model, config): an sdeflow
     :class:`~sdeflow.model.PluginReverseSDE` in eval mode and a config shaped like sdeflow's image model
     config (see :func:`load_diffusers`), ready for :func:`sdeflow.evaluation.evaluate_bpd` and sampling.
-    ValueError for an unknown source; ImportError naming the pip extra when its library is missing."""
+    Weights stored pickled (which can run code when read) raise :class:`PickledWeightsError` unless
+    ``allow_pickle=True``. ValueError for an unknown source or a location that does not load (in one
+    line, with the loader's reason); ImportError naming the pip extra when its library is missing."""
     source, sep, location = str(spec).partition(":")
     if not sep or source not in FOREIGN_SOURCES or not location:
         raise ValueError(f"spec must be SOURCE:LOCATION with SOURCE one of {', '.join(FOREIGN_SOURCES)} "
                          f"(e.g. diffusers:google/ddpm-cifar10-32); got {spec!r}")
-    return FOREIGN_SOURCES[source](location, device=device, dtype=dtype)
+    return FOREIGN_SOURCES[source](location, device=device, dtype=dtype, allow_pickle=allow_pickle)

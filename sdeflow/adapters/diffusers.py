@@ -10,6 +10,10 @@ Inference-only settings of a scheduler (timestep spacing, clipping, thresholding
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+from pathlib import Path
 from typing import Mapping
 
 from torch import nn
@@ -20,7 +24,8 @@ from ..noise_schedules import DiscreteVPSDE
 from ..sdes import sde_config
 from .discrete import PREDICTION_TYPES, adapt_discrete
 
-__all__ = ["DATA_CONFIG", "INSTALL_HINT", "sde_from_scheduler_config", "adapt_diffusers", "load_diffusers"]
+__all__ = ["DATA_CONFIG", "INSTALL_HINT", "sde_from_scheduler_config", "adapt_diffusers", "load_diffusers",
+           "PickledWeightsError"]
 
 #: How diffusers' image pipelines scale 8-bit pixels: x ↦ 2x − 1, sdeflow's "centered".
 DATA_CONFIG = {"transform": "centered", "alpha": ALPHA}
@@ -67,27 +72,126 @@ def adapt_diffusers(unet: nn.Module, scheduler) -> PluginReverseSDE:
     return adapt_discrete(unet, sde_from_scheduler_config(config), prediction_type, learned_variance=learned)
 
 
-def _load(loader, path: str, subfolder: str):
-    # A pipeline folder (save_pretrained of DDPMPipeline, most hub ids) keeps the parts in subfolders;
-    # a model saved on its own keeps them at the top.
+class PickledWeightsError(ValueError):
+    """A diffusers model whose weights are pickled (``diffusion_pytorch_model.bin``, written by
+    ``save_pretrained(safe_serialization=False)``) and not also in safetensors: unpickling a file can run
+    any code it holds, so :func:`load_diffusers` reads one only with ``allow_pickle=True``. ``location``
+    is the folder or hub id, ``detail`` what was found there."""
+
+    def __init__(self, location: str, detail: str):
+        self.location, self.detail = location, detail
+        super().__init__(f"{location}: {detail}; pickled weights can run code when read, so they are read "
+                         f"only with allow_pickle=True, for a model whose source you trust")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The logging of diffusers (its advice to install accelerate, its report of the weights file it did
+    not find) and of huggingface_hub (its retries) and Python warnings silenced, progress bars hidden; all
+    restored afterwards. What goes wrong reaches the caller as the exception, once."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import logging as hub_logging
+
+    levels = [(module, module.get_verbosity()) for module in (diffusers_logging, hub_logging)]
+    bars_enabled = diffusers_logging.is_progress_bar_enabled()
+    for module, _ in levels:
+        module.set_verbosity(logging.CRITICAL)
+    diffusers_logging.disable_progress_bar()
     try:
-        return loader(path, subfolder=subfolder)
-    except (OSError, ValueError):
-        return loader(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for module, level in levels:
+            module.set_verbosity(level)
+        if bars_enabled:
+            diffusers_logging.enable_progress_bar()
 
 
-def load_diffusers(path: str, device=None, dtype=None) -> tuple[PluginReverseSDE, dict]:
+def _one_line(err: BaseException) -> str:
+    """diffusers' message on one line, with the root cause it chains when that says more (a file that is
+    not a checkpoint: "Unable to load weights from checkpoint file ...", then the parser's own words)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    root, seen = err, set()
+    while (root.__cause__ or root.__context__) is not None and id(root) not in seen:
+        seen.add(id(root))
+        root = root.__cause__ or root.__context__
+    reason = " ".join(str(root).split())
+    return f"{text} ({reason})" if root is not err and reason and reason not in text else text
+
+
+def _names_missing(err: BaseException, suffix: str) -> bool:
+    """Whether diffusers' error says the hub id has no file ending in ``suffix`` (its words for it)."""
+    text = str(err)
+    return "does not appear to have a file named" in text and suffix in text
+
+
+def _is_local(path: str) -> bool:
+    """Whether ``path`` names a folder on this machine rather than a hub id ("namespace/name")."""
+    return (Path(path).exists() or Path(path).expanduser().is_absolute() or str(path).startswith(".")
+            or str(path).count("/") > 1 or "\\" in str(path))
+
+
+def _local_subfolder(path: str, subfolder: str) -> str | None:
+    # A pipeline folder (save_pretrained of DDPMPipeline) keeps each part in its subfolder; a model saved
+    # on its own keeps it at the top.
+    return subfolder if (Path(path) / subfolder).is_dir() else None
+
+
+def _load(loader, path: str, subfolder: str, **options):
+    """``loader`` on the part of ``path`` in ``subfolder`` (a pipeline, most hub ids) or at the top (a
+    model saved on its own). A local folder is read where the part is, so its own error is the one
+    raised, and never from the network; a hub id falls back to the top only when the subfolder has no
+    config."""
+    if _is_local(path):
+        return loader(path, subfolder=_local_subfolder(path, subfolder), local_files_only=True, **options)
+    try:
+        return loader(path, subfolder=subfolder, **options)
+    except OSError as err:
+        if not _names_missing(err, "config.json"):
+            raise
+    return loader(path, **options)
+
+
+def _refuse_pickled_weights(path: str, subfolder: str) -> None:
+    """PickledWeightsError when the local part holds pickled weights and no safetensors file."""
+    folder = Path(path) / (_local_subfolder(path, subfolder) or "")
+    pickled = sorted(f.name for f in folder.glob("*.bin"))
+    if pickled and not any(folder.glob("*.safetensors")):
+        raise PickledWeightsError(str(path), f"its weights are pickled ({pickled[0]}), with no safetensors file")
+
+
+def load_diffusers(path: str, device=None, dtype=None, *,
+                   allow_pickle: bool = False) -> tuple[PluginReverseSDE, dict]:
     """``UNet2DModel.from_pretrained`` and the scheduler config of a folder written by ``save_pretrained``
     (a pipeline's or the UNet's own, with ``scheduler_config.json``) or a hub id, as (model, config):
     config is shaped like sdeflow's image model config, {"dataset": None, "net": {"in_channels",
     "image_size", "source"}, "data": :data:`DATA_CONFIG`, "sde": its config, "parameterization",
-    "prediction_type", "bound_start": t₁}. ImportError saying how to install diffusers without it."""
+    "prediction_type", "bound_start": t₁}.
+
+    Weights are read from safetensors only: pickled weights (a ``.bin`` file) can run code when read,
+    and raise :class:`PickledWeightsError` unless ``allow_pickle=True`` (then safetensors are still
+    preferred where both exist). A local folder is never looked up on the network. diffusers' logging
+    and warnings are silenced while loading; what fails raises ValueError in one line with diffusers'
+    reason (e.g. a corrupt weights file). ImportError saying how to install diffusers without it."""
     try:
         from diffusers import DDPMScheduler, UNet2DModel
     except ImportError:
         raise ImportError(INSTALL_HINT) from None
-    unet = _load(UNet2DModel.from_pretrained, path, "unet")
-    scheduler_config = _load(DDPMScheduler.load_config, path, "scheduler")
+    if _is_local(path):
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{path}: no such folder (a diffusers model is a folder written by "
+                                    f"save_pretrained, or a hub id like google/ddpm-cifar10-32)")
+        if not allow_pickle:
+            _refuse_pickled_weights(path, "unet")
+    try:
+        with _quiet():
+            unet = _load(UNet2DModel.from_pretrained, path, "unet", use_safetensors=None if allow_pickle else True)
+            scheduler_config = _load(DDPMScheduler.load_config, path, "scheduler")
+    except (OSError, ValueError, RuntimeError) as err:
+        if not allow_pickle and _names_missing(err, ".safetensors"):
+            raise PickledWeightsError(str(path), "it has no safetensors weights") from None
+        raise ValueError(f"cannot load the diffusers model {path}: {_one_line(err)}") from None
     model = adapt_diffusers(unet, scheduler_config)
     model = model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model
     size = unet.config.sample_size

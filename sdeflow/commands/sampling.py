@@ -111,7 +111,8 @@ def sampler_settings_from_args(args, config: dict):
 
 
 def add_model_arguments(p) -> None:
-    """--checkpoint PATH (a model sdeflow trained) or --model SOURCE:LOCATION (one trained elsewhere)."""
+    """--checkpoint PATH (a model sdeflow trained) or --model SOURCE:LOCATION (one trained elsewhere), and
+    --allow-pickle (the opt-in to --model weights stored pickled)."""
     from ..adapters import FOREIGN_SOURCES
 
     which = p.add_mutually_exclusive_group(required=True)
@@ -120,17 +121,29 @@ def add_model_arguments(p) -> None:
     which.add_argument("--model", metavar="SOURCE:LOCATION",
                        help=f"a model trained elsewhere, SOURCE one of {', '.join(FOREIGN_SOURCES)}: e.g. "
                             f"diffusers:DIR (a folder written by save_pretrained) or diffusers:HUB_ID "
-                            f"(needs pip install sdeflow[diffusers])")
+                            f"(needs pip install sdeflow[diffusers]); weights from safetensors only, unless "
+                            f"--allow-pickle")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="with --model: also read weights stored pickled (a .bin file, from save_pretrained("
+                        "safe_serialization=False)). Unpickling a file can run any code it holds: use this only "
+                        "for a model whose source you trust")
 
 
 def open_model(args):
     """(model in eval mode, its configuration, a label for titles) from --checkpoint (its EMA weights unless
-    --no-ema) or --model (through :func:`sdeflow.adapters.load_foreign`)."""
+    --no-ema) or --model (through :func:`sdeflow.adapters.load_foreign`, pickled weights only with
+    --allow-pickle)."""
     if args.model is not None:
-        from ..adapters import load_foreign
+        from ..adapters import PickledWeightsError, load_foreign
 
-        model, config = load_foreign(args.model, device=args.device)
+        try:
+            model, config = load_foreign(args.model, device=args.device, allow_pickle=args.allow_pickle)
+        except PickledWeightsError as err:
+            raise CLIError(f"--model {args.model}: {err.detail}; pickled weights can run code when read: "
+                           f"add --allow-pickle only if you trust its source") from None
         return model, config, args.model
+    if args.allow_pickle:
+        raise CLIError("--allow-pickle is for --model (a checkpoint of sdeflow train is read safely without it)")
     from ..checkpoint import load_model
 
     model, config, step = load_model(_resolve_checkpoint(args.checkpoint), use_ema=args.ema, device=args.device)
