@@ -79,7 +79,7 @@ def test_inpaint_and_denoise_with_heun(tmp_path, capsys, trained):
      "method 'heun' does not accept the option(s) n_corrector; it accepts: none ('n_corrector' is an option of 'pc')"),
     (["--method", "pc", "--n-corrector", "-1"], "argument --n-corrector: n_corrector must be an integer >= 0"),
     (["--method", "dpm2", "--lmbd", "0.5"], "method 'dpm2' supports λ = 1 only (probability-flow ODE); got lmbd=0.5"),
-    (["--lmbd", "nan"], "method 'euler' supports any λ in [0, 1]; got lmbd=nan"),
+    (["--method", "euler", "--lmbd", "nan"], "method 'euler' supports any λ in [0, 1]; got lmbd=nan"),
     (["--method", "dpm3", "--t-min", "0"], "method 'dpm3' needs t_min in (0, t_start=1.0)"),
     (["--schedule", "karras", "--t-min", "0"], "schedule 'karras' needs t_min in (0, t_start=1.0)"),
     (["--t-min", "1"], "t_min must lie in [0, t_start=1.0); got 1.0"),
@@ -252,3 +252,15 @@ def test_samples_that_diverge_are_one_line_exit_1(tmp_path, capsys, trained, com
         assert not out.exists()
     finally:
         del METHODS["test-diverging"]
+
+
+@pytest.mark.parametrize("command", ["sample", "fid"])
+def test_sample_and_fid_default_to_the_measured_sampler(command):
+    from sdeflow.experiments.images import DEFAULT_SAMPLER
+
+    base = {"sample": ["sample", "--checkpoint", "RUN", "--out", "g.png"],
+            "fid": ["fid", "--checkpoint", "RUN", "--dataset", "mnist", "--data-root", "D", "--features", "classifier"]}
+    args = cli.build_parser().parse_args(base[command])
+    assert (args.method, args.n_steps, args.clip) == (DEFAULT_SAMPLER["method"], DEFAULT_SAMPLER["n_steps"],
+                                                      DEFAULT_SAMPLER["clip"])
+    assert cli.build_parser().parse_args([*base[command], "--no-clip"]).clip is False

@@ -22,6 +22,7 @@ from .train import add_data_arguments, load_images
 
 def register(subparsers) -> None:
     from ..metrics import FEATURES
+    from ..experiments.images import DEFAULT_SAMPLER
 
     p = subparsers.add_parser(
         "classifier", help="train the small classifier whose features give an offline FID",
@@ -76,7 +77,7 @@ def register(subparsers) -> None:
                    help="features per KID subset, capped at the smaller sample (default: %(default)s)")
     p.add_argument("--json", metavar="FILE",
                    help="also write fid, kid, kid_se, n_samples, n_reference, features, ... as JSON")
-    _sampler_arguments(p, n_steps=1000, method="euler")
+    _sampler_arguments(p, **DEFAULT_SAMPLER)
     p.set_defaults(func=run_fid)
 
 

@@ -65,8 +65,9 @@ def _add_method_options(parser) -> None:
     parser.set_defaults(method_options=tuple(owners))
 
 
-def _sampler_arguments(p, *, n_steps: int, method: str, with_lmbd: bool = True) -> None:
-    """The flags of :class:`~sdeflow.samplers.SamplerSettings`."""
+def _sampler_arguments(p, *, n_steps: int, method: str, clip: bool = False, with_lmbd: bool = True) -> None:
+    """The flags of :class:`~sdeflow.samplers.SamplerSettings`, defaulting to ``method``, ``n_steps``
+    and ``clip``."""
     from ..samplers import METHODS
     from ..samplers.clipping import check_threshold
     from ..schedules import SCHEDULES
@@ -83,9 +84,10 @@ def _sampler_arguments(p, *, n_steps: int, method: str, with_lmbd: bool = True) 
                             "(default: the method's own)")
     p.add_argument("--t-min", type=float, default=None,
                    help="time at which sampling stops (default: the method's own)")
-    p.add_argument("--clip", action="store_true",
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=clip,
                    help="clip every step's prediction x̂₀ into the data's range under the checkpoint's transform "
-                        "([-1, 1] centered, [logit α, logit(1-α)] logit, [0, 1] identity), with ε̂ re-derived from it")
+                        "([-1, 1] centered, [logit α, logit(1-α)] logit, [0, 1] identity), with ε̂ re-derived from it "
+                        f"(default: {'on' if clip else 'off'})")
     p.add_argument("--threshold", type=arg_type(check_threshold, float, "threshold"), default=None, metavar="P",
                    help="dynamic thresholding (Imagen) of x̂₀ within that range at percentile P in (0, 100], "
                         "e.g. 99.5: per image, s = max(1, P-th percentile of |x̂₀| scaled to [-1, 1]), clip to "
@@ -183,6 +185,7 @@ def _conditional_arguments(p) -> None:
 
 def register(subparsers) -> None:
     from ..conditional import INPAINT_SCHEMES
+    from ..experiments.images import DEFAULT_SAMPLER
 
     p = subparsers.add_parser(
         "sample", help="draw a grid of images from a trained checkpoint",
@@ -194,7 +197,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="FILE",
                    help="FILE.png: the grid of the images; FILE.npz: the images themselves (uint8 (N, C, H, W), key "
                         "'samples') and their grid beside it, FILE.png")
-    _sampler_arguments(p, n_steps=1000, method="euler")
+    _sampler_arguments(p, **DEFAULT_SAMPLER)
     p.set_defaults(func=run_sample)
 
     p = subparsers.add_parser(

@@ -33,7 +33,7 @@ CPU_BUDGET_RECIPE = {"steps": 1_000_000, "batch_size": 16, "max_seconds": 720.0,
 #: ‖ε̂ − ε‖² unweighted, uniform time). README, "Samples": both measured at equal CPU time.
 #: The sampler of ``sdeflow sample`` and of the FID monitor unless told otherwise: chosen from the
 #: measured FID-vs-NFE curves (README, "Samples"; benchmarks/samples.py).
-DEFAULT_SAMPLER = {"method": "ddim", "n_steps": 20}
+DEFAULT_SAMPLER = {"method": "ddim", "n_steps": 20, "clip": True}
 
 OBJECTIVES: dict[str, dict] = {
     "likelihood": {"transform": "logit", "parameterization": "noise", "weighting": "likelihood",
@@ -155,7 +155,8 @@ def _fid_monitor(images: torch.Tensor, model_config: dict, config: TrainConfig, 
         net = make_features("inception").to(device)
     else:
         net = load_classifier(config.fid_features, device=device)
-    settings = SamplerSettings(**DEFAULT_SAMPLER, clip=clip, threshold=config.sample_threshold)
+    settings = SamplerSettings(method=DEFAULT_SAMPLER["method"], n_steps=DEFAULT_SAMPLER["n_steps"], clip=clip,
+                               threshold=config.sample_threshold)
 
     def measure(ema_model, step):
         # The run directory exists once training has started.
