@@ -149,7 +149,7 @@ def test_fid_of_a_checkpoint_draws_its_samples_with_the_sampler_flags(tmp_path, 
     code, stdout, err = _run(["fid", "--checkpoint", tmp_path / "run", "--n-samples", 4, "--method", "heun",
                               "--n-steps", 2, "--dataset", "cifar10", "--data-root", root, "--features", "classifier",
                               "--classifier", tmp_path / "c.pt", "--kid-subset-size", 4, "--kid-subsets", 3,
-                              "--no-progress", "--json", tmp_path / "fid.json"], capsys)
+                              "--no-progress", "--no-clip", "--json", tmp_path / "fid.json"], capsys)
     assert code == 0, err
     assert "(4 samples vs 32 cifar10 train images, classifier features;" in stdout
     nfe = re.search(r"; heun, 2 steps, NFE (\d+)\)$", stdout)

@@ -35,7 +35,7 @@ def test_sample_with_a_method_and_schedule_prints_the_nfe(tmp_path, capsys, trai
     _, run = trained
     out = tmp_path / "grid.png"
     code, stdout, err = _run(["sample", "--checkpoint", run, "--n-samples", 3, "--method", "dpm++2m",
-                              "--schedule", "logsnr", "--n-steps", 3, "--out", out, "--no-progress"], capsys)
+                              "--schedule", "logsnr", "--n-steps", 3, "--out", out, "--no-progress", "--no-clip"], capsys)
     assert code == 0, err
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert stdout == f"wrote 3 samples to {out} (dpm++2m, 3 steps, NFE 3)"
@@ -45,7 +45,7 @@ def test_sample_passes_the_method_options(tmp_path, capsys, trained):
     _, run = trained
     out = tmp_path / "pc.png"
     code, stdout, err = _run(["sample", "--checkpoint", run, "--n", 2, "--method", "pc", "--n-corrector", 2,
-                              "--snr", "0.1", "--n-steps", 2, "--out", out, "--no-progress"], capsys)
+                              "--snr", "0.1", "--n-steps", 2, "--out", out, "--no-progress", "--no-clip"], capsys)
     assert code == 0, err
     # the options it ran with; 2 steps × (1 predictor + 2 corrector) evaluations
     assert stdout.endswith("(pc (n corrector 2, snr 0.1), 2 steps, NFE 6)")
@@ -130,7 +130,7 @@ def test_sample_clips_thresholds_and_writes_npz(tmp_path, capsys, trained):
     code, stdout, err = _run([*common, "--threshold", 99.5, "--out", tmp_path / "t.npz"], capsys)
     assert code == 0, err
     assert stdout.endswith(f"(ddim, 2 steps, NFE 2, x̂₀ thresholded at p99.5 in {where})")
-    code, _, err = _run([*common, "--out", tmp_path / "plain.npz"], capsys)
+    code, _, err = _run([*common, "--no-clip", "--out", tmp_path / "plain.npz"], capsys)
     assert code == 0, err
     with np.load(tmp_path / "plain.npz") as archive:
         plain = archive["samples"]
@@ -214,7 +214,8 @@ def test_a_registered_method_appears_in_the_command_line(tmp_path, capsys, train
     try:
         out = tmp_path / "damped.png"
         code, stdout, err = _run(["sample", "--checkpoint", run, "--n", 2, "--method", "test-damped-euler",
-                                  "--damping", "0.9", "--n-steps", 2, "--out", out, "--no-progress"], capsys)
+                                  "--damping", "0.9", "--n-steps", 2, "--out", out, "--no-progress", "--no-clip"],
+                                 capsys)
         assert code == 0, err
         assert stdout.endswith("(test-damped-euler (damping 0.9), 2 steps, NFE 2)")
         with pytest.raises(SystemExit):
