@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from sdeflow.cli import main as sdeflow
+from sdeflow.experiments.images import DEFAULT_SAMPLER
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SOURCES = {"mnist": SHARED / "mnist-subset", "cifar10": SHARED / "cifar10-subset"}
@@ -224,8 +225,9 @@ def run(args) -> None:
     for objective in args.objectives.split(","):
         run_dir = out / f"run-{objective}"
         entry = {"train": train_stage(args.dataset, root, run_dir, objective, [str(b) for b in budget + args.train_flags])}
-        sampler = ["--method", args.method, "--n-steps", args.n_steps, *(["--clip"] if args.clip else [])]
-        entry["fid"] = fid_stage(args.dataset, root, out, f"{objective}-{args.method}-{args.n_steps}",
+        sampler = ["--method", args.method, "--n-steps", args.n_steps, "--clip" if args.clip else "--no-clip"]
+        name = f"{objective}-{args.method}-{args.n_steps}{'-clip' if args.clip else ''}"
+        entry["fid"] = fid_stage(args.dataset, root, out, name,
                                  ["--checkpoint", run_dir], args.n_samples, sampler)
         if args.eval_limit:
             entry["bpd"] = bpd_stage(args.dataset, root, run_dir, args.eval_limit)
@@ -257,9 +259,10 @@ def main(argv=None) -> None:
     full.add_argument("--batch-size", type=int, default=64)
     full.add_argument("--n-samples", type=int, default=1000, help="samples of the headline FID")
     full.add_argument("--sweep-samples", type=int, default=500, help="samples per FID of the sweep")
-    full.add_argument("--method", default="ddim", help="the headline sampler of sdeflow fid")
-    full.add_argument("--n-steps", type=int, default=20)
-    full.add_argument("--clip", action="store_true", help="the headline sampler clips x̂₀")
+    full.add_argument("--method", default=DEFAULT_SAMPLER["method"], help="the headline sampler of sdeflow fid")
+    full.add_argument("--n-steps", type=int, default=DEFAULT_SAMPLER["n_steps"])
+    full.add_argument("--clip", action=argparse.BooleanOptionalAction, default=DEFAULT_SAMPLER["clip"],
+                      help="the headline sampler clips x̂₀")
     full.add_argument("--sweep", default="ddim,dpm++2m,ancestral,euler,heun:10,20,50,100",
                       help="METHODS:NFE budgets for the FID-vs-NFE sweep (steps = NFE // the method's NFE per "
                            "step); ':' for none")

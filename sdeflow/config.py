@@ -115,8 +115,10 @@ class TrainConfig:
     log_every: int = config_field("period in steps of the records of metrics.jsonl", default=10, check=check_positive_int)
     sample_every: int = config_field("write a figure of EMA samples every N steps; 0: never", default=0, check=check_nonneg_int)
     sample_n_samples: int = config_field("samples per figure", default=64, check=check_positive_int)
-    sample_n_steps: int = config_field("sampler steps per figure", default=200, check=check_positive_int)
-    sample_clip: bool = config_field("the figures' sampler clips x̂₀ into the data transform's range", default=False)
+    sample_n_steps: int = config_field("sampler steps per figure (the default sampler's method)", default=200,
+                                       check=check_positive_int)
+    sample_clip: bool = config_field("the figures' and the FID monitor's sampler clips x̂₀ into the data transform's "
+                                     "range (better FID wherever measured: README, Samples)", default=True)
     sample_threshold: float | None = config_field("the figures' sampler thresholds x̂₀ dynamically (Imagen) within "
                                                   "the data transform's range at this percentile in (0, 100]; "
                                                   "None: no thresholding", default=None, check=_check_threshold)

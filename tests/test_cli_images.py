@@ -202,7 +202,7 @@ def test_a_learned_variance_trains_from_the_command_line_and_scores_the_discrete
 def test_sample_writes_grid(tmp_path, capsys, trained):
     _, run = trained
     out = tmp_path / "grid.png"
-    argv = ["sample", "--checkpoint", run, "--n", "4", "--lmbd", "0.5", "--n-steps", "3", "--out", out]
+    argv = ["sample", "--checkpoint", run, "--n", "4", "--method", "euler", "--lmbd", "0.5", "--n-steps", "3", "--out", out]
     assert cli.main([str(a) for a in argv]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert "wrote 4 samples" in capsys.readouterr().out

@@ -33,7 +33,7 @@ CPU_BUDGET_RECIPE = {"steps": 1_000_000, "batch_size": 16, "max_seconds": 720.0,
 #: ‖ε̂ − ε‖² unweighted, uniform time). README, "Samples": both measured at equal CPU time.
 #: The sampler of ``sdeflow sample`` and of the FID monitor unless told otherwise: chosen from the
 #: measured FID-vs-NFE curves (README, "Samples"; benchmarks/samples.py).
-DEFAULT_SAMPLER = {"method": "ddim", "n_steps": 20, "clip": True}
+DEFAULT_SAMPLER = {"method": "ancestral", "n_steps": 50, "clip": True}
 
 OBJECTIVES: dict[str, dict] = {
     "likelihood": {"transform": "logit", "parameterization": "noise", "weighting": "likelihood",
@@ -121,10 +121,12 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
     clipping = describe_clipping(clip, config.sample_threshold)
 
     def draw(ema_model, path, step):
-        settings = SamplerSettings(n_steps=config.sample_n_steps, clip=clip, threshold=config.sample_threshold)
+        method = DEFAULT_SAMPLER["method"]
+        settings = SamplerSettings(method=method, n_steps=config.sample_n_steps, clip=clip,
+                                   threshold=config.sample_threshold)
         grid = sample_images(ema_model, model_config, config.sample_n_samples, settings, seed=config.seed,
                              device=device)
-        save_image_grid(grid, path, title=f"EMA samples at step {step} ({config.sample_n_steps} Euler steps, λ=0"
+        save_image_grid(grid, path, title=f"EMA samples at step {step} ({config.sample_n_steps} {method} steps"
                                           f"{', ' + clipping if clipping else ''})")
 
     measure = None
