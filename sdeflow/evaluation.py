@@ -268,16 +268,17 @@ def _image_batches(model, images: torch.Tensor, data: dict, dequantization: str,
 
     num_dims = int(np.prod(images.shape[1:]))
     sigma = truncated_normal_scale(data["transform"], data["alpha"])
+    dtype = model_device_dtype(model, None, None)[1]  # a float64 model is evaluated in float64 throughout
 
     def batch(start, stop, generator):
         if bins is not None:  # the discrete bound scores the pixels' bins: P(x) itself, no dequantization
-            x = bins.centre(images[start:stop].to(device)).to(model_device_dtype(model, None, None)[1])
+            x = bins.centre(images[start:stop].to(device)).to(dtype)
             return x, torch.full((x.shape[0],), num_dims * math.log(256), dtype=torch.float64, device=device)
         if dequantization == "uniform":
-            pre = preprocess(images[start:stop].to(device), data, generator)
+            pre = preprocess(images[start:stop].to(device), data, generator, dtype=dtype)
             return pre.y, pre.logdet
         return truncated_normal_dequantize(images[start:stop].to(device), data["transform"], data["alpha"], sigma,
-                                           generator=generator)
+                                           generator=generator, dtype=dtype)
     return batch
 
 

@@ -371,11 +371,12 @@ def _preprocessor(data_config: dict, flip: bool = False) -> Preprocess:
     return Preprocess(data_config["transform"], alpha=data_config["alpha"], flip=flip)
 
 
-def preprocess(images: torch.Tensor, data_config: dict, generator: torch.Generator | None, flip: bool = False):
-    """uint8 (B, C, H, W) → :class:`sdeflow.data.transforms.Preprocessed` (model input ``y``,
-    ``logdet`` = log|det ∂y/∂x| from the dequantised x ∈ [0, 1]^D), by the configured
+def preprocess(images: torch.Tensor, data_config: dict, generator: torch.Generator | None, flip: bool = False,
+               dtype: torch.dtype = torch.float32):
+    """uint8 (B, C, H, W) → :class:`sdeflow.data.transforms.Preprocessed` (model input ``y`` of
+    ``dtype``, ``logdet`` = log|det ∂y/∂x| from the dequantised x ∈ [0, 1]^D), by the configured
     :class:`~sdeflow.data.transforms.Preprocess`; random flips only when ``flip`` (training)."""
-    return _preprocessor(data_config, flip)(images, train=flip, generator=generator)
+    return _preprocessor(data_config, flip)(images, train=flip, generator=generator, dtype=dtype)
 
 
 def postprocess(y: torch.Tensor, data_config: dict) -> torch.Tensor:

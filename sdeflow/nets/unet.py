@@ -95,11 +95,11 @@ def _linear(in_features: int, out_features: int, scale: float = 1.0) -> nn.Linea
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     r"""Transformer-style embedding of (B,) times into (B, dim):
     :math:`[\sin(t\,\omega_j), \cos(t\,\omega_j)]_{j<dim/2}`, :math:`\omega_j = 10000^{-j/(dim/2-1)}`,
-    zero-padded when ``dim`` is odd."""
+    zero-padded when ``dim`` is odd. In float32, or float64 for float64 times."""
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32)
-                      * (-math.log(10000.0) / max(half - 1, 1)))
-    angles = t.float()[:, None] * freqs[None, :]
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    freqs = torch.exp(torch.arange(half, device=t.device, dtype=dtype) * (-math.log(10000.0) / max(half - 1, 1)))
+    angles = t.to(dtype)[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
     return F.pad(emb, (0, dim % 2))
 
