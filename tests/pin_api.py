@@ -41,3 +41,27 @@ def sample(model, method, generator):
 def sample_ode(model, generator):
     return sdeflow.sample_ode(model, (8, 2), generator=generator, solver=ODE_SOLVER, rtol=ODE_TOLERANCE,
                               atol=ODE_TOLERANCE)
+
+
+def evaluate_bpd(model, images, config, bound, generator_seed):
+    """Bits/dim of 8-bit images under each bound (the discrete one on a 50-step chain)."""
+    settings = {"elbo": sdeflow.LikelihoodSettings(),
+                "ode": sdeflow.LikelihoodSettings(bound="ode", solver=ODE_SOLVER, rtol=ODE_TOLERANCE,
+                                                  atol=ODE_TOLERANCE),
+                "discrete": sdeflow.LikelihoodSettings(bound="discrete", n_steps=50)}[bound]
+    return sdeflow.evaluate_bpd(model, images, config, settings, batch_size=images.shape[0], seed=generator_seed)["bpd"]
+
+
+def inpaint(model, x, mask, scheme, generator):
+    return sdeflow.inpaint(model, x, mask, scheme, SamplerSettings(method="euler", n_steps=20), generator=generator)
+
+
+def denoise(model, y, noise_std, generator):
+    return sdeflow.denoise(model, y, noise_std, SamplerSettings(method="ddim", n_steps=20), generator=generator)
+
+
+def training_loss(model, y, generator, **config):
+    """The training objective of sdeflow train (the mean DSM loss, recipes as TrainConfig fields) on a batch."""
+    from sdeflow.engine import DSMObjective
+
+    return DSMObjective(model, sdeflow.TrainConfig(steps=1, batch_size=y.shape[0], **config))(y, generator)

@@ -2,8 +2,10 @@
 pins, each with its tolerance's name).
 
 Each figure comes from a fixed seed, in float64, on a small MLP with fixed weights: a DSM loss, the
-ELBO with each time proposal, a fitted proposal, the ODE likelihood, and samplers' outputs. The
-functions here call the library's public API (through pin_api).
+ELBO with each time proposal, a fitted proposal, the ODE likelihood, samplers' outputs, inpainting
+and denoising; and on a tiny float64 U-Net, the bits/dim of 8-bit images under each bound (ELBO, ODE,
+discrete) and the training objective on a fixed batch. The functions here call the library's public
+API (through pin_api).
 
 Every input is drawn so that it is the same on any machine up to a few float64 ulps (the pins'
 tolerances cover that, tests/test_regression.py): the weights are float64 normal draws (torch's
@@ -28,7 +30,7 @@ import sdeflow
 from sdeflow.nets.mlp import MLP
 
 #: The figures that come out of an adaptive ODE solve: their tolerance follows from the solve's own.
-ADAPTIVE_SOLVE_FIGURES = ("ode_logp", "sample_ode")
+ADAPTIVE_SOLVE_FIGURES = ("ode_logp", "sample_ode", "image_ode")
 
 
 def _model(parameterization: str = "noise"):
@@ -57,9 +59,39 @@ def _scalar(value: torch.Tensor) -> float:
     return float(value.detach())
 
 
+def _unet_model(parameterization: str = "noise"):
+    """A tiny U-Net model (1×8×8 images, logit pixels) in float64 with every weight drawn in float64."""
+    from sdeflow.experiments.images import image_model_config
+
+    net = dict(base_channels=4, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.0)
+    config = image_model_config("toy", "small", net_overrides=net, in_channels=1, image_size=8,
+                                parameterization=parameterization)
+    model = sdeflow.build_model(config).double()
+    weights = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # zero-initialised output layers would hide the network: every weight gets a value
+        for module in model.net.modules():
+            for name, p in module.named_parameters(recurse=False):
+                draw = torch.randn(p.shape, generator=weights, dtype=torch.float64)
+                if isinstance(module, torch.nn.GroupNorm):
+                    p.copy_((1.0 if name == "weight" else 0.0) + 0.1 * draw)
+                else:
+                    p.copy_(draw / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.1 * draw)
+        # The embedding's sin/cos of t·1000·ω_j at ω_0 = 1 oscillate 160 times over [0, T]: a random network
+        # passes them on, and the adaptive ODE then takes ~10⁴ steps. Only the slow components reach it.
+        half = net["base_channels"] // 2
+        fast = [j for j in range(half) if model.net.time_scale * 10000.0 ** (-j / max(half - 1, 1)) > 10]
+        model.net.time_embed[0].weight[:, fast + [j + half for j in fast]] = 0.0
+    return model, config
+
+
+def _images(n: int = 4) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 1, 8, 8), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+
+
 def figures() -> dict[str, float]:
     """name -> float64 figure."""
-    from pin_api import dsm, elbo, fitted_proposal, log_prob_ode, sample, sample_ode
+    from pin_api import (denoise, dsm, elbo, evaluate_bpd, fitted_proposal, inpaint, log_prob_ode, sample,
+                         sample_ode, training_loss)
 
     out = {}
     x = _data()
@@ -80,6 +112,16 @@ def figures() -> dict[str, float]:
     for method in ("euler", "ddim", "dpm++2m", "heun"):
         out[f"sample_{method}"] = _scalar(sample(model, method, _gen()).pow(2).sum())
     out["sample_ode"] = _scalar(sample_ode(model, _gen()).pow(2).sum())
+    mask = torch.tensor([True, False])
+    for scheme in ("replacement", "guided"):
+        out[f"inpaint_{scheme}"] = _scalar(inpaint(model, x, mask, scheme, _gen()).pow(2).sum())
+    out["denoise"] = _scalar(denoise(model, x + 0.5 * _data(), 0.5, _gen()).pow(2).sum())
+    unet, config = _unet_model()
+    for bound in ("elbo", "ode", "discrete"):
+        out[f"image_{bound}"] = evaluate_bpd(unet, _images(), config, bound, generator_seed=0)
+    y = torch.randn(4, 1, 8, 8, generator=_gen(4), dtype=torch.float64)
+    out["training_loss"] = _scalar(training_loss(unet, y, _gen()))
+    out["training_loss_samples"] = _scalar(training_loss(unet, y, _gen(), time_sampling="uniform", weighting="noise"))
     return out
 
 
@@ -88,6 +130,8 @@ if __name__ == "__main__":
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
+    torch.set_num_threads(1)
     for name, value in figures().items():
-        tolerance = "ADAPTIVE_SOLVE" if name in ADAPTIVE_SOLVE_FIGURES else "FIXED_OPERATIONS"
+        tolerance = {"image_ode": "IMAGE_SOLVE"}.get(name, "ADAPTIVE_SOLVE" if name in ADAPTIVE_SOLVE_FIGURES
+                                                     else "FIXED_OPERATIONS")
         print(f"    {name!r}: ({value!r}, {tolerance}),")
