@@ -97,7 +97,7 @@ ROWS_2: list[tuple[str, list[str]]] = [
     ("no gradient clipping", ["--grad-clip", "0"]),
     ("no flips", ["--no-flip"]),
     # the loss over the bound that is evaluated: t in [t_σ, T] with the exact likelihood weighting
-    # (t_σ = 5.46e-5 for VP and the logit transform: sdeflow.evaluation.noise_level_time) instead of
+    # (t_σ = 5.46e-5 for VP and the logit transform: sdeflow.likelihood.evaluation.noise_level_time) instead of
     # [0, T] with the weighting truncated below 10⁻³T
     ("loss from t_σ", ["--loss-t-min", "5.46349e-5"]),
     ("stratified t", ["--stratified-time"]),

@@ -1,7 +1,7 @@
 """Accuracy of conditional sampling against network evaluations, on exact scores.
 
 Data: a correlated 4-D Gaussian (full covariance), whose score under the VP SDE, conditionals and
-posteriors are closed-form (sdeflow.oracles.FullCovarianceGaussian). For each number of Euler
+posteriors are closed-form (sdeflow.nets.oracles.FullCovarianceGaussian). For each number of Euler
 steps, every method draws n samples of one conditional law and we report
     mean error  ‖ mean(samples) − exact mean ‖₂,
     cov error   ‖ cov(samples) − exact cov ‖_F,
@@ -21,8 +21,8 @@ import time
 import torch
 
 import sdeflow
-from sdeflow.conditional import denoise, inpaint, posterior_sample
-from sdeflow.oracles import ExactScoreNet, FullCovarianceGaussian
+from sdeflow.samplers.conditional import denoise, inpaint, posterior_sample
+from sdeflow.nets.oracles import ExactScoreNet, FullCovarianceGaussian
 from sdeflow.samplers import SamplerSettings, Trace
 
 

@@ -4,7 +4,7 @@ bits/dim of an image checkpoint beside the continuous ELBO.
     python benchmarks/discrete_bound.py toy [--quick]            # (1) SW₁ at 10, 20, 50 steps
     python benchmarks/discrete_bound.py images RUN_DIR --data-root ROOT [--limit 256] [--n-steps 1000]
 
-(1) Toy oracles (exact-score networks, ``sdeflow.oracles.ExactScoreNet``: eight 2-D Gaussians and a
+(1) Toy oracles (exact-score networks, ``sdeflow.nets.oracles.ExactScoreNet``: eight 2-D Gaussians and a
 64-D mixture of eight), so that only the sampler's error shows: the sliced Wasserstein-1 distance
 (``sdeflow.metrics.sliced_wasserstein``) between samples and fresh true samples, the median over
 ``--repeats`` seeds, for DDPM's ancestral sampler (``sdeflow.discrete.ancestral_sample``) with the
@@ -15,7 +15,7 @@ same number of network evaluations (NFE; the learned variance's own network is n
 floor is the distance between two independent true sets.
 
 (2) Images: held-out bits/dim of a checkpoint (the newest of RUN_DIR, EMA weights) by the continuous
-ELBO (``sdeflow.evaluation.evaluate_bpd``, its defaults) and by the discrete bound at N steps with β̃,
+ELBO (``sdeflow.likelihood.evaluation.evaluate_bpd``, its defaults) and by the discrete bound at N steps with β̃,
 β, the analytic variance (Γ estimated on ``--train-images`` dequantized training images) and, for a
 model trained with ``sdeflow train --learned-variance``, its learned variance, each
 with its standard error over images and its seconds. The discrete bound is a bound on −log₂ P(x)/D of
@@ -37,7 +37,7 @@ from sdeflow.discrete import (LearnedVariance, ancestral_sample, estimate_analyt
 from sdeflow.nets import MeanAndVariance
 from sdeflow.metrics import sliced_wasserstein
 from sdeflow.nets.mlp import MLP
-from sdeflow.oracles import ExactScoreNet, GaussianMixture
+from sdeflow.nets.oracles import ExactScoreNet, GaussianMixture
 
 STEPS = (10, 20, 50)
 TRAIN_GRID = 1000
@@ -122,9 +122,9 @@ def run_images(args) -> None:
     """(2): held-out bits/dim of a checkpoint by the continuous ELBO, the discrete bound at N steps with
     β̃, β and analytic variances (sampled steps, and every step on the first images as a check), and the
     ODE on the first images; each row with its standard error and seconds per 100 images."""
-    from sdeflow.checkpoint import load_model
+    from sdeflow.storage.checkpoints import load_model
     from sdeflow.data.images import load_cifar10
-    from sdeflow.evaluation import LikelihoodSettings, analytic_variance, evaluate_bpd
+    from sdeflow.likelihood.evaluation import LikelihoodSettings, analytic_variance, evaluate_bpd
 
     device = torch.device(args.device)
     model, config, step = load_model(args.run, device=device)

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 import sdeflow
-from sdeflow.elbo import default_t_min
+from sdeflow.likelihood.elbo import default_t_min
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sdeflow.oracles import ExactScoreNet, GaussianMixture  # noqa: E402
-from sdeflow.sdes import SDES, make_sde  # noqa: E402
+from sdeflow.nets.oracles import ExactScoreNet, GaussianMixture  # noqa: E402
+from sdeflow.sdes.linear import SDES, make_sde  # noqa: E402
 
 
 OPTIONS = [

@@ -26,8 +26,8 @@ import torch
 from sdeflow import LikelihoodSettings
 
 from sdeflow.data.images import load_cifar10
-from sdeflow.evaluation import evaluate_bpd
-from sdeflow.checkpoint import load_model
+from sdeflow.likelihood.evaluation import evaluate_bpd
+from sdeflow.storage.checkpoints import load_model
 
 LN2 = math.log(2.0)
 

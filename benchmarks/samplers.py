@@ -12,7 +12,7 @@ schedule of ``SCHEDULES`` at several NFE budgets, plus torchdiffeq's adaptive do
 - the floor: the distance between two independent true sample sets (what a perfect sampler gets);
 - the baseline: 1000-step Euler–Maruyama (λ = 0, uniform grid), measured in the same run.
 
-Problems: an exact-score oracle (``sdeflow.oracles.ExactScoreNet``) for eight 2-D Gaussians and
+Problems: an exact-score oracle (``sdeflow.nets.oracles.ExactScoreNet``) for eight 2-D Gaussians and
 for a 64-D mixture of ten Gaussians, so that only the sampler's error shows, and a Swissroll MLP
 trained here for ``--swissroll-steps`` steps (its samples also carry the learning error).
 
@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 import sdeflow
 from sdeflow.metrics import sliced_wasserstein
-from sdeflow.oracles import ExactScoreNet, GaussianMixture
+from sdeflow.nets.oracles import ExactScoreNet, GaussianMixture
 from sdeflow.samplers import METHODS, SamplerSettings, Trace
-from sdeflow.schedules import SCHEDULES
+from sdeflow.samplers.grids import SCHEDULES
 
 # (label, method, λ): stochastic variants where the method has them.
 VARIANTS = [

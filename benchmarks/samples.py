@@ -139,7 +139,7 @@ def sweep_stage(run: Path, out: Path, name: str, classifier: Path, root: Path, d
                 nfe_list: list, n_samples: int, seed: int) -> list:
     """FID (classifier features) of ``n_samples`` EMA samples for every method × budget × clipping, a
     budget of B network evaluations being B // (the method's NFE per step) steps."""
-    from sdeflow.checkpoint import load_model
+    from sdeflow.storage.checkpoints import load_model
     from sdeflow.data import get_dataset
     from sdeflow.data.transforms import data_range
     from sdeflow.experiments.images import sample_images

@@ -308,7 +308,7 @@ def bench_checkpoint(args, device, out):
     """The default ELBO of a trained model (fitted proposal) against the baseline network's
     Hutchinson ELBO with q ∝ g²/v, on held-out real images; speed and per-image spread."""
     from sdeflow.data.images import load_cifar10
-    from sdeflow.checkpoint import load_model
+    from sdeflow.storage.checkpoints import load_model
     from sdeflow.data.transforms import preprocess
 
     model, config, step = load_model(args.checkpoint, device=device)

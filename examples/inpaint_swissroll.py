@@ -9,7 +9,7 @@ stay quick), then draws
       a reference for p(y | x),
   (b) inpainting of y given x with the replacement method (Song et al. 2021),
   (c) inpainting with the observation-guided score (exact Jacobian covariance, cheap in 2-D),
-  (d) denoising: noisy points and samples of their exact posterior (:func:`sdeflow.conditional.denoise`).
+  (d) denoising: noisy points and samples of their exact posterior (:func:`sdeflow.samplers.conditional.denoise`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from sdeflow.checkpoint import save_figure  # noqa: E402
-from sdeflow.conditional import denoise, inpaint  # noqa: E402
+from sdeflow.plotting import save_figure  # noqa: E402
+from sdeflow.samplers.conditional import denoise, inpaint  # noqa: E402
 from sdeflow.data.toy import sample_toy  # noqa: E402
 from sdeflow.experiments.toy import ToyConfig, make_toy_model, toy_train_config, train_toy  # noqa: E402
 from sdeflow.samplers import SamplerSettings  # noqa: E402

@@ -1,13 +1,13 @@
 """sdeflow: continuous-time diffusion models you can measure.
 
-The method in a few small modules: forward SDEs (:mod:`sdeflow.sdes`); the model, a network seen
+The method in a few small modules: forward SDEs (:mod:`sdeflow.sdes.linear`); the model, a network seen
 through a parameterization (:mod:`sdeflow.model`); the estimators over any model: the training loss
-(:mod:`sdeflow.losses`), the ELBO with its time proposals (:mod:`sdeflow.elbo`,
-:mod:`sdeflow.time_sampling`) and the probability-flow ODE (:mod:`sdeflow.ode`); samplers
-(:mod:`sdeflow.samplers`, on the time grids of :mod:`sdeflow.schedules`); DDPM's discrete-time bound and
+(:mod:`sdeflow.training.losses`), the ELBO with its time proposals (:mod:`sdeflow.likelihood.elbo`,
+:mod:`sdeflow.likelihood.time_proposals`) and the probability-flow ODE (:mod:`sdeflow.likelihood.ode`); samplers
+(:mod:`sdeflow.samplers`, on the time grids of :mod:`sdeflow.samplers.grids`); DDPM's discrete-time bound and
 reverse variances (:mod:`sdeflow.discrete`); networks trained elsewhere as models (:mod:`sdeflow.adapters`,
-on the schedules of :mod:`sdeflow.noise_schedules`). Around them:
-:mod:`sdeflow.evaluation` (likelihoods over data sets, in nats or bits/dim), :mod:`sdeflow.engine`
+on the schedules of :mod:`sdeflow.sdes.noise_levels`). Around them:
+:mod:`sdeflow.likelihood.evaluation` (likelihoods over data sets, in nats or bits/dim), :mod:`sdeflow.engine`
 (the training loop), :mod:`sdeflow.config` and :mod:`sdeflow.experiments` (the toy example and images),
 :mod:`sdeflow.metrics` (sample quality: FID and KID in Inception or classifier features, sliced Wasserstein).
 Each kind of extension has one registry, owned by the module that defines it: ``SDES``
@@ -16,20 +16,20 @@ Each kind of extension has one registry, owned by the module that defines it: ``
 :data:`sdeflow.engine.HOOKS` and :data:`sdeflow.metrics.FEATURES`.
 """
 
-from .sdes import SDE, SDES, VPSDE, VESDE, SubVPSDE, make_sde, register_sde
+from .sdes.linear import SDE, SDES, VPSDE, VESDE, SubVPSDE, make_sde, register_sde
 from .model import PARAMETERIZATIONS, PluginReverseSDE
-from .losses import WEIGHTINGS, dsm, register_weighting
-from .time_sampling import FittedTime, ImportanceTime, TimeProposal, UniformTime
-from .elbo import elbo, fit_time_proposal
-from .divergence import divergence
-from .ode import log_prob_ode, sample_ode
+from .training.losses import WEIGHTINGS, dsm, register_weighting
+from .likelihood.time_proposals import FittedTime, ImportanceTime, TimeProposal, UniformTime
+from .likelihood.elbo import elbo, fit_time_proposal
+from .likelihood.divergence import divergence
+from .likelihood.ode import log_prob_ode, sample_ode
 from .samplers import METHODS, Method, Option, SamplerSettings, Trace, register_method, sample
-from .schedules import SCHEDULES, time_grid
-from .conditional import denoise, inpaint, posterior_sample
+from .samplers.grids import SCHEDULES, time_grid
+from .samplers.conditional import denoise, inpaint, posterior_sample
 from .config import TrainConfig, build_model, model_config
-from .evaluation import LikelihoodSettings, evaluate_bpd, log_likelihood
-from .checkpoint import load_model
-from .noise_schedules import CosineVPSDE, DiscreteVPSDE
+from .likelihood.evaluation import LikelihoodSettings, evaluate_bpd, log_likelihood
+from .storage.checkpoints import load_model
+from .sdes.noise_levels import CosineVPSDE, DiscreteVPSDE
 from .adapters import adapt_denoiser, adapt_diffusers, adapt_discrete, adapt_score_network, bound_start, load_foreign
 from .metrics import frechet_distance, image_metrics, kid, sliced_wasserstein
 from .discrete import (AnalyticVariance, LearnedVariance, PixelBins, ancestral_sample, discrete_bound,

@@ -143,11 +143,11 @@ def config_from_args(cls, args, **extra):
 
 
 def add_sde_arguments(parser, default: str = "vp") -> None:
-    """``--sde NAME`` (choices: sdeflow.sdes.SDES) and one flag per parameter of any registered SDE
+    """``--sde NAME`` (choices: sdeflow.sdes.linear.SDES) and one flag per parameter of any registered SDE
     (``--beta-max``, ``--sigma-max``, ...), defaulting to the chosen SDE's own defaults."""
-    from .sdes import SDES, sde_parameters
+    from .sdes.linear import SDES, sde_parameters
 
-    group = parser.add_argument_group("forward SDE (sdeflow.sdes.SDES)")
+    group = parser.add_argument_group("forward SDE (sdeflow.sdes.linear.SDES)")
     group.add_argument("--sde", choices=tuple(SDES), default=default,
                        help=f"forward SDE: {', '.join(f'{n} ({SDES[n].__name__})' for n in SDES)} (default: %(default)s)")
     owners: dict[str, list[str]] = {}
@@ -166,7 +166,7 @@ def add_sde_arguments(parser, default: str = "vp") -> None:
 def sde_from_args(args) -> dict:
     """{"name", **parameters given} for :func:`sdeflow.config.model_config`; a parameter the chosen
     SDE does not have is refused."""
-    from .sdes import sde_parameters
+    from .sdes.linear import sde_parameters
 
     allowed = sde_parameters(args.sde)
     given = {key[len("sde_"):]: value for key, value in vars(args).items()
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .engine.errors import TrainingError, TrainingInterrupted
-    from .evaluation import EvaluationError
+    from .likelihood.evaluation import EvaluationError
 
     try:
         return int(args.func(args) or 0)

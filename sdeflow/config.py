@@ -8,7 +8,7 @@ A *model configuration* is a plain dict, stored in every checkpoint and compared
      "data": {"transform": …, "alpha": …}}
 
 :func:`build_model` turns it into a :class:`~sdeflow.model.PluginReverseSDE` through the registries
-that own each part (:data:`sdeflow.sdes.SDES`, :data:`sdeflow.nets.NETS`). :class:`TrainConfig`
+that own each part (:data:`sdeflow.sdes.linear.SDES`, :data:`sdeflow.nets.NETS`). :class:`TrainConfig`
 holds every training setting of the one loop (:func:`sdeflow.engine.fit`), for the toy example and
 the images alike; each field's ``metadata["help"]`` says what it does, and the command line builds
 its flags from them. Only plain types, so configurations survive ``torch.load(weights_only=True)``.
@@ -59,7 +59,7 @@ def _check_threshold(name: str, value):
 
 
 def _weightings():
-    from .losses import WEIGHTINGS
+    from .training.losses import WEIGHTINGS
     return tuple(WEIGHTINGS)
 
 
@@ -174,7 +174,7 @@ def model_config(*, dataset: str, net: dict, sde: dict | str = "vp", parameteriz
     """A model configuration (see the module docstring) with every SDE parameter filled in from the
     SDE registry's defaults, so that the checkpoint records the whole process."""
     from .model import PARAMETERIZATIONS
-    from .sdes import make_sde, sde_config
+    from .sdes.linear import make_sde, sde_config
 
     check_choice("parameterization", parameterization, PARAMETERIZATIONS)
     sde = {"name": sde} if isinstance(sde, str) else dict(sde)
@@ -192,7 +192,7 @@ def build_model(config: dict):
     """The :class:`~sdeflow.model.PluginReverseSDE` of a model configuration."""
     from .model import PluginReverseSDE
     from .nets import make_net
-    from .sdes import make_sde
+    from .sdes.linear import make_sde
 
     net = make_net(**config["net"])
     return PluginReverseSDE(make_sde(**config["sde"]), net, parameterization=config["parameterization"])

@@ -1,6 +1,6 @@
 r"""The model: a forward SDE and a network, and how the network's output becomes the drift, the
-score, the noise and the velocity. Nothing else: the estimators over it live in :mod:`sdeflow.losses`,
-:mod:`sdeflow.elbo` and :mod:`sdeflow.ode`, the samplers in :mod:`sdeflow.samplers`.
+score, the noise and the velocity. Nothing else: the estimators over it live in :mod:`sdeflow.training.losses`,
+:mod:`sdeflow.likelihood.elbo` and :mod:`sdeflow.likelihood.ode`, the samplers in :mod:`sdeflow.samplers`.
 
 The network predicts one of (``PARAMETERIZATIONS``), with :math:`y_t = m\,x + std\,\varepsilon`:
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .sdes import SDE
+from .sdes.linear import SDE
 from .utils import append_dims, as_time, check_choice, check_fraction
 
 __all__ = ["PluginReverseSDE", "PARAMETERIZATIONS", "velocity_coefficients", "check_lmbd", "MIN_STD"]
@@ -55,7 +55,7 @@ class PluginReverseSDE(nn.Module):
 
     An ε network's ELBO integrand grows like ‖ε̂(y, t)‖²/(2t) as t → 0 wherever ε̂ does not vanish
     there (it must, for data with a finite score), so the likelihood estimators start at t_min > 0
-    (:mod:`sdeflow.elbo`); "drift" and "score" keep the integrand bounded; ε networks train faster on
+    (:mod:`sdeflow.likelihood.elbo`); "drift" and "score" keep the integrand bounded; ε networks train faster on
     images.
     """
 

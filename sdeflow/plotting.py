@@ -3,14 +3,26 @@ samples, trajectories and training curves."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import torch
 
-from .checkpoint import save_figure
+from .storage.files import atomic_write_bytes
 
-__all__ = ["save_image_grid", "save_image_rows", "plot_points", "plot_samples", "plot_trajectories", "plot_training", "lmbd_key"]
+__all__ = ["save_figure", "save_image_grid", "save_image_rows", "plot_points", "plot_samples", "plot_trajectories", "plot_training", "lmbd_key"]
+
+
+def save_figure(fig, path, **savefig_kwargs) -> Path:
+    """Render a matplotlib figure to PNG in memory, close it, and write it atomically to ``path``."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **savefig_kwargs)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
 
 
 def lmbd_key(lmbd: float) -> str:

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from sdeflow import checkpoint as ckpt  # noqa: E402
+from sdeflow.storage import checkpoints as ckpt  # noqa: E402
 from sdeflow.experiments import images as images_app
 from training_helpers import tiny_config, tiny_images, tiny_model, tiny_train_config  # noqa: E402
 

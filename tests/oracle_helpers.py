@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sdeflow
-from sdeflow.oracles import ExactScoreNet, GaussianMixture
+from sdeflow.nets.oracles import ExactScoreNet, GaussianMixture
 
 SDES = {
     "vp": lambda: sdeflow.VPSDE(beta_min=0.1, beta_max=20.0),

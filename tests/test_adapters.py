@@ -11,8 +11,8 @@ import torch
 import sdeflow
 from sdeflow.adapters import (adapt_denoiser, adapt_discrete, adapt_score_network, bound_start, load_foreign)
 from sdeflow.adapters.discrete import network_output
-from sdeflow.noise_schedules import DiscreteVPSDE
-from sdeflow.oracles import ExactScoreNet
+from sdeflow.sdes.noise_levels import DiscreteVPSDE
+from sdeflow.nets.oracles import ExactScoreNet
 
 from oracle_helpers import _one_thread, expected_ode_log_prob, expected_truncated_elbo, gaussian  # noqa: F401
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from sdeflow import checkpoint as ckpt
+from sdeflow.storage import checkpoints as ckpt
 from sdeflow import cli
 from sdeflow.engine import distributed
 
@@ -96,7 +96,7 @@ def test_eval_prints_and_writes_json(tmp_path, capsys, trained):
 @pytest.mark.parametrize("heavy", [True, False])
 def test_eval_warns_on_stderr_when_the_standard_error_is_unreliable(tmp_path, capsys, monkeypatch, trained, heavy):
     root, run = trained
-    from sdeflow import evaluation
+    from sdeflow.likelihood import evaluation
 
     def fake_evaluate_bpd(model, images, config, settings=None, **kwargs):
         return {"bpd": 3.5, "bpd_se": 0.12, "n_images": 846, "seconds": 1.0, "estimator": "ELBO, test",
@@ -123,7 +123,7 @@ def test_eval_ode_reports_nfe(tmp_path, capsys, monkeypatch, trained):
     """Plumbing only (the ODE likelihood itself is tested in test_training and test_model): a 2-step
     model is stiff near t = 0, so its adaptive solve costs thousands of evaluations."""
     root, run = trained
-    from sdeflow import evaluation
+    from sdeflow.likelihood import evaluation
 
     starts = []
 
@@ -226,13 +226,12 @@ def test_batch_size_must_divide_across_processes(tmp_path, capsys, monkeypatch, 
 
 def test_unwritable_output_is_one_line_exit_1(tmp_path, capsys, monkeypatch, trained):
     _, run = trained
-    from sdeflow import checkpoint as ckpt_module
     import errno
 
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(ckpt_module.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
     argv = ["sample", "--checkpoint", str(run), "--n", "2", "--n-steps", "2", "--out", str(tmp_path / "g.png")]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err.strip()

@@ -8,7 +8,7 @@ import pytest
 
 from sdeflow import cli
 from sdeflow.samplers import METHODS
-from sdeflow.schedules import SCHEDULES
+from sdeflow.samplers.grids import SCHEDULES
 from training_helpers import one_thread, single_thread, train_args, write_cifar_batches  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -108,7 +108,7 @@ def test_sample_clips_thresholds_and_writes_npz(tmp_path, capsys, trained):
     the uint8 samples (N, C, H, W) under "samples" and writes the grid beside it, FILE.png."""
     import numpy as np
 
-    from sdeflow.checkpoint import load_model, resolve_checkpoint
+    from sdeflow.storage.checkpoints import load_model, resolve_checkpoint
     from sdeflow.data.transforms import data_range
 
     _, run = trained

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sdeflow import cli
-from sdeflow import checkpoint as ckpt
+from sdeflow.storage import checkpoints as ckpt
 from sdeflow.commands.train import resolve_recipe
 from sdeflow.data import DATASETS
 from sdeflow.engine.hooks import read_log

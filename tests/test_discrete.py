@@ -17,8 +17,8 @@ import sdeflow
 from sdeflow.data.transforms import TRANSFORMS, bits_per_dim
 from sdeflow.discrete import (AnalyticVariance, LearnedVariance, PixelBins, ancestral_sample, discrete_bound,
                               estimate_analytic_variance, fit_step_proposal, forward_chain, hybrid_loss)
-from sdeflow.oracles import GaussianMixture
-from sdeflow.schedules import time_grid
+from sdeflow.nets.oracles import GaussianMixture
+from sdeflow.samplers.grids import time_grid
 from oracle_helpers import _one_thread  # noqa: F401 (fixture)
 from oracle_helpers import SDES, Z, assert_gaussian_moments, exact_model, expected_truncated_elbo, gaussian
 

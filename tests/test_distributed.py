@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from sdeflow import checkpoint as ckpt
-from sdeflow.evaluation import evaluate_bpd
+from sdeflow.storage import checkpoints as ckpt
+from sdeflow.likelihood.evaluation import evaluate_bpd
 from sdeflow.experiments import images as images_app
 
 from training_helpers import (distributed_worker, single_thread, toy_distributed_worker, tiny_config, tiny_images, tiny_model,

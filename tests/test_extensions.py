@@ -1,5 +1,5 @@
 """Every extension point used from OUTSIDE the package, through the library's and the command line's
-entry points: a training hook (sdeflow.engine.register_hook), a forward SDE (sdeflow.sdes.register_sde),
+entry points: a training hook (sdeflow.engine.register_hook), a forward SDE (sdeflow.sdes.linear.register_sde),
 a toy data set (sdeflow.data.register_dataset) and a sampler (sdeflow.samplers.register_method).
 The CLI builds its --hook / --sde / --dataset / --method choices when the parser is built, so each
 test registers before calling cli.main. Registrations are undone after each test.
@@ -24,7 +24,7 @@ from sdeflow.engine import HOOKS, Hook, register_hook
 from sdeflow.experiments import toy as toy_app
 from sdeflow.experiments.toy import ToyConfig, ToyEvalConfig, make_toy_model, run_toy, toy_train_config
 from sdeflow.samplers import METHODS, Method, Option, SamplerSettings, Trace, register_method
-from sdeflow.sdes import SDES, register_sde
+from sdeflow.sdes.linear import SDES, register_sde
 
 from oracle_helpers import ConstantVPSDE
 from training_helpers import one_thread

@@ -21,7 +21,7 @@ import sdeflow
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdeflow import checkpoint as ckpt
+from sdeflow.storage import checkpoints as ckpt
 from sdeflow.experiments import images as images_app
 from sdeflow import cli
 from sdeflow.engine import loop
@@ -226,7 +226,7 @@ def test_write_failure_mid_run_gives_clear_error_and_keeps_previous_checkpoint(t
                 monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (_ for _ in ()).throw(
                     OSError(errno.ENOSPC, "No space left on device")))
             else:
-                monkeypatch.setattr(ckpt.tempfile, "mkstemp", lambda *a, **k: (_ for _ in ()).throw(
+                monkeypatch.setattr("tempfile.mkstemp", lambda *a, **k: (_ for _ in ()).throw(
                     PermissionError(errno.EACCES, "Permission denied")))
         return real_save(path, state)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sdeflow
-from sdeflow.checkpoint import load_model, save_checkpoint
+from sdeflow.storage.checkpoints import load_model, save_checkpoint
 from sdeflow.discrete import LearnedVariance
 from sdeflow.experiments.images import image_model_config
 from sdeflow.nets import MeanAndVariance, make_net
@@ -41,7 +41,7 @@ def test_a_unet_with_a_head_starts_at_the_midpoint_and_survives_a_checkpoint(tmp
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    state = {"format": sdeflow.checkpoint.FORMAT, "version": sdeflow.checkpoint.VERSION, "config": config,
+    state = {"format": sdeflow.storage.checkpoints.FORMAT, "version": sdeflow.storage.checkpoints.VERSION, "config": config,
              "step": 1, "model": model.state_dict(), "ema": None}
     save_checkpoint(tmp_path / "ckpt-00000001.pt", state)
     loaded, _, _ = load_model(tmp_path, use_ema=False)

@@ -12,10 +12,10 @@ from torch import nn
 import sdeflow
 from sdeflow.data import DATASETS, Dataset, get_dataset, register_dataset
 from sdeflow.data.toy import sample_toy, toy_log_prob
-from sdeflow.losses import WEIGHTINGS, register_weighting
+from sdeflow.training.losses import WEIGHTINGS, register_weighting
 from sdeflow.nets import NETS, make_net, register_net
-from sdeflow.oracles import ExactScoreNet, GaussianMixture
-from sdeflow.sdes import SDES, make_sde, register_sde, sde_config, sde_parameters
+from sdeflow.nets.oracles import ExactScoreNet, GaussianMixture
+from sdeflow.sdes.linear import SDES, make_sde, register_sde, sde_config, sde_parameters
 
 from oracle_helpers import ConstantVPSDE, expected_elbo
 

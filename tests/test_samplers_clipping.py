@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 import sdeflow
-from sdeflow.conditional import denoise, inpaint, posterior_sample
+from sdeflow.samplers.conditional import denoise, inpaint, posterior_sample
 from sdeflow.data.transforms import TRANSFORMS, data_range
 from sdeflow.model import MIN_STD
 from sdeflow.nets import MeanAndVariance
-from sdeflow.oracles import ExactScoreNet, GaussianMixture
+from sdeflow.nets.oracles import ExactScoreNet, GaussianMixture
 from sdeflow.samplers import METHODS, ClippedModel, SamplerSettings, clip_prediction
 from sdeflow.utils import append_dims, as_time
 

@@ -10,11 +10,11 @@ import sdeflow
 from sdeflow import LikelihoodSettings
 from torch import nn
 
-from sdeflow import checkpoint as ckpt
+from sdeflow.storage import checkpoints as ckpt
 from sdeflow.config import TrainConfig
 from sdeflow.engine import EMA, loop
 from sdeflow.engine.state import make_generator, step_seed
-from sdeflow.evaluation import evaluate_bpd, quantization_time
+from sdeflow.likelihood.evaluation import evaluate_bpd, quantization_time
 from sdeflow.experiments import images as images_app
 from sdeflow.plotting import save_image_grid
 from sdeflow.samplers import SamplerSettings

@@ -14,7 +14,7 @@ import pytest
 import torch
 from sdeflow.config import TrainConfig, build_model
 from sdeflow.engine import Hook
-from sdeflow.evaluation import evaluate_bpd
+from sdeflow.likelihood.evaluation import evaluate_bpd
 from sdeflow.experiments import images as images_app
 from sdeflow.experiments.images import image_model_config
 

@@ -10,9 +10,9 @@ every sampler of sdeflow on them.
 **Where a bound starts.** A network trained on noise levels down to its first step (t₁ = T/N for N
 discrete steps, the time of σ_min for a denoiser) was never asked to denoise below it. Its ELBO and ODE
 likelihood should run from T down to :func:`bound_start` and decode x from there with the Gaussian
-decoder N(y/m, v/m²) (see :func:`sdeflow.elbo.elbo`): the result stays a bound on the discrete data's
+decoder N(y/m, v/m²) (see :func:`sdeflow.likelihood.elbo.elbo`): the result stays a bound on the discrete data's
 negative log-likelihood, paying for the decoder's blur instead of trusting untrained outputs.
-:func:`sdeflow.evaluation.evaluate_bpd` starts there by default (at the later of it and the images'
+:func:`sdeflow.likelihood.evaluation.evaluate_bpd` starts there by default (at the later of it and the images'
 quantization time).
 """
 
@@ -47,7 +47,7 @@ def load_foreign(spec: str, device=None, dtype=None, *, allow_pickle: bool = Fal
     """Load ``spec`` = "SOURCE:LOCATION" (SOURCE in ``FOREIGN_SOURCES``: "diffusers:DIR_OR_ID", a folder
     written by ``save_pretrained`` or a hub id) as (model, config): an sdeflow
     :class:`~sdeflow.model.PluginReverseSDE` in eval mode and a config shaped like sdeflow's image model
-    config (see :func:`load_diffusers`), ready for :func:`sdeflow.evaluation.evaluate_bpd` and sampling.
+    config (see :func:`load_diffusers`), ready for :func:`sdeflow.likelihood.evaluation.evaluate_bpd` and sampling.
     Weights stored pickled (which can run code when read) raise :class:`PickledWeightsError` unless
     ``allow_pickle=True``. ValueError for an unknown source or a location that does not load (in one
     line, with the loader's reason); ImportError naming the pip extra when its library is missing."""

@@ -1,7 +1,7 @@
 r"""diffusers models: a ``UNet2DModel`` (or any module with its call ``unet(x, timestep)``) with the
 config of its ``DDPMScheduler`` / ``DDIMScheduler`` / ``DPMSolverMultistepScheduler`` as an sdeflow model.
 
-The scheduler config gives the SDE (:class:`~sdeflow.noise_schedules.DiscreteVPSDE` of
+The scheduler config gives the SDE (:class:`~sdeflow.sdes.noise_levels.DiscreteVPSDE` of
 ``beta_schedule``, ``beta_start``, ``beta_end``, ``num_train_timesteps`` or ``trained_betas``) and what the
 network predicts (``prediction_type``); diffusers' image models see pixels in [−1, 1], sdeflow's
 ``"centered"`` transform (:data:`DATA_CONFIG`), so bits/dim carry its log-determinant D·log 2.
@@ -20,8 +20,8 @@ from torch import nn
 
 from ..data.transforms import ALPHA
 from ..model import PluginReverseSDE
-from ..noise_schedules import DiscreteVPSDE
-from ..sdes import sde_config
+from ..sdes.noise_levels import DiscreteVPSDE
+from ..sdes.linear import sde_config
 from .discrete import PREDICTION_TYPES, adapt_discrete
 
 __all__ = ["DATA_CONFIG", "INSTALL_HINT", "sde_from_scheduler_config", "adapt_diffusers", "load_diffusers",

@@ -2,7 +2,7 @@ r"""Discrete-time networks ε(x, n), x₀(x, n) or v(x, n) (DDPM, improved DDPM,
 
 Such a network was trained at DDPM's steps n = 1..N on :math:`x_n = \sqrt{\bar\alpha_n}\,x_0 +
 \sqrt{1-\bar\alpha_n}\,\varepsilon` and takes the step's index n − 1 (diffusers' ``timesteps``). On the
-:class:`~sdeflow.noise_schedules.DiscreteVPSDE` of its table, y_t at :math:`t_n = nT/N` is exactly that
+:class:`~sdeflow.sdes.noise_levels.DiscreteVPSDE` of its table, y_t at :math:`t_n = nT/N` is exactly that
 x_n, so the network is called at the fractional index :math:`Nt/T - 1` (an integer at the steps) and its
 output is read per ``prediction_type``:
 
@@ -25,7 +25,7 @@ from torch import nn
 
 from ..model import MIN_STD, PluginReverseSDE
 from ..nets.heads import MeanAndVariance
-from ..noise_schedules import DiscreteVPSDE
+from ..sdes.noise_levels import DiscreteVPSDE
 from ..utils import append_dims, check_choice
 
 __all__ = ["PREDICTION_TYPES", "DiscreteTimeNet", "adapt_discrete", "network_output", "noise_from_data"]
@@ -76,7 +76,7 @@ class DiscreteTimeNet(nn.Module):
         self.learned_variance = bool(learned_variance)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         if not isinstance(sde, DiscreteVPSDE):
-            raise ValueError(f"sde must be a sdeflow.noise_schedules.DiscreteVPSDE; got {type(sde).__name__}")
+            raise ValueError(f"sde must be a sdeflow.sdes.noise_levels.DiscreteVPSDE; got {type(sde).__name__}")
         self.net, self.sde, self.prediction_type = net, sde, prediction_type
 
     def first_trained_time(self) -> float:

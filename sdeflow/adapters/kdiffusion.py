@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..model import PluginReverseSDE
-from ..sdes import SDE, VESDE
+from ..sdes.linear import SDE, VESDE
 from ..utils import check_positive_float
 from .discrete import network_output, noise_from_data
 

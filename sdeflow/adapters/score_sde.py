@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..model import PluginReverseSDE
-from ..sdes import SDE
+from ..sdes.linear import SDE
 from ..utils import check_choice, check_positive_int
 from .discrete import network_output
 

@@ -1,6 +1,6 @@
 """``sdeflow eval``: bits/dim of an image data set under a trained checkpoint.
 
-Only parses arguments and calls :mod:`sdeflow.evaluation` (never the training code).
+Only parses arguments and calls :mod:`sdeflow.likelihood.evaluation` (never the training code).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .train import add_data_arguments, load_images
 
 
 def register(subparsers) -> None:
-    from ..evaluation import LikelihoodSettings
+    from ..likelihood.evaluation import LikelihoodSettings
 
     p = subparsers.add_parser(
         "eval", help="bits/dim of a data set under a trained checkpoint",
@@ -50,9 +50,9 @@ def register(subparsers) -> None:
 
 
 def run_eval(args) -> int:
-    from ..checkpoint import atomic_write_bytes
+    from ..storage.files import atomic_write_bytes
     from ..engine.distributed import init_distributed
-    from ..evaluation import LikelihoodSettings, evaluate_bpd
+    from ..likelihood.evaluation import LikelihoodSettings, evaluate_bpd
     from ..nets import MeanAndVariance
 
     settings = config_from_args(LikelihoodSettings, args)
@@ -100,9 +100,9 @@ def run_eval(args) -> int:
 def _analytic_variance(args, model, config: dict, n_steps: int):
     """The Analytic-DPM variances: from --variance-json if that file exists, else estimated on the first
     --variance-images of the training split (and written to --variance-json when given)."""
-    from ..checkpoint import atomic_write_bytes
+    from ..storage.files import atomic_write_bytes
     from ..discrete import AnalyticVariance
-    from ..evaluation import analytic_variance
+    from ..likelihood.evaluation import analytic_variance
 
     if args.variance_json and Path(args.variance_json).is_file():
         try:
@@ -117,7 +117,7 @@ def _analytic_variance(args, model, config: dict, n_steps: int):
 
 
 def heavy_tail_warning(result: dict, ode: bool = False) -> str:
-    """The one-line warning for a result of :func:`sdeflow.evaluation.evaluate_bpd` whose per-image
+    """The one-line warning for a result of :func:`sdeflow.likelihood.evaluation.evaluate_bpd` whose per-image
     bits/dim are heavy-tailed (its "heavy_tailed")."""
     hint = "" if ode else "; more --n-slices average the estimator's own noise"
     return (f"sdeflow eval: warning: the standard error ± {result['bpd_se']:.4f} is unreliable: the per-image "

@@ -88,7 +88,7 @@ def _check_json(path: str | None) -> None:
 
 
 def _write_json(path: str | None, summary: dict) -> None:
-    from ..checkpoint import atomic_write_bytes
+    from ..storage.files import atomic_write_bytes
 
     if path:
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}

@@ -10,7 +10,7 @@ the settings as a whole (built by :func:`sampler_settings_from_args`) are checke
 :meth:`~sdeflow.samplers.SamplerSettings.validate` once the checkpoint's SDE is known. So a method
 added with :func:`sdeflow.samplers.register_method` before the parser is built shows up here. The
 handlers call :mod:`sdeflow.experiments.images` (load the model, map images to and from model
-space, draw samples), :mod:`sdeflow.conditional` and :mod:`sdeflow.plotting`; each prints one line
+space, draw samples), :mod:`sdeflow.samplers.conditional` and :mod:`sdeflow.plotting`; each prints one line
 saying what it wrote, with the number of network evaluations (NFE). ``sample --out FILE.npz`` keeps
 the images themselves (uint8 (N, C, H, W), key "samples") beside their grid FILE.png. Masks and
 noise act in the model's space (after the checkpoint's data transform). Bad input: one line on
@@ -70,7 +70,7 @@ def _sampler_arguments(p, *, n_steps: int, method: str, clip: bool = False, with
     and ``clip``."""
     from ..samplers import METHODS
     from ..samplers.clipping import check_threshold
-    from ..schedules import SCHEDULES
+    from ..samplers.grids import SCHEDULES
 
     p.add_argument("--method", choices=tuple(METHODS), default=method, help=_method_help())
     p.add_argument("--n-steps", type=arg_type(check_positive_int, int, "n_steps"), default=n_steps,
@@ -146,7 +146,7 @@ def open_model(args):
         return model, config, args.model
     if args.allow_pickle:
         raise CLIError("--allow-pickle is for --model (a checkpoint of sdeflow train is read safely without it)")
-    from ..checkpoint import load_model
+    from ..storage.checkpoints import load_model
 
     model, config, step = load_model(_resolve_checkpoint(args.checkpoint), use_ema=args.ema, device=args.device)
     return model, config, f"step {step}{' (EMA)' if args.ema else ''}"
@@ -162,7 +162,7 @@ def _checkpoint_arguments(p) -> None:
 
 
 def _mask_spec(text: str) -> str:
-    from ..conditional import make_mask
+    from ..samplers.conditional import make_mask
 
     try:
         make_mask(text, (1, 4, 4))
@@ -184,7 +184,7 @@ def _conditional_arguments(p) -> None:
 
 
 def register(subparsers) -> None:
-    from ..conditional import INPAINT_SCHEMES
+    from ..samplers.conditional import INPAINT_SCHEMES
     from ..experiments.images import DEFAULT_SAMPLER
 
     p = subparsers.add_parser(
@@ -237,7 +237,7 @@ def _check_out(text: str, suffixes=(".png",)) -> Path:
 
 
 def _resolve_checkpoint(text: str) -> Path:
-    from ..checkpoint import resolve_checkpoint
+    from ..storage.checkpoints import resolve_checkpoint
 
     try:
         return resolve_checkpoint(text)
@@ -328,7 +328,7 @@ def _save_samples(images, path: Path) -> None:
 
     import numpy as np
 
-    from ..checkpoint import atomic_write_bytes
+    from ..storage.files import atomic_write_bytes
 
     buffer = io.BytesIO()
     np.savez(buffer, samples=images.cpu().numpy())
@@ -385,7 +385,7 @@ def _run_conditional(args, observe, draw, title: str, summary: str) -> int:
 def run_inpaint(args) -> int:
     import torch
 
-    from ..conditional import inpaint, make_mask
+    from ..samplers.conditional import inpaint, make_mask
 
     def observe(clean, generator):
         mask = make_mask(args.mask, clean.shape, generator=torch.Generator().manual_seed(args.seed))
@@ -405,7 +405,7 @@ def run_inpaint(args) -> int:
 def run_denoise(args) -> int:
     import torch
 
-    from ..conditional import denoise
+    from ..samplers.conditional import denoise
 
     def observe(clean, generator):
         noise_std = args.noise_std if args.noise_std is not None else float(clean.std()) / math.sqrt(args.snr)

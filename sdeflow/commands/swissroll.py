@@ -1,7 +1,7 @@
 """``sdeflow swissroll``: train, measure and draw the 2-D toy example (see :mod:`sdeflow.experiments.toy`).
 
 Only parses arguments: the training flags come from :class:`sdeflow.config.TrainConfig` (with the
-toy's defaults), the SDE from :data:`sdeflow.sdes.SDES`, the data sets from :data:`sdeflow.data.DATASETS`.
+toy's defaults), the SDE from :data:`sdeflow.sdes.linear.SDES`, the data sets from :data:`sdeflow.data.DATASETS`.
 """
 
 from __future__ import annotations

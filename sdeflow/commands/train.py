@@ -2,7 +2,7 @@
 
 Only parses arguments and calls :func:`sdeflow.experiments.images.train_images`. Every training
 setting is a flag built from :class:`sdeflow.config.TrainConfig`; the SDE and its parameters from
-:data:`sdeflow.sdes.SDES`; the data sets from :data:`sdeflow.data.DATASETS`. Under ``torchrun`` the
+:data:`sdeflow.sdes.linear.SDES`; the data sets from :data:`sdeflow.data.DATASETS`. Under ``torchrun`` the
 same command runs data-parallel (``--batch-size`` is global).
 """
 
@@ -152,7 +152,7 @@ def _model_config(args) -> dict:
 def run_train(args) -> int:
     import torch
 
-    from ..checkpoint import check_run_dir
+    from ..storage.checkpoints import check_run_dir
     from ..config import TrainConfig, build_model
     from ..engine.distributed import check_batch_divides
     from ..engine import ProgressBar, init_distributed, make_hook

@@ -8,7 +8,7 @@ All sit roughly in [-3, 3]², the scale at which the VP SDE's prior N(0, I) is a
 - :func:`checkerboard`: uniform on the eight black unit squares of a 4×4 board on [-2, 2]²;
   its exact log-density is −log 8 on the squares and −∞ off them (discontinuous at the edges).
 - :func:`gaussian_mixture`: an anisotropic four-component mixture, exact via
-  :class:`sdeflow.oracles.GaussianMixture`.
+  :class:`sdeflow.nets.oracles.GaussianMixture`.
 
 Each is registered in :data:`sdeflow.data.DATASETS` (the one data-set registry, with its exact
 log-density where known); :func:`sample_toy` and :func:`toy_log_prob` look a toy set up there by name.
@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..oracles import GaussianMixture
+from ..nets.oracles import GaussianMixture
 from ..utils import check_choice, check_nonneg_float, check_positive_int
 
 __all__ = [

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.transforms import ALPHA, NUM_LEVELS, TRANSFORMS, _bin_geometry
-from ..sdes import SDE
+from ..sdes.linear import SDE
 from ..utils import check_choice, check_positive_int, sum_except_batch
 
 __all__ = ["ForwardChain", "forward_chain", "step_chain", "prior_kl", "PixelBins", "gaussian_log_prob"]

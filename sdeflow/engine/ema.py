@@ -14,7 +14,7 @@ __all__ = ["EMA", "load_averages"]
 def load_averages(model: nn.Module, averages: dict) -> None:
     """Copy the averaged parameters ``averages`` ({name: tensor}, an EMA's state) into ``model``'s
     parameters; CheckpointError if the names do not match the model's."""
-    from ..checkpoint import CheckpointError
+    from ..storage.checkpoints import CheckpointError
 
     own = dict(model.named_parameters())
     if set(own) != set(averages):

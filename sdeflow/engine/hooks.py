@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .. import checkpoint as ckpt
+from ..storage import checkpoints as ckpt
 from ..utils import check_new_name
 
 __all__ = ["Hook", "JSONLLog", "ProgressBar", "SampleFigures", "ElboMonitor", "SampleMetrics", "TimeBudget", "HOOKS",
@@ -137,7 +137,7 @@ class ElboMonitor(Hook):
     mean ELBO of the EMA model on a batch, in ``unit`` ("nats" per example, or "bits/dim", where
     lower is better); records {"event": "elbo", "step", "elbo", "running_elbo", "unit"}, the running
     value an exponential average 0.7·old + 0.3·new, which survives a resume. It runs on every rank,
-    so that an estimate that is itself data-parallel (:mod:`sdeflow.evaluation`) joins its collectives."""
+    so that an estimate that is itself data-parallel (:mod:`sdeflow.likelihood.evaluation`) joins its collectives."""
     name = "elbo_monitor"
     all_ranks = True
 

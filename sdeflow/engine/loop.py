@@ -1,7 +1,7 @@
 r"""The one training loop, for the toy example and the images alike.
 
 :func:`fit` minimises the per-example denoising score matching loss of
-:func:`sdeflow.losses.dsm` (second-order DSM added in the last ``second_order_fraction`` of the
+:func:`sdeflow.training.losses.dsm` (second-order DSM added in the last ``second_order_fraction`` of the
 steps; for a network with a variance head, plus the discrete bound's terms that train it, see
 :class:`DSMObjective`) with Adam, the learning rate of :meth:`TrainConfig.lr_at` and optional gradient clipping,
 and keeps an :class:`~sdeflow.engine.ema.EMA` of the parameters. Around the steps:
@@ -16,7 +16,7 @@ and keeps an :class:`~sdeflow.engine.ema.EMA` of the parameters. Around the step
 - SIGTERM and SIGINT set a flag checked after every step: a checkpoint of the current step is
   written, then :class:`TrainingInterrupted` is raised. A hook may stop training the same way
   (:class:`~sdeflow.engine.hooks.TimeBudget`), without the exception.
-- A failed checkpoint write raises :class:`~sdeflow.checkpoint.CheckpointWriteError`; the previous
+- A failed checkpoint write raises :class:`~sdeflow.storage.checkpoints.CheckpointWriteError`; the previous
   checkpoint is untouched.
 - Under torch.distributed the global batch is split evenly across ranks and gradients are averaged
   by DDP; rank 0 writes checkpoints and runs the hooks.
@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import checkpoint as ckpt
+from ..storage import checkpoints as ckpt
 from ..config import TrainConfig
 from ..discrete import LearnedVariance, PixelBins, forward_chain, variance_loss
-from ..losses import dsm
+from ..training.losses import dsm
 from ..nets.heads import MeanAndVariance
 from ..utils import check_t_min
 from .distributed import all_gather_objects, all_reduce, check_batch_divides, world_info
@@ -334,7 +334,7 @@ def fit(model, batches, config: TrainConfig, run_dir, model_config: dict, *, res
 
     Returns {"step", "checkpoint", "skipped", "seconds", "ema_model"}. Raises
     :class:`NonFiniteError`, :class:`TrainingInterrupted`,
-    :class:`~sdeflow.checkpoint.CheckpointWriteError`, ``ValueError``.
+    :class:`~sdeflow.storage.checkpoints.CheckpointWriteError`, ``ValueError``.
     """
     trainer = Trainer(model, batches, config, run_dir, model_config, device=device, hooks=list(hooks))
     trainer.setup(resume)

@@ -2,5 +2,5 @@
 
 :mod:`sdeflow.experiments.images` (U-Net models of image data sets) and
 :mod:`sdeflow.experiments.toy` (the 2-D toy example) both train with :func:`sdeflow.engine.fit`
-and measure with :mod:`sdeflow.evaluation`.
+and measure with :mod:`sdeflow.likelihood.evaluation`.
 """

@@ -2,7 +2,7 @@
 
 Composition only: the data path uint8 → model space and back lives with the data
 (:func:`sdeflow.data.transforms.preprocess`, ``postprocess``, ``check_images``), loading a trained
-model with the checkpoints (:func:`sdeflow.checkpoint.load_model`).
+model with the checkpoints (:func:`sdeflow.storage.checkpoints.load_model`).
 """
 
 from __future__ import annotations
@@ -96,11 +96,11 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
     from ..data.transforms import data_range
     from ..engine import DatasetBatches, ElboMonitor, JSONLLog, SampleFigures, SampleMetrics, fit
     from ..samplers.clipping import describe_clipping
-    from ..evaluation import evaluate_bpd
-    from ..likelihood_settings import LikelihoodSettings
+    from ..likelihood.evaluation import evaluate_bpd
+    from ..likelihood.settings import LikelihoodSettings
     from ..plotting import save_image_grid
 
-    from ..losses import MAX_SECOND_ORDER_DIM
+    from ..training.losses import MAX_SECOND_ORDER_DIM
     from ..samplers import SamplerSettings
 
     config.validate()

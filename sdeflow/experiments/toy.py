@@ -1,5 +1,5 @@
 r"""The 2-D toy example: train a plug-in reverse SDE on a toy data set with the one loop, measure it
-with :mod:`sdeflow.evaluation`, and draw it. ``sdeflow swissroll`` and ``examples/swissroll.py``
+with :mod:`sdeflow.likelihood.evaluation`, and draw it. ``sdeflow swissroll`` and ``examples/swissroll.py``
 only parse arguments and call :func:`run_toy`.
 
 Training (:func:`sdeflow.engine.fit`) minimises the DSM loss on fresh data each step; by default
@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checkpoint import atomic_write_bytes
+from ..storage.files import atomic_write_bytes
 from ..config import TrainConfig, build_model, model_config
 from ..data import get_dataset
 from ..engine.hooks import LOG_NAME, read_log
 from ..engine.state import STREAM_MONITOR, STREAM_MONITOR_DATA, make_generator, step_seed
-from ..elbo import elbo, fit_time_proposal
-from ..evaluation import LikelihoodSettings, log_likelihood
-from ..statistics import mean_se
+from ..likelihood.elbo import elbo, fit_time_proposal
+from ..likelihood.evaluation import LikelihoodSettings, log_likelihood
+from ..likelihood.statistics import mean_se
 from ..metrics import sliced_wasserstein
 from ..plotting import lmbd_key, plot_points, plot_samples, plot_training, plot_trajectories
 from ..samplers import SamplerSettings, Trace, sample

@@ -198,7 +198,7 @@ def classifier_accuracy(net: ClassifierNet, images: torch.Tensor, labels: torch.
 def save_classifier(net: ClassifierNet, path: str | os.PathLike, info: dict | None = None) -> Path:
     """Write ``net`` (its configuration and weights, on the CPU) and ``info`` (plain values: data set,
     accuracy, ...) atomically to ``path``; returns the path."""
-    from ..checkpoint import atomic_write_bytes
+    from ..storage.files import atomic_write_bytes
 
     if not isinstance(net, ClassifierNet):
         raise ValueError(f"net must be a ClassifierNet; got {type(net).__name__}")

@@ -289,7 +289,7 @@ def reference_statistics(net: nn.Module, images: torch.Tensor, *, cache: str | o
     images (their SHA-256) and the same ``keep``; otherwise computed and written there atomically.
     A cache file that cannot be read counts as absent and is replaced. ``callback`` as for
     :func:`image_metrics` (reports name the images "reference")."""
-    from ..checkpoint import atomic_write_bytes
+    from ..storage.files import atomic_write_bytes
 
     check_uint8_images("images", images)
     key = json.dumps({"network": module_digest(net), "images": _images_digest(images.cpu()), "keep": keep},

@@ -3,14 +3,14 @@ r"""Samplers: integrate the generative λ-family of a model from t = T down to t
 A run is described by a :class:`SamplerSettings` (method, steps, λ, time grid, t_min, the method's
 options) and drawn by :func:`sample`, which returns the samples. What happens along the way (the
 state after each step, the network evaluations so far) reaches a ``callback``; :class:`Trace` is
-one that keeps it. :func:`sdeflow.ode.sample_ode` solves the probability-flow ODE with an adaptive
+one that keeps it. :func:`sdeflow.likelihood.ode.sample_ode` solves the probability-flow ODE with an adaptive
 torchdiffeq solver instead.
 
 The layout: :mod:`~sdeflow.samplers.registry` says what a method is and holds ``METHODS``;
 :mod:`~sdeflow.samplers.methods` holds the built-in methods and the equations each step
 implements; :mod:`~sdeflow.samplers.settings` holds the rules a run must satisfy;
 :mod:`~sdeflow.samplers.clipping` keeps x̂₀ in the data's range for every method; the time grids
-are :mod:`sdeflow.schedules`'.
+are :mod:`sdeflow.samplers.grids`'.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..schedules import time_grid
+from .grids import time_grid
 from ..utils import model_device_dtype
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .clipping import ClippedModel, clip_prediction
@@ -42,7 +42,7 @@ def sample(model: PluginReverseSDE, shape, settings: SamplerSettings | None = No
     r"""Samples of shape ``shape`` (B, ...): the λ-family integrated from ``t_start`` (default T) to
     t_min by ``settings`` (default :class:`SamplerSettings`\ (): 1000 Euler–Maruyama steps of the
     reverse SDE, λ = 0, to t = 0). On the grid :math:`t_0 > \dots > t_N` of
-    :func:`~sdeflow.schedules.time_grid`, :math:`x_{i+1} = \mathrm{step}(x_i, t_i, t_{i+1})`, the
+    :func:`~sdeflow.samplers.grids.time_grid`, :math:`x_{i+1} = \mathrm{step}(x_i, t_i, t_{i+1})`, the
     step being the method's (see :mod:`sdeflow.samplers.methods`).
 
     Starts from ``x_T`` if given, else from a prior draw with ``generator``, which also draws every
@@ -84,7 +84,7 @@ def _settings(settings) -> SamplerSettings:
 
 
 class Trace:
-    """A callback for :func:`sample`, :func:`sdeflow.ode.sample_ode` and the conditional samplers
+    """A callback for :func:`sample`, :func:`sdeflow.likelihood.ode.sample_ode` and the conditional samplers
     that keeps what they report: ``nfe`` (network evaluations of the run so far), ``times`` (the
     time of each report, floats) and, with ``keep_states``, ``states`` (the state at each report,
     on its device). ``last`` is the last report as given."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from ..schedules import SCHEDULES
+from .grids import SCHEDULES
 from ..utils import check_choice, check_new_name
 
 __all__ = ["Option", "Method", "METHODS", "register_method"]
@@ -120,7 +120,7 @@ METHODS: dict[str, Method] = {}
 
 def register_method(name: str, method: Method) -> Method:
     """Add ``method`` to ``METHODS`` under ``name``, so that :func:`~sdeflow.samplers.sample` (and
-    everything built on it: :mod:`sdeflow.conditional`, the command line) can use it. Refuses a
+    everything built on it: :mod:`sdeflow.samplers.conditional`, the command line) can use it. Refuses a
     name already taken and a ``Method`` whose defaults contradict themselves (``ValueError``).
     Returns ``method``."""
     check_new_name(name, METHODS, "method")

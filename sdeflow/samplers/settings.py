@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from ..schedules import SCHEDULES, SCHEDULES_NEEDING_POSITIVE_T_MIN, check_time_span
+from .grids import SCHEDULES, SCHEDULES_NEEDING_POSITIVE_T_MIN, check_time_span
 from ..utils import check_choice, check_positive_int
 from .clipping import check_clip, check_threshold
 from .registry import METHODS

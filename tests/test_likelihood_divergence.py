@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sdeflow.divergence import divergence, make_probe
+from sdeflow.likelihood.divergence import divergence, make_probe
 
 
 def _field():

@@ -28,8 +28,8 @@ from typing import Callable
 
 import torch
 
-from .sdes import SDE
-from .utils import check_choice, check_positive_int, check_t_min
+from ..sdes.linear import SDE
+from ..utils import check_choice, check_positive_int, check_t_min
 
 __all__ = ["TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "T_EPS_FRACTION", "T_MIN_FRACTION",
            "TIME_SAMPLINGS", "clamped_rate", "truncation_time", "make_proposal", "fit_proposal", "optimal_strata"]
@@ -287,7 +287,7 @@ def make_proposal(sde: SDE, time_sampling, t_min: float = 0.0) -> TimeProposal:
     """The time proposal on [t_min, T] named ``time_sampling``: "uniform", or "importance" (q ∝ g²/v at
     max(t, t_ε), t_ε of :func:`truncation_time`); a :class:`TimeProposal` is returned as it is, if its
     support starts at t_min. A "fitted" proposal is a value that :func:`fit_proposal` (for the ELBO,
-    :func:`sdeflow.elbo.fit_time_proposal`) returns: pass that instead of the name."""
+    :func:`sdeflow.likelihood.elbo.fit_time_proposal`) returns: pass that instead of the name."""
     if isinstance(time_sampling, TimeProposal):
         if time_sampling.t_min != t_min:
             raise ValueError(f"t_min ({t_min}) must be the start of the time proposal's support "

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .utils import check_choice, sum_except_batch
+from ..utils import check_choice, sum_except_batch
 
 __all__ = ["divergence", "make_probe", "DIVERGENCES", "PROBES"]
 

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .utils import check_choice, check_positive_float, check_positive_int, check_t_min
+from ..utils import check_choice, check_positive_float, check_positive_int, check_t_min
 
 __all__ = ["time_grid", "check_time_span", "SCHEDULES", "SCHEDULES_NEEDING_POSITIVE_T_MIN"]
 

@@ -33,8 +33,8 @@ import math
 
 import torch
 
-from .sdes import IntegratedRateVPSDE, register_sde
-from .utils import check_choice, check_positive_float, check_positive_int
+from .linear import IntegratedRateVPSDE, register_sde
+from ..utils import check_choice, check_positive_float, check_positive_int
 
 __all__ = ["CosineVPSDE", "DiscreteVPSDE", "BETA_SCHEDULES", "discrete_alphas_cumprod"]
 
@@ -117,7 +117,7 @@ class DiscreteVPSDE(IntegratedRateVPSDE):
     so B increases strictly, β = B' > 0 is continuous and λ = −log(e^B − 1) decreases strictly.
 
     The table is rebuilt from ``(beta_schedule, beta_start, beta_end, num_train_timesteps)`` as diffusers builds it
-    (:func:`discrete_alphas_cumprod`), so :func:`sdeflow.sdes.sde_config` stores the SDE in a
+    (:func:`discrete_alphas_cumprod`), so :func:`sdeflow.sdes.linear.sde_config` stores the SDE in a
     checkpoint; ``beta_schedule="given"`` takes ``alphas_cumprod`` (a tuple of N numbers, strictly
     decreasing in (0, 1)) instead, which works everywhere but in a checkpoint's config (sde_config
     stores plain numbers only).

@@ -23,8 +23,8 @@ import torch
 
 from .divergence import DIVERGENCES, PROBES
 from .divergence import divergence as field_divergence
-from .time_sampling import T_MIN_FRACTION, FittedTime, TimeProposal, fit_proposal, make_proposal
-from .utils import check_choice, check_finite, check_positive_int, check_t_min, sum_except_batch
+from .time_proposals import T_MIN_FRACTION, FittedTime, TimeProposal, fit_proposal, make_proposal
+from ..utils import check_choice, check_finite, check_positive_int, check_t_min, sum_except_batch
 
 __all__ = ["elbo", "elbo_integrand", "denoising_terms", "fit_time_proposal", "default_t_min",
            "decoder_log_weight", "chunk_size_for"]
@@ -100,7 +100,7 @@ def fit_time_proposal(model, x: torch.Tensor, *, n_bins: int = 32, max_examples:
                       divergence: str = "hutchinson", generator: torch.Generator | None = None) -> FittedTime:
     """The ELBO's fitted time proposal on [t_min, T] (default t_min: :func:`default_t_min`), fitted to
     the denoising integrand h₀ and its control variate w on a pilot batch (at most ``max_examples`` of
-    x; one draw of t per bin and example) by :func:`~sdeflow.time_sampling.fit_proposal`: per bin the
+    x; one draw of t per bin and example) by :func:`~sdeflow.likelihood.time_proposals.fit_proposal`: per bin the
     coefficient c of h₀ + c·w of least variance, and q ∝ √E[(h₀ + c w)²]. Costs n_bins × examples
     forward passes, ``chunk_size`` at a time (default :func:`chunk_size_for`). With
     ``divergence="exact"`` (low-dimensional data only) the pilot also measures the Hutchinson form with
@@ -141,9 +141,9 @@ def elbo(model, x: torch.Tensor, *, n_slices: int = 1, time_sampling="fitted", p
     one in each stratum of q (quantile range of mass w_k: equal quantiles, or for a fitted proposal the
     strata that cut the variance most); unbiased, and never noisier than K independent draws. The prior
     term is in closed form. ``time_sampling``: "uniform", "importance" (q ∝ g²/v) or any
-    :class:`~sdeflow.time_sampling.TimeProposal` take h in the Hutchinson form (divergence by
+    :class:`~sdeflow.likelihood.time_proposals.TimeProposal` take h in the Hutchinson form (divergence by
     ``divergence`` = "hutchinson" with a ``probe``, or "exact"; sdeflow-light's slice); a
-    :class:`~sdeflow.time_sampling.FittedTime` of :func:`fit_time_proposal` (lowest variance, one forward
+    :class:`~sdeflow.likelihood.time_proposals.FittedTime` of :func:`fit_time_proposal` (lowest variance, one forward
     pass per draw) takes the denoising form h₀ + c·w with its bin's coefficient c (and the exact
     Hutchinson form in the bins it flags); "fitted" (the default) fits one on this batch first.
     Differentiable when grad is enabled.

@@ -1,4 +1,4 @@
-"""sdeflow.evaluation: log-likelihoods over data sets against closed forms, reproducibility, and
+"""sdeflow.likelihood.evaluation: log-likelihoods over data sets against closed forms, reproducibility, and
 the promise that `sdeflow eval` never loads the training loop."""
 
 import math
@@ -12,10 +12,10 @@ import sdeflow
 from sdeflow import LikelihoodSettings
 from sdeflow.data import get_dataset
 from sdeflow.data.transforms import truncated_normal_scale
-from sdeflow.evaluation import (EvaluationError, evaluate_bpd, log_likelihood,
+from sdeflow.likelihood.evaluation import (EvaluationError, evaluate_bpd, log_likelihood,
                                 noise_level_time, quantization_time)
-from sdeflow.oracles import ExactScoreNet, GaussianMixture
-from sdeflow.statistics import mean_se, tail_diagnostics
+from sdeflow.nets.oracles import ExactScoreNet, GaussianMixture
+from sdeflow.likelihood.statistics import mean_se, tail_diagnostics
 
 from oracle_helpers import SDES, exact_model, expected_elbo, expected_ode_log_prob, gaussian
 from sdeflow.experiments import images as images_app

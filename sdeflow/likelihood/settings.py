@@ -1,23 +1,23 @@
-"""What a likelihood estimate is, as one value shared by the Python API (:mod:`sdeflow.evaluation`) and
+"""What a likelihood estimate is, as one value shared by the Python API (:mod:`sdeflow.likelihood.evaluation`) and
 ``sdeflow eval``: which bound, and every setting it takes."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import config_field, validate_fields
+from ..config import config_field, validate_fields
 from .divergence import DIVERGENCES, PROBES
 from .elbo import default_t_min
 from .ode import ADAPTIVE_SOLVERS
-from .time_sampling import TIME_SAMPLINGS
-from .utils import check_nonneg_float, check_positive_float, check_positive_int, check_t_min
+from .time_proposals import TIME_SAMPLINGS
+from ..utils import check_nonneg_float, check_positive_float, check_positive_int, check_t_min
 
 __all__ = ["LikelihoodSettings", "BOUNDS", "DEQUANTIZATIONS", "VARIANCES", "STEP_SAMPLINGS"]
 
 
 def _check_variance(name: str, value):
     """A variance name is checked against its choices; in its place an AnalyticVariance value is allowed."""
-    from .discrete import AnalyticVariance
+    from ..discrete import AnalyticVariance
 
     if not isinstance(value, (str, AnalyticVariance)):
         raise ValueError(f"{name} must be one of {', '.join(repr(v) for v in VARIANCES)} or an AnalyticVariance; "

@@ -1,4 +1,4 @@
-"""The probability-flow ODE (``sdeflow.ode``) against closed forms: a diagonal Gaussian under a linear
+"""The probability-flow ODE (``sdeflow.likelihood.ode``) against closed forms: a diagonal Gaussian under a linear
 SDE has an exact score (``ExactScoreNet``) and an exact probability-flow map."""
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sdeflow
-from sdeflow.ode import probability_flow_velocity
+from sdeflow.likelihood.ode import probability_flow_velocity
 from sdeflow.samplers import Trace
 from oracle_helpers import _one_thread  # noqa: F401 (fixture)
 from oracle_helpers import (SDES, assert_gaussian_moments, exact_flow, exact_model, expected_ode_log_prob, gaussian,

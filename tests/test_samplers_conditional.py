@@ -1,5 +1,5 @@
 """Conditional generation against closed forms: a correlated 4-D Gaussian has an exact score under
-every linear SDE and an exact conditional / posterior (sdeflow.oracles.FullCovarianceGaussian)."""
+every linear SDE and an exact conditional / posterior (sdeflow.nets.oracles.FullCovarianceGaussian)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import sdeflow
-from sdeflow.conditional import denoise, inpaint, make_mask, noise_time, posterior_sample
-from sdeflow.oracles import ExactScoreNet, FullCovarianceGaussian
+from sdeflow.samplers.conditional import denoise, inpaint, make_mask, noise_time, posterior_sample
+from sdeflow.nets.oracles import ExactScoreNet, FullCovarianceGaussian
 from sdeflow.samplers import SamplerSettings, Trace
 
 SDES = {

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from sdeflow import checkpoint as ckpt
+from sdeflow.storage import checkpoints as ckpt
 
 CONFIG = {"dataset": "cifar10", "net": {"preset": "small", "in_channels": 3, "channel_mult": [1, 2]}}
 
@@ -130,7 +130,7 @@ def test_directory_refusing_new_files_gives_clear_error(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(ckpt.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
     with pytest.raises(ckpt.CheckpointWriteError, match="could not write .*Permission denied"):
         ckpt.save_checkpoint(tmp_path / "ckpt-00000004.pt", _state(4))
     monkeypatch.undo()

@@ -3,7 +3,7 @@ r"""Training losses: denoising score matching (first and second order) and its w
 With :math:`y_t = m(t)\,x + std(t)\,\varepsilon`, the loss at time t is
 :math:`\lambda(t)\,\ell(t)`, :math:`\ell(t) = \tfrac12\|std\cdot s(y_t, t) + \varepsilon\|^2`, and the
 objective is :math:`\tfrac1T\int_{t_{min}}^T \lambda\,\ell\,dt`, estimated with times drawn from a time
-proposal (:mod:`sdeflow.time_sampling`). ``WEIGHTINGS`` holds the λ(t): 1 (``"noise"``, the DDPM
+proposal (:mod:`sdeflow.likelihood.time_proposals`). ``WEIGHTINGS`` holds the λ(t): 1 (``"noise"``, the DDPM
 ε-loss) or :math:`T g^2/v` (``"likelihood"``, the DSM form of the ELBO's path term,
 :math:`\int\tfrac12\|a + g\varepsilon/std\|^2 dt`).
 """
@@ -14,9 +14,9 @@ from typing import Callable
 
 import torch
 
-from .sdes import SDE
-from .time_sampling import make_proposal, truncation_time
-from .utils import as_time, check_choice, check_finite, check_new_name, check_nonneg_float, check_t_min, sum_except_batch
+from ..sdes.linear import SDE
+from ..likelihood.time_proposals import make_proposal, truncation_time
+from ..utils import as_time, check_choice, check_finite, check_new_name, check_nonneg_float, check_t_min, sum_except_batch
 
 __all__ = ["dsm", "WEIGHTINGS", "register_weighting", "noise_weighting", "likelihood_weighting",
            "MAX_SECOND_ORDER_DIM"]
@@ -35,7 +35,7 @@ def likelihood_weighting(sde: SDE, t: torch.Tensor) -> torch.Tensor:
     r""":math:`\lambda(t) = T\,g(t)^2 / v(t)`: the DSM form of the ELBO's path term,
     :math:`\tfrac1T\int \lambda\,\ell\,dt = \int \tfrac12\|a + g\varepsilon/std\|^2 dt`. It diverges
     like 1/t at 0; :func:`dsm` evaluates every weighting at max(t, t_ε). It is T·Z times the density of
-    :class:`~sdeflow.time_sampling.ImportanceTime` with the same t_ε, so with
+    :class:`~sdeflow.likelihood.time_proposals.ImportanceTime` with the same t_ε, so with
     ``time_sampling="importance"`` the estimate's time weight is the constant Z. (B,) -> (B,)."""
     return sde.T * sde.g2(t) / sde.var(t)
 
@@ -68,10 +68,10 @@ def dsm(model, x: torch.Tensor, *, time_sampling="uniform", weighting: str = "no
     w = λ(max(t, t_ε)) with λ = ``WEIGHTINGS[weighting]``. It covers t in [t_min, T]: with ``t_min`` = 0
     (sdeflow-light's) the weighting is truncated below t_ε = 10⁻³T, where the likelihood weighting
     diverges; with ``t_min`` > 0, t_ε = t_min and the likelihood-weighted loss is exactly the path term of
-    the ELBO started at t_min (:func:`sdeflow.elbo.elbo`).
+    the ELBO started at t_min (:func:`sdeflow.likelihood.elbo.elbo`).
     The value estimates :math:`\tfrac1T\int_{t_{min}}^T w\,\ell\,dt` as :math:`w\ell/(T q(t))` with t ~ q
     (``time_sampling``: "uniform", "importance" ∝ g²/v at max(t, t_ε), or a
-    :class:`~sdeflow.time_sampling.TimeProposal` on [t_min, T]), unbiased for every proposal.
+    :class:`~sdeflow.likelihood.time_proposals.TimeProposal` on [t_min, T]), unbiased for every proposal.
     ``stratified_time`` draws example k's time from the k-th of B equal quantile ranges of q (a
     low-discrepancy sampler, as VDM's): the same objective with less variance. Pass ``t`` (B,) to
     evaluate :math:`w\,\ell(t)` at given times instead.

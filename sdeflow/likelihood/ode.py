@@ -21,11 +21,11 @@ from torchdiffeq import odeint
 from .divergence import DIVERGENCES, make_probe
 from .divergence import divergence as field_divergence
 from .elbo import decoder_log_weight
-from .schedules import check_time_span
-from .utils import check_choice, check_finite, check_t_min, model_device_dtype
+from ..samplers.grids import check_time_span
+from ..utils import check_choice, check_finite, check_t_min, model_device_dtype
 
 if TYPE_CHECKING:
-    from .model import PluginReverseSDE
+    from ..model import PluginReverseSDE
 
 __all__ = ["sample_ode", "log_prob_ode", "odeint_within", "probability_flow_velocity", "SOLVERS", "ADAPTIVE_SOLVERS",
            "FIXED_GRID_SOLVERS"]

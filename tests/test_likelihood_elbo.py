@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import sdeflow
-from sdeflow.elbo import default_t_min, denoising_terms, elbo_integrand
-from sdeflow.oracles import GaussianMixture
-from sdeflow.statistics import tail_diagnostics
+from sdeflow.likelihood.elbo import default_t_min, denoising_terms, elbo_integrand
+from sdeflow.nets.oracles import GaussianMixture
+from sdeflow.likelihood.statistics import tail_diagnostics
 from oracle_helpers import SDES, OffsetNoiseNet, exact_model, expected_elbo, expected_truncated_elbo, gaussian
 
 

@@ -4,7 +4,7 @@ What to estimate travels as one :class:`LikelihoodSettings` (bound, slices, time
 divergence, t_min, dequantization, tolerances), shared by the Python API and the command line.
 
 For examples x₁…x_N and per-example estimates ℓᵢ (an unbiased ELBO of
-:func:`sdeflow.elbo.elbo`, or :func:`sdeflow.ode.log_prob_ode`), the result is the mean
+:func:`sdeflow.likelihood.elbo.elbo`, or :func:`sdeflow.likelihood.ode.log_prob_ode`), the result is the mean
 ℓ̄ = (1/N)Σᵢℓᵢ with standard error sd(ℓ)/√N, which covers both the spread between examples and the
 estimator's own noise. With ``time_sampling="fitted"`` the ELBO's time proposal is first fitted on a
 pilot batch of the first examples, with its own seed, and handed to every batch's estimate. Every batch draws its noise from a generator
@@ -25,7 +25,7 @@ batch. Rerun at a tighter tolerance to bound it.
 Whether the standard error can be trusted: sd/√N assumes the sample variance is a stable estimate,
 which fails when a few examples carry most of it (a heavy tail: near t → 0 an ε network's ELBO
 integrand grows like ‖ε̂‖²/(2t), and single draws can be huge, which is why the estimators stop
-at t_min > 0 by default). :func:`sdeflow.statistics.tail_diagnostics` measures it and every result carries its
+at t_min > 0 by default). :func:`sdeflow.likelihood.statistics.tail_diagnostics` measures it and every result carries its
 "tail_share", "tail_count", "kurtosis" and "heavy_tailed".
 
 Split of the variance. Scoring the same examples twice with two seeds gives ℓ¹, ℓ² whose
@@ -45,12 +45,12 @@ import numpy as np
 import torch
 
 from .elbo import elbo, fit_time_proposal
-from .engine.distributed import all_gather_objects, world_info
-from .engine.state import STREAM_EVAL, STREAM_PILOT, make_generator, step_seed
-from .likelihood_settings import BOUNDS, DEQUANTIZATIONS, LikelihoodSettings
+from ..engine.distributed import all_gather_objects, world_info
+from ..engine.state import STREAM_EVAL, STREAM_PILOT, make_generator, step_seed
+from .settings import BOUNDS, DEQUANTIZATIONS, LikelihoodSettings
 from .ode import log_prob_ode
 from .statistics import mean_se, tail_diagnostics
-from .utils import check_positive_int, model_device_dtype
+from ..utils import check_positive_int, model_device_dtype
 
 __all__ = ["LikelihoodSettings", "BOUNDS", "DEQUANTIZATIONS", "noise_level_time", "quantization_time",
            "EvaluationError", "log_likelihood", "evaluate_bpd", "analytic_variance"]
@@ -106,7 +106,7 @@ def _estimator(model, n: int, batch: Callable, settings: LikelihoodSettings, see
 def _discrete_estimator(model, n: int, batch: Callable, settings: LikelihoodSettings, seed: int, device, bins):
     """The discrete bound's ``estimate`` (see :func:`_estimator`), its sampled steps drawn from a proposal
     fitted once on the first examples when ``settings.step_sampling`` is "fitted"."""
-    from .discrete import discrete_bound, fit_step_proposal, forward_chain
+    from ..discrete import discrete_bound, fit_step_proposal, forward_chain
 
     s = settings
     if s.variance == "analytic":
@@ -174,7 +174,7 @@ def log_likelihood(model, x: torch.Tensor | None = None, *, n: int | None = None
 
     Returns {"mean", "se", "per_example" (N,) float64, "n", "seconds", "estimator" (the line of
     :meth:`LikelihoodSettings.describe`), "tail_share", "tail_count", "kurtosis", "heavy_tailed" (of
-    :func:`~sdeflow.statistics.tail_diagnostics`: whether "se" can be trusted)} and, for the ODE and the
+    :func:`~sdeflow.likelihood.statistics.tail_diagnostics`: whether "se" can be trusted)} and, for the ODE and the
     discrete bound, "nfe" (mean network evaluations per batch). The ODE's "se" includes the Hutchinson
     probe's noise (each example has its own probe), not the solver's error (see the module's notes).
     Raises :class:`EvaluationError` if any estimate is not finite.
@@ -225,7 +225,7 @@ def quantization_time(sde, data_config: dict) -> float:
     noise level std/m equals σ = :func:`~sdeflow.data.transforms.truncated_normal_scale` (the narrowest
     half-bin of a pixel over 3). The images' bound starts there by default (:func:`evaluate_bpd`);
     ``TrainConfig.loss_t_min`` set to it trains on that same bound."""
-    from .data.transforms import truncated_normal_scale
+    from ..data.transforms import truncated_normal_scale
 
     return noise_level_time(sde, truncated_normal_scale(data_config["transform"], data_config["alpha"]))
 
@@ -238,8 +238,8 @@ def analytic_variance(model, images: torch.Tensor, config: dict, n_steps: int, *
     from t_1 = T/n_steps to T (N·n_grid forward passes; Γ is smooth in log-SNR and interpolated between
     them), on the images dequantised uniformly. Returns the
     :class:`~sdeflow.discrete.AnalyticVariance` value (keep it with ``to_state``)."""
-    from .data.transforms import check_images, preprocess
-    from .discrete import estimate_analytic_variance, forward_chain
+    from ..data.transforms import check_images, preprocess
+    from ..discrete import estimate_analytic_variance, forward_chain
 
     images = check_images(images, config)
     n_grid = check_positive_int("n_grid", n_grid)
@@ -264,7 +264,7 @@ def _image_batches(model, images: torch.Tensor, data: dict, dequantization: str,
     """``batch(start, stop, generator) -> (y, logdet)`` of uint8 ``images`` in model space: dequantised
     (uniformly, or by the truncated normal with its log-weight), or for the discrete bound (``bins``) the
     bins' centres with logdet D ln 256, so that bits_per_dim's 8 cancels and bpd = −log P(x)/(D ln 2)."""
-    from .data.transforms import preprocess, truncated_normal_dequantize, truncated_normal_scale
+    from ..data.transforms import preprocess, truncated_normal_dequantize, truncated_normal_scale
 
     num_dims = int(np.prod(images.shape[1:]))
     sigma = truncated_normal_scale(data["transform"], data["alpha"])
@@ -310,9 +310,9 @@ def evaluate_bpd(model, images: torch.Tensor, config: dict, settings: Likelihood
     "tail_share", "tail_count", "kurtosis", "heavy_tailed", "nfe" (ODE)}, the last six as in
     :func:`log_likelihood`; the same on every rank, reproducible for a given seed and batch size.
     """
-    from .adapters import bound_start
-    from .data.transforms import bits_per_dim, check_images
-    from .discrete import PixelBins
+    from ..adapters import bound_start
+    from ..data.transforms import bits_per_dim, check_images
+    from ..discrete import PixelBins
 
     settings = (settings or LikelihoodSettings()).validate(model.T)
     images = check_images(images, config)

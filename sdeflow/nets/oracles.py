@@ -14,9 +14,9 @@ import math
 import torch
 from torch import nn
 
-from .model import velocity_coefficients
-from .sdes import SDE
-from .utils import append_dims
+from ..model import velocity_coefficients
+from ..sdes.linear import SDE
+from ..utils import append_dims
 
 __all__ = ["GaussianMixture", "ExactScoreNet", "FullCovarianceGaussian"]
 

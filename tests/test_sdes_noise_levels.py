@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import sdeflow
-from sdeflow.noise_schedules import CosineVPSDE, DiscreteVPSDE, discrete_alphas_cumprod
-from sdeflow.sdes import make_sde, sde_config
+from sdeflow.sdes.noise_levels import CosineVPSDE, DiscreteVPSDE, discrete_alphas_cumprod
+from sdeflow.sdes.linear import make_sde, sde_config
 
 SCHEDULES = {
     "cosine": lambda: CosineVPSDE(),

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from sdeflow.time_sampling import FittedTime, ImportanceTime, UniformTime, fit_proposal
+from sdeflow.likelihood.time_proposals import FittedTime, ImportanceTime, UniformTime, fit_proposal
 from oracle_helpers import SDES
 
 

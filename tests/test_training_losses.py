@@ -7,8 +7,8 @@ import torch
 from scipy import integrate
 
 import sdeflow
-from sdeflow.time_sampling import ImportanceTime, fit_proposal
-from sdeflow.oracles import GaussianMixture
+from sdeflow.likelihood.time_proposals import ImportanceTime, fit_proposal
+from sdeflow.nets.oracles import GaussianMixture
 from oracle_helpers import SDES, exact_model, gaussian
 from test_model import lambda_net
 

@@ -24,10 +24,11 @@ import io
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .files import TMP_PREFIX as _TMP_PREFIX, CheckpointWriteError, atomic_write_bytes
 
 __all__ = [
     "CheckpointError", "CheckpointWriteError", "FORMAT", "VERSION", "save_checkpoint", "load_checkpoint",
@@ -38,79 +39,10 @@ __all__ = [
 FORMAT = "sdeflow-checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
-_TMP_PREFIX = ".ckpt-writing-"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, corrupt, unsafe or for another model."""
-
-
-class CheckpointWriteError(OSError):
-    """Writing a checkpoint failed (disk full, directory unwritable); the previous files are intact.
-
-    ``errno`` is the operating system's error number; ``str()`` is the one-line message."""
-
-    def __init__(self, errno_: int | None, message: str):
-        super().__init__(errno_, message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def _fsync_directory(directory: Path) -> None:
-    # The rename is durable only once the directory entry is on disk; not every OS allows
-    # opening a directory, which is harmless to skip.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``.
-
-    Raises :class:`CheckpointWriteError` (an ``OSError``) naming the path if any step fails; the
-    temporary file is removed and whatever ``path`` held before is untouched.
-    """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    tmp_name = None
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
-        _fsync_directory(directory)
-    except OSError as err:
-        reason = err.strerror or str(err)
-        raise CheckpointWriteError(err.errno, f"could not write {path}: {reason}") from err
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
-
-
-def save_figure(fig, path, **savefig_kwargs) -> Path:
-    """Render a matplotlib figure to PNG in memory, close it, and write it atomically to ``path``."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", **savefig_kwargs)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
 
 
 def save_checkpoint(path, state: dict) -> Path:
@@ -274,8 +206,8 @@ def resolve_checkpoint(path) -> Path:
 def load_model(path, *, use_ema: bool = True, device="cpu", expected_config: dict | None = None):
     """Build the model stored in checkpoint ``path`` (a file or a run directory: its newest; EMA
     weights unless ``use_ema=False``). Returns (model in eval mode, its configuration, its step)."""
-    from .config import build_model
-    from .engine.ema import load_averages
+    from ..config import build_model
+    from ..engine.ema import load_averages
 
     path = resolve_checkpoint(path)
     state = load_checkpoint(path, expected_config=expected_config)

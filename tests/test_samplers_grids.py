@@ -1,10 +1,10 @@
-"""Time grids (``sdeflow.schedules``): each runs from t_start to t_min, strictly decreasing, with the
+"""Time grids (``sdeflow.samplers.grids``): each runs from t_start to t_min, strictly decreasing, with the
 spacing that defines it."""
 
 import pytest
 import torch
 
-from sdeflow.schedules import SCHEDULES, time_grid
+from sdeflow.samplers.grids import SCHEDULES, time_grid
 from oracle_helpers import SDES
 
 

@@ -9,7 +9,7 @@ so its transition from the data is Gaussian, :math:`q(y_t\mid x) = N(m(t)\,x,\ v
 The log signal-to-noise ratio :math:`\lambda(t) = \log m(t)^2 / v(t)` decreases from
 :math:`+\infty` at t = 0, and :math:`-\lambda'(t) = g(t)^2 / v(t)` for every linear SDE,
 which is what makes the importance density of time sampling closed form (see
-:mod:`sdeflow.time_sampling`).
+:mod:`sdeflow.likelihood.time_proposals`).
 
 Times are tensors of shape (B,) (or scalars); results broadcast against y of shape (B, ...).
 Methods that take a state and a time take them in the order (y, t).
@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from .utils import append_dims, check_new_name, check_positive_float, sum_except_batch
+from ..utils import append_dims, check_new_name, check_positive_float, sum_except_batch
 
 __all__ = ["SDE", "IntegratedRateSDE", "IntegratedRateVPSDE", "VPSDE", "VESDE", "SubVPSDE", "SDES", "register_sde", "make_sde", "sde_parameters",
            "sde_config"]
@@ -181,7 +181,7 @@ class IntegratedRateVPSDE(IntegratedRateSDE):
     r"""The variance-preserving SDE of any rate β(t):
     :math:`dY = -\tfrac12\beta(t) Y dt + \sqrt{\beta(t)}\, dB`, with
     :math:`m = e^{-B/2}`, :math:`v = 1 - e^{-B}`, :math:`\lambda = -\log(e^{B} - 1)` (ᾱ = e^{−B} in DDPM's
-    notation). :class:`VPSDE` is its linear β; :mod:`sdeflow.noise_schedules` holds the others."""
+    notation). :class:`VPSDE` is its linear β; :mod:`sdeflow.sdes.noise_levels` holds the others."""
 
     def g2(self, t):
         return self.beta(t)

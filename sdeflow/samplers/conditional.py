@@ -47,9 +47,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from .model import PluginReverseSDE
-from .samplers import SamplerSettings, sample
-from .utils import append_dims, check_choice, check_finite, check_nonneg_float, check_positive_float
+from ..model import PluginReverseSDE
+from . import SamplerSettings, sample
+from ..utils import append_dims, check_choice, check_finite, check_nonneg_float, check_positive_float
 
 __all__ = ["denoise", "inpaint", "posterior_sample", "noise_time", "make_mask",
            "INPAINT_SCHEMES", "COVARIANCES", "MASKS"]

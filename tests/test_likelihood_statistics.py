@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sdeflow.statistics import mean_se, tail_diagnostics
+from sdeflow.likelihood.statistics import mean_se, tail_diagnostics
 
 
 def test_mean_se_is_the_mean_and_sd_over_root_n():
