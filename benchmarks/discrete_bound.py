@@ -7,7 +7,7 @@ bits/dim of an image checkpoint beside the continuous ELBO.
 (1) Toy oracles (exact-score networks, ``sdeflow.nets.oracles.ExactScoreNet``: eight 2-D Gaussians and a
 64-D mixture of eight), so that only the sampler's error shows: the sliced Wasserstein-1 distance
 (``sdeflow.metrics.sliced_wasserstein``) between samples and fresh true samples, the median over
-``--repeats`` seeds, for DDPM's ancestral sampler (``sdeflow.discrete.ancestral_sample``) with the
+``--repeats`` seeds, for DDPM's ancestral sampler (``sdeflow.samplers.ancestral_sample``) with the
 reverse variances β̃ ("posterior"), β ("step"), analytic (Γ estimated on 2,000 training points on the
 1000-step grid and read off at each grid's times) and learned (an MLP for the interpolation v, trained
 by the hybrid loss with the exact mean on the 1000-step grid), beside the existing samplers at the
@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 import sdeflow
-from sdeflow.discrete import (LearnedVariance, ancestral_sample, estimate_analytic_variance, forward_chain, hybrid_loss)
+from sdeflow.discrete import LearnedVariance, estimate_analytic_variance, forward_chain, hybrid_loss
+from sdeflow.samplers import ancestral_sample
 from sdeflow.nets import MeanAndVariance
 from sdeflow.metrics import sliced_wasserstein
 from sdeflow.nets.mlp import MLP

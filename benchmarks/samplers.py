@@ -7,7 +7,7 @@
 For each problem it prints the sliced Wasserstein-1 distance (``sdeflow.metrics.sliced_wasserstein``)
 between samples and fresh true samples, the median over ``--repeats`` seeds (every method starts a
 repeat from the same prior draw x_T), for every method of ``sdeflow.samplers.METHODS`` on every
-schedule of ``SCHEDULES`` at several NFE budgets, plus torchdiffeq's adaptive dopri5, against:
+grid of ``GRIDS`` at several NFE budgets, plus torchdiffeq's adaptive dopri5, against:
 
 - the floor: the distance between two independent true sample sets (what a perfect sampler gets);
 - the baseline: 1000-step Euler–Maruyama (λ = 0, uniform grid), measured in the same run.
@@ -37,7 +37,7 @@ import sdeflow
 from sdeflow.metrics import sliced_wasserstein
 from sdeflow.nets.oracles import ExactScoreNet, GaussianMixture
 from sdeflow.samplers import METHODS, SamplerSettings, Trace
-from sdeflow.samplers.grids import SCHEDULES
+from sdeflow.samplers.grids import GRIDS
 
 # (label, method, λ): stochastic variants where the method has them.
 VARIANTS = [
@@ -50,7 +50,7 @@ VARIANTS = [
 NFE_BUDGETS = (5, 10, 20, 50, 100)
 HIGH_DIM_NFE_BUDGETS = (5, 10, 20, 50)  # the 64-D oracle costs ~25× more per evaluation
 QUICK_NFE_BUDGETS = (10, 20, 50)
-DEFAULT_T_MIN = 1e-3  # in units of T, where the schedule or the method needs t_min > 0
+DEFAULT_T_MIN = 1e-3  # in units of T, where the grid or the method needs t_min > 0
 
 
 def eight_gaussians() -> GaussianMixture:
@@ -82,28 +82,28 @@ def trained_swissroll(steps: int, seed: int):
     return model, lambda n, generator: get_dataset("swissroll").sample(n, generator=generator)
 
 
-def run_config(model, shape, variant, schedule, nfe_budget, x_T, generator):
-    """Samples and the NFE used by one (method, λ, schedule) at about ``nfe_budget`` evaluations."""
+def run_config(model, shape, variant, grid, nfe_budget, x_T, generator):
+    """Samples and the NFE used by one (method, λ, grid) at about ``nfe_budget`` evaluations."""
     _, method, lmbd = variant
     spec = METHODS[method]
     per_step = spec.nfe()  # at the method's default options (pc: 1 + n_corrector)
     n_steps = max(1, round(nfe_budget / per_step))
     t_min = None
-    if schedule in ("logsnr", "karras") and spec.default_t_min == 0:
+    if grid in ("logsnr", "karras") and spec.default_t_min == 0:
         t_min = DEFAULT_T_MIN * model.T
     trace = Trace()
-    settings = SamplerSettings(method=method, n_steps=n_steps, lmbd=lmbd, schedule=schedule, t_min=t_min)
+    settings = SamplerSettings(method=method, n_steps=n_steps, lmbd=lmbd, grid=grid, t_min=t_min)
     x = sdeflow.sample(model, shape, settings, x_T=x_T.clone(), generator=generator, callback=trace)
     return x, trace.nfe
 
 
 def benchmark_problem(title, model, true_sampler, n_samples, repeats, budgets, n_projections):
-    """Returns {"floor", "baseline", "rows": [(label, schedule, nfe, sw)], "seconds"}."""
+    """Returns {"floor", "baseline", "rows": [(label, grid, nfe, sw)], "seconds"}."""
     dim = true_sampler(2, torch.Generator().manual_seed(0)).shape[1]
     shape = (n_samples, dim)
     results: dict[tuple, list] = {}
     floors, baselines = [], []
-    configs = [(v, s, b) for v in VARIANTS for s in SCHEDULES for b in budgets]
+    configs = [(v, s, b) for v in VARIANTS for s in GRIDS for b in budgets]
     start = time.perf_counter()
     bar = tqdm(total=repeats * (len(configs) + 3), desc=title, disable=not sys.stderr.isatty(), leave=False)
     for repeat in range(repeats):
@@ -128,16 +128,16 @@ def benchmark_problem(title, model, true_sampler, n_samples, repeats, budgets, n
             x = sdeflow.sample_ode(model, shape, rtol=rtol, atol=rtol, x_T=x_T.clone(), callback=trace)
             results.setdefault((f"dopri5 rtol={rtol:g}", "adaptive", rtol), []).append((trace.nfe, distance(x)))
         bar.update(1)
-        for variant, schedule, budget in configs:
-            x, nfe = run_config(model, shape, variant, schedule, budget, x_T, gen)
+        for variant, grid, budget in configs:
+            x, nfe = run_config(model, shape, variant, grid, budget, x_T, gen)
             sw = distance(x) if torch.isfinite(x).all() else math.inf
-            results.setdefault((variant[0], schedule, budget), []).append((nfe, sw))
+            results.setdefault((variant[0], grid, budget), []).append((nfe, sw))
             bar.update(1)
     bar.close()
     rows = []
-    for (label, schedule, _), values in results.items():
+    for (label, grid, _), values in results.items():
         nfe = int(torch.tensor([v[0] for v in values], dtype=torch.float64).median())
-        rows.append((label, schedule, nfe, float(torch.tensor([v[1] for v in values]).median())))
+        rows.append((label, grid, nfe, float(torch.tensor([v[1] for v in values]).median())))
     return {"floor": float(torch.tensor(floors).median()), "baseline": float(torch.tensor(baselines).median()),
             "rows": rows, "seconds": time.perf_counter() - start}
 
@@ -148,19 +148,19 @@ def print_problem(title, result):
     print(f"floor (two true sets): SW = {floor:.4f}    baseline Euler–Maruyama 1000 steps (NFE 1000): "
           f"SW = {baseline:.4f}")
     table = {}
-    for label, schedule, nfe, sw in result["rows"]:
-        table.setdefault((label, schedule), []).append((nfe, sw))
-    width = max(len(f"{label} [{schedule}]") for label, schedule in table) + 2
+    for label, grid, nfe, sw in result["rows"]:
+        table.setdefault((label, grid), []).append((nfe, sw))
+    width = max(len(f"{label} [{grid}]") for label, grid in table) + 2
     n_columns = max(len(cells) for cells in table.values())
-    print(f"{'method [schedule]':<{width}}" + "".join(f"{'NFE':>6}{'SW':>9}" for _ in range(n_columns)))
+    print(f"{'method [grid]':<{width}}" + "".join(f"{'NFE':>6}{'SW':>9}" for _ in range(n_columns)))
     sys.stdout.flush()
-    for (label, schedule), cells in table.items():
-        print(f"{label + ' [' + schedule + ']':<{width}}" + "".join(f"{nfe:>6d}{sw:>9.4f}" for nfe, sw in cells))
+    for (label, grid), cells in table.items():
+        print(f"{label + ' [' + grid + ']':<{width}}" + "".join(f"{nfe:>6d}{sw:>9.4f}" for nfe, sw in cells))
     for limit, bound, text in ((20, baseline + floor, "SW ≤ SW_EM1000 + floor"), (10, 2 * baseline, "SW ≤ 2·SW_EM1000")):
-        candidates = [(sw, label, schedule, nfe) for label, schedule, nfe, sw in result["rows"] if nfe <= limit]
-        sw, label, schedule, nfe = min(candidates)
+        candidates = [(sw, label, grid, nfe) for label, grid, nfe, sw in result["rows"] if nfe <= limit]
+        sw, label, grid, nfe = min(candidates)
         verdict = "MET" if sw <= bound else "NOT MET"
-        print(f"target NFE ≤ {limit}: {text} = {bound:.4f}; best: {label} [{schedule}] NFE {nfe} "
+        print(f"target NFE ≤ {limit}: {text} = {bound:.4f}; best: {label} [{grid}] NFE {nfe} "
               f"SW {sw:.4f} ({sw / baseline:.2f}× baseline) -> {verdict}")
 
 
@@ -170,13 +170,13 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     colors = dict(zip([v[0] for v in VARIANTS], plt.cm.tab10.colors))
-    fig, axes = plt.subplots(len(results), len(SCHEDULES), figsize=(4.2 * len(SCHEDULES), 3.6 * len(results)),
+    fig, axes = plt.subplots(len(results), len(GRIDS), figsize=(4.2 * len(GRIDS), 3.6 * len(results)),
                              squeeze=False, sharex=True)
     for row, (title, result) in enumerate(results.items()):
-        for col, schedule in enumerate(SCHEDULES):
+        for col, grid in enumerate(GRIDS):
             ax = axes[row, col]
             for label, _, _ in VARIANTS:
-                points = sorted((nfe, sw) for lab, sch, nfe, sw in result["rows"] if lab == label and sch == schedule)
+                points = sorted((nfe, sw) for lab, sch, nfe, sw in result["rows"] if lab == label and sch == grid)
                 ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, color=colors[label], label=label)
             ode = sorted((nfe, sw) for lab, sch, nfe, sw in result["rows"] if sch == "adaptive")
             ax.plot([p[0] for p in ode], [p[1] for p in ode], "k*", ms=8, label="dopri5 (adaptive)")
@@ -186,7 +186,7 @@ def plot(results, path):
             ax.set_yscale("log")
             # Diverged few-step runs would flatten the interesting range; the table has their values.
             ax.set_ylim(0.5 * min(result["floor"], result["baseline"]), 30 * result["baseline"])
-            ax.set_title(f"{title}\nschedule = {schedule}", fontsize=9)
+            ax.set_title(f"{title}\nschedule = {grid}", fontsize=9)
             ax.set_xlabel("network evaluations (NFE)")
             if col == 0:
                 ax.set_ylabel("sliced Wasserstein-1 to data")

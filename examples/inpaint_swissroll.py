@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from sdeflow.plotting import save_figure  # noqa: E402
 from sdeflow.samplers.conditional import denoise, inpaint  # noqa: E402
-from sdeflow.data.toy import sample_toy  # noqa: E402
+from sdeflow.data import sample_toy  # noqa: E402
 from sdeflow.experiments.toy import ToyConfig, make_toy_model, toy_train_config, train_toy  # noqa: E402
 from sdeflow.samplers import SamplerSettings  # noqa: E402
 

@@ -6,7 +6,7 @@ through a parameterization (:mod:`sdeflow.model`); the estimators over any model
 :mod:`sdeflow.likelihood.time_proposals`) and the probability-flow ODE (:mod:`sdeflow.likelihood.ode`); samplers
 (:mod:`sdeflow.samplers`, on the time grids of :mod:`sdeflow.samplers.grids`); DDPM's discrete-time bound and
 reverse variances (:mod:`sdeflow.discrete`); networks trained elsewhere as models (:mod:`sdeflow.adapters`,
-on the schedules of :mod:`sdeflow.sdes.noise_levels`). Around them:
+on the noise levels of :mod:`sdeflow.sdes.noise_levels`). Around them:
 :mod:`sdeflow.likelihood.evaluation` (likelihoods over data sets, in nats or bits/dim), :mod:`sdeflow.engine`
 (the training loop), :mod:`sdeflow.config` and :mod:`sdeflow.experiments` (the toy example and images),
 :mod:`sdeflow.metrics` (sample quality: FID and KID in Inception or classifier features, sliced Wasserstein).
@@ -23,16 +23,17 @@ from .likelihood.time_proposals import FittedTime, ImportanceTime, TimeProposal,
 from .likelihood.elbo import elbo, fit_time_proposal
 from .likelihood.divergence import divergence
 from .likelihood.ode import log_prob_ode, sample_ode
-from .samplers import METHODS, Method, Option, SamplerSettings, Trace, register_method, sample
-from .samplers.grids import SCHEDULES, time_grid
+from .samplers import METHODS, Method, Option, SamplerSettings, Trace, ancestral_sample, register_method, sample
+from .samplers.grids import GRIDS, register_grid, time_grid
 from .samplers.conditional import denoise, inpaint, posterior_sample
-from .config import TrainConfig, build_model, model_config
+from .config import build_model, model_config
+from .training import TrainConfig
 from .likelihood.evaluation import LikelihoodSettings, evaluate_bpd, log_likelihood
 from .storage.checkpoints import load_model
 from .sdes.noise_levels import CosineVPSDE, DiscreteVPSDE
 from .adapters import adapt_denoiser, adapt_diffusers, adapt_discrete, adapt_score_network, bound_start, load_foreign
 from .metrics import frechet_distance, image_metrics, kid, sliced_wasserstein
-from .discrete import (AnalyticVariance, LearnedVariance, PixelBins, ancestral_sample, discrete_bound,
+from .discrete import (AnalyticVariance, LearnedVariance, PixelBins, discrete_bound,
                        estimate_analytic_variance, forward_chain, hybrid_loss, variance_loss)
 
 __version__ = "0.1.0"
@@ -51,7 +52,7 @@ __all__ = [
     "PluginReverseSDE", "PARAMETERIZATIONS",
     "dsm", "WEIGHTINGS", "register_weighting",
     "TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "elbo", "fit_time_proposal", "divergence",
-    "log_prob_ode", "sample_ode", "sample", "SamplerSettings", "Trace", "time_grid", "METHODS", "SCHEDULES",
+    "log_prob_ode", "sample_ode", "sample", "SamplerSettings", "Trace", "time_grid", "METHODS", "GRIDS", "register_grid",
     "Method", "Option", "register_method", "denoise", "inpaint", "posterior_sample",
     "TrainConfig", "build_model", "model_config", "fit",
     "LikelihoodSettings", "log_likelihood", "evaluate_bpd", "load_model",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import field
+
 import math
 
 import torch
@@ -138,3 +141,26 @@ def check_t_min(t_min, T: float, name: str = "t_min", end: str = "T") -> float:
     if real is None or not 0.0 <= real < T:
         raise ValueError(f"{name} must lie in [0, {end}={T}); got {t_min!r}")
     return real
+
+
+def config_field(text: str, choices=None, check=None, **kwargs):
+    """A field with its help text, its rule and, for a choice, a function returning the allowed values
+    (read from the registry that owns them when the command line is built). ``check(name, value) ->
+    value`` is the field's rule (a ``sdeflow.utils.check_*``), applied by ``validate`` (to values other
+    than None) and by the command line's argument type: each rule is written once. TrainConfig,
+    LikelihoodSettings and SamplerSettings build their fields with it."""
+    return field(metadata={"help": text, "choices": choices, "check": check}, **kwargs)
+
+
+def validate_fields(config) -> None:
+    """Apply every field's ``check`` (to values other than None) and ``choices`` (to strings: a field may
+    take a value in place of a name, its check says which) of a configuration dataclass built with
+    :func:`config_field`; ``ValueError`` naming the first bad field."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        if f.metadata.get("choices") is not None and isinstance(value, str):
+            check_choice(f.name, value, tuple(f.metadata["choices"]()))
+        if f.metadata.get("check") is not None:
+            f.metadata["check"](f.name, value)

@@ -8,7 +8,7 @@ import pytest
 
 from sdeflow import cli
 from sdeflow.samplers import METHODS
-from sdeflow.samplers.grids import SCHEDULES
+from sdeflow.samplers.grids import GRIDS
 from training_helpers import one_thread, single_thread, train_args, write_cifar_batches  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -35,7 +35,7 @@ def test_sample_with_a_method_and_schedule_prints_the_nfe(tmp_path, capsys, trai
     _, run = trained
     out = tmp_path / "grid.png"
     code, stdout, err = _run(["sample", "--checkpoint", run, "--n-samples", 3, "--method", "dpm++2m",
-                              "--schedule", "logsnr", "--n-steps", 3, "--out", out, "--no-progress", "--no-clip"], capsys)
+                              "--grid", "logsnr", "--n-steps", 3, "--out", out, "--no-progress", "--no-clip"], capsys)
     assert code == 0, err
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert stdout == f"wrote 3 samples to {out} (dpm++2m, 3 steps, NFE 3)"
@@ -71,7 +71,7 @@ def test_inpaint_and_denoise_with_heun(tmp_path, capsys, trained):
 
 @pytest.mark.parametrize("extra,message", [
     (["--method", "rk45"], "argument --method: invalid choice: 'rk45'"),
-    (["--schedule", "cosine"], "argument --schedule: invalid choice: 'cosine'"),
+    (["--grid", "cosine"], "argument --grid: invalid choice: 'cosine'"),
     (["--n-steps", "-3"], "argument --n-steps: n_steps must be a positive integer; got -3"),
     (["--n-steps", "2.5"], "argument --n-steps: n_steps must be a positive integer; got '2.5'"),
     (["--steps", "3"], "unrecognized arguments: --steps 3"),  # optimizer steps are `sdeflow train`'s
@@ -81,7 +81,7 @@ def test_inpaint_and_denoise_with_heun(tmp_path, capsys, trained):
     (["--method", "dpm2", "--lmbd", "0.5"], "method 'dpm2' supports λ = 1 only (probability-flow ODE); got lmbd=0.5"),
     (["--method", "euler", "--lmbd", "nan"], "method 'euler' supports any λ in [0, 1]; got lmbd=nan"),
     (["--method", "dpm3", "--t-min", "0"], "method 'dpm3' needs t_min in (0, t_start=1.0)"),
-    (["--schedule", "karras", "--t-min", "0"], "schedule 'karras' needs t_min in (0, t_start=1.0)"),
+    (["--grid", "karras", "--t-min", "0"], "grid 'karras' needs t_min in (0, t_start=1.0)"),
     (["--t-min", "1"], "t_min must lie in [0, t_start=1.0); got 1.0"),
     (["--seed", "-1"], "argument --seed: seed must be an integer >= 0; got -1"),
     (["--threshold", "0"], "argument --threshold: threshold must be a percentile in (0, 100]"),
@@ -188,7 +188,7 @@ def test_help_is_built_from_the_registries(capsys):
         text = " ".join(capsys.readouterr().out.split())
         for name, spec in METHODS.items():
             assert f"{name}: order {spec.order}" in text
-        assert all(schedule in text for schedule in SCHEDULES)
+        assert all(grid in text for grid in GRIDS)
         # The corrector's snr is --snr, except where denoise has its own --snr (the observation's).
         assert "--n-corrector" in text
         assert ("--method-snr" if command == "denoise" else "--snr") in text

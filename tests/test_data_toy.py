@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdeflow.data import DATASETS, toy
-from sdeflow.data.toy import sample_toy, toy_log_prob
+from sdeflow.data import sample_toy, toy_log_prob
 
 TOY_SETS = [name for name, entry in DATASETS.items() if entry.kind == "toy"]
 LOG_DENSITIES = [name for name in TOY_SETS if DATASETS[name].log_prob is not None]

@@ -15,9 +15,10 @@ import torch
 
 import sdeflow
 from sdeflow.data.transforms import TRANSFORMS, bits_per_dim
-from sdeflow.discrete import (AnalyticVariance, LearnedVariance, PixelBins, ancestral_sample, discrete_bound,
+from sdeflow.discrete import (AnalyticVariance, LearnedVariance, PixelBins, discrete_bound,
                               estimate_analytic_variance, fit_step_proposal, forward_chain, hybrid_loss)
 from sdeflow.nets.oracles import GaussianMixture
+from sdeflow.samplers import ancestral_sample
 from sdeflow.samplers.grids import time_grid
 from oracle_helpers import _one_thread  # noqa: F401 (fixture)
 from oracle_helpers import SDES, Z, assert_gaussian_moments, exact_model, expected_truncated_elbo, gaussian
@@ -429,7 +430,7 @@ def test_ancestral_steps_on_a_respaced_grid_keep_the_data_law(choice):
     improved DDPM samples with respaced steps): each step's variance is taken on that step."""
     sde, data = SDES["vp"](), gaussian(2)
     variance, _ = _variance_cases(data, sde, forward_chain(sde, n_steps=400).times[1:])[choice]
-    settings = sdeflow.SamplerSettings("ancestral", n_steps=200, schedule="quadratic", t_min=0.0,
+    settings = sdeflow.SamplerSettings("ancestral", n_steps=200, grid="quadratic", t_min=0.0,
                                        options={"variance": variance})
     x = sdeflow.sample(exact_model(sde, data, "noise"), (4000, 2), settings,
                        generator=torch.Generator().manual_seed(11), dtype=torch.float64)

@@ -27,14 +27,9 @@ def _log_prob_ode(model, x, **kwargs):
 
 
 def _sample_on_times(model, x, method, times, lmbd=1.0, options=None, generator=None):
-    """``method``'s steps on the explicit decreasing times ``times`` (sdeflow.sample takes a schedule's
-    name only)."""
-    spec = METHODS[method]
-    state = spec.resolve_options(method, options)
-    for i in range(len(times) - 1):
-        t, t_next = times[i].expand(x.shape[0]), times[i + 1].expand(x.shape[0])
-        x, _ = spec.step(model, x, t, t_next, lmbd, generator, i == len(times) - 2, state)
-    return x
+    """``method``'s steps on the explicit decreasing times ``times``, from ``x``."""
+    settings = sdeflow.SamplerSettings(method=method, lmbd=lmbd, options=options or {})
+    return sdeflow.sample(model, x.shape, settings, x_T=x, times=times, generator=generator)
 
 
 # ---- diffusers ---------------------------------------------------------------------------------------
@@ -76,22 +71,41 @@ def test_ddim_equals_diffusers_ddim_trailing(beta_schedule):
                                         set_alpha_to_one=True, timestep_spacing="trailing")
     expected, _ = _diffusers_loop(unet, scheduler, _x_T(), 10)
     model = adapt_diffusers(unet, scheduler)
-    ours = _sample(model, _x_T(), "ddim", n_steps=10, schedule="uniform", t_min=0.0, lmbd=1.0)
+    ours = _sample(model, _x_T(), "ddim", n_steps=10, grid="uniform", t_min=0.0, lmbd=1.0)
     _assert_close(ours, expected, FLOAT32_AGREEMENT)
 
 
-def test_ddim_equals_diffusers_ddim_leading():
+def _leading(sde, n_steps, t_start, t_min, num_train_timesteps=1000):
+    """diffusers' "leading" spacing as a registered grid: of n_steps + 1 network evaluations at steps
+    0, c, …, n_steps·c (c = N // (n_steps + 1)), the times t = (step + 1)/N of a discrete model."""
+    steps = torch.arange(n_steps, -1, -1, dtype=torch.float64) * (num_train_timesteps // (n_steps + 1))
+    return sde.step_time(steps + 1)
+
+
+@pytest.fixture
+def leading_grid():
+    from sdeflow.samplers.grids import GRIDS
+
+    sdeflow.register_grid("leading", _leading, description="diffusers' leading spacing")
+    yield "leading"
+    del GRIDS["leading"]
+
+
+def test_ddim_equals_diffusers_ddim_leading(leading_grid):
     """diffusers' default spacing starts below T (900, 800, …, 0 of 1000) and ends on ᾱ_0 = ᾱ_1 without
-    set_alpha_to_one: t_n = (index + 1)/N, then t₁."""
+    set_alpha_to_one: t_n = (step + 1)/N, and its last step (from ᾱ_1 to ᾱ_0 = ᾱ_1) leaves x as it is.
+    sdeflow reaches it through a registered grid of 9 steps and through sample(times=...)."""
     diffusers = pytest.importorskip("diffusers")
     unet = _unet()
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False)
     expected, steps = _diffusers_loop(unet, scheduler, _x_T(), 10)
     model = adapt_diffusers(unet, scheduler)
-    times = model.sde.step_time(torch.cat([steps, steps[-1:]]) + 1)
+    times = model.sde.step_time(steps + 1)
     assert float(times[-1]) == pytest.approx(bound_start(model))
     ours = _sample_on_times(model, _x_T(), "ddim", times)
     _assert_close(ours, expected, FLOAT32_AGREEMENT)
+    settings = sdeflow.SamplerSettings(method="ddim", n_steps=9, grid=leading_grid, lmbd=1.0)
+    assert torch.equal(sdeflow.sample(model, _x_T().shape, settings, x_T=_x_T()), ours)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -103,7 +117,7 @@ def test_dpmpp_2m_equals_diffusers_dpm_solver_multistep(prediction_type):
         prediction_type=prediction_type, timestep_spacing="trailing", final_sigmas_type="zero")
     expected, _ = _diffusers_loop(unet, scheduler, _x_T(), 8)
     model = adapt_diffusers(unet, scheduler)
-    ours = _sample(model, _x_T(), "dpm++2m", n_steps=8, schedule="uniform", t_min=0.0)
+    ours = _sample(model, _x_T(), "dpm++2m", n_steps=8, grid="uniform", t_min=0.0)
     _assert_close(ours, expected, FLOAT32_AGREEMENT)
 
 
@@ -147,7 +161,7 @@ def test_clipped_ddim_equals_diffusers_ddim_clip_sample():
                                         timestep_spacing="trailing")
     expected, _ = _diffusers_loop(unet, scheduler, _x_T(), 10, use_clipped_model_output=True)
     model = adapt_diffusers(unet, scheduler)
-    settings = dict(n_steps=10, schedule="uniform", t_min=0.0, lmbd=1.0)
+    settings = dict(n_steps=10, grid="uniform", t_min=0.0, lmbd=1.0)
     ours = _sample(model, _x_T(), "ddim", clip=(-1.0, 1.0), **settings)
     _assert_close(ours, expected, FLOAT32_AGREEMENT)
     assert float((ours - _sample(model, _x_T(), "ddim", **settings)).abs().max()) > 0.1  # the clipping binds
@@ -257,7 +271,7 @@ def test_heun_equals_kdiffusion_sample_heun():
     with torch.no_grad():
         expected = sampling.sample_heun(denoiser, x_T, sigmas, disable=True)
         expected_to_zero = sampling.sample_heun(denoiser, x_T, torch.cat([sigmas, sigmas.new_zeros(1)]), disable=True)
-    ours = _sample(model, x_T, "heun", n_steps=n_steps, schedule="karras", t_min=t_min, lmbd=1.0)
+    ours = _sample(model, x_T, "heun", n_steps=n_steps, grid="karras", t_min=t_min, lmbd=1.0)
     _assert_close(ours, expected, 1e-12)
     with torch.no_grad():
         ours_to_zero = _sample_on_times(model, x_T, "heun", torch.cat([times, times.new_zeros(1)]))

@@ -11,7 +11,7 @@ from torch import nn
 
 import sdeflow
 from sdeflow.data import DATASETS, Dataset, get_dataset, register_dataset
-from sdeflow.data.toy import sample_toy, toy_log_prob
+from sdeflow.data import sample_toy, toy_log_prob
 from sdeflow.training.losses import WEIGHTINGS, register_weighting
 from sdeflow.nets import NETS, make_net, register_net
 from sdeflow.nets.oracles import ExactScoreNet, GaussianMixture

@@ -22,7 +22,7 @@ def draw(model, shape, *, x_T=None, generator=None, project=None, callback=None,
 
 
 # ---- distribution: mean and covariance of the samples ------------------------------------------
-# (method, lmbd, n_steps, schedule): enough steps that the bias is well below the MC error.
+# (method, lmbd, n_steps, grid): enough steps that the bias is well below the MC error.
 MOMENT_CASES = [
     ("euler", 0.0, 300, None), ("euler", 0.5, 300, None),
     ("heun", 0.0, 100, None), ("heun", 0.5, 100, None), ("heun", 1.0, 60, None),
@@ -33,14 +33,14 @@ MOMENT_CASES = [
 
 
 @pytest.mark.parametrize("name", list(SDES))
-@pytest.mark.parametrize("method,lmbd,n_steps,schedule", MOMENT_CASES, ids=lambda v: str(v))
-def test_samples_have_the_data_mean_and_covariance(name, method, lmbd, n_steps, schedule):
+@pytest.mark.parametrize("method,lmbd,n_steps,grid", MOMENT_CASES, ids=lambda v: str(v))
+def test_samples_have_the_data_mean_and_covariance(name, method, lmbd, n_steps, grid):
     sde, data = SDES[name](), gaussian(2)
     model = exact_model(sde, data)
     gen = torch.Generator().manual_seed(0)
     x_T = true_marginal_T(sde, data, N_SAMPLES, gen)
-    t_min = 1e-3 if schedule in ("logsnr", "karras") else None
-    x = draw(model, x_T.shape, method=method, n_steps=n_steps, lmbd=lmbd, schedule=schedule, t_min=t_min,
+    t_min = 1e-3 if grid in ("logsnr", "karras") else None
+    x = draw(model, x_T.shape, method=method, n_steps=n_steps, lmbd=lmbd, grid=grid, t_min=t_min,
              x_T=x_T, generator=gen)
     assert_gaussian_moments(x, data)
 
@@ -121,7 +121,7 @@ def test_a_last_step_onto_t_zero_lands_on_the_flow(method, tolerance):
     for name in SDES:
         sde, data = SDES[name](), gaussian(2)
         x_T = sde.prior_sample((16, 2), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-        x = draw(exact_model(sde, data), x_T.shape, method=method, n_steps=100, schedule="quadratic", t_min=0.0,
+        x = draw(exact_model(sde, data), x_T.shape, method=method, n_steps=100, grid="quadratic", t_min=0.0,
                  x_T=x_T)
         assert torch.isfinite(x).all()
         assert (x - exact_flow(sde, data, x_T, 0.0)).abs().max() < tolerance, name
@@ -136,9 +136,9 @@ def test_reported_nfe_counts_network_calls(method, t_min):
     sde, data = SDES["vp"](), gaussian(2)
     model = exact_model(sde, data)
     n_steps = 7
-    schedule = "uniform" if t_min == 0.0 else None
+    grid = "uniform" if t_min == 0.0 else None
     trace = Trace()
-    draw(model, (5, 2), method=method, n_steps=n_steps, t_min=t_min, schedule=schedule, callback=trace)
+    draw(model, (5, 2), method=method, n_steps=n_steps, t_min=t_min, grid=grid, callback=trace)
     assert trace.nfe == model.net.calls
     expected = n_steps * METHODS[method].nfe()  # at the method's default options (pc: 1 + n_corrector)
     if method == "heun" and t_min == 0.0:
@@ -197,7 +197,7 @@ def test_callback_trajectory_and_projection():
 # ---- bad input -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,match", [
     (dict(method="rk45"), "method must be one of 'euler'"),
-    (dict(schedule="cosine"), "schedule must be one of 'uniform', 'quadratic', 'logsnr', 'karras'"),
+    (dict(grid="cosine"), "grid must be one of 'uniform', 'quadratic', 'logsnr', 'karras'"),
     (dict(n_steps=0), "n_steps must be a positive integer"),
     (dict(n_steps=2.5), "n_steps must be a positive integer"),
     (dict(method="dpm2", lmbd=0.5), r"'dpm2' supports λ = 1 only"),
@@ -205,8 +205,8 @@ def test_callback_trajectory_and_projection():
     (dict(lmbd=1.5), r"'euler' supports any λ in \[0, 1\]; got lmbd=1.5"),
     (dict(method="dpm3", t_min=0.0), r"method 'dpm3' needs t_min in \(0, t_start=1.0\)"),
     (dict(method="dpm3", t_min=1.0), r"method 'dpm3' needs t_min in \(0, t_start=1.0\)"),
-    (dict(schedule="logsnr", t_min=0.0), r"needs t_min in \(0, t_start"),
-    (dict(schedule="karras", t_min=-0.1), r"needs t_min in \(0, t_start"),
+    (dict(grid="logsnr", t_min=0.0), r"needs t_min in \(0, t_start"),
+    (dict(grid="karras", t_min=-0.1), r"needs t_min in \(0, t_start"),
     (dict(t_min=1.2), r"t_min must lie in \[0, t_start"),
     (dict(t_start=1.5), r"t_start must lie in \(0, T"),
     (dict(options={"n_corrector": 2}), r"method 'euler' does not accept the option\(s\) n_corrector; it accepts: "
@@ -231,7 +231,7 @@ def test_settings_resolve_the_methods_defaults_and_stay_frozen():
     settings = SamplerSettings(method="pc", options={"snr": 0.1})
     resolved = settings.validate(T=2.0)
     spec = METHODS["pc"]
-    assert resolved == SamplerSettings(method="pc", n_steps=1000, lmbd=spec.default_lmbd, schedule=spec.default_schedule,
+    assert resolved == SamplerSettings(method="pc", n_steps=1000, lmbd=spec.default_lmbd, grid=spec.default_grid,
                                        t_min=spec.default_t_min * 2.0, options={"n_corrector": 1, "snr": 0.1})
     assert resolved.validate(T=2.0) == resolved  # resolving twice changes nothing
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -283,7 +283,7 @@ def exponential_euler():
     name = "test-exp-euler"
     register_method(name, Method(
         _exponential_euler_step, order="1", nfe_per_step=1, lmbd="any λ in [0, 1]", default_lmbd=1.0,
-        default_schedule="quadratic", default_t_min=1e-3,
+        default_grid="quadratic", default_t_min=1e-3,
         options={"clip_x0": Option(math.inf, _positive_or_inf, "clip the data prediction to ±clip_x0")}))
     yield name
     del METHODS[name]

@@ -12,7 +12,7 @@ import torch
 
 from sdeflow.cli import main
 from sdeflow.engine import loop
-from sdeflow.data.toy import sample_toy
+from sdeflow.data import sample_toy
 from sdeflow.commands.swissroll import summary
 from sdeflow.experiments.toy import (OUTPUT_FILES, ToyConfig, ToyEvalConfig, evaluate_toy, make_toy_model,
                                      toy_train_config, train_toy, write_metrics)

@@ -11,7 +11,7 @@ from sdeflow import LikelihoodSettings
 from torch import nn
 
 from sdeflow.storage import checkpoints as ckpt
-from sdeflow.config import TrainConfig
+from sdeflow.training import TrainConfig
 from sdeflow.engine import EMA, loop
 from sdeflow.engine.state import make_generator, step_seed
 from sdeflow.likelihood.evaluation import evaluate_bpd, quantization_time

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sdeflow.config import TrainConfig, build_model
+from sdeflow.config import build_model
+from sdeflow.training import TrainConfig
 from sdeflow.engine import Hook
 from sdeflow.likelihood.evaluation import evaluate_bpd
 from sdeflow.experiments import images as images_app

@@ -2,7 +2,7 @@
 :data:`sdeflow.samplers.METHODS`, unconditionally or given masked or noisy images.
 
 argparse only: the sampler flags are those of :class:`sdeflow.samplers.SamplerSettings`
-(``--method``, ``--n-steps``, ``--lmbd``, ``--schedule``, ``--t-min``, one flag per option of a
+(``--method``, ``--n-steps``, ``--lmbd``, ``--grid``, ``--t-min``, one flag per option of a
 registered method, e.g. ``--n-corrector``, and ``--clip`` / ``--threshold P``, which keep x̂₀ in the
 range of the checkpoint's data transform), their choices built from the registries, their values
 checked by the library: a flag's type parses a number and hands it to the library's check, and
@@ -70,14 +70,14 @@ def _sampler_arguments(p, *, n_steps: int, method: str, clip: bool = False, with
     and ``clip``."""
     from ..samplers import METHODS
     from ..samplers.clipping import check_threshold
-    from ..samplers.grids import SCHEDULES
+    from ..samplers.grids import GRIDS
 
     p.add_argument("--method", choices=tuple(METHODS), default=method, help=_method_help())
     p.add_argument("--n-steps", type=arg_type(check_positive_int, int, "n_steps"), default=n_steps,
                    help=f"sampler steps (default: {n_steps})")
-    p.add_argument("--schedule", choices=SCHEDULES, default=None,
-                   help="time grid: uniform in t, quadratic, uniform in log-SNR, or Karras et al.'s "
-                        "(default: the method's own)")
+    p.add_argument("--grid", choices=tuple(GRIDS), default=None,
+                   help="time grid: " + "; ".join(f"{name}: {grid.description}" for name, grid in GRIDS.items())
+                        + " (default: the method's own)")
     if with_lmbd:
         p.add_argument("--lmbd", type=float, default=None,
                        help="λ: 0 the reverse SDE, 1 the probability-flow ODE, within the method's range "
@@ -107,7 +107,7 @@ def sampler_settings_from_args(args, config: dict):
     clip = data_range(config["data"]) if getattr(args, "clip", False) or threshold is not None else None
     options = {option: getattr(args, f"method_option_{option}") for option in getattr(args, "method_options", ())}
     return SamplerSettings(method=args.method, n_steps=args.n_steps, lmbd=getattr(args, "lmbd", None),
-                           schedule=getattr(args, "schedule", None), t_min=getattr(args, "t_min", None),
+                           grid=getattr(args, "grid", None), t_min=getattr(args, "t_min", None),
                            options={option: value for option, value in options.items() if value is not None},
                            clip=clip, threshold=threshold)
 

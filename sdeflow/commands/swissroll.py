@@ -1,6 +1,6 @@
 """``sdeflow swissroll``: train, measure and draw the 2-D toy example (see :mod:`sdeflow.experiments.toy`).
 
-Only parses arguments: the training flags come from :class:`sdeflow.config.TrainConfig` (with the
+Only parses arguments: the training flags come from :class:`sdeflow.training.TrainConfig` (with the
 toy's defaults), the SDE from :data:`sdeflow.sdes.linear.SDES`, the data sets from :data:`sdeflow.data.DATASETS`.
 """
 
@@ -20,7 +20,7 @@ checkpoints (--resume continues an interrupted run)."""
 def add_arguments(parser) -> None:
     """The example's flags; shared by the subcommand and ``examples/swissroll.py``."""
     from ..data import DATASETS
-    from ..config import TrainConfig
+    from ..training import TrainConfig
     from ..engine import HOOKS
     from ..model import PARAMETERIZATIONS
     from ..experiments.toy import ToyConfig, ToyEvalConfig, toy_train_config
@@ -71,7 +71,7 @@ def add_arguments(parser) -> None:
 def toy_config_from_args(args):
     """The :class:`~sdeflow.experiments.toy.ToyConfig` the parsed ``args`` ask for (validated)."""
     from ..cli import config_from_args as dataclass_from_args
-    from ..config import TrainConfig
+    from ..training import TrainConfig
     from ..experiments.toy import ToyConfig, ToyEvalConfig
 
     train = dataclass_from_args(TrainConfig, args, grad_clip=args.grad_clip or None)

@@ -1,7 +1,7 @@
 """``sdeflow train``: train a U-Net diffusion model on an image data set of the registry.
 
 Only parses arguments and calls :func:`sdeflow.experiments.images.train_images`. Every training
-setting is a flag built from :class:`sdeflow.config.TrainConfig`; the SDE and its parameters from
+setting is a flag built from :class:`sdeflow.training.TrainConfig`; the SDE and its parameters from
 :data:`sdeflow.sdes.linear.SDES`; the data sets from :data:`sdeflow.data.DATASETS`. Under ``torchrun`` the
 same command runs data-parallel (``--batch-size`` is global).
 """
@@ -53,7 +53,7 @@ def load_images(args, split: str):
 
 
 def register(subparsers) -> None:
-    from ..config import TrainConfig
+    from ..training import TrainConfig
     from ..data.transforms import TRANSFORMS
     from ..experiments.images import CPU_BUDGET_RECIPE, OBJECTIVES
     from ..engine import HOOKS
@@ -153,7 +153,8 @@ def run_train(args) -> int:
     import torch
 
     from ..storage.checkpoints import check_run_dir
-    from ..config import TrainConfig, build_model
+    from ..config import build_model
+    from ..training import TrainConfig
     from ..engine.distributed import check_batch_divides
     from ..engine import ProgressBar, init_distributed, make_hook
     from ..experiments.images import train_images

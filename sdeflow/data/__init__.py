@@ -17,9 +17,9 @@ import torch
 
 from . import images as _images
 from . import toy as _toy
-from ..utils import check_new_name, check_positive_int
+from ..utils import check_choice, check_new_name, check_positive_int
 
-__all__ = ["Dataset", "DATASETS", "KINDS", "register_dataset", "get_dataset"]
+__all__ = ["Dataset", "DATASETS", "KINDS", "register_dataset", "get_dataset", "sample_toy", "toy_log_prob"]
 
 KINDS = ("toy", "image")
 
@@ -83,6 +83,23 @@ def get_dataset(name: str) -> Dataset:
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {', '.join(repr(n) for n in DATASETS)}; got {name!r}")
     return DATASETS[name]
+
+
+def _toy_dataset(name: str):
+    check_choice("dataset", name, tuple(n for n, entry in DATASETS.items() if entry.kind == "toy"))
+    return DATASETS[name]
+
+
+def sample_toy(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw n points of the toy data set ``name`` (a toy entry of :data:`DATASETS`),
+    (n, *shape) float32."""
+    return _toy_dataset(name).sample(n, generator=generator)
+
+
+def toy_log_prob(name: str, x: torch.Tensor) -> torch.Tensor | None:
+    """Exact log-density of the toy data set ``name`` at x, (n, *shape) -> (n,) float64; None if it has none."""
+    log_prob = _toy_dataset(name).log_prob
+    return None if log_prob is None else log_prob(x)
 
 
 for _entry in (

@@ -131,22 +131,3 @@ def _check_points(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x must be a tensor of shape (n, 2); got {shape}")
     return x
 
-
-def _toy_dataset(name: str):
-    # The registry lives in the package, which imports this module: look it up at call time.
-    from . import DATASETS
-
-    check_choice("dataset", name, tuple(n for n, entry in DATASETS.items() if entry.kind == "toy"))
-    return DATASETS[name]
-
-
-def sample_toy(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw n points of the toy data set ``name`` (a toy entry of :data:`sdeflow.data.DATASETS`),
-    (n, *shape) float32."""
-    return _toy_dataset(name).sample(n, generator=generator)
-
-
-def toy_log_prob(name: str, x: torch.Tensor) -> torch.Tensor | None:
-    """Exact log-density of the toy data set ``name`` at x, (n, *shape) -> (n,) float64; None if it has none."""
-    log_prob = _toy_dataset(name).log_prob
-    return None if log_prob is None else log_prob(x)

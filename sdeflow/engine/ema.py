@@ -7,20 +7,9 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["EMA", "load_averages"]
+from ..storage.checkpoints import load_averages
 
-
-@torch.no_grad()
-def load_averages(model: nn.Module, averages: dict) -> None:
-    """Copy the averaged parameters ``averages`` ({name: tensor}, an EMA's state) into ``model``'s
-    parameters; CheckpointError if the names do not match the model's."""
-    from ..storage.checkpoints import CheckpointError
-
-    own = dict(model.named_parameters())
-    if set(own) != set(averages):
-        raise CheckpointError("EMA entries of the checkpoint do not match the model's parameters")
-    for name, value in averages.items():
-        own[name].copy_(value)
+__all__ = ["EMA"]
 
 
 class EMA:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..storage import checkpoints as ckpt
-from ..config import TrainConfig
+from ..training import TrainConfig
 from ..discrete import LearnedVariance, PixelBins, forward_chain, variance_loss
 from ..training.losses import dsm
 from ..nets.heads import MeanAndVariance

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig, model_config
+from ..config import model_config
+from ..training import TrainConfig
 from ..data.transforms import TRANSFORMS, check_images, postprocess, preprocess
 from ..engine.state import make_generator
 from ..nets.unet import DEFAULT_PRESET
@@ -20,14 +21,14 @@ from ..utils import check_choice, check_positive_int
 __all__ = ["image_model_config", "train_images", "sample_images", "CPU_BUDGET_RECIPE", "OBJECTIVES",
            "DEFAULT_SAMPLER"]
 
-#: The training settings ``sdeflow train`` starts from (with :class:`~sdeflow.config.TrainConfig`'s own
+#: The training settings ``sdeflow train`` starts from (with :class:`~sdeflow.training.TrainConfig`'s own
 #: defaults for the rest): the recipe measured best for 12 minutes of training on 2 CPU cores (README,
 #: "CIFAR-10 in 12 minutes"): batch 16, a 720-second budget with the schedule and the last step fitted
 #: to the steps it affords; ``steps`` is only an upper bound.
 CPU_BUDGET_RECIPE = {"steps": 1_000_000, "batch_size": 16, "max_seconds": 720.0, "fit_schedule": True}
 
 #: Named training objectives: the settings of the model configuration (``transform``,
-#: ``parameterization``) and of :class:`~sdeflow.config.TrainConfig` that go together. "likelihood"
+#: ``parameterization``) and of :class:`~sdeflow.training.TrainConfig` that go together. "likelihood"
 #: wins bits/dim (logit pixels, the ELBO's weighting g²/σ², time drawn ∝ that weighting: the loss is
 #: the ELBO's integrand); "samples" wins samples (DDPM's recipe: centered pixels, ε-loss
 #: ‖ε̂ − ε‖² unweighted, uniform time). README, "Samples": both measured at equal CPU time.

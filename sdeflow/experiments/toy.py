@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..storage.files import atomic_write_bytes
-from ..config import TrainConfig, build_model, model_config
+from ..config import build_model, model_config
+from ..training import TrainConfig
 from ..data import get_dataset
 from ..engine.hooks import LOG_NAME, read_log
 from ..engine.state import STREAM_MONITOR, STREAM_MONITOR_DATA, make_generator, step_seed

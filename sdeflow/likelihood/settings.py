@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import config_field, validate_fields
+from ..utils import config_field, validate_fields
 from .divergence import DIVERGENCES, PROBES
 from .elbo import default_t_min
 from .ode import ADAPTIVE_SOLVERS

@@ -48,7 +48,8 @@ import torch
 from torch import nn
 
 from ..model import PluginReverseSDE
-from . import SamplerSettings, sample
+from .loop import sample
+from .settings import SamplerSettings
 from ..utils import append_dims, check_choice, check_finite, check_nonneg_float, check_positive_float
 
 __all__ = ["denoise", "inpaint", "posterior_sample", "noise_time", "make_mask",

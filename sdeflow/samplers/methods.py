@@ -265,29 +265,29 @@ register_method("euler", Method(
     nfe_per_step=1, lmbd="any λ in [0, 1]"))
 register_method("heun", Method(
     _heun_step, order="2 (ODE); weak 1 for λ < 1", nfe_per_step=2, lmbd="any λ in [0, 1]",
-    default_lmbd=1.0, default_schedule="karras", default_t_min=1e-3))
+    default_lmbd=1.0, default_grid="karras", default_t_min=1e-3))
 register_method("ddim", Method(
     _ddim_step, order="1 (η = 0); weak 1 for η > 0", nfe_per_step=1, lmbd="any λ in [0, 1] (η = √(1 − λ))",
-    default_lmbd=1.0, default_schedule="quadratic", default_t_min=1e-3))
+    default_lmbd=1.0, default_grid="quadratic", default_t_min=1e-3))
 register_method("dpm2", Method(
     _dpm2_step, order="2", nfe_per_step=2, lmbd="λ = 1 only (probability-flow ODE)", lmbd_range=(1.0, 1.0),
-    default_lmbd=1.0, default_schedule="logsnr", default_t_min=1e-3, needs_positive_t_min=True))
+    default_lmbd=1.0, default_grid="logsnr", default_t_min=1e-3, needs_positive_t_min=True))
 register_method("dpm3", Method(
     _dpm3_step, order="3", nfe_per_step=3, lmbd="λ = 1 only (probability-flow ODE)", lmbd_range=(1.0, 1.0),
-    default_lmbd=1.0, default_schedule="logsnr", default_t_min=1e-3, needs_positive_t_min=True))
+    default_lmbd=1.0, default_grid="logsnr", default_t_min=1e-3, needs_positive_t_min=True))
 register_method("dpm++2m", Method(
     _dpmpp_2m_step, order="2", nfe_per_step=1, lmbd="λ = 1 only (probability-flow ODE)", lmbd_range=(1.0, 1.0),
-    default_lmbd=1.0, default_schedule="logsnr", default_t_min=1e-3))
+    default_lmbd=1.0, default_grid="logsnr", default_t_min=1e-3))
 register_method("ancestral", Method(
     _ancestral_step, order="weak 1", nfe_per_step=1, lmbd="λ = 0 only (a reverse-SDE sampler)",
-    lmbd_range=(0.0, 0.0), default_schedule="uniform",
+    lmbd_range=(0.0, 0.0), default_grid="uniform",
     options={"variance": Option("posterior", _check_variance_option,
                                 "reverse variances of the ancestral steps: posterior (β̃), step (β) or learned "
                                 "(the model's variance head)")}))
 register_method("pc", Method(
     _pc_step, order="that of the Euler–Maruyama predictor; the corrector adds accuracy, not order",
     nfe_per_step="1 + n_corrector", lmbd="any λ in [0, 1] for the predictor",
-    default_schedule="uniform", default_t_min=1e-3,
+    default_grid="uniform", default_t_min=1e-3,
     options={"n_corrector": Option(1, check_nonneg_int, "Langevin corrector steps after each predictor step"),
              "snr": Option(0.16, check_positive_float, "the corrector's signal-to-noise ratio, which sets its "
                                                           "step size (Song et al. 2021, Alg. 4)")},

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .grids import SCHEDULES
+from .grids import GRIDS
 from ..utils import check_choice, check_new_name
 
 __all__ = ["Option", "Method", "METHODS", "register_method"]
@@ -41,7 +41,7 @@ class Method:
         nfe_per_step: network evaluations a step costs, in words or as a number (a Heun step onto
             t = 0 costs 1).
         lmbd: the λ it supports, in words; ``lmbd_range`` the closed interval.
-        default_lmbd, default_schedule: used when the settings leave them None.
+        default_lmbd, default_grid: used when the settings leave them None.
         default_t_min: t_min in units of T used when the settings leave it None.
         needs_positive_t_min: the method evaluates the log-SNR at t_min, so t_min = 0 is refused.
         options: name -> :class:`Option`: the options this method accepts.
@@ -54,7 +54,7 @@ class Method:
     lmbd: str
     lmbd_range: tuple[float, float] = (0.0, 1.0)
     default_lmbd: float = 0.0
-    default_schedule: str = "uniform"
+    default_grid: str = "uniform"
     default_t_min: float = 0.0
     needs_positive_t_min: bool = False
     options: Mapping[str, Option] = field(default_factory=dict)
@@ -100,7 +100,7 @@ def _check_method(name: str, method: Method) -> None:
     if not low <= method.default_lmbd <= high:
         raise ValueError(f"method {name!r}: default_lmbd={method.default_lmbd} lies outside lmbd_range "
                          f"{method.lmbd_range}")
-    check_choice(f"method {name!r}: default_schedule", method.default_schedule, SCHEDULES)
+    check_choice(f"method {name!r}: default_grid", method.default_grid, tuple(GRIDS))
     if not 0.0 <= method.default_t_min < 1.0:
         raise ValueError(f"method {name!r}: default_t_min (in units of T) must lie in [0, 1); "
                          f"got {method.default_t_min}")

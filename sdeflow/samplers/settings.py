@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .grids import SCHEDULES, SCHEDULES_NEEDING_POSITIVE_T_MIN, check_time_span
+from .grids import GRIDS, check_time_span
 from ..utils import check_choice, check_positive_int
 from .clipping import check_clip, check_threshold
 from .registry import METHODS
@@ -18,7 +18,7 @@ __all__ = ["SamplerSettings"]
 @dataclass(frozen=True)
 class SamplerSettings:
     """What a fixed-step sampler run is: ``n_steps`` steps of ``method`` (a key of ``METHODS``) on a
-    ``schedule`` grid (a key of ``SCHEDULES``) from the start time down to ``t_min``, integrating
+    ``grid`` of times (a key of ``GRIDS``) from the start time down to ``t_min``, integrating
     the λ-family member ``lmbd`` (0: the reverse SDE, 1: the probability-flow ODE), with the
     method's own ``options`` (e.g. ``{"n_corrector": 2}`` for "pc"). None: the method's default.
     ``clip`` = (low, high), the data's range (:func:`sdeflow.data.transforms.data_range`): every
@@ -32,7 +32,7 @@ class SamplerSettings:
     method: str = "euler"
     n_steps: int = 1000
     lmbd: float | None = None
-    schedule: str | None = None
+    grid: str | None = None
     t_min: float | None = None
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     clip: tuple[float, float] | None = None
@@ -53,9 +53,9 @@ class SamplerSettings:
         """These settings checked for a model whose SDE ends at ``T`` and a run that starts at
         ``t_start`` (None: T), with every None replaced by the method's default (t_min: its
         ``default_t_min``·T) and every option of the method present. Rules: ``method`` registered;
-        ``n_steps`` a positive integer; ``lmbd`` in the method's ``lmbd_range``; ``schedule``
-        known; t_min in [0, t_start), in (0, t_start) for a method with ``needs_positive_t_min``
-        or a log-SNR schedule; each option accepted by the method and passed by its
+        ``n_steps`` a positive integer; ``lmbd`` in the method's ``lmbd_range``; ``grid``
+        registered; t_min in [0, t_start), in (0, t_start) for a method with ``needs_positive_t_min``
+        or a log-SNR grid; each option accepted by the method and passed by its
         :class:`~sdeflow.samplers.Option` check; ``clip`` None or (low, high), finite, low < high;
         ``threshold`` None or in (0, 100], and only with a ``clip`` range. ``ValueError`` naming the
         setting otherwise."""
@@ -66,18 +66,18 @@ class SamplerSettings:
         low, high = spec.lmbd_range
         if isinstance(lmbd, (bool, str, bytes)) or not low <= lmbd <= high:
             raise ValueError(f"method {self.method!r} supports {spec.lmbd}; got lmbd={lmbd!r}")
-        schedule = spec.default_schedule if self.schedule is None else self.schedule
-        check_choice("schedule", schedule, SCHEDULES)
+        grid = spec.default_grid if self.grid is None else self.grid
+        check_choice("grid", grid, tuple(GRIDS))
         t_min = spec.default_t_min * T if self.t_min is None else self.t_min
         needs_positive = (f"method {self.method!r}" if spec.needs_positive_t_min else
-                          f"schedule {schedule!r}" if schedule in SCHEDULES_NEEDING_POSITIVE_T_MIN else None)
+                          f"grid {grid!r}" if GRIDS[grid].needs_positive_t_min else None)
         t_min, _ = check_time_span(t_min, t_start, T, needs_positive)
         clip, threshold = check_clip("clip", self.clip), check_threshold("threshold", self.threshold)
         if threshold is not None and clip is None:
             raise ValueError(f"threshold={threshold:g} needs clip, the data range (low, high) it rescales x̂₀ within; "
                              f"got clip=None")
         return SamplerSettings(method=self.method, n_steps=check_positive_int("n_steps", self.n_steps),
-                               lmbd=float(lmbd), schedule=schedule, t_min=t_min, options=options, clip=clip,
+                               lmbd=float(lmbd), grid=grid, t_min=t_min, options=options, clip=clip,
                                threshold=threshold)
 
 

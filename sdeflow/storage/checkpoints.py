@@ -33,7 +33,7 @@ from .files import TMP_PREFIX as _TMP_PREFIX, CheckpointWriteError, atomic_write
 __all__ = [
     "CheckpointError", "CheckpointWriteError", "FORMAT", "VERSION", "save_checkpoint", "load_checkpoint",
     "check_config", "checkpoint_path", "list_checkpoints", "latest_checkpoint", "prune_checkpoints",
-    "remove_stale_temporaries", "resolve_checkpoint", "load_model", "check_run_dir",
+    "remove_stale_temporaries", "resolve_checkpoint", "load_model", "load_averages", "check_run_dir",
 ]
 
 FORMAT = "sdeflow-checkpoint"
@@ -203,11 +203,21 @@ def resolve_checkpoint(path) -> Path:
     return path
 
 
+@torch.no_grad()
+def load_averages(model: torch.nn.Module, averages: dict) -> None:
+    """Copy the averaged parameters ``averages`` ({name: tensor}, an EMA's state) into ``model``'s
+    parameters; CheckpointError if the names do not match the model's."""
+    own = dict(model.named_parameters())
+    if set(own) != set(averages):
+        raise CheckpointError("EMA entries of the checkpoint do not match the model's parameters")
+    for name, value in averages.items():
+        own[name].copy_(value)
+
+
 def load_model(path, *, use_ema: bool = True, device="cpu", expected_config: dict | None = None):
     """Build the model stored in checkpoint ``path`` (a file or a run directory: its newest; EMA
     weights unless ``use_ema=False``). Returns (model in eval mode, its configuration, its step)."""
     from ..config import build_model
-    from ..engine.ema import load_averages
 
     path = resolve_checkpoint(path)
     state = load_checkpoint(path, expected_config=expected_config)

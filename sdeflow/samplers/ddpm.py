@@ -18,8 +18,10 @@ from typing import Callable
 
 import torch
 
+from ..discrete.variances import check_variance
 from ..utils import check_positive_int
-from .variances import check_variance
+from .loop import sample
+from .settings import SamplerSettings
 
 __all__ = ["ancestral_sample"]
 
@@ -32,9 +34,7 @@ def ancestral_sample(model, variance, n_steps: int, shape, generator: torch.Gene
     :func:`sdeflow.samplers.sample` with the "ancestral" method on the uniform grid from T to 0.
     ``generator`` draws the prior and every noise; ``callback`` gets the sampler's {"i", "t", "x", ...}
     after every step (t is t_{n−1}). ``device``/``dtype`` default to the model's."""
-    from ..samplers import SamplerSettings, sample
-
     check_variance(variance)
-    settings = SamplerSettings("ancestral", n_steps=check_positive_int("n_steps", n_steps), schedule="uniform",
+    settings = SamplerSettings("ancestral", n_steps=check_positive_int("n_steps", n_steps), grid="uniform",
                                t_min=0.0, options={"variance": variance})
     return sample(model, shape, settings, generator=generator, callback=callback, device=device, dtype=dtype)
