@@ -164,3 +164,17 @@ def validate_fields(config) -> None:
             check_choice(f.name, value, tuple(f.metadata["choices"]()))
         if f.metadata.get("check") is not None:
             f.metadata["check"](f.name, value)
+
+
+def log_interval_mass(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log(\Phi(b) - \Phi(a))` for a < b (either may be ±∞), accurate in both tails: an
+    interval on the positive side is mirrored onto the negative one, where
+    :math:`\log(\Phi(b) - \Phi(a)) = \log\Phi(b) + \log(1 - e^{\log\Phi(a) - \log\Phi(b)})`."""
+    # Edges beyond ±10⁴ standard deviations are held there, where the mass is exactly 0 or 1 in
+    # float64 anyway, so that gradients through a learned variance stay finite.
+    lower, upper = lower.clamp(-1e4, 1e4), upper.clamp(-1e4, 1e4)
+    mirror = lower > 0
+    a = torch.where(mirror, -upper, lower)
+    b = torch.where(mirror, -lower, upper)
+    log_b, log_a = torch.special.log_ndtr(b), torch.special.log_ndtr(a)
+    return log_b + torch.log(-torch.expm1((log_a - log_b).clamp_max(0.0)))

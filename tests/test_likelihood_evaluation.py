@@ -13,7 +13,8 @@ from sdeflow import LikelihoodSettings
 from sdeflow.data import get_dataset
 from sdeflow.data.transforms import truncated_normal_scale
 from sdeflow.likelihood.evaluation import (EvaluationError, evaluate_bpd, log_likelihood,
-                                noise_level_time, quantization_time)
+                                quantization_time)
+from sdeflow.sdes import noise_level_time
 from sdeflow.nets.oracles import ExactScoreNet, GaussianMixture
 from sdeflow.likelihood.statistics import mean_se, tail_diagnostics
 

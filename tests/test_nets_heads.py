@@ -46,3 +46,13 @@ def test_a_unet_with_a_head_starts_at_the_midpoint_and_survives_a_checkpoint(tmp
     save_checkpoint(tmp_path / "ckpt-00000001.pt", state)
     loaded, _, _ = load_model(tmp_path, use_ema=False)
     torch.testing.assert_close(loaded.net.both(y, t), model.net.both(y, t))
+
+
+def test_has_variance_head_answers_for_models_and_networks():
+    from sdeflow.nets import has_variance_head
+
+    plain = MLP(dim=2, hidden=8, n_blocks=1)
+    head = make_net("mlp", dim=2, hidden=8, n_blocks=1, learned_variance=True)
+    assert has_variance_head(head) and not has_variance_head(plain)
+    assert has_variance_head(sdeflow.PluginReverseSDE(sdeflow.VPSDE(), head, "noise"))
+    assert not has_variance_head(sdeflow.PluginReverseSDE(sdeflow.VPSDE(), plain, "noise"))

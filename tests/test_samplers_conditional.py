@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import sdeflow
-from sdeflow.samplers.conditional import denoise, inpaint, make_mask, noise_time, posterior_sample
+from sdeflow.samplers.conditional import denoise, inpaint, make_mask, posterior_sample
+from sdeflow.sdes import noise_level_time
 from sdeflow.nets.oracles import ExactScoreNet, FullCovarianceGaussian
 from sdeflow.samplers import SamplerSettings, Trace
 
@@ -77,7 +78,7 @@ def test_oracle_conditional_is_posterior_with_selection_and_no_noise():
 def test_noise_time_matches_noise_to_signal_ratio(name):
     sde = SDES[name]()
     for noise_std in (0.05, 0.5, 1.0, 3.0):
-        t = torch.tensor(noise_time(sde, noise_std), dtype=torch.float64)
+        t = torch.tensor(noise_level_time(sde, noise_std), dtype=torch.float64)
         assert 0 < t <= sde.T
         ratio = (sde.var(t) / sde.mean_weight(t) ** 2).sqrt().item()
         assert ratio == pytest.approx(noise_std, rel=1e-6)
@@ -111,7 +112,7 @@ def test_denoise_refuses_bad_noise_levels():
     with pytest.raises(ValueError, match="not reachable"):
         denoise(model, y, 1e6, steps(2))
     with pytest.raises(ValueError, match="not reachable"):
-        noise_time(sdeflow.VESDE(sigma_min=0.01, sigma_max=5.0), 10.0)
+        noise_level_time(sdeflow.VESDE(sigma_min=0.01, sigma_max=5.0), 10.0)
 
 
 def test_denoise_is_reproducible_with_a_generator():

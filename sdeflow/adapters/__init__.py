@@ -36,9 +36,9 @@ FOREIGN_SOURCES = {"diffusers": load_diffusers}
 def bound_start(model) -> float:
     """The time of the smallest noise level ``model``'s network was trained on (0.0 when its adapter does
     not know one): t₁ = T/N of a discrete-time network, the time of σ_min of a denoiser."""
-    from ..nets.heads import MeanAndVariance
+    from ..nets.heads import has_variance_head
 
-    net = model.net.net if isinstance(model.net, MeanAndVariance) else model.net
+    net = model.net.net if has_variance_head(model) else model.net
     first = getattr(net, "first_trained_time", None)
     return float(first()) if callable(first) else 0.0
 

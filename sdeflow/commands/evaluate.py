@@ -53,7 +53,7 @@ def run_eval(args) -> int:
     from ..storage.files import atomic_write_bytes
     from ..engine.distributed import init_distributed
     from ..likelihood.evaluation import LikelihoodSettings, evaluate_bpd
-    from ..nets import MeanAndVariance
+    from ..nets import has_variance_head
 
     settings = config_from_args(LikelihoodSettings, args)
     if args.per_image and not args.json:
@@ -66,7 +66,7 @@ def run_eval(args) -> int:
     settings.validate(model.T)
     if config.get("dataset") not in (None, args.dataset):
         raise CLIError(f"the checkpoint was trained on {config.get('dataset')!r}, not --dataset {args.dataset}")
-    if settings.bound == "discrete" and settings.variance == "learned" and not isinstance(model.net, MeanAndVariance):
+    if settings.bound == "discrete" and settings.variance == "learned" and not has_variance_head(model):
         raise CLIError("--variance learned needs a model with a variance head: train it with sdeflow train "
                        "--learned-variance")
     if settings.bound == "discrete" and settings.variance == "analytic":
@@ -78,20 +78,20 @@ def run_eval(args) -> int:
                           progress=args.progress)
     if rank != 0:
         return 0
-    ode = settings.bound != "elbo"  # both report their network evaluations
+    counted = "nfe" in result  # the ODE and the discrete bound count their network evaluations
     keys = ("bpd", "bpd_se", "n_images", "seconds", "estimator", "tail_share", "tail_count", "kurtosis",
             "heavy_tailed")
-    summary = {key: result[key] for key in keys + (("nfe",) if ode else ())}
+    summary = {key: result[key] for key in keys + (("nfe",) if counted else ())}
     summary = {key: None if value != value else value for key, value in summary.items()}  # NaN: JSON's null
     summary.update({"model": args.model or str(args.checkpoint), "weights": label, "split": args.split,
                     "seed": args.seed})
     if args.per_image:
         summary["bpd_per_image"] = result["bpd_per_image"].tolist()
-    extra = f", mean NFE {result['nfe']:.0f}" if ode else ""
+    extra = f", mean NFE {result['nfe']:.0f}" if counted else ""
     print(f"{args.split} bits/dim: {result['bpd']:.4f} ± {result['bpd_se']:.4f} "
           f"({result['n_images']} images, {result['estimator']}, {result['seconds']:.1f} s{extra})")
     if result["heavy_tailed"]:
-        print(heavy_tail_warning(result, ode=ode), file=sys.stderr)
+        print(heavy_tail_warning(result, slices=settings.bound == "elbo"), file=sys.stderr)
     if args.json:
         atomic_write_bytes(args.json, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
     return 0
@@ -116,10 +116,11 @@ def _analytic_variance(args, model, config: dict, n_steps: int):
     return value
 
 
-def heavy_tail_warning(result: dict, ode: bool = False) -> str:
+def heavy_tail_warning(result: dict, slices: bool = True) -> str:
     """The one-line warning for a result of :func:`sdeflow.likelihood.evaluation.evaluate_bpd` whose per-image
-    bits/dim are heavy-tailed (its "heavy_tailed")."""
-    hint = "" if ode else "; more --n-slices average the estimator's own noise"
+    bits/dim are heavy-tailed (its "heavy_tailed"); ``slices``: the estimator is the ELBO, whose own noise
+    more --n-slices average."""
+    hint = "; more --n-slices average the estimator's own noise" if slices else ""
     return (f"sdeflow eval: warning: the standard error ± {result['bpd_se']:.4f} is unreliable: the per-image "
             f"bits/dim are heavy-tailed, {result['tail_count']} of {result['n_images']} images carry "
             f"{result['tail_share']:.0%} of their variance (kurtosis {result['kurtosis']:.0f}; a Gaussian's is 3)"

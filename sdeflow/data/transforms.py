@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..utils import check_choice, check_positive_float, check_positive_int, sum_except_batch
+from ..utils import check_choice, check_positive_float, check_positive_int, log_interval_mass, sum_except_batch
 
 __all__ = ["ALPHA", "NUM_LEVELS", "TRANSFORMS", "TRUNCATION", "dequantize", "quantize",
            "logit_transform", "logit_inverse", "random_hflip", "bits_per_dim", "Preprocess",
@@ -236,15 +236,6 @@ def _bin_geometry(transform: str, alpha: float, num_levels: int) -> tuple[torch.
     return centres, edges[:-1] - centres, edges[1:] - centres
 
 
-def _log_mass(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-    r""":math:`\log(\Phi(\beta) - \Phi(\alpha))` for :math:`\alpha < 0 < \beta`, as
-    :math:`\log\tfrac12[\operatorname{erf}(\beta/\sqrt2) + \operatorname{erf}(-\alpha/\sqrt2)]`
-    (= :math:`\log(1 - \Phi(-\beta) - \Phi(\alpha))`): a sum of two positive terms, so no
-    cancellation however wide or narrow the bin is in units of σ."""
-    root2 = math.sqrt(2.0)
-    return torch.log(0.5 * (torch.erf(upper / root2) + torch.erf(-lower / root2)))
-
-
 def _sample_offsets(lower: torch.Tensor, upper: torch.Tensor, sigma: float,
                     generator: torch.Generator | None) -> torch.Tensor:
     r"""z ~ N(0, σ²) truncated to [a, b] per element by the inverse CDF, in float64:
@@ -252,7 +243,7 @@ def _sample_offsets(lower: torch.Tensor, upper: torch.Tensor, sigma: float,
     :math:`z = \sigma\,\Phi^{-1}(u)`, clamped into [a, b] against rounding."""
     r = torch.rand(lower.shape, generator=generator, dtype=torch.float64, device=lower.device)
     low_cdf = torch.special.ndtr(lower / sigma)
-    u = low_cdf + r * torch.exp(_log_mass(lower / sigma, upper / sigma))
+    u = low_cdf + r * torch.exp(log_interval_mass(lower / sigma, upper / sigma))
     return torch.clamp(sigma * torch.special.ndtri(u), lower, upper)
 
 
@@ -260,7 +251,7 @@ def _log_density(z: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sigm
     r"""Per-element log density of the truncated normal at offset z:
     :math:`-z^2/(2\sigma^2) - \log(\sqrt{2\pi}\,\sigma) - \log(\Phi(b/\sigma) - \Phi(a/\sigma))`."""
     return (-0.5 * (z / sigma) ** 2 - math.log(math.sqrt(2.0 * math.pi) * sigma)
-            - _log_mass(lower / sigma, upper / sigma))
+            - log_interval_mass(lower / sigma, upper / sigma))
 
 
 def truncated_normal_scale(transform: str = "logit", alpha: float = ALPHA, tau: float = TRUNCATION,

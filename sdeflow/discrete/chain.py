@@ -43,7 +43,7 @@ import torch
 
 from ..data.transforms import ALPHA, NUM_LEVELS, TRANSFORMS, _bin_geometry
 from ..sdes.linear import SDE
-from ..utils import check_choice, check_positive_int, sum_except_batch
+from ..utils import check_choice, check_positive_int, log_interval_mass, sum_except_batch
 
 __all__ = ["ForwardChain", "forward_chain", "step_chain", "prior_kl", "PixelBins", "gaussian_log_prob"]
 
@@ -99,12 +99,6 @@ class ForwardChain:
         out[1:] = -self.mean_weight[:-1] * torch.expm1(self._log_snr_step[1:])
         return out
 
-    @property
-    def posterior_state_coef(self) -> torch.Tensor:
-        """c^y_n = a_n v_{n−1} / v_n, the weight of y_n in the posterior mean (c^y_0 = 0)."""
-        out = torch.zeros_like(self.var)
-        out[1:] = torch.exp(self._log_snr_step[1:]) / self.step_mean_weight[1:]
-        return out
 
 
 def forward_chain(sde: SDE, n_steps: int | None = None, times=None) -> ForwardChain:
@@ -165,20 +159,6 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) ->
     return sum_except_batch(-0.5 * torch.log(2 * math.pi * var) - 0.5 * (x - mean) ** 2 / var)
 
 
-def _log_interval_mass(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-    r""":math:`\log(\Phi(b) - \Phi(a))` for a < b (either may be ±∞), accurate in both tails: an
-    interval on the positive side is mirrored onto the negative one, where
-    :math:`\log(\Phi(b) - \Phi(a)) = \log\Phi(b) + \log(1 - e^{\log\Phi(a) - \log\Phi(b)})`."""
-    # Edges beyond ±10⁴ standard deviations are held there, where the mass is exactly 0 or 1 in
-    # float64 anyway, so that gradients through a learned variance stay finite.
-    lower, upper = lower.clamp(-1e4, 1e4), upper.clamp(-1e4, 1e4)
-    mirror = lower > 0
-    a = torch.where(mirror, -upper, lower)
-    b = torch.where(mirror, -lower, upper)
-    log_b, log_a = torch.special.log_ndtr(b), torch.special.log_ndtr(a)
-    return log_b + torch.log(-torch.expm1((log_a - log_b).clamp_max(0.0)))
-
-
 class PixelBins:
     """The 256 model-space bins of 8-bit pixels under the data transform φ (see the module docstring).
 
@@ -225,4 +205,4 @@ class PixelBins:
         mean = mean.double()
         lower = (edges[level] - mean) / std
         upper = (edges[level + 1] - mean) / std
-        return sum_except_batch(_log_interval_mass(lower, upper))
+        return sum_except_batch(log_interval_mass(lower, upper))

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..nets.heads import MeanAndVariance
+from ..nets.heads import has_variance_head
 from ..utils import append_dims, check_choice, check_positive_int, sum_except_batch
 from .chain import ForwardChain
 
@@ -158,13 +158,13 @@ class LearnedVariance(nn.Module):
     def of(cls, model) -> "LearnedVariance":
         """The variance head of ``model``'s network (one built with ``learned_variance=True``).
         ValueError for a model without one."""
-        if not isinstance(getattr(model, "net", None), MeanAndVariance):
+        if not has_variance_head(model):
             raise ValueError("variance 'learned' needs a model whose network outputs a variance "
                              "(a net built with learned_variance=True)")
         return cls(model.net)
 
     def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net.variance(y, t) if isinstance(self.net, MeanAndVariance) else self.net(y, t)
+        return self.net.variance(y, t) if has_variance_head(self.net) else self.net(y, t)
 
     def variance(self, chain: ForwardChain, n: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """σ² at the steps n (B,) and states y (B, ...) = y_n, float64, broadcastable against y."""

@@ -37,7 +37,7 @@ from ..storage import checkpoints as ckpt
 from ..training import TrainConfig
 from ..discrete import LearnedVariance, PixelBins, forward_chain, variance_loss
 from ..training.losses import dsm
-from ..nets.heads import MeanAndVariance
+from ..nets.heads import has_variance_head
 from ..utils import check_t_min
 from .distributed import all_gather_objects, all_reduce, check_batch_divides, world_info
 from .ema import EMA
@@ -64,7 +64,7 @@ class DSMObjective(nn.Module):
         self.second_order_weight = config.second_order_weight
         self.t_min, self.stratified = config.loss_t_min, config.stratified_time
         self.variance = None
-        if isinstance(model.net, MeanAndVariance):
+        if has_variance_head(model):
             data = data_config or {}
             self.variance = LearnedVariance.of(model)
             self.chain = forward_chain(model.sde, n_steps=config.variance_steps)

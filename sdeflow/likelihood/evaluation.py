@@ -50,9 +50,10 @@ from ..engine.state import STREAM_EVAL, STREAM_PILOT, make_generator, step_seed
 from .settings import BOUNDS, DEQUANTIZATIONS, LikelihoodSettings
 from .ode import log_prob_ode
 from .statistics import mean_se, tail_diagnostics
+from ..sdes.linear import noise_level_time
 from ..utils import check_positive_int, model_device_dtype
 
-__all__ = ["LikelihoodSettings", "BOUNDS", "DEQUANTIZATIONS", "noise_level_time", "quantization_time",
+__all__ = ["LikelihoodSettings", "BOUNDS", "DEQUANTIZATIONS", "quantization_time",
            "EvaluationError", "log_likelihood", "evaluate_bpd", "analytic_variance"]
 
 class EvaluationError(RuntimeError):
@@ -213,11 +214,6 @@ def _likelihoods(model, n: int, batch: Callable, settings: LikelihoodSettings, b
     if nfes:
         out["nfe"] = float(np.mean(nfes))
     return out
-
-
-def noise_level_time(sde, sigma: float) -> float:
-    """The time t at which the SDE's noise level std(t)/m(t) is ``sigma``: λ(t) = −2 log σ."""
-    return float(sde.t_from_log_snr(torch.tensor(-2.0 * math.log(sigma), dtype=torch.float64)))
 
 
 def quantization_time(sde, data_config: dict) -> float:

@@ -15,11 +15,11 @@ from typing import Callable
 from torch import nn
 
 from ..utils import check_new_name
-from .heads import MeanAndVariance
+from .heads import MeanAndVariance, has_variance_head
 from .mlp import MLP
 from .unet import make_unet
 
-__all__ = ["NETS", "register_net", "make_net", "MeanAndVariance"]
+__all__ = ["NETS", "register_net", "make_net", "MeanAndVariance", "has_variance_head"]
 
 #: name → builder(**params) -> nn.Module. "unet": :func:`~sdeflow.nets.unet.make_unet` (``preset``,
 #: ``in_channels``, ``image_size`` and any of the preset's hyper-parameters); "mlp": :class:`~sdeflow.nets.mlp.MLP`.

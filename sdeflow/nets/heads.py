@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["MeanAndVariance"]
+__all__ = ["MeanAndVariance", "has_variance_head"]
 
 
 class MeanAndVariance(nn.Module):
@@ -43,3 +43,9 @@ class MeanAndVariance(nn.Module):
     def variance(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The interpolation v (v = 0: β̃_n, v = 1: β_n), shaped like y."""
         return self.both(y, t)[1]
+
+
+def has_variance_head(model) -> bool:
+    """Whether ``model`` (a model, or a network) outputs a reverse variance beside its mean: its network
+    is a :class:`MeanAndVariance`. The one place this question is answered."""
+    return isinstance(model, MeanAndVariance) or isinstance(getattr(model, "net", None), MeanAndVariance)

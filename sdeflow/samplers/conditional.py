@@ -50,9 +50,10 @@ from torch import nn
 from ..model import PluginReverseSDE
 from .loop import sample
 from .settings import SamplerSettings
+from ..sdes.linear import noise_level_time
 from ..utils import append_dims, check_choice, check_finite, check_nonneg_float, check_positive_float
 
-__all__ = ["denoise", "inpaint", "posterior_sample", "noise_time", "make_mask",
+__all__ = ["denoise", "inpaint", "posterior_sample", "make_mask",
            "INPAINT_SCHEMES", "COVARIANCES", "MASKS"]
 
 INPAINT_SCHEMES = ("replacement", "guided")
@@ -86,20 +87,6 @@ def _check_mask(mask, x: torch.Tensor) -> torch.Tensor:
     if per_example.all(dim=1).any():
         raise ValueError("mask observes everything in some example: there is nothing to inpaint")
     return mask
-
-
-def noise_time(sde, noise_std: float) -> float:
-    r"""The time t* at which the forward SDE's noise-to-signal ratio equals the observation's:
-    v(t*)/m(t*)² = σ_n², i.e. log-SNR λ(t*) = −2 log σ_n. Raises ``ValueError`` if σ_n ≤ 0
-    or if the SDE never gets that noisy on [0, T]."""
-    noise_std = check_positive_float("noise_std", noise_std)
-    log_snr = torch.tensor(-2.0 * math.log(noise_std), dtype=torch.float64)
-    T = torch.tensor(sde.T, dtype=torch.float64)
-    max_std = float(torch.exp(-0.5 * sde.log_snr(T)))
-    if noise_std > max_std * (1 + 1e-9):
-        raise ValueError(f"noise_std={noise_std} is not reachable by {type(sde).__name__}: its "
-                         f"noise-to-signal ratio √v/m is at most {max_std:.4g} at T={sde.T}")
-    return min(float(sde.t_from_log_snr(log_snr)), sde.T)
 
 
 def make_mask(spec: str, shape, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -298,7 +285,7 @@ def denoise(model: PluginReverseSDE, y: torch.Tensor, noise_std: float, settings
             *, generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
     r"""Sample the posterior p(x | y) of clean data given y = x + σ_n ε, ε ~ N(0, I) (exact).
 
-    With t* = :func:`noise_time` (v(t*)/m(t*)² = σ_n²), m(t*)·y has the law of the forward marginal
+    With t* = :func:`~sdeflow.sdes.noise_level_time` (v(t*)/m(t*)² = σ_n²), m(t*)·y has the law of the forward marginal
     at t*, so the generative process started there from m(t*)·y (``sample(..., t_start=t*,
     x_T=m(t*)·y)``) ends at a draw of p(x | y) when the score is exact. That holds for the
     reverse-time SDE (λ = 0) only: it is the time reversal of the forward process, so its law at 0
@@ -316,7 +303,7 @@ def denoise(model: PluginReverseSDE, y: torch.Tensor, noise_std: float, settings
             raise ValueError(f"denoise samples the reverse SDE, λ = 0: settings.lmbd must be None or 0; "
                              f"got {settings.lmbd!r}")
         settings = dataclasses.replace(settings, lmbd=0.0)
-    t_start = noise_time(model.sde, noise_std)
+    t_start = noise_level_time(model.sde, noise_std, name="noise_std")
     m = float(model.sde.mean_weight(torch.tensor(t_start, dtype=torch.float64)))
     return sample(model, y.shape, settings, t_start=t_start, x_T=m * y, generator=generator,
                   callback=_reporting(callback), device=y.device, dtype=y.dtype)

@@ -33,7 +33,7 @@ import torch
 from ..utils import append_dims, check_new_name, check_positive_float, sum_except_batch
 
 __all__ = ["SDE", "IntegratedRateSDE", "IntegratedRateVPSDE", "VPSDE", "VESDE", "SubVPSDE", "SDES", "register_sde", "make_sde", "sde_parameters",
-           "sde_config"]
+           "sde_config", "noise_level_time"]
 
 
 class SDE(ABC):
@@ -368,3 +368,15 @@ def sde_config(sde: SDE) -> dict:
         raise ValueError(f"sde must be an instance of a registered SDE class ({', '.join(SDES)}); "
                          f"got {type(sde).__name__}; add its class with register_sde")
     return {"name": names[0], **{k: _plain(k, v) for k, v in sde.parameters().items()}}
+
+
+def noise_level_time(sde: SDE, sigma: float, name: str = "sigma") -> float:
+    r"""The time t at which the SDE's noise level √v(t)/m(t) equals ``sigma``: log-SNR λ(t) = −2 log σ.
+    ``ValueError`` naming ``name`` if σ ≤ 0 or the SDE never gets that noisy on [0, T]. Denoising starts there (the
+    observation's noise), and likelihoods of 8-bit images stop there (a pixel bin's scale)."""
+    sigma = check_positive_float(name, sigma)
+    max_sigma = float(torch.exp(-0.5 * sde.log_snr(torch.tensor(sde.T, dtype=torch.float64))))
+    if sigma > max_sigma * (1 + 1e-9):
+        raise ValueError(f"{name}={sigma} is not reachable by {type(sde).__name__}: its noise level √v/m is at "
+                         f"most {max_sigma:.4g} at T={sde.T}")
+    return min(float(sde.t_from_log_snr(torch.tensor(-2.0 * math.log(sigma), dtype=torch.float64))), sde.T)
