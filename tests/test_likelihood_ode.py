@@ -105,3 +105,17 @@ def test_log_prob_ode_matches_the_exact_flow(name, div):
     late = sdeflow.log_prob_ode(model, x, divergence=div, t_min=0.5, generator=torch.Generator().manual_seed(1))[0]
     assert (late - expected_ode_log_prob(sde, data, x, 0.5)).abs().max() < 1e-3 * data.dim
     assert (late - logp).abs().max() > 0.05  # far from the t_min = 0 value: the test can tell them apart
+
+
+def test_the_ode_starts_where_the_elbo_does_by_default():
+    """One default t_min for every likelihood: the ODE's, like the ELBO's, is default_t_min(T), so the
+    README's two bounds are of one model."""
+    from sdeflow.likelihood.elbo import default_t_min
+
+    sde = sdeflow.VPSDE()
+    model = exact_model(sde, gaussian(2))
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    default, _ = sdeflow.log_prob_ode(model, x, generator=torch.Generator().manual_seed(1))
+    explicit, _ = sdeflow.log_prob_ode(model, x, t_min=default_t_min(sde.T), generator=torch.Generator().manual_seed(1))
+    from_zero, _ = sdeflow.log_prob_ode(model, x, t_min=0.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(default, explicit) and not torch.equal(default, from_zero)

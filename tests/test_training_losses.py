@@ -26,7 +26,7 @@ def test_dsm_attains_its_known_minimum_at_the_exact_score(name):
     gen = torch.Generator().manual_seed(0)
     x = data.sample(40000, generator=gen, dtype=torch.float64)
     t = torch.full((40000,), 0.2, dtype=torch.float64)
-    exact = sdeflow.dsm(exact_model(sde, data, "noise"), x, t=t, generator=torch.Generator().manual_seed(1))
+    exact = sdeflow.dsm(exact_model(sde, data, "noise"), x, weighting="noise", t=t, generator=torch.Generator().manual_seed(1))
     assert abs(exact.mean() - _dsm_minimum_per_time(sde, data, 0.2)) < 5 * exact.std() / 200
 
     class Perturbed(torch.nn.Module):
@@ -40,7 +40,7 @@ def test_dsm_attains_its_known_minimum_at_the_exact_score(name):
     worse = sdeflow.PluginReverseSDE(sde, Perturbed(exact_model(sde, data, "noise").net), "noise").double()
     # With the same noise draws, scaling the exact score by 1.2 costs exactly ½·0.2²·E‖std·s‖²
     # = 0.02·Σ v/(m²s² + v) (the cross term vanishes at the optimum).
-    excess = sdeflow.dsm(worse, x, t=t, generator=torch.Generator().manual_seed(1)) - exact
+    excess = sdeflow.dsm(worse, x, weighting="noise", t=t, generator=torch.Generator().manual_seed(1)) - exact
     m2, v = sde.mean_weight(t[0]) ** 2, sde.var(t[0])
     expected = 0.02 * (v / (m2 * data.stds[0] ** 2 + v)).sum()
     assert abs(excess.mean() - expected) < 5 * excess.std() / 200 and expected > 0
@@ -67,7 +67,7 @@ def _second_order_gradient(scale, weight=1.0, chunks=20, n=4000):
     for _ in range(chunks):
         x = data.sample(n, generator=gen, dtype=torch.float64)
         t = torch.full((n,), 0.3, dtype=torch.float64)
-        loss = sdeflow.dsm(model, x, t=t, order=2, second_order_weight=weight, generator=gen).mean()
+        loss = sdeflow.dsm(model, x, weighting="noise", t=t, order=2, second_order_weight=weight, generator=gen).mean()
         grads.append(torch.autograd.grad(loss, model.net.theta)[0])
     grads = torch.stack(grads)
     return float(grads.mean()), float(grads.std() / math.sqrt(chunks))
@@ -90,7 +90,7 @@ def test_second_order_dsm_matches_its_formula_on_a_linear_score():
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     t = torch.linspace(0.1, 0.9, 5, dtype=torch.float64)
     with torch.no_grad():  # builds its own graph for J
-        loss = sdeflow.dsm(model, x, t=t, order=2, second_order_weight=0.3, generator=torch.Generator().manual_seed(1))
+        loss = sdeflow.dsm(model, x, weighting="noise", t=t, order=2, second_order_weight=0.3, generator=torch.Generator().manual_seed(1))
     y, eps, std, _ = sde.sample(x, t, return_noise=True, generator=torch.Generator().manual_seed(1))
     std = std.reshape(-1, 1)
     s = y @ A.T + b
@@ -101,7 +101,7 @@ def test_second_order_dsm_matches_its_formula_on_a_linear_score():
     torch.testing.assert_close(loss, first + 0.3 * (frob + trace))
     assert not loss.requires_grad
     # order 1 is the first-order part alone
-    torch.testing.assert_close(sdeflow.dsm(model, x, t=t, generator=torch.Generator().manual_seed(1)), first)
+    torch.testing.assert_close(sdeflow.dsm(model, x, weighting="noise", t=t, generator=torch.Generator().manual_seed(1)), first)
 
 @pytest.mark.parametrize("weighting", ["noise", "likelihood"])
 @pytest.mark.parametrize("time_sampling", ["uniform", "importance", "fitted"])
@@ -148,7 +148,7 @@ def test_stratified_times_estimate_the_same_dsm_objective_with_less_variance():
     means = {}
     for stratified in (False, True):
         x = data.sample(64 * 600, generator=gen, dtype=torch.float64)
-        loss = torch.stack([sdeflow.dsm(model, batch, time_sampling="importance", stratified_time=stratified,
+        loss = torch.stack([sdeflow.dsm(model, batch, weighting="noise", time_sampling="importance", stratified_time=stratified,
                                         generator=gen).mean() for batch in x.split(64)])
         assert abs(loss.mean().item() - objective) < 5 * loss.std().item() / math.sqrt(len(loss))
         means[stratified] = loss
@@ -171,3 +171,17 @@ def test_any_batch_size_and_training_through_the_losses():
         loss.sum().backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert sdeflow.elbo(model, x).shape == (1,)  # the default fits a proposal on this one image
+
+
+def test_dsm_defaults_are_the_training_loops():
+    """One default recipe: sdeflow.dsm's time sampling, weighting, t_min and second-order weight are
+    TrainConfig's."""
+    import inspect
+
+    from sdeflow.training import TrainConfig
+
+    defaults = {name: p.default for name, p in inspect.signature(sdeflow.dsm).parameters.items()}
+    config = TrainConfig(steps=1, batch_size=1)
+    assert (defaults["time_sampling"], defaults["weighting"], defaults["t_min"], defaults["second_order_weight"],
+            defaults["stratified_time"]) == (config.time_sampling, config.weighting, config.loss_t_min,
+                                             config.second_order_weight, config.stratified_time)

@@ -96,7 +96,7 @@ def _estimator(model, n: int, batch: Callable, settings: LikelihoodSettings, see
         # The probe is drawn here per example (shape of y), so the examples' errors are independent.
         try:
             logp, info = log_prob_ode(model, y, rtol=s.rtol, atol=s.atol, solver=s.solver, divergence=s.divergence,
-                                      probe=s.probe, t_min=s.t_min or 0.0, generator=gen)
+                                      probe=s.probe, t_min=s.t_min, generator=gen)
         except AssertionError as err:  # torchdiffeq's step-size underflow: the dynamics are too stiff
             raise EvaluationError(f"the ODE solver failed ({err}); the model's probability flow is too stiff "
                                   f"for rtol={s.rtol}, atol={s.atol}") from None

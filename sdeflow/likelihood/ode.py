@@ -20,7 +20,7 @@ from torchdiffeq import odeint
 
 from .divergence import DIVERGENCES, make_probe
 from .divergence import divergence as field_divergence
-from .elbo import decoder_log_weight
+from .elbo import decoder_log_weight, default_t_min
 from ..samplers.grids import check_time_span
 from ..utils import check_choice, check_finite, check_t_min, model_device_dtype
 
@@ -60,9 +60,10 @@ def probability_flow_velocity(model: PluginReverseSDE) -> Callable[[torch.Tensor
 
 def log_prob_ode(model: PluginReverseSDE, x: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
                  solver: str = "dopri5", divergence: str = "hutchinson", probe: str = "rademacher",
-                 t_min: float = 0.0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+                 t_min: float | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
     r"""Log-likelihood under the probability-flow ODE dy/dt = v = f − ½ g a, shape (B,), of the model
-    that runs the ODE from T down to ``t_min`` and outputs x = y_{t_min}/m(t_min):
+    that runs the ODE from T down to ``t_min`` (default: the ELBO's, :func:`~sdeflow.likelihood.elbo.default_t_min`,
+    so that the two bound the same model) and outputs x = y_{t_min}/m(t_min):
 
     .. math::  \log p(x) = \log p_T(y_T) + \int_{t_{min}}^T \nabla\cdot v(y_t, t)\, dt + D\log m(t_{min}),
 
@@ -73,7 +74,7 @@ def log_prob_ode(model: PluginReverseSDE, x: torch.Tensor, *, rtol: float = 1e-5
     check_finite("x", x)
     check_choice("solver", solver, SOLVERS)
     check_choice("divergence", divergence, DIVERGENCES)
-    t_min = check_t_min(t_min, model.T)
+    t_min = check_t_min(default_t_min(model.T) if t_min is None else t_min, model.T)
     probe_noise = make_probe(x, probe, generator) if divergence == "hutchinson" else None
     velocity = probability_flow_velocity(model)
 

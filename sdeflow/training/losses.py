@@ -59,7 +59,7 @@ def register_weighting(name: str, fn: Callable[[SDE, torch.Tensor], torch.Tensor
     return fn
 
 
-def dsm(model, x: torch.Tensor, *, time_sampling="uniform", weighting: str = "noise",
+def dsm(model, x: torch.Tensor, *, time_sampling="importance", weighting: str = "likelihood",
         t: torch.Tensor | None = None, generator: torch.Generator | None = None, order: int = 1,
         second_order_weight: float = 0.3, t_min: float = 0.0, stratified_time: bool = False) -> torch.Tensor:
     r"""Per-example denoising score matching loss of ``model`` on data x (B, ...), shape (B,).
@@ -70,11 +70,13 @@ def dsm(model, x: torch.Tensor, *, time_sampling="uniform", weighting: str = "no
     diverges; with ``t_min`` > 0, t_ε = t_min and the likelihood-weighted loss is exactly the path term of
     the ELBO started at t_min (:func:`sdeflow.likelihood.elbo.elbo`).
     The value estimates :math:`\tfrac1T\int_{t_{min}}^T w\,\ell\,dt` as :math:`w\ell/(T q(t))` with t ~ q
-    (``time_sampling``: "uniform", "importance" ∝ g²/v at max(t, t_ε), or a
+    (``time_sampling``: "importance" ∝ g²/v at max(t, t_ε), "uniform", or a
     :class:`~sdeflow.likelihood.time_proposals.TimeProposal` on [t_min, T]), unbiased for every proposal.
     ``stratified_time`` draws example k's time from the k-th of B equal quantile ranges of q (a
     low-discrepancy sampler, as VDM's): the same objective with less variance. Pass ``t`` (B,) to
-    evaluate :math:`w\,\ell(t)` at given times instead.
+    evaluate :math:`w\,\ell(t)` at given times instead. The defaults are :class:`~sdeflow.training.TrainConfig`'s
+    (the likelihood recipe); DDPM's ε-loss is ``time_sampling="uniform", weighting="noise"`` on a "noise"
+    model.
 
     ``order=2`` adds second-order score matching (Lu et al. 2022) with weight κ = ``second_order_weight``:
     with r = ε + std·ŝ (ŝ not differentiated) and J = ∇_y s,
