@@ -2,7 +2,7 @@
 bits/dim of an image checkpoint beside the continuous ELBO.
 
     python benchmarks/discrete_bound.py toy [--quick]            # (1) SW₁ at 10, 20, 50 steps
-    python benchmarks/discrete_bound.py images RUN_DIR --data-root ROOT [--limit 256] [--n-steps 1000]
+    python benchmarks/discrete_bound.py images RUN_DIR --data-root ROOT [--limit 256] [--chain-steps 1000]
 
 (1) Toy oracles (exact-score networks, ``sdeflow.nets.oracles.ExactScoreNet``: eight 2-D Gaussians and a
 64-D mixture of eight), so that only the sampler's error shows: the sliced Wasserstein-1 distance
@@ -63,7 +63,7 @@ def train_learned_variance(model, data: GaussianMixture, iterations: int, seed: 
     """v(y, t) by an MLP, trained by the hybrid loss on the 1000-step grid with the exact mean."""
     torch.manual_seed(seed)
     net = LearnedVariance(MLP(dim=data.dim, hidden=128, n_blocks=2, T=model.T))
-    chain = forward_chain(model.sde, n_steps=TRAIN_GRID)
+    chain = forward_chain(model.sde, chain_steps=TRAIN_GRID)
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(iterations):
@@ -76,7 +76,7 @@ def train_learned_variance(model, data: GaussianMixture, iterations: int, seed: 
 
 def variances(model, data, iterations: int, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    chain = forward_chain(model.sde, n_steps=TRAIN_GRID)
+    chain = forward_chain(model.sde, chain_steps=TRAIN_GRID)
     analytic = estimate_analytic_variance(model, data.sample(2000, gen), chain, generator=gen)
     start = time.perf_counter()
     learned = train_learned_variance(model, data, iterations, seed)
@@ -131,13 +131,13 @@ def run_images(args) -> None:
     model, config, step = load_model(args.run, device=device)
     test = load_cifar10(args.data_root, "test")[: args.limit]
     train = load_cifar10(args.data_root, "train")[: args.train_images]
-    print(f"checkpoint {args.run} step {step}; {test.shape[0]} held-out images; N = {args.n_steps}")
+    print(f"checkpoint {args.run} step {step}; {test.shape[0]} held-out images; N = {args.chain_steps}")
     print(f"{'estimator':<58}{'images':>7}{'bits/dim':>10}{'':>9}{'s/100 images':>14}")
     start = time.perf_counter()
-    analytic = analytic_variance(model, train, config, args.n_steps, seed=args.seed, batch_size=args.batch_size)
+    analytic = analytic_variance(model, train, config, args.chain_steps, seed=args.seed, batch_size=args.batch_size)
     print(f"(analytic variance: Γ on {train.shape[0]} training images, 128 log-SNR times, "
           f"{time.perf_counter() - start:.0f} s)")
-    discrete = dict(bound="discrete", n_steps=args.n_steps)
+    discrete = dict(bound="discrete", chain_steps=args.chain_steps)
     choices = [("β̃ (posterior)", "posterior"), ("β (step)", "step"), ("analytic", analytic)]
     exact_choices = [("β̃ (posterior)", "posterior"), ("analytic", analytic)]
     if isinstance(model.net, MeanAndVariance):  # trained with sdeflow train --learned-variance
@@ -187,7 +187,7 @@ def main() -> None:
     images.add_argument("--data-root", required=True, help="the folder holding cifar-10-batches-py/")
     images.add_argument("--limit", type=int, default=256, help="held-out images scored")
     images.add_argument("--train-images", type=int, default=64, help="training images for Γ of the analytic variance")
-    images.add_argument("--n-steps", type=int, default=1000)
+    images.add_argument("--chain-steps", type=int, default=1000)
     images.add_argument("--n-sampled-steps", type=int, default=32, help="sampled steps per image")
     images.add_argument("--exact-images", type=int, default=8, help="images of the every-step and ODE rows")
     images.add_argument("--batch-size", type=int, default=64)

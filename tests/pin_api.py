@@ -48,7 +48,7 @@ def evaluate_bpd(model, images, config, bound, generator_seed):
     settings = {"elbo": sdeflow.LikelihoodSettings(),
                 "ode": sdeflow.LikelihoodSettings(bound="ode", solver=ODE_SOLVER, rtol=ODE_TOLERANCE,
                                                   atol=ODE_TOLERANCE),
-                "discrete": sdeflow.LikelihoodSettings(bound="discrete", n_steps=50)}[bound]
+                "discrete": sdeflow.LikelihoodSettings(bound="discrete", chain_steps=50)}[bound]
     return sdeflow.evaluate_bpd(model, images, config, settings, batch_size=images.shape[0], seed=generator_seed)["bpd"]
 
 

@@ -136,7 +136,7 @@ def test_a_learned_range_is_kept_as_the_models_variance_head():
 
     model, plain = CASES["sample-learned-range-kept"], CASES["sample-learned-variance"]
     assert bound_start(model) == bound_start(plain) == pytest.approx(1 / 40)
-    chain, n = forward_chain(model.sde, n_steps=40), torch.tensor([2, 20, 40])
+    chain, n = forward_chain(model.sde, chain_steps=40), torch.tensor([2, 20, 40])
     y, t = torch.randn(3, 3, dtype=torch.float64), chain.times[n]
     torch.testing.assert_close(model.predicted_noise(y, t), plain.predicted_noise(y, t))
     var = LearnedVariance.of(model).variance(chain, n, y)

@@ -154,7 +154,7 @@ def test_eval_discrete_bound_with_analytic_variances_kept_in_a_json_file(tmp_pat
     root, run = trained
     out, variances = tmp_path / "discrete.json", tmp_path / "variances.json"
     argv = ["eval", "--checkpoint", run, "--dataset", "cifar10", "--data-root", root, "--bound", "discrete",
-            "--n-steps", "20", "--sampled-steps", "4", "--variance", "analytic", "--variance-images", "4",
+            "--chain-steps", "20", "--sampled-steps", "4", "--variance", "analytic", "--variance-images", "4",
             "--variance-json", variances, "--limit", "3", "--json", out, "--no-progress"]
     assert cli.main([str(a) for a in argv]) == 0
     result = json.loads(out.read_text())
@@ -179,11 +179,11 @@ def test_a_learned_variance_trains_from_the_command_line_and_scores_the_discrete
     root, plain = trained
     run, out = tmp_path / "run", tmp_path / "learned.json"
     with one_thread():
-        assert cli.main(train_args(root, run, 2, "--learned-variance", "--variance-steps", "20")) == 0
+        assert cli.main(train_args(root, run, 2, "--learned-variance", "--chain-steps", "20")) == 0
     state = torch.load(ckpt.latest_checkpoint(run), weights_only=True)
     assert state["config"]["net"]["learned_variance"] is True
-    assert state["trainer"]["train_config"]["variance_steps"] == 20
-    argv = ["eval", "--dataset", "cifar10", "--data-root", root, "--bound", "discrete", "--n-steps", "20",
+    assert state["trainer"]["train_config"]["chain_steps"] == 20
+    argv = ["eval", "--dataset", "cifar10", "--data-root", root, "--bound", "discrete", "--chain-steps", "20",
             "--sampled-steps", "2", "--step-sampling", "uniform", "--variance", "learned", "--limit", "2",
             "--no-progress"]
     assert cli.main([str(a) for a in argv] + ["--checkpoint", str(run), "--json", str(out)]) == 0

@@ -152,7 +152,7 @@ def test_bound_equals_its_closed_form_with_every_variance(name, grid, choice):
 @pytest.mark.parametrize("proposal", ["uniform", "fitted"])
 def test_sampled_steps_are_unbiased_with_a_standard_error_that_covers_them(proposal):
     sde, data = SDES["vp"](), gaussian(2)
-    chain = forward_chain(sde, n_steps=12)
+    chain = forward_chain(sde, chain_steps=12)
     model = exact_model(sde, data)
     gen = torch.Generator().manual_seed(3)
     step_proposal = None
@@ -201,13 +201,13 @@ def test_discrete_bound_approaches_the_continuous_elbo_at_first_order():
 @pytest.mark.parametrize("name", list(SDES))
 def test_analytic_variance_is_the_exact_optimal_variance(name):
     sde, data = SDES[name](), gaussian(3)
-    chain = forward_chain(sde, n_steps=10)
+    chain = forward_chain(sde, chain_steps=10)
     gen = torch.Generator().manual_seed(5)
     analytic = estimate_analytic_variance(exact_model(sde, data, "score"), data.sample(20_000, gen, torch.float64),
                                           chain, generator=gen, batch_size=5000)
     c = _coefficients(sde, chain.times[1:])
     got = analytic.variances(chain)
-    for n in range(1, chain.n_steps + 1):
+    for n in range(1, chain.chain_steps + 1):
         expected = _optimal_var(data, n, c)
         # σ² is linear in Γ with slope (c^x)² v/m²; Γ's estimate carries its standard error.
         tolerance = Z * c["coef"][n] ** 2 * c["v"][n] / c["m"][n] ** 2 * analytic.gamma_se[n - 1]
@@ -260,10 +260,10 @@ def _learned_variance_setup(sde, data, kind):
 
     exact, table = exact_model(sde, data, "noise"), StepTable(sde, 8)
     if kind == "hybrid loss":
-        variance, chain = LearnedVariance(table), forward_chain(sde, n_steps=8)
+        variance, chain = LearnedVariance(table), forward_chain(sde, chain_steps=8)
         return exact, table, lambda x, gen: hybrid_loss(exact, variance, x, chain, generator=gen).mean()
     model = sdeflow.PluginReverseSDE(sde, MeanAndVariance(OracleWithHead(exact.net, table)), "noise")
-    objective = DSMObjective(model, sdeflow.TrainConfig(steps=1, batch_size=1, variance_steps=8, vlb_weight=1.0))
+    objective = DSMObjective(model, sdeflow.TrainConfig(steps=1, batch_size=1, chain_steps=8, vlb_weight=1.0))
     return model, table, objective
 
 
@@ -275,7 +275,7 @@ def test_learned_variance_converges_to_the_optimal_variance(kind):
     V_n χ²₁ draws (V_n = σ*² − β̃_n) over the M of them seen, standard error V_n √(2/M)."""
     sde = SDES["vp"]()
     data = GaussianMixture.gaussian(torch.tensor([0.3, -0.2]), torch.tensor([0.5, 0.5]))
-    chain = forward_chain(sde, n_steps=8)
+    chain = forward_chain(sde, chain_steps=8)
     _, table, loss_of = _learned_variance_setup(sde, data, kind)
     # The last steps' gradients are ~1e-10 (β̃ ≈ β there): Adam's eps must not swamp them.
     optimizer = torch.optim.Adam(table.parameters(), lr=0.05, eps=1e-30)
@@ -285,7 +285,7 @@ def test_learned_variance_converges_to_the_optimal_variance(kind):
     # window, so that the optimizer's own jitter dies out and the sampling error is what is left.
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: 1.0 if i < iterations - window else (iterations - i) / window)
-    average = torch.zeros(chain.n_steps + 1, dtype=torch.float64)
+    average = torch.zeros(chain.chain_steps + 1, dtype=torch.float64)
     for i in range(iterations):
         loss = loss_of(data.sample(batch, gen, torch.float64), gen)
         optimizer.zero_grad()
@@ -295,8 +295,8 @@ def test_learned_variance_converges_to_the_optimal_variance(kind):
         if i >= iterations - window:
             average += table.v.detach() / window
     c = _coefficients(sde, chain.times[1:])
-    seen = window * batch / chain.n_steps * data.dim
-    for n in range(1, chain.n_steps + 1):
+    seen = window * batch / chain.chain_steps * data.dim
+    for n in range(1, chain.chain_steps + 1):
         low = torch.log(c["beta_tilde"][n] if n > 1 else c["beta_tilde"][2])
         learned = torch.exp(average[n] * torch.log(c["beta"][n]) + (1 - average[n]) * low)
         optimal = _optimal_var(data, n, c)
@@ -315,7 +315,7 @@ def test_a_variance_head_shares_one_evaluation_with_the_mean_and_learns_from_the
     with torch.no_grad():
         table.v.copy_(torch.linspace(-0.3, 1.2, 9, dtype=torch.float64))
     oracle, variance = model.net.net.oracle, LearnedVariance.of(model)
-    chain, gen = forward_chain(sde, n_steps=8), torch.Generator().manual_seed(0)
+    chain, gen = forward_chain(sde, chain_steps=8), torch.Generator().manual_seed(0)
     y = data.sample(5, gen, torch.float64)
     n = torch.tensor([1, 2, 4, 8, 8])
     t = chain.times[n]
@@ -397,13 +397,13 @@ def test_bits_per_dim_of_the_discrete_bound_are_those_of_the_transforms_module()
     bins = PixelBins("centered")
     images = torch.randint(0, 256, (5, 3), generator=torch.Generator().manual_seed(8), dtype=torch.uint8)
     model = exact_model(sde, GaussianMixture.gaussian(torch.zeros(3), torch.full((3,), 0.5)), "noise")
-    bound = discrete_bound(model, bins.centre(images), forward_chain(sde, n_steps=20), "posterior", bins=bins,
+    bound = discrete_bound(model, bins.centre(images), forward_chain(sde, chain_steps=20), "posterior", bins=bins,
                            generator=torch.Generator().manual_seed(9))
     assert bound.discrete and (bound.log_prob < 0).all()
     bpd = bound.bits_per_dim()
     assert torch.allclose(bpd, -bound.log_prob / (3 * math.log(2)))
     assert torch.allclose(bpd, bits_per_dim(bound.log_prob, torch.full((5,), 3 * math.log(256.0), dtype=torch.float64), 3))
-    continuous = discrete_bound(model, bins.centre(images), forward_chain(sde, n_steps=20))
+    continuous = discrete_bound(model, bins.centre(images), forward_chain(sde, chain_steps=20))
     with pytest.raises(ValueError, match="discretized decoder"):
         continuous.bits_per_dim()
 
@@ -414,7 +414,7 @@ def test_bits_per_dim_of_the_discrete_bound_are_those_of_the_transforms_module()
 def test_ancestral_samples_have_the_data_law(name, choice):
     sde, data = SDES[name](), gaussian(2)
     n_steps = 400
-    times = forward_chain(sde, n_steps=n_steps).times[1:]
+    times = forward_chain(sde, chain_steps=n_steps).times[1:]
     variance, _ = _variance_cases(data, sde, times)[choice]
     model = exact_model(sde, data, "noise")
     calls = []
@@ -429,7 +429,7 @@ def test_ancestral_steps_on_a_respaced_grid_keep_the_data_law(choice):
     """The "ancestral" sampler of sdeflow.samplers on a grid other than DDPM's (quadratic in t, as
     improved DDPM samples with respaced steps): each step's variance is taken on that step."""
     sde, data = SDES["vp"](), gaussian(2)
-    variance, _ = _variance_cases(data, sde, forward_chain(sde, n_steps=400).times[1:])[choice]
+    variance, _ = _variance_cases(data, sde, forward_chain(sde, chain_steps=400).times[1:])[choice]
     settings = sdeflow.SamplerSettings("ancestral", n_steps=200, grid="quadratic", t_min=0.0,
                                        options={"variance": variance})
     x = sdeflow.sample(exact_model(sde, data, "noise"), (4000, 2), settings,
@@ -442,11 +442,11 @@ def test_a_seed_reproduces_the_samples_and_bad_input_is_refused():
     model = exact_model(sde, data)
     draw = lambda: ancestral_sample(model, "step", 5, (3, 2), generator=torch.Generator().manual_seed(0))  # noqa: E731
     assert torch.equal(draw(), draw())
-    chain = forward_chain(sde, n_steps=4)
+    chain = forward_chain(sde, chain_steps=4)
     x = data.sample(3, torch.Generator().manual_seed(0), torch.float64)
     cases = [
         (lambda: forward_chain(sde), "exactly one"),
-        (lambda: forward_chain(sde, n_steps=0), "n_steps"),
+        (lambda: forward_chain(sde, chain_steps=0), "n_steps"),
         (lambda: forward_chain(sde, times=[0.5, 0.2, 1.0]), "times"),
         (lambda: forward_chain(sde, times=[0.5, 0.9]), "times"),
         (lambda: discrete_bound(model, x, chain, "fixedlarge"), "variance"),
@@ -479,7 +479,7 @@ def test_a_network_in_float32_on_images_runs_every_path(device):
     bins, gen = PixelBins("logit"), torch.Generator(device).manual_seed(0)
     images = torch.randint(0, 256, (6, 3), dtype=torch.uint8, device=device)
     images[0, 0], images[0, 1] = 0, 255  # the outer bins, whose far edges are infinite
-    x, chain = bins.centre(images).float(), forward_chain(sde, n_steps=12)
+    x, chain = bins.centre(images).float(), forward_chain(sde, chain_steps=12)
     analytic = estimate_analytic_variance(model, x, chain, generator=gen)
     for variance in ("posterior", analytic):
         for sampled in (None, 3):

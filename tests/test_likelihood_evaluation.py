@@ -204,10 +204,10 @@ def test_the_discrete_bound_of_evaluate_bpd_is_discrete_bound_on_the_pixels_bins
     model = sdeflow.PluginReverseSDE(sde, _FlatNet(ExactScoreNet(sde, data, "score")), "score").double()
     images = torch.randint(0, 256, (6, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     for variance in ("posterior", "step"):
-        settings = LikelihoodSettings(bound="discrete", n_steps=50, variance=variance)
+        settings = LikelihoodSettings(bound="discrete", chain_steps=50, variance=variance)
         result = evaluate_bpd(model, images, config, settings, batch_size=6, seed=3)
         bins = PixelBins(config["data"]["transform"], config["data"]["alpha"])
-        direct = discrete_bound(model, bins.centre(images).float(), forward_chain(sde, n_steps=50), variance,
+        direct = discrete_bound(model, bins.centre(images).float(), forward_chain(sde, chain_steps=50), variance,
                                 bins=bins, generator=make_generator("cpu", step_seed(3, 0, 0, stream=STREAM_EVAL)))
         torch.testing.assert_close(result["bpd_per_image"], direct.bits_per_dim().double())
         assert result["nfe"] == 50 and "discretized Gaussian decoder" in result["estimator"]

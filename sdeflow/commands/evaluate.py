@@ -70,7 +70,7 @@ def run_eval(args) -> int:
         raise CLIError("--variance learned needs a model with a variance head: train it with sdeflow train "
                        "--learned-variance")
     if settings.bound == "discrete" and settings.variance == "analytic":
-        settings = dataclasses.replace(settings, variance=_analytic_variance(args, model, config, settings.n_steps))
+        settings = dataclasses.replace(settings, variance=_analytic_variance(args, model, config, settings.chain_steps))
     images = load_images(args, args.split)
     if args.limit:
         images = images[:args.limit]
@@ -97,7 +97,7 @@ def run_eval(args) -> int:
     return 0
 
 
-def _analytic_variance(args, model, config: dict, n_steps: int):
+def _analytic_variance(args, model, config: dict, chain_steps: int):
     """The Analytic-DPM variances: from --variance-json if that file exists, else estimated on the first
     --variance-images of the training split (and written to --variance-json when given)."""
     from ..storage.files import atomic_write_bytes
@@ -110,7 +110,7 @@ def _analytic_variance(args, model, config: dict, n_steps: int):
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CLIError(f"--variance-json {args.variance_json} is not a JSON file ({err})") from None
     train = load_images(args, "train")[:args.variance_images]
-    value = analytic_variance(model, train, config, n_steps, seed=args.seed, batch_size=args.batch_size)
+    value = analytic_variance(model, train, config, chain_steps, seed=args.seed, batch_size=args.batch_size)
     if args.variance_json:
         atomic_write_bytes(args.variance_json, (json.dumps(value.to_state()) + "\n").encode("utf-8"))
     return value

@@ -87,7 +87,7 @@ def register(subparsers) -> None:
     net.add_argument("--learned-variance", action="store_true",
                      help="the U-Net also outputs the reverse variance of the discrete model (improved DDPM's "
                           "learned Σ), trained with --vlb-weight times the discrete bound's terms on a "
-                          "--variance-steps chain; evaluate with sdeflow eval --bound discrete --variance learned")
+                          "--chain-steps chain; evaluate with sdeflow eval --bound discrete --variance learned")
     add_sde_arguments(p)
     model = p.add_argument_group("model")
     model.add_argument("--objective", choices=tuple(OBJECTIVES), default="likelihood",

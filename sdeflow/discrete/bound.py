@@ -151,25 +151,25 @@ def fit_step_proposal(model, x: torch.Tensor, chain: ForwardChain, variance="pos
     evaluations per example), mixed with ``UNIFORM_SHARE`` of the uniform. float64 (N + 1,) indexed
     by n, zero at n = 0 and 1; a plain value to keep and pass to :func:`discrete_bound`."""
     _check_inputs(x, chain, variance, bins)
-    if chain.n_steps < 2:
+    if chain.chain_steps < 2:
         raise ValueError("chain must have at least 2 steps to sample steps from")
-    scale = torch.zeros(chain.n_steps + 1, dtype=torch.float64)
-    for step in range(2, chain.n_steps + 1):
+    scale = torch.zeros(chain.chain_steps + 1, dtype=torch.float64)
+    for step in range(2, chain.chain_steps + 1):
         terms = step_terms(model, x, chain, variance, _steps(chain, step, x.shape[0], x.device), bins, generator)
         scale[step] = terms.pow(2).mean().sqrt().cpu()
     uniform = torch.zeros_like(scale)
-    uniform[2:] = 1.0 / (chain.n_steps - 1)
+    uniform[2:] = 1.0 / (chain.chain_steps - 1)
     return (1 - UNIFORM_SHARE) * scale / scale.sum() + UNIFORM_SHARE * uniform
 
 
 def _check_proposal(step_proposal, chain: ForwardChain) -> torch.Tensor:
     if step_proposal is None:
-        proposal = torch.zeros(chain.n_steps + 1, dtype=torch.float64)
+        proposal = torch.zeros(chain.chain_steps + 1, dtype=torch.float64)
         proposal[2:] = 1.0
         return proposal / proposal.sum()
     proposal = torch.as_tensor(step_proposal, dtype=torch.float64).cpu()
-    if proposal.shape != (chain.n_steps + 1,) or not bool((proposal[2:] > 0).all()) or bool(proposal[:2].any()):
-        raise ValueError(f"step_proposal must be a tensor of shape ({chain.n_steps + 1},) indexed by the step, "
+    if proposal.shape != (chain.chain_steps + 1,) or not bool((proposal[2:] > 0).all()) or bool(proposal[:2].any()):
+        raise ValueError(f"step_proposal must be a tensor of shape ({chain.chain_steps + 1},) indexed by the step, "
                          f"zero at n = 0 and 1 and positive at n = 2..N (see fit_step_proposal)")
     return proposal / proposal.sum()
 
@@ -204,12 +204,12 @@ def discrete_bound(model, x: torch.Tensor, chain: ForwardChain, variance="poster
     with torch.no_grad():
         decoder = -step_terms(model, x, chain, variance, _steps(chain, 1, batch, device), bins, generator)
         zeros = torch.zeros(batch, dtype=torch.float64, device=device)
-        if chain.n_steps < 2:
+        if chain.chain_steps < 2:
             step_kl, step_kl_se, nfe = zeros, zeros, 1
         elif n_sampled_steps is None:
             step_kl = sum(step_terms(model, x, chain, variance, _steps(chain, step, batch, device), bins, generator)
-                          for step in range(2, chain.n_steps + 1))
-            step_kl_se, nfe = zeros, chain.n_steps
+                          for step in range(2, chain.chain_steps + 1))
+            step_kl_se, nfe = zeros, chain.chain_steps
         else:
             n_sampled_steps = check_positive_int("n_sampled_steps", n_sampled_steps)
             proposal = _check_proposal(step_proposal, chain)
@@ -224,11 +224,11 @@ def discrete_bound(model, x: torch.Tensor, chain: ForwardChain, variance="poster
 
 def _variance_terms(model, variance: LearnedVariance, x, chain, bins, generator):
     """(ε̂ − ε per dimension², N·L_n with the mean's ε̂ detached), each (B,), for n ~ U{1..N}."""
-    n = torch.randint(1, chain.n_steps + 1, (x.shape[0],), generator=generator, device=x.device)
+    n = torch.randint(1, chain.chain_steps + 1, (x.shape[0],), generator=generator, device=x.device)
     y, noise, t = _draw(chain, x, n, generator)
     eps_hat, var = noise_and_variance(model, variance, chain, n, y, t)
     simple = sum_except_batch((eps_hat - noise) ** 2) / x[0].numel()
-    vlb = chain.n_steps * _negative_terms(chain, x, noise, eps_hat.detach(), n, var, bins)
+    vlb = chain.chain_steps * _negative_terms(chain, x, noise, eps_hat.detach(), n, var, bins)
     return simple, vlb.to(simple.dtype)
 
 

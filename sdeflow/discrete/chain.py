@@ -62,7 +62,7 @@ class ForwardChain:
     log_snr: torch.Tensor
 
     @property
-    def n_steps(self) -> int:
+    def chain_steps(self) -> int:
         return self.times.numel() - 1
 
     @property
@@ -101,17 +101,17 @@ class ForwardChain:
 
 
 
-def forward_chain(sde: SDE, n_steps: int | None = None, times=None) -> ForwardChain:
-    r"""The N-step chain of ``sde``: either ``n_steps`` = N at DDPM's :math:`t_n = nT/N`, or ``times``,
+def forward_chain(sde: SDE, chain_steps: int | None = None, times=None) -> ForwardChain:
+    r"""The N-step chain of ``sde``: either ``chain_steps`` = N at DDPM's :math:`t_n = nT/N`, or ``times``,
     an increasing sequence t_1 < … < t_N = T with t_1 > 0 (a sub-sequence of a longer grid, a grid
     uniform in log-SNR, ...). Exactly one of the two. ValueError naming the argument otherwise."""
     if not isinstance(sde, SDE):
         raise ValueError(f"sde must be an sdeflow SDE; got {type(sde).__name__}")
-    if (n_steps is None) == (times is None):
-        raise ValueError("give exactly one of n_steps (DDPM's grid t_n = n·T/N) and times (t_1 < ... < t_N = T)")
-    if n_steps is not None:
-        n_steps = check_positive_int("n_steps", n_steps)
-        grid = torch.arange(1, n_steps + 1, dtype=torch.float64) * (sde.T / n_steps)
+    if (chain_steps is None) == (times is None):
+        raise ValueError("give exactly one of chain_steps (DDPM's grid t_n = n·T/N) and times (t_1 < ... < t_N = T)")
+    if chain_steps is not None:
+        chain_steps = check_positive_int("chain_steps", chain_steps)
+        grid = torch.arange(1, chain_steps + 1, dtype=torch.float64) * (sde.T / chain_steps)
         grid[-1] = sde.T
     else:
         grid = torch.as_tensor(times, dtype=torch.float64).reshape(-1).cpu()

@@ -46,7 +46,7 @@ FIXED_VARIANCES = ("posterior", "step")
 
 def _decoder_posterior_var(chain: ForwardChain) -> float:
     # β̃_2 stands in for the decoder's β̃_1 = 0 (DDPM); with one step there is only β_1.
-    return float(chain.posterior_var[2] if chain.n_steps >= 2 else chain.step_var[1])
+    return float(chain.posterior_var[2] if chain.chain_steps >= 2 else chain.step_var[1])
 
 
 def _log_variance_range(chain: ForwardChain) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +127,7 @@ def estimate_analytic_variance(model, x: torch.Tensor, chain: ForwardChain,
     batch_size = x.shape[0] if batch_size is None else check_positive_int("batch_size", batch_size)
     gammas, errors = [], []
     dim = x[0].numel()
-    for n in range(1, chain.n_steps + 1):
+    for n in range(1, chain.chain_steps + 1):
         m, std = float(chain.mean_weight[n]), float(chain.var[n].sqrt())
         norms = []
         for chunk in x.split(batch_size):

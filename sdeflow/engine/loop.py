@@ -52,7 +52,7 @@ class DSMObjective(nn.Module):
     """The mean DSM loss (1/B)·Σᵢ ℓ_dsm(yᵢ) as a module's forward, so that DDP's gradient hooks see it.
     For a model whose network outputs a reverse variance beside the mean
     (:class:`~sdeflow.nets.MeanAndVariance`), plus ``vlb_weight`` times the mean of
-    :func:`sdeflow.discrete.variance_loss` on a ``variance_steps``-step chain, drawn on the first
+    :func:`sdeflow.discrete.variance_loss` on a ``chain_steps``-step chain, drawn on the first
     ``variance_batch_fraction`` of the batch (improved DDPM's hybrid loss with sdeflow's DSM as the
     mean's part), its decoder term the discretized one of 8-bit images when the model configuration
     has a data transform."""
@@ -67,7 +67,7 @@ class DSMObjective(nn.Module):
         if has_variance_head(model):
             data = data_config or {}
             self.variance = LearnedVariance.of(model)
-            self.chain = forward_chain(model.sde, n_steps=config.variance_steps)
+            self.chain = forward_chain(model.sde, chain_steps=config.chain_steps)
             self.bins = PixelBins(data["transform"], data["alpha"]) if "transform" in data else None
             self.vlb_weight, self.fraction = config.vlb_weight, config.variance_batch_fraction
 

@@ -113,8 +113,8 @@ def _discrete_estimator(model, n: int, batch: Callable, settings: LikelihoodSett
     if s.variance == "analytic":
         raise ValueError("variance 'analytic' needs its value: pass the AnalyticVariance of "
                          "sdeflow.estimate_analytic_variance(model, training_examples, chain) as variance")
-    chain, proposal = forward_chain(model.sde, n_steps=s.n_steps), None
-    if s.sampled_steps is not None and s.step_sampling == "fitted" and chain.n_steps > 1:
+    chain, proposal = forward_chain(model.sde, chain_steps=s.chain_steps), None
+    if s.sampled_steps is not None and s.step_sampling == "fitted" and chain.chain_steps > 1:
         pilot, pilot_gen = _pilot(n, batch, s, seed, device)
         proposal = fit_step_proposal(model, pilot, chain, s.variance, bins=bins, generator=pilot_gen)
 
@@ -226,12 +226,12 @@ def quantization_time(sde, data_config: dict) -> float:
     return noise_level_time(sde, truncated_normal_scale(data_config["transform"], data_config["alpha"]))
 
 
-def analytic_variance(model, images: torch.Tensor, config: dict, n_steps: int, *, n_grid: int = 128,
+def analytic_variance(model, images: torch.Tensor, config: dict, chain_steps: int, *, n_grid: int = 128,
                       seed: int = 0, batch_size: int = 64, device=None):
-    """Analytic-DPM's reverse variances for the discrete bound on ``n_steps`` steps of ``model``, from
+    """Analytic-DPM's reverse variances for the discrete bound on ``chain_steps`` steps of ``model``, from
     uint8 training ``images`` (N, C, H, W) of model configuration ``config``: Γ(t) = E‖ε̂‖²/D estimated
     by :func:`sdeflow.discrete.estimate_analytic_variance` on ``n_grid`` times equally spaced in log-SNR
-    from t_1 = T/n_steps to T (N·n_grid forward passes; Γ is smooth in log-SNR and interpolated between
+    from t_1 = T/chain_steps to T (N·n_grid forward passes; Γ is smooth in log-SNR and interpolated between
     them), on the images dequantised uniformly. Returns the
     :class:`~sdeflow.discrete.AnalyticVariance` value (keep it with ``to_state``)."""
     from ..data.transforms import check_images, preprocess
@@ -240,7 +240,7 @@ def analytic_variance(model, images: torch.Tensor, config: dict, n_steps: int, *
     images = check_images(images, config)
     n_grid = check_positive_int("n_grid", n_grid)
     device = torch.device(model_device_dtype(model, device, None)[0] or "cpu")
-    sde, first = model.sde, model.T / check_positive_int("n_steps", n_steps)
+    sde, first = model.sde, model.T / check_positive_int("chain_steps", chain_steps)
     ends = sde.log_snr(torch.tensor([first, model.T], dtype=torch.float64))
     times = sde.t_from_log_snr(torch.linspace(float(ends[0]), float(ends[1]), n_grid, dtype=torch.float64))
     times[0], times[-1] = first, model.T
@@ -298,7 +298,7 @@ def evaluate_bpd(model, images: torch.Tensor, config: dict, settings: Likelihood
     ``dequantization="truncated-normal"`` (i-DODE, training-free): y = c + z in model space, z a normal
     of scale σ truncated to the pixel's bin, with log-weight w = −log q(y|x) + D ln 256; per image
     bpd = −(log p(y) − log q(y|x))/(D ln 2), a bound on −log₂ P(x)/D by Jensen.
-    ``bound="discrete"``: DDPM's discrete-time bound on ``n_steps`` steps (:mod:`sdeflow.discrete`), which
+    ``bound="discrete"``: DDPM's discrete-time bound on ``chain_steps`` steps (:mod:`sdeflow.discrete`), which
     scores the pixels' bins themselves (no dequantization, no t_min), bpd = −log P(x)/(D ln 2); the
     "analytic" variance must be given as its value (:func:`analytic_variance`).
 

@@ -46,7 +46,7 @@ class LikelihoodSettings:
     says in one line what they select."""
 
     bound: str = config_field("elbo: the unbiased ELBO of the reverse SDE; ode: the probability-flow ODE's exact "
-                       "log-likelihood; discrete: DDPM's discrete-time bound on n_steps steps",
+                       "log-likelihood; discrete: DDPM's discrete-time bound on chain_steps steps",
                        choices=lambda: BOUNDS, default="elbo")
     n_slices: int = config_field("time draws per example of the ELBO, one per stratum of the time proposal", default=4,
                          check=check_positive_int)
@@ -65,7 +65,7 @@ class LikelihoodSettings:
     solver: str = config_field("the ODE's adaptive torchdiffeq solver", choices=lambda: ADAPTIVE_SOLVERS, default="dopri5")
     fit_examples: int = config_field("pilot examples the fitted time proposal is fitted on", default=16,
                               check=check_positive_int)
-    n_steps: int = config_field("the discrete bound's steps N of the forward SDE (t_n = n·T/N)", default=1000,
+    chain_steps: int = config_field("the discrete bound's chain length N, the forward SDE's steps (t_n = n·T/N)", default=1000,
                          check=check_positive_int)
     variance: str = config_field("the discrete bound's reverse variances: posterior (β̃), step (β), analytic "
                           "(Analytic-DPM, estimated once on training images), or learned (the model's own "
@@ -100,7 +100,7 @@ class LikelihoodSettings:
                 steps = f"{self.sampled_steps} steps per example drawn " + (
                     f"from a proposal fitted on {fit_examples or self.fit_examples} pilot examples"
                     if self.step_sampling == "fitted" else "uniformly")
-            return (f"discrete-time bound on N = {self.n_steps} steps (t_n = n·T/N), {variance} reverse variances, "
+            return (f"discrete-time bound on N = {self.chain_steps} steps (t_n = n·T/N), {variance} reverse variances, "
                     f"{steps}")
         if self.bound == "ode":
             return (f"probability-flow ODE from t_min {t_min or 0:g}, {self.solver}, rtol {self.rtol:g}, "

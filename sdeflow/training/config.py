@@ -63,7 +63,7 @@ class TrainConfig:
                                      "discrete bound's terms that train it, beside the mean's loss (improved DDPM's "
                                      "hybrid loss; the mean's gradient is stopped in them)", default=1e-3,
                                      check=check_positive_float)
-    variance_steps: int = config_field("with a learned variance: the steps N of the discrete chain it is trained on",
+    chain_steps: int = config_field("with a learned variance: the steps N of the discrete chain it is trained on",
                                        default=1000, check=check_positive_int)
     variance_batch_fraction: float = config_field("with a learned variance: the share of each batch its terms are "
                                                   "drawn on, at least one example (a draw of their own: they cost a "
