@@ -112,13 +112,13 @@ class PluginReverseSDE(nn.Module):
         std = append_dims(self.sde.std(t), y.ndim).to(y.dtype)
         return -std * out if self.parameterization == "score" else -std * out / self.sde.g(y, t)
 
-    def mu(self, y: torch.Tensor, t, lmbd: float = 0.0) -> torch.Tensor:
+    def generative_drift(self, y: torch.Tensor, t, lmbd: float = 0.0) -> torch.Tensor:
         """Generative drift (1 − λ/2)·g·a − f at forward time t (the process runs t: T → 0). Shape of y."""
         lmbd = check_lmbd(lmbd)
         t = as_time(t, y.shape[0], y)
         return (1 - 0.5 * lmbd) * self.sde.g(y, t) * self.drift(y, t) - self.sde.f(y, t)
 
-    def sigma(self, y: torch.Tensor, t, lmbd: float = 0.0) -> torch.Tensor:
+    def generative_diffusion(self, y: torch.Tensor, t, lmbd: float = 0.0) -> torch.Tensor:
         """Generative diffusion √(1 − λ)·g at forward time t, shape (B, 1, ..., 1)."""
         lmbd = check_lmbd(lmbd)
         t = as_time(t, y.shape[0], y)

@@ -214,7 +214,7 @@ def _scaled_euler_step(model, x, t, t_next, lmbd, generator, last, state):
     """Euler on the probability-flow ODE, counting its calls and recording its option."""
     CALLS.append((float(t[0]), float(t_next[0]), state["scale"]))
     h = (t - t_next).reshape(-1, *([1] * (x.ndim - 1)))
-    return x + state["scale"] * model.mu(x, t, lmbd) * h, 1
+    return x + state["scale"] * model.generative_drift(x, t, lmbd) * h, 1
 
 
 def _check_scale(name, value):

@@ -65,7 +65,7 @@ def test_probability_flow_velocity_is_minus_mu_1_and_counts_calls():
     velocity = probability_flow_velocity(model)
     y = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     t = torch.tensor(0.3, dtype=torch.float64)
-    assert torch.equal(velocity(t, y), -model.mu(y, t.expand(5), lmbd=1.0))
+    assert torch.equal(velocity(t, y), -model.generative_drift(y, t.expand(5), lmbd=1.0))
     velocity(t, y)
     assert velocity.nfe == 2
 

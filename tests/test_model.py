@@ -34,28 +34,28 @@ def test_generative_coefficients_are_finite_at_both_ends(name, parameterization,
     y = torch.randn(2, data.dim, dtype=dtype)
     for t in (0.0, sde.T):
         for lmbd in (0.0, 0.5, 1.0):
-            assert torch.isfinite(model.mu(y, t, lmbd)).all()
-            assert torch.isfinite(model.sigma(y, t, lmbd)).all()
-            assert model.mu(y, t, lmbd).dtype == dtype
+            assert torch.isfinite(model.generative_drift(y, t, lmbd)).all()
+            assert torch.isfinite(model.generative_diffusion(y, t, lmbd)).all()
+            assert model.generative_drift(y, t, lmbd).dtype == dtype
 
 def test_lambda_family_interpolates_between_sde_and_ode():
     sde, data = SDES["vp"](), gaussian()
     model = exact_model(sde, data, "drift")
     y, t = torch.randn(5, 3, dtype=torch.float64), torch.full((5,), 0.4, dtype=torch.float64)
     g, a, f = sde.g(y, t), model.drift(y, t), sde.f(y, t)
-    torch.testing.assert_close(model.mu(y, t, 0.0), g * a - f)
-    torch.testing.assert_close(model.mu(y, t, 1.0), 0.5 * g * a - f)
-    torch.testing.assert_close(model.sigma(y, t, 1.0), torch.zeros_like(g))
-    torch.testing.assert_close(model.sigma(y, t, 0.5), math.sqrt(0.5) * g)
+    torch.testing.assert_close(model.generative_drift(y, t, 0.0), g * a - f)
+    torch.testing.assert_close(model.generative_drift(y, t, 1.0), 0.5 * g * a - f)
+    torch.testing.assert_close(model.generative_diffusion(y, t, 1.0), torch.zeros_like(g))
+    torch.testing.assert_close(model.generative_diffusion(y, t, 0.5), math.sqrt(0.5) * g)
 
 def test_bad_input_raises_value_errors_naming_the_argument():
     sde, data = SDES["vp"](), gaussian()
     model = exact_model(sde, data)
     x = torch.zeros(2, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="lmbd"):
-        model.mu(x, 0.5, lmbd=1.5)
+        model.generative_drift(x, 0.5, lmbd=1.5)
     with pytest.raises(ValueError, match="lmbd"):
-        model.sigma(x, 0.5, lmbd=-0.1)
+        model.generative_diffusion(x, 0.5, lmbd=-0.1)
     with pytest.raises(ValueError, match="parameterization"):
         sdeflow.PluginReverseSDE(sde, model.net, "x0")
     with pytest.raises(ValueError, match="time_sampling"):

@@ -199,7 +199,7 @@ def test_noise_is_rederived_from_the_clipped_x0_and_finite_at_sigma_zero():
     zero = torch.zeros(5, dtype=torch.float64)
     assert float(sde.std(zero).max()) == 0.0
     assert torch.equal(model.predicted_noise(y, zero), base.predicted_noise(y, zero))
-    for value in (model.score(y, zero), model.drift(y, zero), model.mu(y, zero)):
+    for value in (model.score(y, zero), model.drift(y, zero), model.generative_drift(y, zero)):
         assert torch.isfinite(value).all()
 
 

@@ -52,7 +52,7 @@ def probability_flow_velocity(model: PluginReverseSDE) -> Callable[[torch.Tensor
 
     def velocity(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         velocity.nfe += 1
-        return -model.mu(y, t.expand(y.shape[0]), lmbd=1.0)
+        return -model.generative_drift(y, t.expand(y.shape[0]), lmbd=1.0)
 
     velocity.nfe = 0
     return velocity

@@ -2,7 +2,7 @@ r"""Samplers that keep the data prediction x̂₀ in the data's range: clipping 
 for every method at once.
 
 Every method of ``METHODS`` reads the network through the model (``predicted_noise``, ``score``,
-``drift``, ``mu``, and ``noise_from_output`` for the ancestral step with a learned variance), and each
+``drift``, ``generative_drift``, and ``noise_from_output`` for the ancestral step with a learned variance), and each
 of those is a function of the data prediction
 
 .. math::  \hat x_0 = (y - \sigma_t\,\hat\varepsilon)/\alpha_t
@@ -103,7 +103,7 @@ def describe_clipping(clip: tuple[float, float] | None, threshold: float | None 
 
 class ClippedModel(PluginReverseSDE):
     r"""``model`` with every quantity a sampler reads (``predicted_noise``, ``noise_from_output``,
-    ``score``, ``drift`` and so ``mu``) computed from the data prediction mapped into ``clip`` =
+    ``score``, ``drift`` and so ``generative_drift``) computed from the data prediction mapped into ``clip`` =
     (low, high) by :func:`clip_prediction` (``threshold`` = p: dynamic thresholding at percentile p),
     with ε̂' = (y − α_t x̂₀')/σ_t (module docstring). Shares ``model``'s SDE, network and
     parameterization, so the network's variance head (``variance="learned"`` of the ancestral

@@ -102,9 +102,9 @@ def _lin(*terms) -> torch.Tensor:
 # ---- methods: step(model, x, t, t_next, lmbd, generator, last, state) -> (x_next, nfe) -----------
 def _euler_step(model: PluginReverseSDE, x, t, t_next, lmbd, generator, last, state):
     h = append_dims(t - t_next, x.ndim)
-    x_next = x + model.mu(x, t, lmbd) * h
+    x_next = x + model.generative_drift(x, t, lmbd) * h
     if not last and lmbd < 1:
-        x_next = x_next + model.sigma(x, t, lmbd) * h.sqrt() * _noise(x, generator)
+        x_next = x_next + model.generative_diffusion(x, t, lmbd) * h.sqrt() * _noise(x, generator)
     return x_next, 1
 
 
