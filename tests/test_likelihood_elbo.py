@@ -151,3 +151,38 @@ def test_default_elbo_is_unbiased_in_every_parameterization(parameterization):
     assert (pilot.control != 0).any()  # the control variate is exercised
     expected = expected_truncated_elbo(sde, data, x, default_t_min(model.T))
     assert ((mean - expected).abs() < 5 * se + 1e-3).all()
+
+
+def test_the_one_line_elbo_fits_its_proposal_once_per_model_state(monkeypatch):
+    """elbo(model, x) in a loop over batches fits the proposal on the first and reuses it (the cheap path
+    is the default path); a change of the weights, of t_min or another model fits again, and the
+    model is never changed."""
+    import importlib
+
+    elbo_module = importlib.import_module("sdeflow.likelihood.elbo")  # the module; sdeflow.likelihood.elbo is the function
+    from sdeflow.nets.mlp import MLP
+
+    fits = []
+    real = elbo_module.fit_time_proposal
+    monkeypatch.setattr(elbo_module, "fit_time_proposal", lambda *a, **k: fits.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = sdeflow.PluginReverseSDE(sdeflow.VPSDE(), MLP(dim=2, hidden=16, n_blocks=1), "noise").double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+
+    def batch():
+        return torch.randn(8, 2, generator=gen, dtype=torch.float64)
+
+    for _ in range(3):
+        sdeflow.elbo(model, batch(), generator=gen)
+    assert len(fits) == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    sdeflow.elbo(model, batch(), t_min=1e-3, generator=gen)
+    assert len(fits) == 2
+    with torch.no_grad():  # an optimizer step changes the weights in place
+        next(model.parameters()).add_(0.01)
+    sdeflow.elbo(model, batch(), t_min=1e-3, generator=gen)
+    sdeflow.elbo(model, batch(), t_min=1e-3, generator=gen)
+    assert len(fits) == 3
+    sdeflow.elbo(exact_model(sdeflow.VPSDE(), gaussian(2), "noise"), batch(), generator=gen)
+    assert len(fits) == 4

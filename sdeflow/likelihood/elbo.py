@@ -19,6 +19,8 @@ pairs it with a control variate of mean zero. Every form has the same expectatio
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .divergence import DIVERGENCES, PROBES
@@ -125,6 +127,37 @@ def fit_time_proposal(model, x: torch.Tensor, *, n_bins: int = 32, max_examples:
                         generator=generator, dtype=x.dtype, device=x.device)
 
 
+#: model → (its state key, the proposal fitted for it): the one-line elbo(model, x) in a loop over batches
+#: fits its proposal once, on the first batch, and again only when the model's weights change. The
+#: cache holds no reference to the model (a weak key) and never changes it.
+_FITTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _state_key(model, x: torch.Tensor, t_min: float, divergence: str) -> tuple:
+    """What a fitted proposal depends on: every parameter and buffer (identity and in-place version: an
+    optimizer step or a load changes it), train/eval mode, the example shape, dtype and device, t_min."""
+    tensors = tuple((id(v), v._version) for v in (*model.parameters(), *model.buffers()))
+    return tensors, model.training, tuple(x.shape[1:]), x.dtype, x.device, t_min, divergence
+
+
+def _fitted_for(model, x: torch.Tensor, t_min: float, divergence: str, generator) -> FittedTime:
+    """The proposal of ``time_sampling="fitted"``: fitted on this batch the first time, then reused while
+    the model's state is unchanged (unbiased either way: the estimate is unbiased for any fixed proposal)."""
+    key = _state_key(model, x, t_min, divergence)
+    try:
+        cached = _FITTED.get(model)
+    except TypeError:  # a model that cannot be weakly referenced: fit every call
+        cached = None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    proposal = fit_time_proposal(model, x, t_min=t_min, divergence=divergence, generator=generator)
+    try:
+        _FITTED[model] = (key, proposal)
+    except TypeError:
+        pass
+    return proposal
+
+
 def _resolve_t_min(model, t_min, time_sampling) -> float:
     if t_min is None:
         return time_sampling.t_min if isinstance(time_sampling, TimeProposal) else default_t_min(model.T)
@@ -145,7 +178,9 @@ def elbo(model, x: torch.Tensor, *, n_slices: int = 1, time_sampling="fitted", p
     ``divergence`` = "hutchinson" with a ``probe``, or "exact"; sdeflow-light's slice); a
     :class:`~sdeflow.likelihood.time_proposals.FittedTime` of :func:`fit_time_proposal` (lowest variance, one forward
     pass per draw) takes the denoising form h₀ + c·w with its bin's coefficient c (and the exact
-    Hutchinson form in the bins it flags); "fitted" (the default) fits one on this batch first.
+    Hutchinson form in the bins it flags); "fitted" (the default) fits one on the first batch it sees for
+    this model and reuses it while the model's weights are unchanged, so that a loop of ``elbo(model, x)``
+    over batches costs little more than passing a proposal fitted once.
     Differentiable when grad is enabled.
     """
     check_finite("x", x)
@@ -154,7 +189,7 @@ def elbo(model, x: torch.Tensor, *, n_slices: int = 1, time_sampling="fitted", p
     check_choice("divergence", divergence, DIVERGENCES)
     t_min = _resolve_t_min(model, t_min, time_sampling)
     if isinstance(time_sampling, str) and time_sampling == "fitted":
-        time_sampling = fit_time_proposal(model, x, t_min=t_min, divergence=divergence, generator=generator)
+        time_sampling = _fitted_for(model, x, t_min, divergence, generator)
     proposal = make_proposal(model.sde, time_sampling, t_min)
     batch = x.shape[0]
     # Slice k of every example draws its time from the k-th stratum of q; q̃ carries the stratum's weight.
