@@ -188,11 +188,12 @@ def plot_sweep(rows_by_name: dict, floor: float, path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
     for ax, name in zip(axes[0], names):
         rows = rows_by_name[name]
-        for method in dict.fromkeys(r["method"] for r in rows):
-            for clip, style in ((False, "--"), (True, "-")):
+        for index, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+            for clip, style in ((False, "--"), (True, "-")):  # one colour per method: dashed unclipped, solid clipped
                 points = sorted((r["nfe"], r["fid"]) for r in rows if r["method"] == method and r["clip"] == clip)
                 if points:
-                    ax.plot(*zip(*points), style, marker="o", label=f"{method}{' clipped' if clip else ''}")
+                    ax.plot(*zip(*points), style, marker="o", color=f"C{index}",
+                            label=f"{method}{' clipped' if clip else ''}")
         ax.axhline(floor, color="k", lw=1, label="floor (real held-out)")
         ax.set(xscale="log", yscale="log", xlabel="network evaluations per sample", ylabel="classifier FID",
                title=f"objective: {name}")
@@ -202,6 +203,22 @@ def plot_sweep(rows_by_name: dict, floor: float, path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     tmp.replace(path)
     plt.close(fig)
+
+
+def sweep_table(rows: list, floor: float) -> str:
+    """Markdown: one row per method, FID without / with clipping at each NFE budget, the floor beside."""
+    budgets = sorted({r["nfe"] for r in rows})
+    lines = ["| method | " + " | ".join(f"NFE {b}" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for b in budgets:
+            fids = {r["clip"]: r["fid"] for r in rows if r["method"] == method and r["nfe"] == b}
+            cells.append(" / ".join(f"{fids[c]:.1f}" if c in fids else "–" for c in (False, True)) if fids else "")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append(f"\nclassifier FID of {rows[0]['n_samples']} samples, unclipped / x̂₀ clipped; "
+                 f"floor (real held-out images) {floor:.1f}")
+    return "\n".join(lines) + "\n"
 
 
 # ---- the command ----------------------------------------------------------------------------------
@@ -236,7 +253,10 @@ def run(args) -> None:
                                             methods, nfe_list, args.sweep_samples, args.seed)
         summary[objective] = entry
     if sweeps:
-        plot_sweep(sweeps, summary[f"floor_{args.sweep_samples}"]["fid"], out / "fid_vs_nfe.png")
+        floor = summary[f"floor_{args.sweep_samples}"]["fid"]
+        plot_sweep(sweeps, floor, out / "fid_vs_nfe.png")
+        (out / "table.md").write_text("\n".join(f"objective {name}:\n\n{sweep_table(rows, floor)}"
+                                               for name, rows in sweeps.items()))
         summary["sweeps"] = sweeps
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "sweeps"}, indent=2))

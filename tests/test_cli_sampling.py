@@ -261,7 +261,18 @@ def test_sample_and_fid_default_to_the_measured_sampler(command):
 
     base = {"sample": ["sample", "--checkpoint", "RUN", "--out", "g.png"],
             "fid": ["fid", "--checkpoint", "RUN", "--dataset", "mnist", "--data-root", "D", "--features", "classifier"]}
-    args = cli.build_parser().parse_args(base[command])
-    assert (args.method, args.n_steps, args.clip) == (DEFAULT_SAMPLER["method"], DEFAULT_SAMPLER["n_steps"],
-                                                      DEFAULT_SAMPLER["clip"])
-    assert cli.build_parser().parse_args([*base[command], "--no-clip"]).clip is False
+    from sdeflow.commands.sampling import sampler_settings_from_args
+
+    config = {"data": {"transform": "centered", "alpha": 0.05}}
+
+    def settings(*flags):
+        return sampler_settings_from_args(cli.build_parser().parse_args([*base[command], *flags]), config)
+
+    default = settings()
+    assert (default.method, default.n_steps, default.clip) == (DEFAULT_SAMPLER["method"], DEFAULT_SAMPLER["n_steps"],
+                                                               (-1.0, 1.0))
+    assert settings("--no-clip").clip is None
+    # Clipping is on by default where it measured better: not for Euler–Maruyama, unless asked for.
+    assert settings("--method", "ddim").clip == (-1.0, 1.0)
+    assert settings("--method", "euler").clip is None
+    assert settings("--method", "euler", "--clip").clip == (-1.0, 1.0)

@@ -77,7 +77,7 @@ def register(subparsers) -> None:
                    help="features per KID subset, capped at the smaller sample (default: %(default)s)")
     p.add_argument("--json", metavar="FILE",
                    help="also write fid, kid, kid_se, n_samples, n_reference, features, ... as JSON")
-    _sampler_arguments(p, **DEFAULT_SAMPLER)
+    _sampler_arguments(p, **(DEFAULT_SAMPLER | {"clip": None}))
     p.set_defaults(func=run_fid)
 
 

@@ -65,9 +65,10 @@ def _add_method_options(parser) -> None:
     parser.set_defaults(method_options=tuple(owners))
 
 
-def _sampler_arguments(p, *, n_steps: int, method: str, clip: bool = False, with_lmbd: bool = True) -> None:
+def _sampler_arguments(p, *, n_steps: int, method: str, clip: bool | None = False, with_lmbd: bool = True) -> None:
     """The flags of :class:`~sdeflow.samplers.SamplerSettings`, defaulting to ``method``, ``n_steps``
-    and ``clip``."""
+    and ``clip`` (None: on where it measured better, :func:`sdeflow.experiments.images.clips_by_default`)."""
+    from ..experiments.images import CLIP_MEASURED_WORSE
     from ..samplers import METHODS
     from ..samplers.clipping import check_threshold
     from ..samplers.grids import GRIDS
@@ -87,7 +88,9 @@ def _sampler_arguments(p, *, n_steps: int, method: str, clip: bool = False, with
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=clip,
                    help="clip every step's prediction x̂₀ into the data's range under the checkpoint's transform "
                         "([-1, 1] centered, [logit α, logit(1-α)] logit, [0, 1] identity), with ε̂ re-derived from it "
-                        f"(default: {'on' if clip else 'off'})")
+                        + ("(default: off)" if clip is False else
+                           "(default: on, except for " + ", ".join(CLIP_MEASURED_WORSE) + ", whose samples measured worse "
+                           "clipped)" if clip is None else "(default: on)"))
     p.add_argument("--threshold", type=arg_type(check_threshold, float, "threshold"), default=None, metavar="P",
                    help="dynamic thresholding (Imagen) of x̂₀ within that range at percentile P in (0, 100], "
                         "e.g. 99.5: per image, s = max(1, P-th percentile of |x̂₀| scaled to [-1, 1]), clip to "
@@ -104,7 +107,11 @@ def sampler_settings_from_args(args, config: dict):
     from ..samplers import SamplerSettings
 
     threshold = getattr(args, "threshold", None)
-    clip = data_range(config["data"]) if getattr(args, "clip", False) or threshold is not None else None
+    wanted = getattr(args, "clip", False)
+    if wanted is None:  # sample and fid: where clipping measured better
+        from ..experiments.images import clips_by_default
+        wanted = clips_by_default(args.method)
+    clip = data_range(config["data"]) if wanted or threshold is not None else None
     options = {option: getattr(args, f"method_option_{option}") for option in getattr(args, "method_options", ())}
     return SamplerSettings(method=args.method, n_steps=args.n_steps, lmbd=getattr(args, "lmbd", None),
                            grid=getattr(args, "grid", None), t_min=getattr(args, "t_min", None),
@@ -197,7 +204,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="FILE",
                    help="FILE.png: the grid of the images; FILE.npz: the images themselves (uint8 (N, C, H, W), key "
                         "'samples') and their grid beside it, FILE.png")
-    _sampler_arguments(p, **DEFAULT_SAMPLER)
+    _sampler_arguments(p, **(DEFAULT_SAMPLER | {"clip": None}))
     p.set_defaults(func=run_sample)
 
     p = subparsers.add_parser(

@@ -19,7 +19,7 @@ from ..nets.unet import DEFAULT_PRESET
 from ..utils import check_choice, check_positive_int
 
 __all__ = ["image_model_config", "train_images", "sample_images", "CPU_BUDGET_RECIPE", "OBJECTIVES",
-           "DEFAULT_SAMPLER"]
+           "DEFAULT_SAMPLER", "CLIP_MEASURED_WORSE", "clips_by_default"]
 
 #: The training settings ``sdeflow train`` starts from (with :class:`~sdeflow.training.TrainConfig`'s own
 #: defaults for the rest): the recipe measured best for 12 minutes of training on 2 CPU cores (README,
@@ -35,6 +35,14 @@ CPU_BUDGET_RECIPE = {"steps": 1_000_000, "batch_size": 16, "max_seconds": 720.0,
 #: The sampler of ``sdeflow sample`` and of the FID monitor unless told otherwise: chosen from the
 #: measured FID-vs-NFE curves (README, "Samples"; benchmarks/samples.py).
 DEFAULT_SAMPLER = {"method": "ancestral", "n_steps": 50, "clip": True}
+#: Methods whose samples measured worse with x̂₀ clipped (MNIST, every budget: Euler–Maruyama of the
+#: reverse SDE); ``sdeflow sample`` and ``sdeflow fid`` clip every other method by default.
+CLIP_MEASURED_WORSE = ("euler",)
+
+
+def clips_by_default(method: str) -> bool:
+    """Whether the command line clips x̂₀ for ``method`` unless told: where clipping measured better."""
+    return bool(DEFAULT_SAMPLER["clip"]) and method not in CLIP_MEASURED_WORSE
 
 OBJECTIVES: dict[str, dict] = {
     "likelihood": {"transform": "logit", "parameterization": "noise", "weighting": "likelihood",
