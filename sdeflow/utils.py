@@ -42,7 +42,8 @@ def check_new_name(name, registry, what: str) -> str:
     if not isinstance(name, str) or not name or name != name.strip():
         raise ValueError(f"name must be a non-empty string without surrounding spaces; got {name!r}")
     if name in registry:
-        raise ValueError(f"a {what} named {name!r} is already registered; choose another name "
+        article = "an" if what[:1].lower() in "aeio" else "a"
+        raise ValueError(f"{article} {what} named {name!r} is already registered; choose another name "
                          f"(registered: {', '.join(registry)})")
     return name
 

@@ -62,6 +62,6 @@ def denoise(model, y, noise_std, generator):
 
 def training_loss(model, y, generator, **config):
     """The training objective of sdeflow train (the mean DSM loss, recipes as TrainConfig fields) on a batch."""
-    from sdeflow.engine import DSMObjective
+    from sdeflow.training.objectives import DSMObjective
 
     return DSMObjective(model, sdeflow.TrainConfig(steps=1, batch_size=y.shape[0], **config))(y, generator)

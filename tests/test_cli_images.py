@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from sdeflow.training import objectives
 
 from sdeflow.storage import checkpoints as ckpt
 from sdeflow import cli
@@ -240,12 +241,11 @@ def test_unwritable_output_is_one_line_exit_1(tmp_path, capsys, monkeypatch, tra
 
 def test_a_runtime_error_of_torch_is_one_line_exit_1(tmp_path, capsys, monkeypatch, trained):
     root, _ = trained
-    from sdeflow.engine import loop
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details on a second line")
 
-    monkeypatch.setattr(loop, "dsm", out_of_memory)
+    monkeypatch.setattr(objectives, "dsm", out_of_memory)
     assert cli.main(train_args(root, tmp_path / "run", 2)) == 1
     err = capsys.readouterr().err.strip()
     assert err == "sdeflow train: error: CUDA out of memory. Tried to allocate 2.00 GiB"

@@ -11,7 +11,8 @@ from sdeflow.storage import checkpoints as ckpt
 from sdeflow.commands.train import resolve_recipe
 from sdeflow.data import DATASETS
 from sdeflow.engine.hooks import read_log
-from sdeflow.experiments.images import CPU_BUDGET_RECIPE, OBJECTIVES
+from sdeflow.experiments.images import CPU_BUDGET_RECIPE
+from sdeflow.training import OBJECTIVES
 
 from training_helpers import single_thread, train_args, write_cifar_batches  # noqa: F401 (fixture)
 
@@ -45,11 +46,12 @@ def test_max_seconds_zero_means_no_limit():
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
 def test_an_objective_sets_its_recipe_and_explicit_flags_win(objective):
     args = _resolved("--objective", objective)
-    assert {key: getattr(args, key) for key in OBJECTIVES[objective]} == OBJECTIVES[objective]
-    other = "identity" if OBJECTIVES[objective]["transform"] != "identity" else "logit"
+    settings = OBJECTIVES[objective].settings
+    assert {key: getattr(args, key) for key in settings} == dict(settings)
+    other = "identity" if settings["transform"] != "identity" else "logit"
     args = _resolved("--objective", objective, "--transform", other, "--weighting", "noise")
     assert args.transform == other and args.weighting == "noise"
-    assert args.time_sampling == OBJECTIVES[objective]["time_sampling"]
+    assert args.time_sampling == settings["time_sampling"]
 
 
 def test_the_default_objective_is_the_likelihood_recipe():

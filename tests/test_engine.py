@@ -7,9 +7,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from sdeflow.training import objectives
 
 from sdeflow.cli import main
-from sdeflow.engine import Hook, StreamBatches, fit, loop
+from sdeflow.engine import Hook, StreamBatches, fit
 from sdeflow.experiments import images as images_app
 from sdeflow.experiments.toy import ToyConfig, make_toy_model, toy_train_config
 
@@ -146,8 +147,8 @@ def test_time_budget_fits_the_schedule_to_the_steps_it_affords(tmp_path, monkeyp
 
     orders = []
     model = make_toy_model(config)
-    dsm = loop.dsm
-    monkeypatch.setattr(loop, "dsm", lambda *a, order=1, **k: orders.append(order) or dsm(*a, order=order, **k))
+    dsm = objectives.dsm
+    monkeypatch.setattr(objectives, "dsm", lambda *a, order=1, **k: orders.append(order) or dsm(*a, order=order, **k))
     result = fit(model, batches, train, tmp_path, config.model_config(), hooks=[Tick(clock), Remember()])
     # One second per step and 40 seconds: the plan ends at step 40, not at the requested 1000 ...
     assert result["step"] == 40 and result["checkpoint"].name == "ckpt-00000040.pt"

@@ -24,7 +24,9 @@ from sdeflow.engine import HOOKS, Hook, register_hook
 from sdeflow.experiments import toy as toy_app
 from sdeflow.experiments.toy import ToyConfig, ToyEvalConfig, make_toy_model, run_toy, toy_train_config
 from sdeflow.samplers import METHODS, Method, Option, SamplerSettings, Trace, register_method
+from sdeflow.samplers.grids import GRIDS
 from sdeflow.sdes.linear import SDES, register_sde
+from sdeflow.training import OBJECTIVES, DSMObjective, register_objective
 
 from oracle_helpers import ConstantVPSDE
 from training_helpers import one_thread
@@ -65,7 +67,7 @@ def blob_log_prob(x):
 @pytest.fixture(autouse=True)
 def clean_registries(monkeypatch):
     """Undo every registration of the test; skip the toy's figures; one torch thread."""
-    registries = (SDES, DATASETS, HOOKS, METHODS)
+    registries = (SDES, DATASETS, HOOKS, METHODS, GRIDS, OBJECTIVES)
     saved = [dict(r) for r in registries]
     monkeypatch.setattr(toy_app, "_draw", lambda *args, **kwargs: None)
     RECORDS.clear()
@@ -272,5 +274,46 @@ def test_a_registered_sampler_is_a_choice_of_the_sampling_commands():
 
 def test_registrations_do_not_leak_between_tests():
     for registry, name in ((HOOKS, "test-collector"), (SDES, "test-constant-vp"), (DATASETS, "test-blob"),
-                           (METHODS, "test-euler-ode")):
+                           (METHODS, "test-euler-ode"), (OBJECTIVES, "test-velocity")):
         assert name not in registry
+
+
+# ---- training objectives ----------------------------------------------------------------------------
+def test_a_registered_objective_is_a_choice_of_sdeflow_train_with_its_settings():
+    """register_objective: its settings fill what the user leaves unset, an explicit flag wins, and the
+    loss module it builds is what training minimises."""
+    from sdeflow.commands.train import resolve_recipe
+    from sdeflow.training import build_objective
+
+    built = []
+
+    def build(model, config, data_config):
+        built.append(config.weighting)
+        return DSMObjective(model, config, data_config)
+
+    register_objective("test-velocity", {"transform": "centered", "parameterization": "velocity",
+                                         "weighting": "noise", "time_sampling": "uniform"}, build)
+
+    def resolved(*extra):
+        args = cli.build_parser().parse_args(["train", "--dataset", "mnist", "--data-root", "d", "--out", "o",
+                                              "--objective", "test-velocity", *extra])
+        resolve_recipe(args)
+        return args
+    args = resolved()
+    assert (args.transform, args.parameterization, args.weighting) == ("centered", "velocity", "noise")
+    assert resolved("--weighting", "likelihood").weighting == "likelihood"
+    model = sdeflow.PluginReverseSDE(sdeflow.VPSDE(), torch.nn.Linear(2, 2), "velocity")
+    loss = build_objective("test-velocity", model, sdeflow.TrainConfig(steps=1, batch_size=1, weighting="noise"))
+    assert isinstance(loss, DSMObjective) and built == ["noise"]
+
+
+def test_register_objective_refuses_what_it_cannot_use():
+    with pytest.raises(ValueError, match="an objective named 'samples' is already registered"):
+        register_objective("samples", {})
+    with pytest.raises(ValueError, match="settings may fix"):
+        register_objective("test-bad", {"lr": 1.0})
+    with pytest.raises(ValueError, match="build must be callable"):
+        register_objective("test-bad", {}, build="dsm")
+    from sdeflow.training import build_objective
+    with pytest.raises(ValueError, match="objective must be one of"):
+        build_objective("nope", None, sdeflow.TrainConfig(steps=1, batch_size=1))

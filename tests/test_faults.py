@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+from sdeflow.training import objectives
 
 import sdeflow
 from hypothesis import HealthCheck, given, settings
@@ -24,7 +25,6 @@ from hypothesis import strategies as st
 from sdeflow.storage import checkpoints as ckpt
 from sdeflow.experiments import images as images_app
 from sdeflow import cli
-from sdeflow.engine import loop
 from sdeflow.model import PluginReverseSDE
 
 from training_helpers import (OnRecord, single_thread, one_thread, REPO, cli_env, tiny_config, tiny_images, tiny_model,
@@ -140,14 +140,14 @@ def test_signal_writes_checkpoint_of_current_step_and_exits_clearly(tmp_path, mo
 # ---- non-finite loss or gradient ------------------------------------------------------------------
 def _poison_loss(monkeypatch, bad_calls):
     calls = {"n": 0}
-    real = loop.dsm
+    real = objectives.dsm
 
     def dsm(model, x, **kwargs):
         calls["n"] += 1
         loss = real(model, x, **kwargs)
         return loss * float("nan") if calls["n"] in bad_calls else loss
 
-    monkeypatch.setattr(loop, "dsm", dsm)
+    monkeypatch.setattr(objectives, "dsm", dsm)
 
 
 def test_non_finite_loss_step_is_skipped_and_counted(tmp_path, monkeypatch):

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
+from sdeflow.training import objectives
 
 from sdeflow.cli import main
-from sdeflow.engine import loop
 from sdeflow.data import sample_toy
 from sdeflow.commands.swissroll import summary
 from sdeflow.experiments.toy import (OUTPUT_FILES, ToyConfig, ToyEvalConfig, evaluate_toy, make_toy_model,
@@ -65,13 +65,13 @@ def test_the_last_fraction_of_steps_trains_with_second_order_dsm(monkeypatch, tm
                                                            monitor_every=100, monitor_batch=8))
     model = make_toy_model(config)
     orders = []
-    dsm = loop.dsm
+    dsm = objectives.dsm
 
     def spy(*args, order=1, **kwargs):
         orders.append(order)
         return dsm(*args, order=order, **kwargs)
 
-    monkeypatch.setattr(loop, "dsm", spy)
+    monkeypatch.setattr(objectives, "dsm", spy)
     train_toy(model, config, tmp_path / "run")
     assert orders == [1] * 12 + [2] * 4
     with pytest.raises(ValueError, match="second_order_fraction"):

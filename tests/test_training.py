@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from sdeflow.training import objectives
 
 import sdeflow
 from sdeflow import LikelihoodSettings
@@ -12,7 +13,7 @@ from torch import nn
 
 from sdeflow.storage import checkpoints as ckpt
 from sdeflow.training import TrainConfig
-from sdeflow.engine import EMA, loop
+from sdeflow.engine import EMA
 from sdeflow.engine.state import make_generator, step_seed
 from sdeflow.likelihood.evaluation import evaluate_bpd, quantization_time
 from sdeflow.experiments import images as images_app
@@ -102,14 +103,14 @@ def test_loss_options_reach_the_model(tmp_path, monkeypatch):
     config, images = tiny_config(), tiny_images()
     model = tiny_model(config)
     seen = []
-    original = loop.dsm
+    original = objectives.dsm
 
     def spy(model, x, time_sampling, weighting, generator, t_min, stratified_time):
         seen.append((time_sampling, weighting, t_min, stratified_time, x.dtype, tuple(x.shape)))
         return original(model, x, time_sampling=time_sampling, weighting=weighting, generator=generator, t_min=t_min,
                         stratified_time=stratified_time)
 
-    monkeypatch.setattr(loop, "dsm", spy)
+    monkeypatch.setattr(objectives, "dsm", spy)
     images_app.train_images(model, images, tmp_path / "run", tiny_train_config(
         steps=1, time_sampling="uniform", weighting="noise", loss_t_min=1e-4, stratified_time=True), config)
     assert seen == [("uniform", "noise", 1e-4, True, torch.float32, (4, 1, 8, 8))]
@@ -212,3 +213,28 @@ def test_a_loss_start_beyond_T_is_refused_before_training(tmp_path):
         images_app.train_images(tiny_model(config), tiny_images(), tmp_path / "run",
                                 tiny_train_config(loss_t_min=1.5), config)
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_fit_minimises_the_objective_it_is_given(tmp_path, single_thread):
+    """The training objective is a value: train_images / fit minimise the module passed in (here the
+    registered "samples" objective, counted), and refuse what is not a module."""
+    from sdeflow.training import build_objective
+
+    config, train = tiny_config(), tiny_train_config(steps=3)
+    model = tiny_model(config)
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, y, generator, order=1):
+            calls.append(order)
+            return self.inner(y, generator, order)
+
+    objective = Counting(build_objective("samples", model, train, config["data"]))
+    images_app.train_images(model, tiny_images(), tmp_path / "run", train, config, objective=objective)
+    assert calls == [1, 1, 1]
+    with pytest.raises(ValueError, match="objective must be a torch.nn.Module"):
+        images_app.train_images(tiny_model(config), tiny_images(), tmp_path / "other", train, config, objective="dsm")

@@ -55,7 +55,8 @@ def load_images(args, split: str):
 def register(subparsers) -> None:
     from ..training import TrainConfig
     from ..data.transforms import TRANSFORMS
-    from ..experiments.images import CPU_BUDGET_RECIPE, OBJECTIVES
+    from ..experiments.images import CPU_BUDGET_RECIPE
+    from ..training.objectives import OBJECTIVES
     from ..engine import HOOKS
     from ..model import PARAMETERIZATIONS
     from ..nets.unet import DEFAULT_PRESET, PRESETS
@@ -92,8 +93,9 @@ def register(subparsers) -> None:
     model = p.add_argument_group("model")
     model.add_argument("--objective", choices=tuple(OBJECTIVES), default="likelihood",
                        help="what the model is trained to be good at, a named recipe of the flags below: "
-                            + "; ".join(f"{name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipe.items())
-                                        for name, recipe in OBJECTIVES.items())
+                            + "; ".join(f"{name}: " + ", ".join(f"--{k.replace('_', '-')} {v}"
+                                                                  for k, v in objective.settings.items())
+                                        for name, objective in OBJECTIVES.items())
                             + ". A flag given explicitly wins (default: %(default)s)")
     model.add_argument("--parameterization", choices=PARAMETERIZATIONS, default=None,
                        help="what the network predicts: the drift a, the score s, the noise ε, or the velocity "
@@ -103,7 +105,7 @@ def register(subparsers) -> None:
                             "(sdeflow-light's), centered 2x-1, or identity (default: the objective's)")
     # None marks "not given": the objective and the budget recipe fill these in (resolve_recipe).
     unset = {name: None for name in ("steps", "max_seconds", "fit_schedule", "flip",
-                                     *(key for recipe in OBJECTIVES.values() for key in recipe))}
+                                     *(key for objective in OBJECTIVES.values() for key in objective.settings))}
     add_config_arguments(p, TrainConfig, {**{f.name: f.default for f in dataclasses.fields(TrainConfig)},
                                           **CPU_BUDGET_RECIPE, **unset}, aliases=ALIASES,
                          default_help={
@@ -112,18 +114,19 @@ def register(subparsers) -> None:
                              "max_seconds": f"{CPU_BUDGET_RECIPE['max_seconds']:g} without --steps, else no limit",
                              "fit_schedule": "on without --steps, else off",
                              "flip": "on for mirror-symmetric data sets (CIFAR-10), off for digits",
-                             **{key: "the --objective's" for recipe in OBJECTIVES.values() for key in recipe}})
+                             **{key: "the --objective's" for objective in OBJECTIVES.values() for key in objective.settings}})
     p.set_defaults(func=run_train)
 
 
 def resolve_recipe(args) -> None:
-    """Fill in what the user left unset: the ``--objective``'s settings (OBJECTIVES), and the CPU
+    """Fill in what the user left unset: the ``--objective``'s settings (training.OBJECTIVES), and the CPU
     budget (CPU_BUDGET_RECIPE: a 720-second run with its schedule fitted to the time) only when no
     ``--steps`` is given; with ``--steps N`` training runs N steps unless ``--max-seconds`` is given.
     ``--max-seconds 0`` means no limit."""
-    from ..experiments.images import CPU_BUDGET_RECIPE, OBJECTIVES
+    from ..experiments.images import CPU_BUDGET_RECIPE
+    from ..training.objectives import OBJECTIVES
 
-    for key, value in OBJECTIVES[args.objective].items():
+    for key, value in OBJECTIVES[args.objective].settings.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     budget = CPU_BUDGET_RECIPE if args.steps is None else {"fit_schedule": False}
@@ -154,7 +157,7 @@ def run_train(args) -> int:
 
     from ..storage.checkpoints import check_run_dir
     from ..config import build_model
-    from ..training import TrainConfig
+    from ..training import TrainConfig, build_objective
     from ..engine.distributed import check_batch_divides
     from ..engine import ProgressBar, init_distributed, make_hook
     from ..experiments.images import train_images
@@ -169,7 +172,9 @@ def run_train(args) -> int:
     torch.manual_seed(args.seed)  # initial weights; every later random choice has its own seeded generator
     model = build_model(model_config)
     hooks = [make_hook(name) for name in args.hook] + ([ProgressBar()] if args.progress else [])
-    result = train_images(model, images, args.out, config, model_config, resume=args.resume, device=dev, hooks=hooks)
+    objective = build_objective(args.objective, model, config, model_config["data"])
+    result = train_images(model, images, args.out, config, model_config, resume=args.resume, device=dev, hooks=hooks,
+                          objective=objective)
     if rank == 0:
         print(f"trained to step {result['step']} in {result['seconds']:.1f} s "
               f"({result['skipped']} skipped steps); checkpoint: {result['checkpoint']}")

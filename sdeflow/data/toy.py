@@ -21,12 +21,12 @@ import math
 import torch
 
 from ..nets.oracles import GaussianMixture
-from ..utils import check_choice, check_nonneg_float, check_positive_int
+from ..utils import check_nonneg_float, check_positive_int
 
 __all__ = [
     "swissroll", "moons", "eight_gaussians", "checkerboard", "gaussian_mixture",
     "checkerboard_log_prob", "eight_gaussians_log_prob", "gaussian_mixture_log_prob",
-    "EIGHT_GAUSSIANS", "GAUSSIAN_MIXTURE", "sample_toy", "toy_log_prob",
+    "EIGHT_GAUSSIANS", "GAUSSIAN_MIXTURE",
 ]
 
 

@@ -8,7 +8,7 @@ Names are loaded on first use, so that code that only needs :mod:`sdeflow.engine
 import importlib
 
 _WHERE = {
-    "fit": "loop", "Trainer": "loop", "DSMObjective": "loop", "TrainingError": "errors", "NonFiniteError": "errors",
+    "fit": "loop", "Trainer": "loop", "TrainingError": "errors", "NonFiniteError": "errors",
     "TrainingInterrupted": "errors", "EMA": "ema", "DatasetBatches": "batches", "StreamBatches": "batches",
     "Hook": "hooks", "JSONLLog": "hooks", "ProgressBar": "hooks", "SampleFigures": "hooks", "ElboMonitor": "hooks", "SampleMetrics": "hooks",
     "TimeBudget": "hooks", "HOOKS": "hooks", "register_hook": "hooks", "make_hook": "hooks",

@@ -3,7 +3,7 @@ r"""The one training loop, for the toy example and the images alike.
 :func:`fit` minimises the per-example denoising score matching loss of
 :func:`sdeflow.training.losses.dsm` (second-order DSM added in the last ``second_order_fraction`` of the
 steps; for a network with a variance head, plus the discrete bound's terms that train it, see
-:class:`DSMObjective`) with Adam, the learning rate of :meth:`TrainConfig.lr_at` and optional gradient clipping,
+:class:`~sdeflow.training.objectives.DSMObjective`, or the objective passed in) with Adam, the learning rate of :meth:`TrainConfig.lr_at` and optional gradient clipping,
 and keeps an :class:`~sdeflow.engine.ema.EMA` of the parameters. Around the steps:
 
 - Checkpoints ``RUN/ckpt-<step>.pt`` are written atomically every ``checkpoint_every`` steps and at
@@ -35,9 +35,7 @@ from torch import nn
 
 from ..storage import checkpoints as ckpt
 from ..training import TrainConfig
-from ..discrete import LearnedVariance, PixelBins, forward_chain, variance_loss
-from ..training.losses import dsm
-from ..nets.heads import has_variance_head
+from ..training.objectives import DSMObjective
 from ..utils import check_t_min
 from .distributed import all_gather_objects, all_reduce, check_batch_divides, world_info
 from .ema import EMA
@@ -45,44 +43,7 @@ from .hooks import Hook, TimeBudget
 from .errors import NonFiniteError, TrainingError, TrainingInterrupted
 from .state import make_generator, rng_state, seed_everything, set_rng_state, step_seed
 
-__all__ = ["fit", "Trainer", "TrainingError", "NonFiniteError", "TrainingInterrupted", "DSMObjective"]
-
-
-class DSMObjective(nn.Module):
-    """The mean DSM loss (1/B)·Σᵢ ℓ_dsm(yᵢ) as a module's forward, so that DDP's gradient hooks see it.
-    For a model whose network outputs a reverse variance beside the mean
-    (:class:`~sdeflow.nets.MeanAndVariance`), plus ``vlb_weight`` times the mean of
-    :func:`sdeflow.discrete.variance_loss` on a ``chain_steps``-step chain, drawn on the first
-    ``variance_batch_fraction`` of the batch (improved DDPM's hybrid loss with sdeflow's DSM as the
-    mean's part), its decoder term the discretized one of 8-bit images when the model configuration
-    has a data transform."""
-
-    def __init__(self, model, config: TrainConfig, data_config: dict | None = None):
-        super().__init__()
-        self.model = model
-        self.time_sampling, self.weighting = config.time_sampling, config.weighting
-        self.second_order_weight = config.second_order_weight
-        self.t_min, self.stratified = config.loss_t_min, config.stratified_time
-        self.variance = None
-        if has_variance_head(model):
-            data = data_config or {}
-            self.variance = LearnedVariance.of(model)
-            self.chain = forward_chain(model.sde, chain_steps=config.chain_steps)
-            self.bins = PixelBins(data["transform"], data["alpha"]) if "transform" in data else None
-            self.vlb_weight, self.fraction = config.vlb_weight, config.variance_batch_fraction
-
-    def forward(self, y: torch.Tensor, generator: torch.Generator, order: int = 1) -> torch.Tensor:
-        kwargs = {"order": 2, "second_order_weight": self.second_order_weight} if order == 2 else {}
-        loss = dsm(self.model, y, time_sampling=self.time_sampling, weighting=self.weighting, generator=generator,
-                   t_min=self.t_min, stratified_time=self.stratified, **kwargs).mean()
-        if self.variance is None:
-            return loss
-        # On the batch's first share (its order is random); the decoder's bins hold the 8-bit image,
-        # whose centre stands for the dequantized value.
-        x = y[:max(1, round(self.fraction * y.shape[0]))]
-        x = x if self.bins is None else self.bins.centres.to(x.device, x.dtype)[self.bins.level(x)]
-        vlb = variance_loss(self.model, self.variance, x, self.chain, bins=self.bins, generator=generator)
-        return loss + self.vlb_weight * vlb.mean()
+__all__ = ["fit", "Trainer", "TrainingError", "NonFiniteError", "TrainingInterrupted"]
 
 
 class _StopOnSignal:
@@ -126,8 +87,13 @@ def _prepare_run_dir(run_dir: Path, resume: bool, rank: int, world: int) -> Path
 class Trainer:
     """The state of one :func:`fit` call; hooks see it (see :mod:`sdeflow.engine.hooks`)."""
 
-    def __init__(self, model, batches, config: TrainConfig, run_dir, model_config: dict, *, device, hooks):
+    def __init__(self, model, batches, config: TrainConfig, run_dir, model_config: dict, *, device, hooks,
+                 objective: nn.Module | None = None):
         self.config, self.model, self.batches = config.validate(), model, batches
+        if objective is not None and not isinstance(objective, nn.Module):
+            raise ValueError(f"objective must be a torch.nn.Module (forward(y, generator, order) -> loss); "
+                             f"got {type(objective).__name__}")
+        self.objective = objective
         self.model_config, self.run_dir = model_config, Path(run_dir)
         self.rank, self.world = world_info()
         self.device = torch.device(device)
@@ -164,7 +130,8 @@ class Trainer:
         if resume:
             self._restore(existing)
         self.last_checkpoint = existing if resume else None
-        self.objective = DSMObjective(self.model, self.config, self.model_config.get("data"))
+        if self.objective is None:
+            self.objective = DSMObjective(self.model, self.config, self.model_config.get("data"))
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
             self.objective = DistributedDataParallel(
@@ -323,19 +290,23 @@ class Trainer:
 
 
 def fit(model, batches, config: TrainConfig, run_dir, model_config: dict, *, resume: bool = False,
-        device="cpu", hooks: list[Hook] | tuple = ()) -> dict:
+        device="cpu", hooks: list[Hook] | tuple = (), objective: nn.Module | None = None) -> dict:
     """Train ``model`` (a :class:`~sdeflow.model.PluginReverseSDE`) on ``batches`` (a
     :mod:`sdeflow.engine.batches` source: ``next(step, rank, world, device, generator)`` gives the
     batch in model space) for ``config.steps`` optimizer steps in total, writing checkpoints of
     ``model_config`` into ``run_dir`` (see the module docstring). With ``resume=True`` continues
     from the newest checkpoint there (refused if it was written for another ``model_config``);
     without it, a ``run_dir`` that already holds checkpoints is refused, so nothing is overwritten.
-    ``hooks`` (see :mod:`sdeflow.engine.hooks`) log, draw and monitor.
+    ``hooks`` (see :mod:`sdeflow.engine.hooks`) log, draw and monitor. ``objective``: what is minimised,
+    a module whose ``forward(y, generator, order)`` gives the batch's scalar loss and whose parameters are
+    the model's (default: :class:`~sdeflow.training.objectives.DSMObjective` with ``config``'s loss settings;
+    :func:`sdeflow.training.objectives.build_objective` builds a registered one).
 
     Returns {"step", "checkpoint", "skipped", "seconds", "ema_model"}. Raises
     :class:`NonFiniteError`, :class:`TrainingInterrupted`,
     :class:`~sdeflow.storage.checkpoints.CheckpointWriteError`, ``ValueError``.
     """
-    trainer = Trainer(model, batches, config, run_dir, model_config, device=device, hooks=list(hooks))
+    trainer = Trainer(model, batches, config, run_dir, model_config, device=device, hooks=list(hooks),
+                      objective=objective)
     trainer.setup(resume)
     return trainer.run()

@@ -18,7 +18,7 @@ from ..engine.state import make_generator
 from ..nets.unet import DEFAULT_PRESET
 from ..utils import check_choice, check_positive_int
 
-__all__ = ["image_model_config", "train_images", "sample_images", "CPU_BUDGET_RECIPE", "OBJECTIVES",
+__all__ = ["image_model_config", "train_images", "sample_images", "CPU_BUDGET_RECIPE",
            "DEFAULT_SAMPLER", "CLIP_MEASURED_WORSE", "clips_by_default"]
 
 #: The training settings ``sdeflow train`` starts from (with :class:`~sdeflow.training.TrainConfig`'s own
@@ -27,11 +27,6 @@ __all__ = ["image_model_config", "train_images", "sample_images", "CPU_BUDGET_RE
 #: to the steps it affords; ``steps`` is only an upper bound.
 CPU_BUDGET_RECIPE = {"steps": 1_000_000, "batch_size": 16, "max_seconds": 720.0, "fit_schedule": True}
 
-#: Named training objectives: the settings of the model configuration (``transform``,
-#: ``parameterization``) and of :class:`~sdeflow.training.TrainConfig` that go together. "likelihood"
-#: wins bits/dim (logit pixels, the ELBO's weighting g²/σ², time drawn ∝ that weighting: the loss is
-#: the ELBO's integrand); "samples" wins samples (DDPM's recipe: centered pixels, ε-loss
-#: ‖ε̂ − ε‖² unweighted, uniform time). README, "Samples": both measured at equal CPU time.
 #: The sampler of ``sdeflow sample`` and of the FID monitor unless told otherwise: chosen from the
 #: measured FID-vs-NFE curves (README, "Samples"; benchmarks/samples.py).
 DEFAULT_SAMPLER = {"method": "ancestral", "n_steps": 50, "clip": True}
@@ -44,12 +39,6 @@ def clips_by_default(method: str) -> bool:
     """Whether the command line clips x̂₀ for ``method`` unless told: where clipping measured better."""
     return bool(DEFAULT_SAMPLER["clip"]) and method not in CLIP_MEASURED_WORSE
 
-OBJECTIVES: dict[str, dict] = {
-    "likelihood": {"transform": "logit", "parameterization": "noise", "weighting": "likelihood",
-                   "time_sampling": "importance"},
-    "samples": {"transform": "centered", "parameterization": "noise", "weighting": "noise",
-                "time_sampling": "uniform"},
-}
 
 
 def image_model_config(dataset: str = "cifar10", preset: str = DEFAULT_PRESET, *, in_channels: int = 3,
@@ -95,13 +84,14 @@ def sample_images(model, config: dict, n_samples: int, settings=None, *, seed: i
 
 
 def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, model_config: dict, *,
-                 resume: bool = False, device="cpu", hooks=()) -> dict:
+                 resume: bool = False, device="cpu", hooks=(), objective=None) -> dict:
     """Train ``model`` on uint8 ``images`` (N, C, H, W) with :func:`sdeflow.engine.fit`: batches
     drawn without replacement per epoch, dequantised, flipped (``config.flip``; None: if the data
     set is ``mirror_symmetric`` in :data:`sdeflow.data.DATASETS`) and transformed by
     the step's generator. Writes ``metrics.jsonl`` (:class:`~sdeflow.engine.JSONLLog`), checkpoints
     and, every ``config.sample_every`` steps, ``samples-<step>.png`` grids of EMA samples, plus
-    whatever ``hooks`` do. Returns what :func:`~sdeflow.engine.fit` returns."""
+    whatever ``hooks`` do; ``objective``: the loss module to minimise (default: fit's). Returns what
+    :func:`~sdeflow.engine.fit` returns."""
     from ..data.transforms import data_range
     from ..engine import DatasetBatches, ElboMonitor, JSONLLog, SampleFigures, SampleMetrics, fit
     from ..samplers.clipping import describe_clipping
@@ -149,7 +139,7 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
                             device=device)["bpd"]
 
     batches = DatasetBatches(images, config.batch_size, config.seed, transform)
-    return fit(model, batches, config, run_dir, model_config, resume=resume, device=device,
+    return fit(model, batches, config, run_dir, model_config, resume=resume, device=device, objective=objective,
                hooks=[JSONLLog(), SampleFigures(draw), ElboMonitor(estimate, unit="bits/dim"),
                       *([SampleMetrics(measure)] if measure else []), *hooks])
 

@@ -21,7 +21,6 @@ tuples, str, int, float, bool, None):
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import re
 from pathlib import Path
