@@ -53,102 +53,166 @@ from .statistics import mean_se, tail_diagnostics
 from ..sdes.linear import noise_level_time
 from ..utils import check_positive_int, model_device_dtype
 
-__all__ = ["LikelihoodSettings", "BOUNDS", "DEQUANTIZATIONS", "quantization_time",
-           "EvaluationError", "log_likelihood", "evaluate_bpd", "analytic_variance"]
+__all__ = ["LikelihoodSettings", "BOUNDS", "DEQUANTIZATIONS", "quantization_time", "EvaluationError",
+           "log_likelihood", "evaluate_bpd", "analytic_variance", "ImageSpace", "ESTIMATORS", "ElboEstimator",
+           "OdeEstimator", "DiscreteEstimator"]
 
 class EvaluationError(RuntimeError):
     """The model gave non-finite likelihoods (it has diverged)."""
 
 
-def _pilot(n: int, batch: Callable, settings: LikelihoodSettings, seed: int, device):
-    """(the first ``fit_examples`` examples, their generator): the pilot batch a proposal is fitted on,
-    drawn with a seed of its own."""
-    pilot_gen = make_generator(device, step_seed(seed, 0, 0, stream=STREAM_PILOT))
-    return batch(0, min(n, settings.fit_examples), pilot_gen)[0], pilot_gen
+# ---- one estimator per bound ------------------------------------------------------------------------
+class ElboEstimator:
+    """The ELBO of :func:`~sdeflow.likelihood.elbo.elbo` per example; with ``time_sampling="fitted"`` its
+    proposal is fitted once, in :meth:`prepare`, on the pilot batch. Takes no derivative in its fitted,
+    Hutchinson form (the denoising form)."""
 
+    def __init__(self, model, settings: LikelihoodSettings, bins=None):
+        self.model, self.settings, self.proposal = model, settings, settings.time_sampling
+        self.needs_grad = (settings.time_sampling, settings.divergence) != ("fitted", "hutchinson")
 
-def _fitted_proposal(model, n: int, batch: Callable, settings: LikelihoodSettings, seed: int, device):
-    """The ELBO's time proposal for ``settings``: fitted once on the first examples, with its own seed."""
-    if settings.time_sampling != "fitted":
-        return settings.time_sampling
-    pilot, pilot_gen = _pilot(n, batch, settings, seed, device)
-    try:
-        return fit_time_proposal(model, pilot, max_examples=pilot.shape[0], t_min=settings.t_min,
-                                 divergence=settings.divergence, generator=pilot_gen)
-    except ValueError as err:  # the pilot's integrands were not finite: not the caller's input
-        raise EvaluationError(f"the ELBO's time proposal could not be fitted ({err}); the model gives "
-                              f"non-finite values and has probably diverged") from None
-
-
-def _estimator(model, n: int, batch: Callable, settings: LikelihoodSettings, seed: int, device, bins):
-    """``estimate(y, generator) -> (per-example log-likelihoods (B,), [network evaluations])`` of one batch
-    in model space, for ``settings``' bound (the ELBO's proposal fitted first; the discrete bound's chain
-    built once, decoding with ``bins`` or, when None, a Gaussian)."""
-    s = settings
-    if s.bound == "elbo":
-        proposal = _fitted_proposal(model, n, batch, settings, seed, device)
-        return lambda y, gen: (elbo(model, y, n_slices=s.n_slices, time_sampling=proposal, divergence=s.divergence,
-                                    probe=s.probe, generator=gen, t_min=s.t_min), [])
-    if s.bound == "discrete":
-        return _discrete_estimator(model, n, batch, settings, seed, device, bins)
-
-    def ode(y, gen):
-        # The probe is drawn here per example (shape of y), so the examples' errors are independent.
+    def prepare(self, pilot: Callable) -> None:
+        s = self.settings
+        if s.time_sampling != "fitted":
+            return
+        y, generator = pilot()
         try:
-            logp, info = log_prob_ode(model, y, rtol=s.rtol, atol=s.atol, solver=s.solver, divergence=s.divergence,
-                                      probe=s.probe, t_min=s.t_min, generator=gen)
+            self.proposal = fit_time_proposal(self.model, y, max_examples=y.shape[0], t_min=s.t_min,
+                                              divergence=s.divergence, generator=generator)
+        except ValueError as err:  # the pilot's integrands were not finite: not the caller's input
+            raise EvaluationError(f"the ELBO's time proposal could not be fitted ({err}); the model gives "
+                                  f"non-finite values and has probably diverged") from None
+
+    def estimate(self, y: torch.Tensor, generator) -> tuple[torch.Tensor, int | None]:
+        s = self.settings
+        return elbo(self.model, y, n_slices=s.n_slices, time_sampling=self.proposal, divergence=s.divergence,
+                    probe=s.probe, generator=generator, t_min=s.t_min), None
+
+
+class OdeEstimator:
+    """The probability-flow ODE's log-likelihood (:func:`~sdeflow.likelihood.ode.log_prob_ode`), its
+    network evaluations counted; the Hutchinson probe is drawn per example, so that the examples' errors
+    are independent."""
+    needs_grad = True
+
+    def __init__(self, model, settings: LikelihoodSettings, bins=None):
+        self.model, self.settings = model, settings
+
+    def prepare(self, pilot: Callable) -> None:
+        pass
+
+    def estimate(self, y: torch.Tensor, generator) -> tuple[torch.Tensor, int | None]:
+        s = self.settings
+        try:
+            logp, info = log_prob_ode(self.model, y, rtol=s.rtol, atol=s.atol, solver=s.solver,
+                                      divergence=s.divergence, probe=s.probe, t_min=s.t_min, generator=generator)
         except AssertionError as err:  # torchdiffeq's step-size underflow: the dynamics are too stiff
             raise EvaluationError(f"the ODE solver failed ({err}); the model's probability flow is too stiff "
                                   f"for rtol={s.rtol}, atol={s.atol}") from None
-        return logp, [info["nfe"]]
-    return ode
+        return logp, info["nfe"]
 
 
-def _discrete_estimator(model, n: int, batch: Callable, settings: LikelihoodSettings, seed: int, device, bins):
-    """The discrete bound's ``estimate`` (see :func:`_estimator`), its sampled steps drawn from a proposal
-    fitted once on the first examples when ``settings.step_sampling`` is "fitted"."""
-    from ..discrete import discrete_bound, fit_step_proposal, forward_chain
+class DiscreteEstimator:
+    """DDPM's discrete-time bound (:func:`sdeflow.discrete.discrete_bound`) on a ``chain_steps`` chain,
+    decoding with the pixel ``bins`` (images) or a Gaussian (None); with sampled steps drawn from a
+    fitted proposal, that proposal is fitted once, in :meth:`prepare`, on the pilot batch."""
+    needs_grad = False
 
-    s = settings
-    if s.variance == "analytic":
-        raise ValueError("variance 'analytic' needs its value: pass the AnalyticVariance of "
-                         "sdeflow.estimate_analytic_variance(model, training_examples, chain) as variance")
-    chain, proposal = forward_chain(model.sde, chain_steps=s.chain_steps), None
-    if s.sampled_steps is not None and s.step_sampling == "fitted" and chain.chain_steps > 1:
-        pilot, pilot_gen = _pilot(n, batch, s, seed, device)
-        proposal = fit_step_proposal(model, pilot, chain, s.variance, bins=bins, generator=pilot_gen)
+    def __init__(self, model, settings: LikelihoodSettings, bins=None):
+        from ..discrete import forward_chain
 
-    def discrete(y, gen):
-        bound = discrete_bound(model, y, chain, s.variance, bins=bins, n_sampled_steps=s.sampled_steps,
-                               step_proposal=proposal, generator=gen)
-        return bound.log_prob, [bound.nfe]
-    return discrete
+        if settings.variance == "analytic":
+            raise ValueError("variance 'analytic' needs its value: pass the AnalyticVariance of "
+                             "sdeflow.estimate_analytic_variance(model, training_examples, chain) as variance")
+        self.model, self.settings, self.bins, self.proposal = model, settings, bins, None
+        self.chain = forward_chain(model.sde, chain_steps=settings.chain_steps)
+
+    def prepare(self, pilot: Callable) -> None:
+        from ..discrete import fit_step_proposal
+
+        s = self.settings
+        if s.sampled_steps is not None and s.step_sampling == "fitted" and self.chain.chain_steps > 1:
+            y, generator = pilot()
+            self.proposal = fit_step_proposal(self.model, y, self.chain, s.variance, bins=self.bins,
+                                              generator=generator)
+
+    def estimate(self, y: torch.Tensor, generator) -> tuple[torch.Tensor, int | None]:
+        from ..discrete import discrete_bound
+
+        bound = discrete_bound(self.model, y, self.chain, self.settings.variance, bins=self.bins,
+                               n_sampled_steps=self.settings.sampled_steps, step_proposal=self.proposal,
+                               generator=generator)
+        return bound.log_prob, bound.nfe
 
 
-def _score(model, n: int, batch: Callable, settings: LikelihoodSettings, batch_size: int, seed: int, device,
-           progress: bool, bins=None) -> tuple[torch.Tensor, list]:
-    """Per-example log-likelihoods (nats, plus the batch's log-determinant where ``batch`` gives one)
-    of examples [0, n) of this rank's shard; ``batch(start, stop, generator) -> (y, logdet or None)``."""
+#: bound → its estimator: ``Estimator(model, settings, bins)`` with ``needs_grad``, ``prepare(pilot)``
+#: (``pilot() -> (the first fit_examples examples, their generator)``) and ``estimate(y, generator) ->
+#: (per-example log-likelihoods (B,), network evaluations or None)``.
+ESTIMATORS = {"elbo": ElboEstimator, "ode": OdeEstimator, "discrete": DiscreteEstimator}
+
+
+# ---- the one loop -------------------------------------------------------------------------------------
+def _evaluate(model, n: int, batch: Callable, estimator, batch_size: int, seed: int, device,
+              progress: bool) -> dict:
+    """Score examples [0, n) given by ``batch(start, stop, generator) -> (y, logdet or None)`` with
+    ``estimator``: the model in eval mode without a graph through its weights (and without any graph
+    unless the estimator needs one), this rank's contiguous shard, each batch with a generator seeded
+    by (seed, its first example), the results gathered from every rank. Returns {"log_prob" (N,),
+    "logdet" (N,) or None, "nfe" (list), "seconds"}; EvaluationError if any is not finite."""
     from tqdm.auto import tqdm
 
-    rank, world = world_info()
-    bounds = np.linspace(0, n, world + 1).astype(int)
+    started = time.perf_counter()
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise EvaluationError("the model has non-finite parameters: training diverged")
-    estimate = _estimator(model, n, batch, settings, seed, device, bins)
-    results, nfes = [], []
-    starts = range(bounds[rank], bounds[rank + 1], batch_size)
-    for start in tqdm(starts, desc="eval", disable=(not progress) or rank != 0, dynamic_ncols=True):
-        stop = min(start + batch_size, bounds[rank + 1])
-        gen = make_generator(device, step_seed(seed, start, 0, stream=STREAM_EVAL))
-        y, logdet = batch(start, stop, gen)
-        logp, nfe = estimate(y, gen)
-        logp = logp.detach().double()
-        results.append((logp if logdet is None else logp + logdet.double()).cpu())
-        nfes += nfe
-    local = torch.cat(results) if results else torch.zeros(0, dtype=torch.float64)
-    gathered = all_gather_objects((local, nfes))
-    return torch.cat([part for part, _ in gathered]), [x for _, part in gathered for x in part]
+    was_training, needs_grad = model.training, [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)  # no graph through the weights; divergences still differentiate in y
+    rank, world = world_info()
+    bounds = np.linspace(0, n, world + 1).astype(int)
+    log_probs, logdets, nfes = [], [], []
+
+    def pilot():  # the first examples, with a seed of their own
+        generator = make_generator(device, step_seed(seed, 0, 0, stream=STREAM_PILOT))
+        return batch(0, min(n, estimator.settings.fit_examples), generator)[0], generator
+
+    try:
+        with contextlib.nullcontext() if estimator.needs_grad else torch.no_grad():
+            estimator.prepare(pilot)
+            starts = range(bounds[rank], bounds[rank + 1], batch_size)
+            for start in tqdm(starts, desc="eval", disable=(not progress) or rank != 0, dynamic_ncols=True):
+                stop = min(start + batch_size, bounds[rank + 1])
+                generator = make_generator(device, step_seed(seed, start, 0, stream=STREAM_EVAL))
+                y, logdet = batch(start, stop, generator)
+                log_prob, nfe = estimator.estimate(y, generator)
+                log_probs.append(log_prob.detach().double().cpu())
+                logdets.append(None if logdet is None else logdet.double().cpu())
+                if nfe is not None:
+                    nfes.append(nfe)
+    finally:
+        model.train(was_training)
+        for p, flag in zip(model.parameters(), needs_grad):
+            p.requires_grad_(flag)
+    with_logdet = any(d is not None for d in logdets)
+    local = (torch.cat(log_probs) if log_probs else torch.zeros(0, dtype=torch.float64),
+             torch.cat(logdets) if with_logdet else None, nfes)
+    gathered = all_gather_objects(local)
+    log_prob = torch.cat([part[0] for part in gathered])
+    logdet = torch.cat([part[1] for part in gathered]) if with_logdet else None
+    total = log_prob if logdet is None else log_prob + logdet
+    if not torch.isfinite(total).all():
+        raise EvaluationError(f"{int((~torch.isfinite(total)).sum())} of {n} examples got a non-finite "
+                              f"log-likelihood; the model has diverged")
+    return {"log_prob": log_prob, "logdet": logdet, "nfe": [x for part in gathered for x in part[2]],
+            "seconds": time.perf_counter() - started}
+
+
+def _summary(values: torch.Tensor, evaluated: dict, estimator: str) -> dict:
+    """mean, se and the tail diagnostics of ``values``, with what every result carries."""
+    mean, se = mean_se(values)
+    out = {"mean": mean, "se": se, "n": values.numel(), "seconds": evaluated["seconds"], "estimator": estimator,
+           **tail_diagnostics(values)}
+    if evaluated["nfe"]:
+        out["nfe"] = float(np.mean(evaluated["nfe"]))
+    return out
 
 
 def _examples(x, n, batch, device):
@@ -169,9 +233,9 @@ def log_likelihood(model, x: torch.Tensor | None = None, *, n: int | None = None
     given by ``batch(start, stop, generator) -> (y, logdet)`` (``logdet`` added to each estimate, or
     None), estimated as ``settings`` say (default :class:`LikelihoodSettings`: the ELBO with a fitted
     time proposal, 4 slices; the discrete bound decodes continuous data with a Gaussian here, images with
-    their pixel bins in :func:`evaluate_bpd`). ``settings.t_min`` None: 10⁻⁵·T for the ELBO, 0 for the
-    ODE. Pass the model unwrapped (not DDP); it is evaluated in eval mode, without a graph through its
-    weights, and left as it was.
+    their pixel bins in :func:`evaluate_bpd`). ``settings.t_min`` None: the estimators' default,
+    10⁻⁵·T. Pass the model unwrapped (not DDP); it is evaluated in eval mode, without a graph through
+    its weights, and left as it was.
 
     Returns {"mean", "se", "per_example" (N,) float64, "n", "seconds", "estimator" (the line of
     :meth:`LikelihoodSettings.describe`), "tail_share", "tail_count", "kurtosis", "heavy_tailed" (of
@@ -184,36 +248,11 @@ def log_likelihood(model, x: torch.Tensor | None = None, *, n: int | None = None
     check_positive_int("batch_size", batch_size)
     device = torch.device(model_device_dtype(model, device, None)[0] or "cpu")
     n, batch = _examples(x, n, batch, device)
-    return _likelihoods(model, n, batch, settings, batch_size, seed, device, progress)
-
-
-def _likelihoods(model, n: int, batch: Callable, settings: LikelihoodSettings, batch_size: int, seed: int, device,
-                 progress: bool, bins=None) -> dict:
-    """The body of :func:`log_likelihood` (``bins``: the discrete bound's pixel bins, for images)."""
-    started = time.perf_counter()
-    was_training, needs_grad = model.training, [p.requires_grad for p in model.parameters()]
-    model.eval().requires_grad_(False)  # no graph through the weights; divergences still differentiate in y
-    try:
-        # Neither the fitted ELBO (denoising form unless the divergence is exact) nor the discrete bound
-        # takes a derivative.
-        no_derivative = (settings.bound == "discrete" or (settings.bound, settings.time_sampling,
-                                                          settings.divergence) == ("elbo", "fitted", "hutchinson"))
-        with torch.no_grad() if no_derivative else contextlib.nullcontext():
-            values, nfes = _score(model, n, batch, settings, batch_size, seed, device, progress, bins)
-    finally:
-        model.train(was_training)
-        for p, flag in zip(model.parameters(), needs_grad):
-            p.requires_grad_(flag)
-    if not torch.isfinite(values).all():
-        raise EvaluationError(f"{int((~torch.isfinite(values)).sum())} of {n} examples got a non-finite "
-                              f"log-likelihood; the model has diverged")
-    mean, se = mean_se(values)
-    out = {"mean": mean, "se": se, "per_example": values, "n": n, "seconds": time.perf_counter() - started,
-           "estimator": settings.describe(model.T, fit_examples=min(n, settings.fit_examples)),
-           **tail_diagnostics(values)}
-    if nfes:
-        out["nfe"] = float(np.mean(nfes))
-    return out
+    estimator = ESTIMATORS[settings.bound](model, settings)
+    evaluated = _evaluate(model, n, batch, estimator, batch_size, seed, device, progress)
+    values = evaluated["log_prob"] if evaluated["logdet"] is None else evaluated["log_prob"] + evaluated["logdet"]
+    return {"per_example": values,
+            **_summary(values, evaluated, settings.describe(model.T, fit_examples=min(n, settings.fit_examples)))}
 
 
 def quantization_time(sde, data_config: dict) -> float:
@@ -256,26 +295,49 @@ def analytic_variance(model, images: torch.Tensor, config: dict, chain_steps: in
         model.train(was_training)
 
 
-def _image_batches(model, images: torch.Tensor, data: dict, dequantization: str, bins, device) -> Callable:
-    """``batch(start, stop, generator) -> (y, logdet)`` of uint8 ``images`` in model space: dequantised
-    (uniformly, or by the truncated normal with its log-weight), or for the discrete bound (``bins``) the
-    bins' centres with logdet D ln 256, so that bits_per_dim's 8 cancels and bpd = −log P(x)/(D ln 2)."""
-    from ..data.transforms import preprocess, truncated_normal_dequantize, truncated_normal_scale
+@dataclasses.dataclass(frozen=True)
+class ImageSpace:
+    """8-bit images (N, C, H, W) seen in a model's space (model configuration ``data``: transform and α):
+    how a batch is mapped, in the model's ``dtype``, and how bits/dim come out of its log-likelihoods.
 
-    num_dims = int(np.prod(images.shape[1:]))
-    sigma = truncated_normal_scale(data["transform"], data["alpha"])
-    dtype = model_device_dtype(model, None, None)[1]  # a float64 model is evaluated in float64 throughout
+    - ``bins`` given (the discrete bound): the images are the pixel bins' centres, scored as they are:
+      bpd = −log P(x)/(D ln 2);
+    - ``dequantization="uniform"``: y = φ((x + U)/256) with its log-determinant; bpd by
+      :func:`sdeflow.data.transforms.bits_per_dim` (which documents its + 8);
+    - ``"truncated-normal"`` (i-DODE): y = c + z, z a normal truncated to the pixel's bin in model
+      space, with the log-weight −log q(y|x) + D ln 256 in place of the log-determinant."""
+    images: torch.Tensor
+    data: dict
+    dequantization: str = "uniform"
+    bins: object = None
+    dtype: torch.dtype = torch.float32
+    device: object = None
 
-    def batch(start, stop, generator):
-        if bins is not None:  # the discrete bound scores the pixels' bins: P(x) itself, no dequantization
-            x = bins.centre(images[start:stop].to(device)).to(dtype)
-            return x, torch.full((x.shape[0],), num_dims * math.log(256), dtype=torch.float64, device=device)
-        if dequantization == "uniform":
-            pre = preprocess(images[start:stop].to(device), data, generator, dtype=dtype)
+    @property
+    def num_dims(self) -> int:
+        return int(np.prod(self.images.shape[1:]))
+
+    def batch(self, start: int, stop: int, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(y, logdet or None) of images [start, stop)."""
+        from ..data.transforms import preprocess, truncated_normal_dequantize, truncated_normal_scale
+
+        images = self.images[start:stop].to(self.device)
+        if self.bins is not None:
+            return self.bins.centre(images).to(self.dtype), None
+        if self.dequantization == "uniform":
+            pre = preprocess(images, self.data, generator, dtype=self.dtype)
             return pre.y, pre.logdet
-        return truncated_normal_dequantize(images[start:stop].to(device), data["transform"], data["alpha"], sigma,
-                                           generator=generator, dtype=dtype)
-    return batch
+        sigma = truncated_normal_scale(self.data["transform"], self.data["alpha"])
+        return truncated_normal_dequantize(images, self.data["transform"], self.data["alpha"], sigma,
+                                           generator=generator, dtype=self.dtype)
+
+    def bits_per_dim(self, log_prob: torch.Tensor, logdet: torch.Tensor | None) -> torch.Tensor:
+        """Per image: −log P(x)/(D ln 2) for the bins, else bits_per_dim(log p(y), logdet, D)."""
+        from ..data.transforms import bits_per_dim
+
+        if self.bins is not None:
+            return -log_prob / (self.num_dims * math.log(2.0))
+        return bits_per_dim(log_prob, logdet, self.num_dims)
 
 
 def evaluate_bpd(model, images: torch.Tensor, config: dict, settings: LikelihoodSettings | None = None, *,
@@ -307,27 +369,25 @@ def evaluate_bpd(model, images: torch.Tensor, config: dict, settings: Likelihood
     :func:`log_likelihood`; the same on every rank, reproducible for a given seed and batch size.
     """
     from ..adapters import bound_start
-    from ..data.transforms import bits_per_dim, check_images
+    from ..data.transforms import check_images
     from ..discrete import PixelBins
 
     settings = (settings or LikelihoodSettings()).validate(model.T)
     images = check_images(images, config)
-    device = torch.device(model_device_dtype(model, device, None)[0] or "cpu")
+    check_positive_int("batch_size", batch_size)
+    device, dtype = model_device_dtype(model, device, None)
+    device = torch.device(device or "cpu")
     data = config["data"]
     if settings.t_min is None:
-        start = max(quantization_time(model.sde, data), bound_start(model))
-        settings = dataclasses.replace(settings, t_min=start)
+        settings = dataclasses.replace(settings, t_min=max(quantization_time(model.sde, data), bound_start(model)))
     bins = PixelBins(data["transform"], data["alpha"]) if settings.bound == "discrete" else None
-    num_dims = int(np.prod(images.shape[1:]))
-    batch = _image_batches(model, images, data, settings.dequantization, bins, device)
-    check_positive_int("batch_size", batch_size)
-    result = _likelihoods(model, images.shape[0], batch, settings, batch_size, seed, device, progress, bins)
-    # With the discrete bound, per_example holds log P(x) + D ln 256, so that the 8 of bits_per_dim cancels.
-    bpd = bits_per_dim(result["per_example"], torch.zeros_like(result["per_example"]), num_dims)
-    mean, se = mean_se(bpd)
+    # a float64 model is evaluated in float64 throughout
+    space = ImageSpace(images, data, settings.dequantization, bins, dtype, device)
+    estimator = ESTIMATORS[settings.bound](model, settings, bins)
+    evaluated = _evaluate(model, images.shape[0], space.batch, estimator, batch_size, seed, device, progress)
+    bpd = space.bits_per_dim(evaluated["log_prob"], evaluated["logdet"])
     how = ", DDPM's discretized Gaussian decoder" if bins is not None else f", {settings.dequantization} dequantization"
-    out = {"bpd": mean, "bpd_se": se, "n_images": result["n"], "seconds": result["seconds"], "bpd_per_image": bpd,
-           "estimator": result["estimator"] + how, **tail_diagnostics(bpd)}
-    if "nfe" in result:
-        out["nfe"] = result["nfe"]
-    return out
+    summary = _summary(bpd, evaluated, settings.describe(model.T, fit_examples=min(images.shape[0],
+                                                                                  settings.fit_examples)) + how)
+    return {"bpd": summary.pop("mean"), "bpd_se": summary.pop("se"), "n_images": summary.pop("n"),
+            "bpd_per_image": bpd, **summary}
