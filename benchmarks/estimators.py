@@ -89,7 +89,7 @@ def main(argv=None):
 
     print(f"ELBO estimators on a {args.dim}-D Gaussian oracle ({args.sde.upper()} SDE), batch {args.batch}, "
           f"{args.repeats} repeats, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"fitting the proposal once: {fit_seconds:.3f} s ({proposal.probs.numel()} bins, "
+    print(f"fitting the proposal once: {fit_seconds:.3f} s ({proposal.proposal.probs.numel()} bins, "
           f"pilot of {min(args.batch, 16)} examples), amortised over every later estimate\n")
     header = f"{'option':44s} {'per-ex std':>11s} {'s/estimate':>11s} {'var×time vs slice':>18s} {'bias/SE':>8s}"
     print(header)

@@ -327,7 +327,7 @@ def bench_checkpoint(args, device, out):
         proposal = sdeflow.fit_time_proposal(model, pilot, generator=torch.Generator(device).manual_seed(1))
     out(f"   fitting the proposal (once per model): {time.perf_counter() - start:.1f} s; every draw uses the "
         f"divergence-free denoising form, control-variate coefficients {float(proposal.control.min()):.2f} "
-        f"to {float(proposal.control.max()):.2f} across its {len(proposal.probs)} bins")
+        f"to {float(proposal.control.max()):.2f} across its {len(proposal.proposal.probs)} bins")
     runs = {"ours, default (fitted)": (model, proposal), "ours, q ∝ g²/v": (model, "importance"),
             "baseline, q ∝ g²/v": (baseline, "importance")}
     times = {k: [] for k in runs}

@@ -19,7 +19,7 @@ Each kind of extension has one registry, owned by the module that defines it: ``
 from .sdes.linear import SDE, SDES, VPSDE, VESDE, SubVPSDE, make_sde, register_sde
 from .model import PARAMETERIZATIONS, PluginReverseSDE
 from .training.losses import WEIGHTINGS, dsm, register_weighting
-from .likelihood.time_proposals import FittedTime, ImportanceTime, TimeProposal, UniformTime
+from .likelihood.time_proposals import EstimatorPlan, FittedTime, ImportanceTime, TimeProposal, UniformTime
 from .likelihood.elbo import elbo, fit_time_proposal
 from .likelihood.divergence import divergence
 from .likelihood.ode import log_prob_ode, sample_ode
@@ -51,7 +51,7 @@ __all__ = [
     "SDE", "VPSDE", "VESDE", "SubVPSDE", "SDES", "make_sde", "register_sde",
     "PluginReverseSDE", "PARAMETERIZATIONS",
     "dsm", "WEIGHTINGS", "register_weighting",
-    "TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "elbo", "fit_time_proposal", "divergence",
+    "TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "EstimatorPlan", "elbo", "fit_time_proposal", "divergence",
     "log_prob_ode", "sample_ode", "sample", "SamplerSettings", "Trace", "time_grid", "METHODS", "GRIDS", "register_grid",
     "Method", "Option", "register_method", "denoise", "inpaint", "posterior_sample",
     "TrainConfig", "build_model", "model_config", "fit",

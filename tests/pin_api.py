@@ -3,6 +3,8 @@ lines change; the pinned figures must not."""
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 import sdeflow
@@ -25,7 +27,9 @@ def elbo(model, x, generator, time_sampling, n_slices=1):
 
 
 def fitted_proposal(model, x, generator):
-    return sdeflow.fit_time_proposal(model, x, generator=generator)
+    """(the fitted density's probs, the control coefficients) of the ELBO's fitted plan."""
+    plan = sdeflow.fit_time_proposal(model, x, generator=generator)
+    return types.SimpleNamespace(probs=plan.proposal.probs, control=plan.control)
 
 
 def log_prob_ode(model, x, generator):

@@ -116,7 +116,7 @@ def test_dsm_estimates_the_same_objective_under_every_proposal(weighting, time_s
     gen = torch.Generator().manual_seed(1)
     x = data.sample(60000, generator=gen, dtype=torch.float64)
     if time_sampling == "fitted":
-        time_sampling = fit_proposal(lambda t: torch.ones_like(t)[:, None], sde, n_bins=8, dtype=torch.float64)
+        time_sampling = fit_proposal(lambda t: torch.ones_like(t)[:, None], sde, n_bins=8, dtype=torch.float64).proposal
     loss = sdeflow.dsm(model, x, time_sampling=time_sampling, weighting=weighting, generator=gen)
     assert abs(loss.mean().item() - objective) < 5 * loss.std().item() / math.sqrt(len(loss))
 

@@ -6,12 +6,12 @@ likelihoods over data sets in nats or bits/dim with their standard errors and ta
 (:mod:`~sdeflow.likelihood.evaluation`, :mod:`~sdeflow.likelihood.statistics`). DDPM's discrete-time
 bound lives with DDPM's chain in :mod:`sdeflow.discrete`."""
 
-from .time_proposals import FittedTime, ImportanceTime, TimeProposal, UniformTime
+from .time_proposals import EstimatorPlan, FittedTime, ImportanceTime, TimeProposal, UniformTime
 from .elbo import elbo, fit_time_proposal
 from .divergence import divergence
 from .ode import log_prob_ode, sample_ode
 from .settings import LikelihoodSettings
 from .evaluation import evaluate_bpd, log_likelihood
 
-__all__ = ["TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "elbo", "fit_time_proposal", "divergence",
+__all__ = ["TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "EstimatorPlan", "elbo", "fit_time_proposal", "divergence",
            "log_prob_ode", "sample_ode", "LikelihoodSettings", "log_likelihood", "evaluate_bpd"]

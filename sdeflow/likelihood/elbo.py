@@ -25,7 +25,7 @@ import torch
 
 from .divergence import DIVERGENCES, PROBES
 from .divergence import divergence as field_divergence
-from .time_proposals import T_MIN_FRACTION, FittedTime, TimeProposal, fit_proposal, make_proposal
+from .time_proposals import T_MIN_FRACTION, EstimatorPlan, IntegrandForms, TimeProposal, fit_proposal, make_proposal
 from ..utils import check_choice, check_finite, check_positive_int, check_t_min, sum_except_batch
 
 __all__ = ["elbo", "elbo_integrand", "denoising_terms", "fit_time_proposal", "default_t_min",
@@ -99,15 +99,17 @@ def _hutchinson_terms(model, x: torch.Tensor, t: torch.Tensor, probe: str = "rad
 @torch.no_grad()
 def fit_time_proposal(model, x: torch.Tensor, *, n_bins: int = 32, max_examples: int = 16,
                       defensive: float = 0.02, t_min: float | None = None, chunk_size: int | None = None,
-                      divergence: str = "hutchinson", generator: torch.Generator | None = None) -> FittedTime:
+                      divergence: str = "hutchinson", generator: torch.Generator | None = None) -> EstimatorPlan:
     """The ELBO's fitted time proposal on [t_min, T] (default t_min: :func:`default_t_min`), fitted to
     the denoising integrand h₀ and its control variate w on a pilot batch (at most ``max_examples`` of
     x; one draw of t per bin and example) by :func:`~sdeflow.likelihood.time_proposals.fit_proposal`: per bin the
     coefficient c of h₀ + c·w of least variance, and q ∝ √E[(h₀ + c w)²]. Costs n_bins × examples
     forward passes, ``chunk_size`` at a time (default :func:`chunk_size_for`). With
     ``divergence="exact"`` (low-dimensional data only) the pilot also measures the Hutchinson form with
-    the exact divergence, and the bins where it is quieter take it. Returns the proposal, a value to
-    pass to :func:`elbo` (and to keep: ``FittedTime.to_dict``); the model is not changed.
+    the exact divergence, and the bins where it is quieter take it. Returns the ELBO's plan (the
+    :class:`~sdeflow.likelihood.time_proposals.FittedTime` density, the control coefficients and the
+    form per bin), a value to pass to :func:`elbo` (and to keep: ``EstimatorPlan.to_dict``); the model is
+    not changed.
     """
     check_choice("divergence", divergence, DIVERGENCES)
     check_finite("x", x)
@@ -116,12 +118,12 @@ def fit_time_proposal(model, x: torch.Tensor, *, n_bins: int = 32, max_examples:
     pilot = x[:check_positive_int("max_examples", max_examples)]
     batch = pilot.shape[0]
 
-    def integrands(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def integrands(t: torch.Tensor) -> IntegrandForms:
         xs = pilot.repeat((t.numel() // batch,) + (1,) * (pilot.ndim - 1))
-        forms = denoising_terms(model, xs, t, generator, chunk_size=chunk_size)
-        if divergence != "exact":
-            return forms
-        return forms + (_hutchinson_terms(model, xs, t, divergence="exact", generator=generator),)
+        h0, w = denoising_terms(model, xs, t, generator, chunk_size=chunk_size)
+        exact = (_hutchinson_terms(model, xs, t, divergence="exact", generator=generator)
+                 if divergence == "exact" else None)
+        return IntegrandForms(h0, control=w, alternative=exact)
 
     return fit_proposal(integrands, model.sde, n_bins=n_bins, n_per_bin=batch, t_min=t_min, defensive=defensive,
                         generator=generator, dtype=x.dtype, device=x.device)
@@ -140,7 +142,7 @@ def _state_key(model, x: torch.Tensor, t_min: float, divergence: str) -> tuple:
     return tensors, model.training, tuple(x.shape[1:]), x.dtype, x.device, t_min, divergence
 
 
-def _fitted_for(model, x: torch.Tensor, t_min: float, divergence: str, generator) -> FittedTime:
+def _fitted_for(model, x: torch.Tensor, t_min: float, divergence: str, generator) -> EstimatorPlan:
     """The proposal of ``time_sampling="fitted"``: fitted on this batch the first time, then reused while
     the model's state is unchanged (unbiased either way: the estimate is unbiased for any fixed proposal)."""
     key = _state_key(model, x, t_min, divergence)
@@ -160,8 +162,17 @@ def _fitted_for(model, x: torch.Tensor, t_min: float, divergence: str, generator
 
 def _resolve_t_min(model, t_min, time_sampling) -> float:
     if t_min is None:
-        return time_sampling.t_min if isinstance(time_sampling, TimeProposal) else default_t_min(model.T)
+        given = isinstance(time_sampling, (TimeProposal, EstimatorPlan))
+        return time_sampling.t_min if given else default_t_min(model.T)
     return check_t_min(t_min, model.T)
+
+
+def _plan(sde, time_sampling, t_min: float) -> EstimatorPlan | None:
+    """The plan of a fitted proposal, or None for a plain one (every draw in the Hutchinson form)."""
+    if isinstance(time_sampling, EstimatorPlan):
+        make_proposal(sde, time_sampling.proposal, t_min)  # checks its support starts at t_min
+        return time_sampling
+    return None
 
 
 def elbo(model, x: torch.Tensor, *, n_slices: int = 1, time_sampling="fitted", probe: str = "rademacher",
@@ -176,9 +187,9 @@ def elbo(model, x: torch.Tensor, *, n_slices: int = 1, time_sampling="fitted", p
     term is in closed form. ``time_sampling``: "uniform", "importance" (q ∝ g²/v) or any
     :class:`~sdeflow.likelihood.time_proposals.TimeProposal` take h in the Hutchinson form (divergence by
     ``divergence`` = "hutchinson" with a ``probe``, or "exact"; sdeflow-light's slice); a
-    :class:`~sdeflow.likelihood.time_proposals.FittedTime` of :func:`fit_time_proposal` (lowest variance, one forward
-    pass per draw) takes the denoising form h₀ + c·w with its bin's coefficient c (and the exact
-    Hutchinson form in the bins it flags); "fitted" (the default) fits one on the first batch it sees for
+    :class:`~sdeflow.likelihood.time_proposals.EstimatorPlan` of :func:`fit_time_proposal` (lowest variance, one
+    forward pass per draw) draws from its fitted density and takes the denoising form h₀ + c·w with its
+    bin's coefficient c (and the exact Hutchinson form in the bins it flags); "fitted" (the default) fits one on the first batch it sees for
     this model and reuses it while the model's weights are unchanged, so that a loop of ``elbo(model, x)``
     over batches costs little more than passing a proposal fitted once.
     Differentiable when grad is enabled.
@@ -190,13 +201,13 @@ def elbo(model, x: torch.Tensor, *, n_slices: int = 1, time_sampling="fitted", p
     t_min = _resolve_t_min(model, t_min, time_sampling)
     if isinstance(time_sampling, str) and time_sampling == "fitted":
         time_sampling = _fitted_for(model, x, t_min, divergence, generator)
-    proposal = make_proposal(model.sde, time_sampling, t_min)
+    plan = _plan(model.sde, time_sampling, t_min)
+    proposal = plan.proposal if plan is not None else make_proposal(model.sde, time_sampling, t_min)
     batch = x.shape[0]
     # Slice k of every example draws its time from the k-th stratum of q; q̃ carries the stratum's weight.
     t, q = proposal.sample(n_slices * batch, generator=generator, device=x.device, dtype=x.dtype, strata=n_slices)
     xs = x.repeat((n_slices,) + (1,) * (x.ndim - 1))
-    fitted = isinstance(proposal, FittedTime)
-    hutch = proposal.hutchinson_at(t) if fitted else torch.ones_like(t, dtype=torch.bool)
+    hutch = plan.alternative_at(t) if plan is not None else torch.ones_like(t, dtype=torch.bool)
     h = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
     if hutch.any():
         h = h.index_put((hutch,), _hutchinson_terms(model, xs[hutch], t[hutch], probe=probe, divergence=divergence,
@@ -204,6 +215,6 @@ def elbo(model, x: torch.Tensor, *, n_slices: int = 1, time_sampling="fitted", p
     if not hutch.all():
         den = ~hutch
         h0, w = denoising_terms(model, xs[den], t[den], generator, chunk_size=chunk_size_for(x))
-        h = h.index_put((den,), h0 + proposal.control_at(t[den]) * w)
+        h = h.index_put((den,), h0 + plan.control_at(t[den]) * w)
     path_term = (h / q.to(h.dtype)).reshape(n_slices, batch).mean(dim=0).to(x.dtype)
     return path_term + model.sde.expected_prior_log_prob(x) + decoder_log_weight(model.sde, x[0].numel(), t_min)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -32,7 +32,8 @@ from ..sdes.linear import SDE
 from ..utils import check_choice, check_positive_int, check_t_min
 
 __all__ = ["TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "T_EPS_FRACTION", "T_MIN_FRACTION",
-           "TIME_SAMPLINGS", "clamped_rate", "truncation_time", "make_proposal", "fit_proposal", "optimal_strata"]
+           "TIME_SAMPLINGS", "clamped_rate", "truncation_time", "make_proposal", "fit_proposal", "optimal_strata",
+           "EstimatorPlan", "IntegrandForms"]
 
 #: The names of time proposals: the two closed-form densities, and "fitted" (:func:`fit_proposal`).
 TIME_SAMPLINGS = ("uniform", "importance", "fitted")
@@ -173,18 +174,13 @@ class ImportanceTime(TimeProposal):
 class FittedTime(TimeProposal):
     """Piecewise-constant density on bin edges t_min = e₀ < e₁ < … < e_K = T: q(t) = p_k / (e_{k+1} − e_k).
 
-    A value, built by :func:`fit_proposal` and kept with :meth:`to_dict` / :meth:`from_dict`.
-    ``control`` (one float per bin, default 0) is the coefficient c_k of a control variate w of
-    known mean zero that the integrand's user adds in bin k, estimating h + c_k·w instead of h
-    (unbiased for every c_k). ``moments`` (2, bins), when given, are the mean and second moment of
-    that integrand in each bin; :meth:`strata_bounds` then places the strata where they cut the
-    variance most (:func:`optimal_strata`). ``hutchinson`` (one flag per bin) marks the bins where the
-    user estimates a third form of the integrand instead (for the ELBO: the Hutchinson form, chosen
-    where it is quieter).
+    A time density and nothing else, built by :func:`fit_proposal` (inside an :class:`EstimatorPlan`)
+    and kept with :meth:`to_dict` / :meth:`from_dict`. ``moments`` (2, bins), when given, are the mean
+    and second moment of the integrand in each bin; :meth:`strata_bounds` then places the strata where
+    they cut the variance most (:func:`optimal_strata`).
     """
 
-    def __init__(self, edges: torch.Tensor, probs: torch.Tensor, control: torch.Tensor | None = None,
-                 moments: torch.Tensor | None = None, hutchinson: torch.Tensor | None = None):
+    def __init__(self, edges: torch.Tensor, probs: torch.Tensor, moments: torch.Tensor | None = None):
         edges = torch.as_tensor(edges, dtype=torch.float64)
         probs = torch.as_tensor(probs, dtype=torch.float64)
         if edges.ndim != 1 or probs.shape != (edges.numel() - 1,):
@@ -193,19 +189,12 @@ class FittedTime(TimeProposal):
             raise ValueError("edges must start at t_min >= 0 and increase strictly")
         if (probs <= 0).any() or not torch.isfinite(probs).all():
             raise ValueError("probs must be positive and finite (the estimate would be biased otherwise)")
-        control = torch.zeros_like(probs) if control is None else torch.as_tensor(control, dtype=torch.float64)
-        if control.shape != probs.shape or not torch.isfinite(control).all():
-            raise ValueError("control must be one finite coefficient per bin")
-        hutchinson = (torch.zeros(probs.shape, dtype=torch.bool) if hutchinson is None
-                      else torch.as_tensor(hutchinson, dtype=torch.bool))
-        if hutchinson.shape != probs.shape:
-            raise ValueError("hutchinson must be one flag per bin")
         if moments is not None:
             moments = torch.as_tensor(moments, dtype=torch.float64)
             if moments.shape != (2,) + probs.shape or not torch.isfinite(moments).all():
                 raise ValueError("moments must be finite, of shape (2, bins): each bin's mean and second moment")
         super().__init__(float(edges[-1]), float(edges[0]))
-        self.edges, self.control, self.hutchinson, self.moments = edges, control, hutchinson, moments
+        self.edges, self.moments = edges, moments
         self.probs = probs / probs.sum()
         self._bounds: dict[int, torch.Tensor] = {}
         self._cum = torch.cat([torch.zeros(1, dtype=torch.float64), self.probs.cumsum(0)])
@@ -239,20 +228,13 @@ class FittedTime(TimeProposal):
             self._bounds[strata] = optimal_strata(self.edges, self.probs, self.moments, strata)
         return self._bounds[strata]
 
-    def hutchinson_at(self, t: torch.Tensor) -> torch.Tensor:
-        """Whether each time's bin takes the third form; bool, shape of t."""
-        return self.hutchinson.to(t.device)[self._bin(t)]
-
-    def control_at(self, t: torch.Tensor) -> torch.Tensor:
-        """The control-variate coefficient of each time's bin; shape of t, dtype float64."""
-        return self.control.to(t.device)[self._bin(t)]
-
-    def _bin(self, t: torch.Tensor) -> torch.Tensor:
+    def bin_of(self, t: torch.Tensor) -> torch.Tensor:
+        """The bin index of each time; long, shape of t."""
         edges = self.edges.to(t.device, t.dtype)
         return (torch.bucketize(t, edges, right=True) - 1).clamp(0, len(self.probs) - 1)
 
     def density(self, t):
-        k = self._bin(t)
+        k = self.bin_of(t)
         dens = (self.probs / (self.edges[1:] - self.edges[:-1])).to(t.device, t.dtype)
         return dens[k]
 
@@ -269,18 +251,64 @@ class FittedTime(TimeProposal):
         return t.clamp_min(torch.finfo(t.dtype).tiny), q
 
     def to_dict(self) -> dict:
-        """Plain lists of floats and bools (JSON-able, and loadable by ``torch.load(weights_only=True)``);
+        """Plain lists of floats (JSON-able, and loadable by ``torch.load(weights_only=True)``);
         :meth:`from_dict` rebuilds an equal proposal."""
-        return {"edges": self.edges.tolist(), "probs": self.probs.tolist(), "control": self.control.tolist(),
-                "moments": None if self.moments is None else self.moments.tolist(),
-                "hutchinson": self.hutchinson.tolist()}
+        return {"edges": self.edges.tolist(), "probs": self.probs.tolist(),
+                "moments": None if self.moments is None else self.moments.tolist()}
 
     @classmethod
     def from_dict(cls, state: dict) -> "FittedTime":
         """The proposal of :meth:`to_dict` (tensors are accepted too). ValueError if ``state`` is not one."""
         if not isinstance(state, dict) or "edges" not in state or "probs" not in state:
             raise ValueError("state must be a dict of FittedTime.to_dict() with at least 'edges' and 'probs'")
-        return cls(state["edges"], state["probs"], state.get("control"), state.get("moments"), state.get("hutchinson"))
+        return cls(state["edges"], state["probs"], state.get("moments"))
+
+
+class EstimatorPlan:
+    """How an integrand's estimator runs on a :class:`FittedTime`: the ``proposal`` its times are drawn
+    from, and per bin the coefficient ``control`` c_k of a control variate w of known mean zero (the
+    estimate takes h + c_k·w, unbiased for every c_k) and the flag ``alternative`` (the bin takes
+    another form of the integrand, of the same mean: for the ELBO, the Hutchinson form where it is
+    quieter). :func:`fit_proposal` builds one; for the ELBO,
+    :func:`sdeflow.likelihood.elbo.fit_time_proposal`. A value: :meth:`to_dict` / :meth:`from_dict`."""
+
+    def __init__(self, proposal: FittedTime, control: torch.Tensor | None = None,
+                 alternative: torch.Tensor | None = None):
+        if not isinstance(proposal, FittedTime):
+            raise ValueError(f"proposal must be a FittedTime; got {type(proposal).__name__}")
+        bins = proposal.probs.shape
+        control = torch.zeros(bins, dtype=torch.float64) if control is None else torch.as_tensor(
+            control, dtype=torch.float64)
+        if control.shape != bins or not torch.isfinite(control).all():
+            raise ValueError("control must be one finite coefficient per bin")
+        alternative = (torch.zeros(bins, dtype=torch.bool) if alternative is None
+                       else torch.as_tensor(alternative, dtype=torch.bool))
+        if alternative.shape != bins:
+            raise ValueError("alternative must be one flag per bin")
+        self.proposal, self.control, self.alternative = proposal, control, alternative
+
+    @property
+    def t_min(self) -> float:
+        return self.proposal.t_min
+
+    def control_at(self, t: torch.Tensor) -> torch.Tensor:
+        """The control-variate coefficient of each time's bin; shape of t, dtype float64."""
+        return self.control.to(t.device)[self.proposal.bin_of(t)]
+
+    def alternative_at(self, t: torch.Tensor) -> torch.Tensor:
+        """Whether each time's bin takes the alternative form; bool, shape of t."""
+        return self.alternative.to(t.device)[self.proposal.bin_of(t)]
+
+    def to_dict(self) -> dict:
+        """The proposal's :meth:`FittedTime.to_dict` with the plan's "control" and "alternative" lists."""
+        return {**self.proposal.to_dict(), "control": self.control.tolist(), "alternative": self.alternative.tolist()}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "EstimatorPlan":
+        """The plan of :meth:`to_dict` (also the one dict a FittedTime kept before the split, whose
+        "hutchinson" flags are the alternative)."""
+        proposal = FittedTime.from_dict(state)
+        return cls(proposal, state.get("control"), state.get("alternative", state.get("hutchinson")))
 
 
 def make_proposal(sde: SDE, time_sampling, t_min: float = 0.0) -> TimeProposal:
@@ -306,19 +334,26 @@ def _control_coefficients(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.where(var_w > 0, -(hc * wc).sum(1) / var_w.clamp_min(1e-300), torch.zeros_like(var_w))
 
 
+class IntegrandForms(NamedTuple):
+    """What an integrand returns to :func:`fit_proposal`, one draw per time: ``value`` h, optionally a
+    ``control`` variate w of mean zero at every t, and an ``alternative`` form h′ of the same mean."""
+    value: torch.Tensor
+    control: torch.Tensor | None = None
+    alternative: torch.Tensor | None = None
+
+
 def fit_proposal(integrand: Callable[[torch.Tensor], torch.Tensor], sde: SDE, *, n_bins: int = 48,
                  n_per_bin: int = 1, defensive: float = 0.02, t_min: float = 0.0,
-                 generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> FittedTime:
-    r"""A :class:`FittedTime` on [t_min, T] with q ∝ √E[h(t)²] per bin, mixed with ``defensive`` of
-    :class:`ImportanceTime`.
+                 generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> EstimatorPlan:
+    r"""An :class:`EstimatorPlan` on a :class:`FittedTime` on [t_min, T] with q ∝ √E[h(t)²] per bin, mixed
+    with ``defensive`` of :class:`ImportanceTime`.
 
     ``integrand(t)`` takes times of shape (n,) and returns one draw of h at each, shape (n, ...)
-    (e.g. one per pilot example); it is called once with ``n_per_bin`` times per bin, each uniform
-    within its bin. It may instead return a pair (h, w) with w a control variate of mean zero at every
-    t: each bin then takes the coefficient :math:`c_k = -\widehat{Cov}(h, w)/\widehat{Var}(w)` that
-    minimises the variance of h + c_k·w, records it in ``control``, and is sized by the second moment
-    of h + c_k·w. A triple (h, w, h′), h′ another form of the same mean at every t, flags in
-    ``hutchinson`` the bins where h′ has the lower second moment, and sizes them by it.
+    (e.g. one per pilot example), or :class:`IntegrandForms`; it is called once with ``n_per_bin`` times
+    per bin, each uniform within its bin. With a ``control`` variate w each bin takes the coefficient
+    :math:`c_k = -\widehat{Cov}(h, w)/\widehat{Var}(w)` that minimises the variance of h + c_k·w, records
+    it in the plan's ``control``, and is sized by the second moment of h + c_k·w. With an ``alternative``
+    form h′ the plan flags the bins where h′ has the lower second moment, sized by it.
 
     The defensive share bounds every weight 1/q(t) by 1/(defensive·q_importance(t)), so a bin the
     pilot under-rates cannot blow up the variance (on the 3072-D oracle of ``benchmarks/estimators.py``:
@@ -333,19 +368,19 @@ def fit_proposal(integrand: Callable[[torch.Tensor], torch.Tensor], sde: SDE, *,
     index = torch.arange(n_bins).repeat_interleave(n_per_bin)
     t = (lower[index] + width[index] * u.cpu()).to(dtype=dtype, device=device)
     forms = integrand(t)
-    forms = forms if isinstance(forms, tuple) else (forms,)
-    h, w, other = (tuple(forms) + (None, None))[:3]
+    forms = forms if isinstance(forms, IntegrandForms) else IntegrandForms(forms)
+    h, w, other = forms.value, forms.control, forms.alternative
     h = h.detach().double().cpu().reshape(n_bins, -1)
     control = torch.zeros(n_bins, dtype=torch.float64)
     if w is not None:
         w = w.detach().double().cpu().reshape(n_bins, -1)
         control = _control_coefficients(h, w)
         h = h + control[:, None] * w
-    hutchinson = torch.zeros(n_bins, dtype=torch.bool)
+    alternative = torch.zeros(n_bins, dtype=torch.bool)
     if other is not None:  # a third form, of the same mean: taken in the bins where it is quieter
         other = other.detach().double().cpu().reshape(n_bins, -1)
-        hutchinson = (other ** 2).mean(1) < (h ** 2).mean(1)
-        h = torch.where(hutchinson[:, None], other, h)
+        alternative = (other ** 2).mean(1) < (h ** 2).mean(1)
+        h = torch.where(alternative[:, None], other, h)
     second_moment = (h ** 2).mean(1)
     if not torch.isfinite(second_moment).all():
         raise ValueError("the integrand gave non-finite values on the pilot draws")
@@ -354,7 +389,7 @@ def fit_proposal(integrand: Callable[[torch.Tensor], torch.Tensor], sde: SDE, *,
     importance = ImportanceTime(sde, t_min=t_min).cdf(edges)
     probs = (1 - defensive) * fitted + defensive * (importance[1:] - importance[:-1])
     moments = torch.stack([h.mean(1), second_moment])
-    return FittedTime(edges, probs.clamp_min(1e-12), control=control, moments=moments, hutchinson=hutchinson)
+    return EstimatorPlan(FittedTime(edges, probs.clamp_min(1e-12), moments=moments), control, alternative)
 
 
 def optimal_strata(edges: torch.Tensor, probs: torch.Tensor, moments: torch.Tensor, strata: int) -> torch.Tensor:
