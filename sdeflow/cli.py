@@ -104,10 +104,15 @@ def add_config_arguments(parser, cls, defaults, *, skip=(), aliases=None, requir
     defaults = defaults if isinstance(defaults, dict) else dataclasses.asdict(defaults)
     aliases = aliases or {}
     default_help = default_help or {}
-    group = parser.add_argument_group(f"settings of {cls.__module__}.{cls.__name__}")
+    # One argument group per named group of fields (cls.GROUPS, e.g. TrainConfig's), else one for all.
+    sections = getattr(cls, "GROUPS", None) or {"": tuple(f.name for f in dataclasses.fields(cls))}
+    titles = {name: parser.add_argument_group(f"{name + ' ' if name else ''}settings of {cls.__module__}.{cls.__name__}")
+              for name in sections}
+    section_of = {field: name for name, fields in sections.items() for field in fields}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
+        group = titles[section_of[f.name]]
         flags = [_flag(f.name), *aliases.get(f.name, [])]
         text = f.metadata.get("help", "")
         default = defaults.get(f.name)

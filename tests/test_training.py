@@ -238,3 +238,19 @@ def test_fit_minimises_the_objective_it_is_given(tmp_path, single_thread):
     assert calls == [1, 1, 1]
     with pytest.raises(ValueError, match="objective must be a torch.nn.Module"):
         images_app.train_images(tiny_model(config), tiny_images(), tmp_path / "other", train, config, objective="dsm")
+
+
+def test_every_train_config_field_is_in_exactly_one_group():
+    """TrainConfig's groups (loss, optimizer, run, monitoring) cover its fields once each; the loss group is
+    what an objective may fix."""
+    import dataclasses
+
+    from sdeflow.training.config import TRAIN_GROUPS
+    from sdeflow.training.objectives import LOSS_SETTINGS
+
+    grouped = [name for fields in TRAIN_GROUPS.values() for name in fields]
+    assert sorted(grouped) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    config = TrainConfig(steps=3, batch_size=2, weighting="noise")
+    assert config.group("loss")["weighting"] == "noise" and set(config.group("loss")) == set(LOSS_SETTINGS)
+    with pytest.raises(ValueError, match="group must be one of"):
+        config.group("everything")

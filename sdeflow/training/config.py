@@ -7,10 +7,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..utils import (check_decay, check_fraction, check_nonneg_float, check_nonneg_int, check_positive_float,
+from ..utils import (check_choice, check_decay, check_fraction, check_nonneg_float, check_nonneg_int, check_positive_float,
                      check_positive_int, config_field, validate_fields)
 
-__all__ = ["TrainConfig", "LR_SCHEDULES", "PRECISIONS"]
+__all__ = ["TrainConfig", "LR_SCHEDULES", "PRECISIONS", "TRAIN_GROUPS"]
 
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
@@ -128,5 +128,26 @@ class TrainConfig:
         """How many of the last steps add second-order DSM: round(fraction × steps)."""
         return round(self.second_order_fraction * self.steps)
 
+    def group(self, name: str) -> dict:
+        """The settings of one of ``TRAIN_GROUPS`` ("loss", "optimizer", "run", "monitoring") as a dict."""
+        check_choice("group", name, tuple(TRAIN_GROUPS))
+        return {field: getattr(self, field) for field in TRAIN_GROUPS[name]}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+#: TrainConfig's fields by what they set: the loss (what the training objective reads), the optimizer
+#: and its schedule, the run (length, batch, checkpoints, seed, time), and what is drawn and measured
+#: along the way. ``sdeflow train --help`` lists the flags in these groups.
+TRAIN_GROUPS = {
+    "loss": ("time_sampling", "weighting", "loss_t_min", "stratified_time", "second_order_fraction",
+             "second_order_weight", "vlb_weight", "chain_steps", "variance_batch_fraction"),
+    "optimizer": ("lr", "warmup_steps", "lr_schedule", "final_lr_fraction", "grad_clip", "ema_decay", "precision",
+                  "max_bad_steps"),
+    "run": ("steps", "batch_size", "seed", "max_seconds", "fit_schedule", "flip", "checkpoint_every",
+            "keep_checkpoints", "log_every"),
+    "monitoring": ("sample_every", "sample_n_samples", "sample_n_steps", "sample_clip", "sample_threshold",
+                   "monitor_every", "monitor_batch", "monitor_slices", "fid_every", "fid_n_samples", "fid_features"),
+}
+TrainConfig.GROUPS = TRAIN_GROUPS

@@ -28,15 +28,14 @@ from torch import nn
 from ..discrete import LearnedVariance, PixelBins, forward_chain, variance_loss
 from ..nets.heads import has_variance_head
 from ..utils import check_choice, check_new_name
-from .config import TrainConfig
+from .config import TRAIN_GROUPS, TrainConfig
 from .losses import dsm
 
 __all__ = ["Objective", "DSMObjective", "OBJECTIVES", "register_objective", "build_objective"]
 
 #: The settings an objective may fix: the model configuration's and TrainConfig's loss fields.
 MODEL_SETTINGS = ("transform", "parameterization")
-LOSS_SETTINGS = ("weighting", "time_sampling", "loss_t_min", "stratified_time", "second_order_fraction",
-                 "second_order_weight", "vlb_weight")
+LOSS_SETTINGS = TRAIN_GROUPS["loss"]
 
 
 class DSMObjective(nn.Module):
