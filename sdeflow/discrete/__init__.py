@@ -8,13 +8,13 @@ chain's grid).
 """
 
 from .chain import ForwardChain, PixelBins, forward_chain, gaussian_log_prob, prior_kl, step_chain
-from .variances import (FIXED_VARIANCES, AnalyticVariance, LearnedVariance, check_variance,
+from .variances import (FIXED_VARIANCES, VARIANCES, AnalyticVariance, LearnedVariance, check_variance,
                         estimate_analytic_variance, fixed_variances, noise_and_variance, reverse_variance)
 from .bound import (DiscreteBound, bound_bits_per_dim, discrete_bound, fit_step_proposal, hybrid_loss, step_terms,
                     variance_loss)
 
 __all__ = ["ForwardChain", "forward_chain", "step_chain", "prior_kl", "PixelBins", "gaussian_log_prob",
-           "FIXED_VARIANCES", "fixed_variances", "AnalyticVariance", "estimate_analytic_variance",
+           "FIXED_VARIANCES", "VARIANCES", "fixed_variances", "AnalyticVariance", "estimate_analytic_variance",
            "LearnedVariance", "noise_and_variance", "reverse_variance", "check_variance",
            "DiscreteBound", "discrete_bound", "step_terms", "fit_step_proposal", "hybrid_loss", "variance_loss",
            "bound_bits_per_dim"]

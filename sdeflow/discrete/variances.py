@@ -38,10 +38,15 @@ from ..nets.heads import has_variance_head
 from ..utils import append_dims, check_choice, check_positive_int, sum_except_batch
 from .chain import ForwardChain
 
-__all__ = ["FIXED_VARIANCES", "fixed_variances", "AnalyticVariance", "estimate_analytic_variance",
+__all__ = ["FIXED_VARIANCES", "VARIANCES", "fixed_variances", "AnalyticVariance", "estimate_analytic_variance",
            "LearnedVariance", "noise_and_variance", "reverse_variance", "check_variance"]
 
 FIXED_VARIANCES = ("posterior", "step")
+#: Every reverse variance by name: DDPM's β̃ ("posterior") and β ("step"), Analytic-DPM's ("analytic":
+#: its :class:`AnalyticVariance` value stands in for the name wherever one is computed) and the model's
+#: learned head ("learned", improved DDPM's; a network built with ``learned_variance=True``). The rules
+#: for these names are :func:`check_variance`'s, and no one else's.
+VARIANCES = ("posterior", "step", "analytic", "learned")
 
 
 def _decoder_posterior_var(chain: ForwardChain) -> float:
@@ -191,15 +196,20 @@ def noise_and_variance(model, variance, chain: ForwardChain, n: torch.Tensor, y:
     return model.predicted_noise(y, t), reverse_variance(variance, chain, n, y)
 
 
-def check_variance(variance, name: str = "variance"):
+def check_variance(variance, name: str = "variance", *, analytic_by_name: bool = False):
     """``variance`` if it is "posterior", "step", "learned" (the model's own variance head,
-    :meth:`LearnedVariance.of`), an :class:`AnalyticVariance` or a :class:`LearnedVariance`; ValueError
-    naming ``name`` otherwise."""
+    :meth:`LearnedVariance.of`), an :class:`AnalyticVariance` or a :class:`LearnedVariance`; with
+    ``analytic_by_name`` (settings that compute it later, e.g. ``sdeflow eval``) also "analytic".
+    ValueError naming ``name`` otherwise: "analytic" by name where its value is needed says how to get it."""
     if isinstance(variance, (AnalyticVariance, LearnedVariance)):
         return variance
-    if not isinstance(variance, str) or variance not in (*FIXED_VARIANCES, "learned"):
-        raise ValueError(f"{name} must be one of 'posterior', 'step', 'learned' (the model's variance head), an "
-                         f"AnalyticVariance or a LearnedVariance; got {variance!r}")
+    if variance == "analytic" and not analytic_by_name:
+        raise ValueError(f"{name} 'analytic' needs its value: pass the AnalyticVariance of "
+                         "sdeflow.estimate_analytic_variance(model, training_examples, chain)")
+    if not isinstance(variance, str) or variance not in VARIANCES:
+        raise ValueError(f"{name} must be one of 'posterior', 'step', 'learned' (the model's variance head), "
+                         f"{'analytic, ' if analytic_by_name else ''}an AnalyticVariance or a LearnedVariance; "
+                         f"got {variance!r}")
     return variance
 
 

@@ -119,11 +119,9 @@ class DiscreteEstimator:
     needs_grad = False
 
     def __init__(self, model, settings: LikelihoodSettings, bins=None):
-        from ..discrete import forward_chain
+        from ..discrete import check_variance, forward_chain
 
-        if settings.variance == "analytic":
-            raise ValueError("variance 'analytic' needs its value: pass the AnalyticVariance of "
-                             "sdeflow.estimate_analytic_variance(model, training_examples, chain) as variance")
+        check_variance(settings.variance)  # "analytic" by name: its value is needed here
         self.model, self.settings, self.bins, self.proposal = model, settings, bins, None
         self.chain = forward_chain(model.sde, chain_steps=settings.chain_steps)
 

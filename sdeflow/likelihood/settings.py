@@ -10,27 +10,20 @@ from .divergence import DIVERGENCES, PROBES
 from .elbo import default_t_min
 from .ode import ADAPTIVE_SOLVERS
 from .time_proposals import TIME_SAMPLINGS
+from ..discrete.variances import VARIANCES, check_variance
 from ..utils import check_nonneg_float, check_positive_float, check_positive_int, check_t_min
 
 __all__ = ["LikelihoodSettings", "BOUNDS", "DEQUANTIZATIONS", "VARIANCES", "STEP_SAMPLINGS"]
 
 
 def _check_variance(name: str, value):
-    """A variance name is checked against its choices; in its place an AnalyticVariance value is allowed."""
-    from ..discrete import AnalyticVariance
+    """A variance name (``VARIANCES``; "analytic" computed later) or an AnalyticVariance."""
+    return check_variance(value, name, analytic_by_name=True)
 
-    if not isinstance(value, (str, AnalyticVariance)):
-        raise ValueError(f"{name} must be one of {', '.join(repr(v) for v in VARIANCES)} or an AnalyticVariance; "
-                         f"got {value!r}")
-    return value
 
 #: What a likelihood estimate bounds or computes: the continuous-time ELBO, the probability-flow ODE, or
 #: the discrete-time bound of DDPM on N steps of the forward SDE (:mod:`sdeflow.discrete`).
 BOUNDS = ("elbo", "ode", "discrete")
-#: The reverse variances of the discrete bound: DDPM's β̃ (posterior) and β (step), Analytic-DPM's (an
-#: :class:`~sdeflow.discrete.AnalyticVariance` value in place of the name), or the model's learned one
-#: (improved DDPM's; a network built with ``learned_variance=True``).
-VARIANCES = ("posterior", "step", "analytic", "learned")
 #: How the discrete bound's sampled steps are drawn.
 STEP_SAMPLINGS = ("fitted", "uniform")
 #: How ``evaluate_bpd`` turns 8-bit levels into continuous data: uniform noise in each level's bin, or
