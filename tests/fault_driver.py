@@ -14,7 +14,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from sdeflow.storage import checkpoints as ckpt  # noqa: E402
 from sdeflow.experiments import images as images_app
 from training_helpers import tiny_config, tiny_images, tiny_model, tiny_train_config  # noqa: E402
 
@@ -25,7 +24,7 @@ def main() -> None:
     if "--kill-in-write" in sys.argv:
         target = int(sys.argv[sys.argv.index("--kill-in-write") + 1])
         writes = {"n": 0}
-        real_fdopen = ckpt.os.fdopen
+        real_fdopen = os.fdopen
 
         class HalfThenDie:
             def __init__(self, handle):
@@ -47,7 +46,7 @@ def main() -> None:
             writes["n"] += 1
             return HalfThenDie(handle) if writes["n"] == target else handle
 
-        ckpt.os.fdopen = fdopen
+        os.fdopen = fdopen  # the one os module, used by storage.files
     config = tiny_config()
     images_app.train_images(tiny_model(config), tiny_images(), run_dir,
                    tiny_train_config(steps=steps, checkpoint_every=2, keep_checkpoints=10),

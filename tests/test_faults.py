@@ -223,7 +223,7 @@ def test_write_failure_mid_run_gives_clear_error_and_keeps_previous_checkpoint(t
     def save(path, state):
         if state["step"] >= 4:
             if fault == "disk-full":
-                monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (_ for _ in ()).throw(
+                monkeypatch.setattr("os.fsync", lambda fd: (_ for _ in ()).throw(
                     OSError(errno.ENOSPC, "No space left on device")))
             else:
                 monkeypatch.setattr("tempfile.mkstemp", lambda *a, **k: (_ for _ in ()).throw(

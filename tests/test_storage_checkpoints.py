@@ -87,7 +87,7 @@ def test_failed_write_keeps_previous_file_and_leaves_no_temporary(tmp_path, monk
     def disk_full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt.os, "fsync", disk_full)
+    monkeypatch.setattr("os.fsync", disk_full)
     with pytest.raises(ckpt.CheckpointWriteError, match="No space left on device"):
         ckpt.save_checkpoint(path, _state(4))
     monkeypatch.undo()
