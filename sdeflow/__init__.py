@@ -23,7 +23,7 @@ from .likelihood.time_proposals import EstimatorPlan, FittedTime, ImportanceTime
 from .likelihood.elbo import elbo, fit_time_proposal
 from .likelihood.divergence import divergence
 from .likelihood.ode import log_prob_ode, sample_ode
-from .samplers import METHODS, Method, Option, SamplerSettings, Trace, ancestral_sample, register_method, sample
+from .samplers import METHODS, Method, Option, SamplerSettings, Trace, ancestral_sample, guided, register_method, sample
 from .samplers.grids import GRIDS, register_grid, time_grid
 from .samplers.conditional import denoise, inpaint, posterior_sample
 from .config import build_model, model_config
@@ -53,7 +53,7 @@ __all__ = [
     "dsm", "WEIGHTINGS", "register_weighting",
     "TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "EstimatorPlan", "elbo", "fit_time_proposal", "divergence",
     "log_prob_ode", "sample_ode", "sample", "SamplerSettings", "Trace", "time_grid", "METHODS", "GRIDS", "register_grid",
-    "Method", "Option", "register_method", "denoise", "inpaint", "posterior_sample",
+    "Method", "Option", "register_method", "guided", "denoise", "inpaint", "posterior_sample",
     "TrainConfig", "build_model", "model_config", "fit",
     "LikelihoodSettings", "log_likelihood", "evaluate_bpd", "load_model",
     "CosineVPSDE", "DiscreteVPSDE", "adapt_discrete", "adapt_diffusers", "adapt_denoiser", "adapt_score_network",

@@ -26,10 +26,11 @@ class MeanAndVariance(nn.Module):
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
+        self.num_classes = getattr(net, "num_classes", 0)  # a class-conditional network's labels pass through
 
-    def both(self, y: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def both(self, y: torch.Tensor, t: torch.Tensor, labels=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean's output, v = (r + 1)/2), each shaped like y, from one evaluation of the network."""
-        out = self.net(y, t)
+        out = self.net(y, t) if labels is None else self.net(y, t, labels)
         if out.ndim != y.ndim or out.shape[0] != y.shape[0] or out.shape[1] != 2 * y.shape[1] \
                 or out.shape[2:] != y.shape[2:]:
             raise ValueError(f"net must return twice the channels of its input {tuple(y.shape)} (mean, then "
@@ -37,12 +38,12 @@ class MeanAndVariance(nn.Module):
         mean, r = out.chunk(2, dim=1)
         return mean, (r + 1) / 2
 
-    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.both(y, t)[0]
+    def forward(self, y: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
+        return self.both(y, t, labels)[0]
 
-    def variance(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def variance(self, y: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
         """The interpolation v (v = 0: β̃_n, v = 1: β_n), shaped like y."""
-        return self.both(y, t)[1]
+        return self.both(y, t, labels)[1]
 
 
 def has_variance_head(model) -> bool:

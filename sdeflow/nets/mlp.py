@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..utils import check_nonneg_int, check_positive_int
+from .classes import ClassEmbedding, check_labels
 
 __all__ = ["TimeEmbedding", "MLP"]
 
@@ -61,7 +62,7 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int = 2, hidden: int = 128, n_blocks: int = 2, time_dim: int = 32,
                  T: float = 1.0, fourier_features: int = 0, fourier_scale: float = 1.0,
-                 learned_variance: bool = False):
+                 learned_variance: bool = False, num_classes: int = 0):
         super().__init__()
         dim, hidden = check_positive_int("dim", dim), check_positive_int("hidden", hidden)
         n_blocks = check_positive_int("n_blocks", n_blocks)
@@ -78,10 +79,13 @@ class MLP(nn.Module):
         self.outer = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_blocks))
         self.output = nn.Linear(hidden, dim * (2 if learned_variance else 1))
         self.act = nn.SiLU()
+        # Class-conditional (num_classes > 0): a class's vector is added to the time embedding.
+        self.num_classes = check_nonneg_int("num_classes", num_classes)
+        self.class_embedding = ClassEmbedding(self.num_classes, time_dim) if self.num_classes else None
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
 
-    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
         if y.ndim != 2 or y.shape[1] != self.dim:
             raise ValueError(f"y must have shape (B, {self.dim}); got {tuple(y.shape)}")
         t = torch.as_tensor(t, dtype=y.dtype, device=y.device)
@@ -90,6 +94,10 @@ class MLP(nn.Module):
         if t.shape != (y.shape[0],):
             raise ValueError(f"t must have shape ({y.shape[0]},) or be a scalar; got {tuple(t.shape)}")
         emb = self.time_embedding(t).to(y.dtype)
+        if self.class_embedding is not None:
+            emb = emb + self.class_embedding(labels, y.shape[0]).to(y.dtype)
+        elif labels is not None:
+            check_labels(labels, 0, y.shape[0])  # refuses: the network is unconditional
         features = y
         if self.fourier_matrix.shape[1]:
             phase = 2 * math.pi * y @ self.fourier_matrix.to(y.dtype)

@@ -18,7 +18,7 @@ from ..model import velocity_coefficients
 from ..sdes.linear import SDE
 from ..utils import append_dims
 
-__all__ = ["GaussianMixture", "ExactScoreNet", "FullCovarianceGaussian"]
+__all__ = ["GaussianMixture", "ExactScoreNet", "ClassConditionalScoreNet", "FullCovarianceGaussian"]
 
 
 class GaussianMixture:
@@ -94,6 +94,32 @@ class ExactScoreNet(nn.Module):
                 c, alpha, sigma = velocity_coefficients(self.sde, t64)
                 s = (s - (sigma * c)[:, None] * y.double()) / alpha[:, None]
         return s.to(y.dtype)
+
+
+class ClassConditionalScoreNet(nn.Module):
+    """``net(y, t, labels)`` of a Gaussian mixture whose components are the classes: the exact score of
+    component k for label k, and of the whole mixture for the null label (``num_classes``, or None), in
+    the given parameterization (as :class:`ExactScoreNet`). The oracle of classifier-free guidance."""
+
+    def __init__(self, sde: SDE, mixture: GaussianMixture, parameterization: str = "score"):
+        super().__init__()
+        self.num_classes = mixture.means.shape[0]
+        self.nets = [ExactScoreNet(sde, GaussianMixture(mixture.means[k:k + 1], mixture.stds[k:k + 1]),
+                                   parameterization) for k in range(self.num_classes)]
+        self.nets.append(ExactScoreNet(sde, mixture, parameterization))  # the null class: the mixture
+        self.calls = 0
+
+    def forward(self, y: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
+        from .classes import check_labels
+
+        self.calls += 1
+        labels = check_labels(labels, self.num_classes, y.shape[0], y.device)
+        out = torch.zeros_like(y)
+        for k, net in enumerate(self.nets):
+            chosen = labels == k
+            if bool(chosen.any()):
+                out = out.index_put((chosen,), net(y[chosen], t[chosen]))
+        return out
 
 
 class FullCovarianceGaussian:

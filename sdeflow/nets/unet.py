@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils import check_choice, check_decay, check_positive_int
+from ..utils import check_choice, check_decay, check_nonneg_int, check_positive_int
+from .classes import ClassEmbedding, check_labels
 
 __all__ = ["UNet", "PRESETS", "DEFAULT_PRESET", "make_unet", "sinusoidal_embedding"]
 
@@ -213,7 +214,8 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int = 3, image_size: int = 32, base_channels: int = 128,
                  channel_mult=(1, 2, 2, 2), num_res_blocks: int = 2, attn_resolutions=(16,),
-                 dropout: float = 0.1, time_scale: float = 1000.0, learned_variance: bool = False):
+                 dropout: float = 0.1, time_scale: float = 1000.0, learned_variance: bool = False,
+                 num_classes: int = 0):
         super().__init__()
         in_channels = check_positive_int("in_channels", in_channels)
         image_size = check_positive_int("image_size", image_size)
@@ -234,6 +236,9 @@ class UNet(nn.Module):
         self.base_channels = base_channels
         temb_ch = 4 * base_channels
         self.time_embed = nn.Sequential(_linear(base_channels, temb_ch), nn.SiLU(), _linear(temb_ch, temb_ch))
+        # Class-conditional (num_classes > 0): a class's vector is added to the time embedding.
+        self.num_classes = check_nonneg_int("num_classes", num_classes)
+        self.class_embed = ClassEmbedding(self.num_classes, temb_ch) if self.num_classes else None
         self.conv_in = _conv(in_channels, base_channels)
 
         # Going down, every module's output is stored as a skip for the way up.
@@ -290,7 +295,7 @@ class UNet(nn.Module):
                 module.compile(**compile_kwargs)
         return self
 
-    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
         expected = (self.in_channels, self.image_size, self.image_size)
         if y.ndim != 4 or tuple(y.shape[1:]) != expected:
             raise ValueError(f"UNet input must have shape (B, {', '.join(map(str, expected))}); "
@@ -302,6 +307,10 @@ class UNet(nn.Module):
             y = y.contiguous(memory_format=torch.channels_last)
 
         temb = self.time_embed(sinusoidal_embedding(t * self.time_scale, self.base_channels).to(y.dtype))
+        if self.class_embed is not None:
+            temb = temb + self.class_embed(labels, y.shape[0]).to(y.dtype)
+        elif labels is not None:
+            check_labels(labels, 0, y.shape[0])  # refuses: the network is unconditional
         temb_act = F.silu(temb)
 
         h = self.conv_in(y)
@@ -324,8 +333,8 @@ def make_unet(preset: str, in_channels: int = 3, image_size: int = 32, **overrid
     ``overrides`` replaces (e.g. ``dropout=0.0``)."""
     check_choice("preset", preset, tuple(PRESETS))
     unknown = set(overrides) - {"base_channels", "channel_mult", "num_res_blocks", "attn_resolutions",
-                                "dropout", "time_scale", "learned_variance"}
+                                "dropout", "time_scale", "learned_variance", "num_classes"}
     if unknown:
         raise ValueError(f"unknown UNet option(s) {sorted(unknown)}; allowed: base_channels, channel_mult, "
-                         f"num_res_blocks, attn_resolutions, dropout, time_scale, learned_variance")
+                         f"num_res_blocks, attn_resolutions, dropout, time_scale, learned_variance, num_classes")
     return UNet(in_channels=in_channels, image_size=image_size, **{**PRESETS[preset], **overrides})

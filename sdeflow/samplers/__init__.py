@@ -12,7 +12,8 @@ implements; :mod:`~sdeflow.samplers.settings` holds the rules a run must satisfy
 :mod:`~sdeflow.samplers.clipping` keeps x̂₀ in the data's range for every method; the time grids
 are :mod:`~sdeflow.samplers.grids`; DDPM's ancestral sampler on its N-step chain is
 :mod:`~sdeflow.samplers.ddpm`; posterior sampling (denoising, inpainting, linear inverse problems)
-is :mod:`~sdeflow.samplers.conditional`.
+is :mod:`~sdeflow.samplers.conditional`; classifier-free guidance of class-conditional models is
+:mod:`~sdeflow.samplers.guidance`.
 """
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
@@ -21,6 +22,7 @@ from .registry import METHODS, Method, Option, register_method
 from .settings import SamplerSettings
 from .loop import Trace, sample
 from .ddpm import ancestral_sample
+from .guidance import GuidedNet, guided
 
 __all__ = ["sample", "ancestral_sample", "SamplerSettings", "Trace", "register_method", "METHODS", "Method", "Option",
-           "ClippedModel", "clip_prediction"]
+           "ClippedModel", "clip_prediction", "guided", "GuidedNet"]
