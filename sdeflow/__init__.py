@@ -29,6 +29,7 @@ from .samplers.conditional import denoise, inpaint, posterior_sample
 from .config import build_model, model_config
 from .training import TrainConfig
 from .likelihood.evaluation import LikelihoodSettings, evaluate_bpd, log_likelihood
+from .likelihood.classifier import classify
 from .storage.checkpoints import load_model
 from .sdes.noise_levels import CosineVPSDE, DiscreteVPSDE
 from .adapters import adapt_denoiser, adapt_diffusers, adapt_discrete, adapt_score_network, bound_start, load_foreign
@@ -55,7 +56,7 @@ __all__ = [
     "log_prob_ode", "sample_ode", "sample", "SamplerSettings", "Trace", "time_grid", "METHODS", "GRIDS", "register_grid",
     "Method", "Option", "register_method", "guided", "denoise", "inpaint", "posterior_sample",
     "TrainConfig", "build_model", "model_config", "fit",
-    "LikelihoodSettings", "log_likelihood", "evaluate_bpd", "load_model",
+    "LikelihoodSettings", "log_likelihood", "evaluate_bpd", "classify", "load_model",
     "CosineVPSDE", "DiscreteVPSDE", "adapt_discrete", "adapt_diffusers", "adapt_denoiser", "adapt_score_network",
     "bound_start", "load_foreign",
     "forward_chain", "discrete_bound", "PixelBins", "AnalyticVariance", "estimate_analytic_variance",

@@ -3,7 +3,8 @@
 ODE's exact log-density (:mod:`~sdeflow.likelihood.ode`, Hutchinson or exact divergences from
 :mod:`~sdeflow.likelihood.divergence`), what to estimate (:mod:`~sdeflow.likelihood.settings`), and
 likelihoods over data sets in nats or bits/dim with their standard errors and tail diagnostics
-(:mod:`~sdeflow.likelihood.evaluation`, :mod:`~sdeflow.likelihood.statistics`). DDPM's discrete-time
+(:mod:`~sdeflow.likelihood.evaluation`, :mod:`~sdeflow.likelihood.statistics`), and the classifier a
+class-conditional model is, p(y | x) from its ELBOs (:mod:`~sdeflow.likelihood.classifier`). DDPM's discrete-time
 bound lives with DDPM's chain in :mod:`sdeflow.discrete`."""
 
 from .time_proposals import EstimatorPlan, FittedTime, ImportanceTime, TimeProposal, UniformTime
@@ -12,6 +13,8 @@ from .divergence import divergence
 from .ode import log_prob_ode, sample_ode
 from .settings import LikelihoodSettings
 from .evaluation import evaluate_bpd, log_likelihood
+from .classifier import class_elbos, classify
 
 __all__ = ["TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "EstimatorPlan", "elbo", "fit_time_proposal", "divergence",
-           "log_prob_ode", "sample_ode", "LikelihoodSettings", "log_likelihood", "evaluate_bpd"]
+           "log_prob_ode", "sample_ode", "LikelihoodSettings", "log_likelihood", "evaluate_bpd",
+           "class_elbos", "classify"]
