@@ -312,3 +312,26 @@ def test_a_diffusers_folder_with_pickled_or_corrupt_weights_is_one_line_exit_2(t
     assert "config.json" not in err
     status, err = sample("corrupt", "--allow-pickle")  # the safetensors file is still the one read
     assert status == 2 and "Unable to load weights from checkpoint file" in err
+
+
+def test_a_class_conditional_model_trains_and_samples_a_class_from_the_command_line(tmp_path, capsys, trained):
+    """--class-conditional: the checkpoint's network has the data set's 10 classes and p_uncond; sample
+    --class K --guidance W draws the class; --class on an unconditional model, a class out of range
+    and --guidance alone are one line each, exit 2."""
+    root, plain = trained
+    run = tmp_path / "run"
+    with one_thread():
+        assert cli.main(train_args(root, run, 2, "--class-conditional", "--p-uncond", "0.2")) == 0
+    state = torch.load(ckpt.latest_checkpoint(run), weights_only=True)
+    assert state["config"]["net"]["num_classes"] == 10 and state["trainer"]["train_config"]["p_uncond"] == 0.2
+    capsys.readouterr()
+    grid = tmp_path / "grid.png"
+    base = ["sample", "--n", "2", "--method", "ddim", "--n-steps", "2", "--no-progress"]
+    assert cli.main(base + ["--checkpoint", str(run), "--class", "3", "--guidance", "2", "--out", str(grid)]) == 0
+    assert grid.read_bytes()[:4] == b"\x89PNG" and "class 3, guidance 2" in capsys.readouterr().out
+    for extra, message in ((["--checkpoint", str(plain), "--class", "1"], "--class needs a class-conditional model"),
+                           (["--checkpoint", str(run), "--class", "10"], "--class must lie in [0, 9]"),
+                           (["--checkpoint", str(run), "--guidance", "1"], "--guidance needs --class")):
+        assert cli.main(base + extra + ["--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err

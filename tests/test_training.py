@@ -254,3 +254,24 @@ def test_every_train_config_field_is_in_exactly_one_group():
     assert config.group("loss")["weighting"] == "noise" and set(config.group("loss")) == set(LOSS_SETTINGS)
     with pytest.raises(ValueError, match="group must be one of"):
         config.group("everything")
+
+
+@pytest.mark.parametrize("p_uncond", [0.0, 1.0])
+def test_class_conditional_training_drops_labels_to_the_null_class(tmp_path, single_thread, p_uncond):
+    """With labels, a class-conditional network learns the embeddings of the classes it sees; with
+    p_uncond = 1 every label is dropped and only the null class's embedding moves."""
+    from training_helpers import TINY_NET
+    from sdeflow.experiments.images import image_model_config
+
+    config = image_model_config("toy", "small", net_overrides={**TINY_NET, "num_classes": 3}, in_channels=1,
+                                image_size=8)
+    model = tiny_model(config)
+    before = model.net.class_embed.table.weight.detach().clone()
+    labels = torch.tensor([0, 1] * 12)  # class 2 is never seen
+    images_app.train_images(model, tiny_images(), tmp_path / "run", tiny_train_config(steps=3, p_uncond=p_uncond),
+                            config, labels=labels)
+    moved = (model.net.class_embed.table.weight.detach() - before).abs().sum(1) > 0
+    assert moved.tolist() == ([True, True, False, False] if p_uncond == 0.0 else [False, False, False, True])
+    with pytest.raises(ValueError, match="labels must have one entry per example"):
+        images_app.train_images(tiny_model(config), tiny_images(), tmp_path / "bad", tiny_train_config(steps=1),
+                                config, labels=labels[:5])

@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 
 from ..cli import CLIError, arg_type, device
-from ..utils import check_nonneg_int, check_positive_float, check_positive_int
+from ..utils import check_nonneg_float, check_nonneg_int, check_positive_float, check_positive_int
 
 
 class SamplingError(RuntimeError):
@@ -150,13 +150,36 @@ def open_model(args):
         except PickledWeightsError as err:
             raise CLIError(f"--model {args.model}: {err.detail}; pickled weights can run code when read: "
                            f"add --allow-pickle only if you trust its source") from None
-        return model, config, args.model
+        return _with_class(args, model), config, args.model + _class_text(args)
     if args.allow_pickle:
         raise CLIError("--allow-pickle is for --model (a checkpoint of sdeflow train is read safely without it)")
     from ..storage.checkpoints import load_model
 
     model, config, step = load_model(_resolve_checkpoint(args.checkpoint), use_ema=args.ema, device=args.device)
-    return model, config, f"step {step}{' (EMA)' if args.ema else ''}"
+    return _with_class(args, model), config, f"step {step}{' (EMA)' if args.ema else ''}" + _class_text(args)
+
+
+def _with_class(args, model):
+    """The model at --class with --guidance (classifier-free guidance), or the model as it is."""
+    label, guidance = getattr(args, "class_label", None), getattr(args, "guidance", 0.0)
+    if label is None:
+        if guidance:
+            raise CLIError("--guidance needs --class: the class to guide toward")
+        return model
+    from ..samplers.guidance import guided
+
+    num_classes = getattr(model.net, "num_classes", 0)
+    if not num_classes:
+        raise CLIError("--class needs a class-conditional model (sdeflow train --class-conditional); this one "
+                       "is unconditional")
+    if label >= num_classes:
+        raise CLIError(f"--class must lie in [0, {num_classes - 1}]; got {label}")
+    return guided(model, label, guidance)
+
+
+def _class_text(args) -> str:
+    label = getattr(args, "class_label", None)
+    return "" if label is None else f", class {label}, guidance {getattr(args, 'guidance', 0.0):g}"
 
 
 def _checkpoint_arguments(p) -> None:
@@ -166,6 +189,11 @@ def _checkpoint_arguments(p) -> None:
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not their EMA")
     p.add_argument("--device", type=device, default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.add_argument("--class", dest="class_label", type=arg_type(check_nonneg_int, int, "class"), default=None,
+                   metavar="K", help="a class-conditional model: draw class K (default: the unconditional model)")
+    p.add_argument("--guidance", type=arg_type(check_nonneg_float, float, "guidance"), default=0.0, metavar="W",
+                   help="classifier-free guidance scale w >= 0 with --class: ε̂ = (1 + w)·ε̂(x, K) − w·ε̂(x, ∅) "
+                        "(default: 0)")
 
 
 def _mask_spec(text: str) -> str:
@@ -360,7 +388,7 @@ def run_sample(args) -> int:
     if out.suffix.lower() == ".npz":
         _save_samples(images, out)
         written = f"{out} and their grid to {grid}"
-    print(f"wrote {args.n_samples} samples to {written} ({_describe(settings, progress.nfe)})")
+    print(f"wrote {args.n_samples} samples to {written} ({_describe(settings, progress.nfe)}{_class_text(args)})")
     return 0
 
 
@@ -385,7 +413,7 @@ def _run_conditional(args, observe, draw, title: str, summary: str) -> int:
     rows += [(f"sample {i + 1}", to_uint8(samples[i * n:(i + 1) * n])) for i in range(k)]
     save_image_rows(rows, out, f"{title}, {config['dataset']} {label}, {settings.n_steps} "
                                f"{_method_text(settings)} steps, NFE {progress.nfe}{_clip_text(settings)}")
-    print(f"wrote {out}: {n} images x {k} samples{summary(what)} ({_describe(settings, progress.nfe)})")
+    print(f"wrote {out}: {n} images x {k} samples{summary(what)} ({_describe(settings, progress.nfe)}{_class_text(args)})")
     return 0
 
 

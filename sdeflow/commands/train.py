@@ -42,14 +42,20 @@ def add_data_arguments(parser, split_default: str | None = None) -> None:
                             help=f"which part of the data set to use (default: {split_default})")
 
 
-def load_images(args, split: str):
-    """The uint8 images of ``args.dataset`` (split ``split``) from ``args.data_root``."""
+def load_images(args, split: str, labels: bool = False):
+    """The uint8 images of ``args.dataset`` (split ``split``) from ``args.data_root``; with ``labels``,
+    (images, labels)."""
     from ..data import get_dataset
 
     root = Path(args.data_root)
     if not args.download and not root.is_dir():
         raise CLIError(f"--data-root {root} is not a directory (pass --download to fetch the data set there)")
-    return get_dataset(args.dataset).load(root, split, download=args.download)
+    dataset = get_dataset(args.dataset)
+    if labels and not dataset.num_classes:
+        raise CLIError(f"--dataset {args.dataset} has no labels: a class-conditional model needs a labelled data set")
+    if labels:
+        return dataset.load(root, split, download=args.download, return_labels=True)
+    return dataset.load(root, split, download=args.download)
 
 
 def register(subparsers) -> None:
@@ -89,6 +95,10 @@ def register(subparsers) -> None:
                      help="the U-Net also outputs the reverse variance of the discrete model (improved DDPM's "
                           "learned Σ), trained with --vlb-weight times the discrete bound's terms on a "
                           "--chain-steps chain; evaluate with sdeflow eval --bound discrete --variance learned")
+    net.add_argument("--class-conditional", action="store_true",
+                     help="a class-conditional U-Net trained on the data set's labels, each dropped to the null "
+                          "class with probability --p-uncond (classifier-free guidance); sample it with "
+                          "sdeflow.guided")
     add_sde_arguments(p)
     model = p.add_argument_group("model")
     model.add_argument("--objective", choices=tuple(OBJECTIVES), default="likelihood",
@@ -147,6 +157,8 @@ def _model_config(args) -> dict:
                  if getattr(args, key) is not None}
     if args.learned_variance:
         overrides["learned_variance"] = True
+    if args.class_conditional:
+        overrides["num_classes"] = get_dataset(args.dataset).num_classes
     return image_model_config(args.dataset, args.preset, in_channels=channels, image_size=size,
                               net_overrides=overrides, sde=sde_from_args(args),
                               parameterization=args.parameterization, transform=args.transform)
@@ -168,13 +180,14 @@ def run_train(args) -> int:
     rank, world, dev = init_distributed(args.device)
     check_batch_divides(config.batch_size, world)
     check_run_dir(args.out, args.resume)
-    images = load_images(args, "train")
+    images, labels = load_images(args, "train", labels=True) if args.class_conditional else (
+        load_images(args, "train"), None)
     torch.manual_seed(args.seed)  # initial weights; every later random choice has its own seeded generator
     model = build_model(model_config)
     hooks = [make_hook(name) for name in args.hook] + ([ProgressBar()] if args.progress else [])
     objective = build_objective(args.objective, model, config, model_config["data"])
     result = train_images(model, images, args.out, config, model_config, resume=args.resume, device=dev, hooks=hooks,
-                          objective=objective)
+                          objective=objective, labels=labels)
     if rank == 0:
         print(f"trained to step {result['step']} in {result['seconds']:.1f} s "
               f"({result['skipped']} skipped steps); checkpoint: {result['checkpoint']}")

@@ -38,6 +38,8 @@ class Dataset:
         log_prob: the exact log-density, ``log_prob(x) -> (n,)`` float64, or None.
         mirror_symmetric: image sets: a horizontally flipped example is as likely as the example
             (photographs, not digits), so training may flip images at random.
+        num_classes: image sets with labels: how many classes (``load(..., return_labels=True)``
+            then also returns them); 0: no labels.
     """
 
     name: str
@@ -48,6 +50,7 @@ class Dataset:
     load: Callable[..., torch.Tensor] | None = None
     log_prob: Callable[[torch.Tensor], torch.Tensor] | None = None
     mirror_symmetric: bool = False
+    num_classes: int = 0
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -113,9 +116,9 @@ for _entry in (
     Dataset("gaussian_mixture", "toy", (2,), "an anisotropic four-component Gaussian mixture (exact density)",
             sample=_toy.gaussian_mixture, log_prob=_toy.gaussian_mixture_log_prob),
     Dataset("cifar10", "image", (3, 32, 32), "CIFAR-10, 50,000 + 10,000 32x32 colour images",
-            load=_images.load_cifar10, mirror_symmetric=True),
+            load=_images.load_cifar10, mirror_symmetric=True, num_classes=10),
     Dataset("mnist", "image", (1, 28, 28), "MNIST, 60,000 + 10,000 28x28 grey-scale digits",
-            load=_images.load_mnist),
+            load=_images.load_mnist, num_classes=10),
 ):
     register_dataset(_entry)
 del _entry

@@ -16,18 +16,24 @@ class DatasetBatches:
     """Batches of a fixed tensor ``data`` (N, ...), without replacement within an epoch (one
     permutation per epoch, a function of (seed, epoch)). ``transform(batch, generator, train=True)``,
     if given, maps the raw batch on the device to model space (e.g. dequantise, flip, logit) with the
-    step's generator."""
+    step's generator. With ``labels`` (N,), each batch comes with its examples' labels."""
 
     def __init__(self, data: torch.Tensor, batch_size: int, seed: int,
-                 transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None):
-        self.data, self.transform = data, transform
+                 transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                 labels: torch.Tensor | None = None):
+        if labels is not None and tuple(labels.shape) != (data.shape[0],):
+            raise ValueError(f"labels must have one entry per example, shape ({data.shape[0]},); "
+                             f"got {tuple(labels.shape)}")
+        self.data, self.transform, self.labels = data, transform, labels
         self.order = DataOrder(data.shape[0], batch_size, seed)
 
-    def next(self, step: int, rank: int, world: int, device, generator: torch.Generator) -> torch.Tensor:
+    def next(self, step: int, rank: int, world: int, device, generator: torch.Generator):
+        """The batch in model space, or with ``labels``: (batch, its labels on the device)."""
         local = self.order.batch_size // world
         indices = self.order.next()[rank * local:(rank + 1) * local]
         batch = self.data[indices].to(device)
-        return batch if self.transform is None else self.transform(batch, generator)
+        batch = batch if self.transform is None else self.transform(batch, generator)
+        return batch if self.labels is None else (batch, self.labels[indices].to(device))
 
     def state_dict(self) -> dict:
         return self.order.state_dict()

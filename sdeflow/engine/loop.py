@@ -198,15 +198,16 @@ class Trainer:
         config, step = self.config, self.step
         gen = make_generator(self.device, step_seed(config.seed, step, self.rank))
         y = self.batches.next(step, self.rank, self.world, self.device, gen)
+        y, extra = (y[0], {"labels": y[1]}) if isinstance(y, tuple) else (y, {})  # a labelled batch
         for group in self.optimizer.param_groups:
             group["lr"] = config.lr_at(step)
         self.optimizer.zero_grad(set_to_none=True)
         order = 2 if step >= config.steps - config.second_order_steps() else 1
         if config.precision == "bf16":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                loss = self.objective(y, gen, order).float()
+                loss = self.objective(y, gen, order, **extra).float()
         else:
-            loss = self.objective(y, gen, order)
+            loss = self.objective(y, gen, order, **extra)
         # backward even for a non-finite loss: under DDP every rank must join the gradient
         # all-reduce; the NaN gradients it gives are discarded below.
         loss.backward()

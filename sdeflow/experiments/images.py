@@ -84,13 +84,14 @@ def sample_images(model, config: dict, n_samples: int, settings=None, *, seed: i
 
 
 def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, model_config: dict, *,
-                 resume: bool = False, device="cpu", hooks=(), objective=None) -> dict:
+                 resume: bool = False, device="cpu", hooks=(), objective=None, labels=None) -> dict:
     """Train ``model`` on uint8 ``images`` (N, C, H, W) with :func:`sdeflow.engine.fit`: batches
     drawn without replacement per epoch, dequantised, flipped (``config.flip``; None: if the data
     set is ``mirror_symmetric`` in :data:`sdeflow.data.DATASETS`) and transformed by
     the step's generator. Writes ``metrics.jsonl`` (:class:`~sdeflow.engine.JSONLLog`), checkpoints
     and, every ``config.sample_every`` steps, ``samples-<step>.png`` grids of EMA samples, plus
-    whatever ``hooks`` do; ``objective``: the loss module to minimise (default: fit's). Returns what
+    whatever ``hooks`` do; ``objective``: the loss module to minimise (default: fit's); ``labels`` (N,):
+    the images' classes, for a class-conditional network (label dropout: ``config.p_uncond``). Returns what
     :func:`~sdeflow.engine.fit` returns."""
     from ..data.transforms import data_range
     from ..engine import DatasetBatches, ElboMonitor, JSONLLog, SampleFigures, SampleMetrics, fit
@@ -138,7 +139,7 @@ def train_images(model, images: torch.Tensor, run_dir, config: TrainConfig, mode
         return evaluate_bpd(ema_model, images[:config.monitor_batch], model_config, settings, seed=step,
                             device=device)["bpd"]
 
-    batches = DatasetBatches(images, config.batch_size, config.seed, transform)
+    batches = DatasetBatches(images, config.batch_size, config.seed, transform, labels=labels)
     return fit(model, batches, config, run_dir, model_config, resume=resume, device=device, objective=objective,
                hooks=[JSONLLog(), SampleFigures(draw), ElboMonitor(estimate, unit="bits/dim"),
                       *([SampleMetrics(measure)] if measure else []), *hooks])

@@ -63,6 +63,9 @@ class TrainConfig:
                                      "discrete bound's terms that train it, beside the mean's loss (improved DDPM's "
                                      "hybrid loss; the mean's gradient is stopped in them)", default=1e-3,
                                      check=check_positive_float)
+    p_uncond: float = config_field("class-conditional models: the share of each batch whose labels are dropped to "
+                                   "the null class, training the unconditional model alongside (classifier-free "
+                                   "guidance, Ho & Salimans 2022)", default=0.1, check=check_fraction)
     chain_steps: int = config_field("with a learned variance: the steps N of the discrete chain it is trained on",
                                        default=1000, check=check_positive_int)
     variance_batch_fraction: float = config_field("with a learned variance: the share of each batch its terms are "
@@ -142,7 +145,7 @@ class TrainConfig:
 #: along the way. ``sdeflow train --help`` lists the flags in these groups.
 TRAIN_GROUPS = {
     "loss": ("time_sampling", "weighting", "loss_t_min", "stratified_time", "second_order_fraction",
-             "second_order_weight", "vlb_weight", "chain_steps", "variance_batch_fraction"),
+             "second_order_weight", "vlb_weight", "chain_steps", "variance_batch_fraction", "p_uncond"),
     "optimizer": ("lr", "warmup_steps", "lr_schedule", "final_lr_fraction", "grad_clip", "ema_decay", "precision",
                   "max_bad_steps"),
     "run": ("steps", "batch_size", "seed", "max_seconds", "fit_schedule", "flip", "checkpoint_every",

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from ..discrete import LearnedVariance, PixelBins, forward_chain, variance_loss
+from ..nets.classes import null_label
 from ..nets.heads import has_variance_head
+from ..samplers.guidance import guided
 from ..utils import check_choice, check_new_name
 from .config import TRAIN_GROUPS, TrainConfig
 from .losses import dsm
@@ -45,7 +47,9 @@ class DSMObjective(nn.Module):
     :func:`sdeflow.discrete.variance_loss` on a ``chain_steps``-step chain, drawn on the first
     ``variance_batch_fraction`` of the batch (improved DDPM's hybrid loss with sdeflow's DSM as the
     mean's part), its decoder term the discretized one of 8-bit images when the model configuration
-    has a data transform."""
+    has a data transform. With ``labels`` (B,) (a class-conditional network) the DSM loss is that of the
+    model at those labels, each dropped to the null class with probability ``p_uncond`` (the variance's
+    terms stay those of the null class)."""
 
     def __init__(self, model, config: TrainConfig, data_config: dict | None = None):
         super().__init__()
@@ -53,6 +57,7 @@ class DSMObjective(nn.Module):
         self.time_sampling, self.weighting = config.time_sampling, config.weighting
         self.second_order_weight = config.second_order_weight
         self.t_min, self.stratified = config.loss_t_min, config.stratified_time
+        self.p_uncond = config.p_uncond
         self.variance = None
         if has_variance_head(model):
             data = data_config or {}
@@ -61,9 +66,13 @@ class DSMObjective(nn.Module):
             self.bins = PixelBins(data["transform"], data["alpha"]) if "transform" in data else None
             self.vlb_weight, self.fraction = config.vlb_weight, config.variance_batch_fraction
 
-    def forward(self, y: torch.Tensor, generator: torch.Generator, order: int = 1) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, generator: torch.Generator, order: int = 1, labels=None) -> torch.Tensor:
         kwargs = {"order": 2, "second_order_weight": self.second_order_weight} if order == 2 else {}
-        loss = dsm(self.model, y, time_sampling=self.time_sampling, weighting=self.weighting, generator=generator,
+        model = self.model
+        if labels is not None:  # a class-conditional model: labels dropped to the null class at p_uncond
+            dropped = torch.rand(labels.shape, generator=generator, device=labels.device) < self.p_uncond
+            model = guided(model, torch.where(dropped, null_label(model.net.num_classes), labels))
+        loss = dsm(model, y, time_sampling=self.time_sampling, weighting=self.weighting, generator=generator,
                    t_min=self.t_min, stratified_time=self.stratified, **kwargs).mean()
         if self.variance is None:
             return loss
