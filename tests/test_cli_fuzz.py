@@ -45,7 +45,7 @@ SWISSROLL_TINY = _present("swissroll", [
     ("--steps", "1"), ("--batch-size", "8"), ("--n-samples", "20"), ("--n-likelihood", "10"), ("--sample-steps", "2"),
     ("--n-trajectories", "2"), ("--elbo-slices", "2"), ("--n-slices", "2"), ("--hidden", "4"), ("--blocks", "1"),
     ("--monitor-every", "0"), ("--no-progress", None), ("--max-seconds", "20")])
-COMMANDS = ("swissroll", "train", "eval", "sample", "inpaint", "denoise", "classifier", "fid")
+COMMANDS = ("swissroll", "train", "eval", "sample", "inpaint", "denoise", "classifier", "fid", "classify")
 
 
 def test_every_command_is_fuzzed():
@@ -116,12 +116,16 @@ def _random_args(name: str) -> st.SearchStrategy:
 # ---- running ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run():
-    """A CIFAR-shaped data folder and a 1-step checkpoint of a tiny U-Net, made once."""
+    """A CIFAR-shaped data folder and a 1-step checkpoint of a tiny U-Net (and of a class-conditional one
+    beside it, in "cond"), made once."""
     with tempfile.TemporaryDirectory() as tmp:
         root = write_cifar_batches(Path(tmp) / "data")
         run = Path(tmp) / "run"
         with one_thread(), contextlib.redirect_stdout(io.StringIO()):
             assert cli.main(train_args(root, run, 1, "--checkpoint-every", "1")) == 0
+            # its class-conditional twin, for classify
+            assert cli.main(train_args(root, run.parent / "cond", 1, "--checkpoint-every", "1",
+                                       "--class-conditional")) == 0
         yield root, run
 
 
@@ -142,6 +146,9 @@ def _base(name: str, tmp: Path, root: Path, run: Path) -> list:
     if name == "eval":
         return ["eval", "--checkpoint", str(run), "--dataset", "cifar10", "--data-root", str(root), "--n-slices", "1",
                 "--batch-size", "4", "--limit", "2", "--no-progress", "--json", str(tmp / "eval.json")]
+    if name == "classify":
+        return ["classify", "--checkpoint", str(run.parent / "cond"), "--dataset", "cifar10", "--data-root", str(root), "--limit", "2",
+                "--n-slices", "1", "--batch-size", "2"]
     if name == "classifier":
         return ["classifier", "--dataset", "cifar10", "--data-root", str(root), "--out", str(tmp / "c.pt"),
                 "--steps", "1", "--batch-size", "4", "--no-progress"]

@@ -1,6 +1,7 @@
 """``sdeflow train | eval | sample`` end to end on tiny CIFAR-format data, and their user errors."""
 
 import json
+import math
 import sys
 
 import pytest
@@ -329,6 +330,23 @@ def test_a_class_conditional_model_trains_and_samples_a_class_from_the_command_l
     base = ["sample", "--n", "2", "--method", "ddim", "--n-steps", "2", "--no-progress"]
     assert cli.main(base + ["--checkpoint", str(run), "--class", "3", "--guidance", "2", "--out", str(grid)]) == 0
     assert grid.read_bytes()[:4] == b"\x89PNG" and "class 3, guidance 2" in capsys.readouterr().out
+    # conditional likelihoods and the diffusion classifier on the test split's labelled images
+    data = ["--dataset", "cifar10", "--data-root", str(root), "--limit", "4", "--no-progress"]
+    out = tmp_path / "cond.json"
+    assert cli.main(["eval", "--checkpoint", str(run), *data, "--class-conditional", "--time-sampling", "importance",
+                     "--n-slices", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "bits/dim of p(x | y)" in text and "I(x; y) per dimension" in text
+    result = json.loads(out.read_text())
+    assert result["n_images"] == 4 and result["information_bound"] == pytest.approx(math.log2(10) / 3072)
+    out = tmp_path / "classify.json"
+    assert cli.main(["classify", "--checkpoint", str(run), "--dataset", "cifar10", "--data-root", str(root),
+                     "--limit", "4", "--n-slices", "1", "--json", str(out)]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert 0 <= result["accuracy"] <= 1 and len(result["predictions"]) == 4 and result["nll"] >= 0
+    assert cli.main(["classify", "--checkpoint", str(plain), "--dataset", "cifar10", "--data-root", str(root)]) == 2
+    assert "the model is unconditional" in capsys.readouterr().err
     for extra, message in ((["--checkpoint", str(plain), "--class", "1"], "--class needs a class-conditional model"),
                            (["--checkpoint", str(run), "--class", "10"], "--class must lie in [0, 9]"),
                            (["--checkpoint", str(run), "--guidance", "1"], "--guidance needs --class")):

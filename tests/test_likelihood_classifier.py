@@ -73,3 +73,49 @@ def test_the_classifier_refuses_an_unconditional_model_and_a_bad_prior():
         classify(sdeflow.PluginReverseSDE(sdeflow.VPSDE(), net, "noise"), x)
     with pytest.raises(ValueError, match="prior must be 3 non-negative probabilities"):
         classify(_model(), x.double(), prior=torch.tensor([0.5, 0.5]))
+
+
+def _tiny_conditional():
+    from training_helpers import TINY_NET, tiny_images, tiny_model
+    from sdeflow.experiments.images import image_model_config
+
+    config = image_model_config("toy", "small", net_overrides={**TINY_NET, "num_classes": 3}, in_channels=1,
+                                image_size=8)
+    model = tiny_model(config)
+    with torch.no_grad():  # the output layer starts at zero: give the classes something to differ by
+        model.net.conv_out.weight.normal_(0, 0.1)
+    return model, config, tiny_images(9), torch.tensor([0, 1, 2] * 3)
+
+
+def test_conditional_bpd_pairs_each_image_under_its_class_and_the_null_class():
+    """conditional_bpd: per class, the images of that class under the model at the class and at the null
+    class with one seed; the information is their per-image difference, with its paired standard error."""
+    from sdeflow.likelihood.classifier import conditional_bpd
+    from sdeflow.likelihood.statistics import mean_se
+
+    model, config, images, labels = _tiny_conditional()
+    settings = sdeflow.LikelihoodSettings(time_sampling="importance", n_slices=1)
+    result = conditional_bpd(model, images, labels, config, settings, seed=3)
+    per_class = [sdeflow.evaluate_bpd(sdeflow.guided(model, k), images[labels == k], config, settings, seed=3)
+                 for k in range(3)]
+    null = [sdeflow.evaluate_bpd(sdeflow.guided(model, None), images[labels == k], config, settings, seed=3)
+            for k in range(3)]
+    conditional = torch.cat([r["bpd_per_image"] for r in per_class]).double()
+    unconditional = torch.cat([r["bpd_per_image"] for r in null]).double()
+    assert result["conditional"] == pytest.approx(mean_se(conditional))
+    assert result["information"] == pytest.approx(mean_se(unconditional - conditional))
+    assert result["information_bound"] == pytest.approx(math.log2(3) / 64) and result["n_images"] == 9
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
+        conditional_bpd(model, images, torch.full((9,), 3), config, settings)
+
+
+def test_evaluate_classifier_reports_accuracy_likelihood_and_calibration():
+    from sdeflow.likelihood.classifier import evaluate_classifier
+
+    model, config, images, labels = _tiny_conditional()
+    result = evaluate_classifier(model, images, labels, config, n_slices=2, batch_size=4)
+    posterior = result["log_posterior"].exp()
+    assert posterior.shape == (9, 3) and torch.allclose(posterior.sum(1), torch.ones(9, dtype=posterior.dtype))
+    assert result["accuracy"] == pytest.approx(float((posterior.argmax(1) == labels).double().mean()))
+    assert result["nll"] == pytest.approx(float(-result["log_posterior"][torch.arange(9), labels].mean()))
+    assert 0.0 <= result["ece"] <= 1.0 and result["seconds_per_image"] > 0

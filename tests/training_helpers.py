@@ -146,6 +146,7 @@ def distributed_worker(rank: int, world: int, init_file: str, run_dir: str, out_
         report["n_images"] = evaluation["n_images"]
         report["params"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         torch.save(report, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -166,5 +167,6 @@ def toy_distributed_worker(rank: int, world: int, init_file: str, run_dir: str, 
         _, history, result = train_toy(make_toy_model(config), config, run_dir)
         params = {k: v.detach().clone() for k, v in result["ema_model"].state_dict().items()}
         torch.save({"step": result["step"], "params": params, "history": history}, f"{out_dir}/toy{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()

@@ -45,8 +45,29 @@ def register(subparsers) -> None:
     p.add_argument("--per-image", action="store_true",
                    help="also write each image's bits/dim to the --json file (bpd_per_image), e.g. to compare two "
                         "models on the same images with a paired standard error")
+    p.add_argument("--class-conditional", action="store_true",
+                   help="a class-conditional model: bits/dim of p(x | y) at the images' true labels and of p(x) "
+                        "(the null class) on the same images, and their paired difference, the mutual "
+                        "information I(x; y) per dimension")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=run_eval)
+
+    c = subparsers.add_parser(
+        "classify", help="the diffusion classifier of a class-conditional checkpoint: accuracy and calibration",
+        description="Classify every image of a split by Bayes from the ELBO of each class (the same draws for "
+                    "every class, one time plan fitted on the null class) and report the accuracy, the mean "
+                    "negative log-likelihood of the true labels, the expected calibration error and the cost "
+                    "per image.")
+    add_model_arguments(c)
+    c.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw trained weights")
+    c.add_argument("--seed", type=nonneg_int, default=0, help="seed of every random choice (default: 0)")
+    c.add_argument("--device", type=device, default="cpu", help="cpu or cuda (default: cpu)")
+    add_data_arguments(c, split_default="test")
+    c.add_argument("--n-slices", type=positive_int, default=4, help="ELBO time draws per image and class (default: 4)")
+    c.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default: 16)")
+    c.add_argument("--limit", type=positive_int, help="classify only the first N images of the split")
+    c.add_argument("--json", metavar="FILE", help="also write the figures and every image's prediction as JSON")
+    c.set_defaults(func=run_classify)
 
 
 def run_eval(args) -> int:
@@ -71,6 +92,8 @@ def run_eval(args) -> int:
                        "--learned-variance")
     if settings.bound == "discrete" and settings.variance == "analytic":
         settings = dataclasses.replace(settings, variance=_analytic_variance(args, model, config, settings.chain_steps))
+    if args.class_conditional:
+        return _run_conditional(args, model, config, settings, rank)
     images = load_images(args, args.split)
     if args.limit:
         images = images[:args.limit]
@@ -125,3 +148,59 @@ def heavy_tail_warning(result: dict, slices: bool = True) -> str:
             f"bits/dim are heavy-tailed, {result['tail_count']} of {result['n_images']} images carry "
             f"{result['tail_share']:.0%} of their variance (kurtosis {result['kurtosis']:.0f}; a Gaussian's is 3)"
             f"{hint}")
+
+
+def _labelled(args, model):
+    """(images, labels) of the split, limited; CLIError for an unconditional model."""
+    if not getattr(model.net, "num_classes", 0):
+        raise CLIError("the model is unconditional: train it with sdeflow train --class-conditional")
+    images, labels = load_images(args, args.split, labels=True)
+    return (images[:args.limit], labels[:args.limit]) if args.limit else (images, labels)
+
+
+def _write_json(path, summary: dict) -> None:
+    from ..storage.files import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+
+
+def _run_conditional(args, model, config, settings, rank: int) -> int:
+    from ..likelihood.classifier import conditional_bpd
+
+    images, labels = _labelled(args, model)
+    result = conditional_bpd(model, images, labels, config, settings, batch_size=args.batch_size, seed=args.seed,
+                             device=args.device)
+    if rank != 0:
+        return 0
+    (cond, cond_se), (uncond, uncond_se), (info, info_se) = (result[k] for k in ("conditional", "unconditional",
+                                                                                 "information"))
+    print(f"{args.split} bits/dim of p(x | y): {cond:.4f} ± {cond_se:.4f}; of p(x): {uncond:.4f} ± {uncond_se:.4f} "
+          f"({result['n_images']} images, {result['estimator']})")
+    print(f"I(x; y) per dimension: {info:.5f} ± {info_se:.5f} bits (paired; at most {result['information_bound']:.5f})")
+    if args.json:
+        _write_json(args.json, {"bpd_conditional": cond, "bpd_conditional_se": cond_se, "bpd_unconditional": uncond,
+                                "bpd_unconditional_se": uncond_se, "information": info, "information_se": info_se,
+                                "information_bound": result["information_bound"], "n_images": result["n_images"],
+                                "estimator": result["estimator"], "split": args.split, "seed": args.seed})
+    return 0
+
+
+def run_classify(args) -> int:
+    from ..likelihood.classifier import evaluate_classifier
+
+    if args.json and not Path(args.json).parent.is_dir():
+        raise CLIError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    model, config, label = open_model(args)
+    if config.get("dataset") not in (None, args.dataset):
+        raise CLIError(f"the checkpoint was trained on {config.get('dataset')!r}, not --dataset {args.dataset}")
+    images, labels = _labelled(args, model)
+    result = evaluate_classifier(model, images, labels, config, n_slices=args.n_slices, batch_size=args.batch_size,
+                                 seed=args.seed)
+    print(f"{args.split}: accuracy {result['accuracy']:.2%}, NLL {result['nll']:.4f} nats, ECE {result['ece']:.4f} "
+          f"({result['n_images']} images, {args.n_slices} slices per class, {result['seconds_per_image']:.2f} s "
+          f"per image; {label})")
+    if args.json:
+        _write_json(args.json, {key: result[key] for key in ("accuracy", "nll", "ece", "seconds_per_image", "n_images")}
+                    | {"predictions": result["predictions"].tolist(), "labels": labels.tolist(),
+                       "n_slices": args.n_slices, "split": args.split, "seed": args.seed})
+    return 0

@@ -14,13 +14,20 @@ a Gaussian mixture whose components are the classes :func:`classify` gives the B
 
 from __future__ import annotations
 
+import math
+import time
+
 import torch
 
+from ..data.transforms import check_images, preprocess
+from ..engine.state import make_generator, step_seed
 from ..samplers.guidance import guided
 from ..utils import check_positive_int
 from .elbo import elbo, fit_time_proposal
+from .evaluation import evaluate_bpd
+from .statistics import mean_se
 
-__all__ = ["class_elbos", "classify"]
+__all__ = ["class_elbos", "classify", "conditional_bpd", "evaluate_classifier"]
 
 
 def _num_classes(model) -> int:
@@ -69,3 +76,76 @@ def classify(model, x: torch.Tensor, *, prior: torch.Tensor | None = None, n_sli
         log_prior = prior.log()
     log_posterior = torch.log_softmax(elbos + log_prior.to(elbos.device), dim=1)
     return {"log_posterior": log_posterior, "log_likelihood": elbos, "prediction": log_posterior.argmax(dim=1)}
+
+
+def _by_class(labels: torch.Tensor, num_classes: int):
+    for label in range(num_classes):
+        index = (labels == label).nonzero().flatten()
+        if index.numel():
+            yield label, index
+
+
+def conditional_bpd(model, images: torch.Tensor, labels: torch.Tensor, config: dict, settings=None, *,
+                    batch_size: int = 64, seed: int = 0, device=None) -> dict:
+    """Bits/dim of uint8 ``images`` under a class-conditional ``model`` at their true ``labels``,
+    −log₂ p(x | y)/D, and under its null class, −log₂ p(x)/D, on the same images with the same seed
+    (:func:`~sdeflow.likelihood.evaluation.evaluate_bpd` per class). Their per-image difference estimates
+    the mutual information I(x; y)/D in bits, which lies in [0, log₂ C / D]: returned with its paired
+    standard error. Returns {"conditional", "unconditional", "information": (mean, se) each,
+    "information_bound": log₂ C / D, "n_images", "estimator"}."""
+    num_classes = _num_classes(model)
+    labels = torch.as_tensor(labels).long()
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must have one entry per image, shape ({images.shape[0]},); got {tuple(labels.shape)}")
+    if bool(((labels < 0) | (labels >= num_classes)).any()):
+        raise ValueError(f"labels must lie in [0, {num_classes - 1}]")
+    per_image = {"conditional": torch.zeros(images.shape[0], dtype=torch.float64),
+                 "unconditional": torch.zeros(images.shape[0], dtype=torch.float64)}
+    estimator = ""
+    for label, index in _by_class(labels, num_classes):
+        for name, conditioned in (("conditional", guided(model, label)), ("unconditional", guided(model, None))):
+            result = evaluate_bpd(conditioned, images[index], config, settings, batch_size=batch_size, seed=seed,
+                                  device=device)
+            per_image[name][index] = result["bpd_per_image"].double().cpu()
+            estimator = result["estimator"]
+    information = per_image["unconditional"] - per_image["conditional"]
+    dims = int(torch.tensor(images.shape[1:]).prod())
+    return {"conditional": mean_se(per_image["conditional"]), "unconditional": mean_se(per_image["unconditional"]),
+            "information": mean_se(information), "information_bound": math.log2(num_classes) / dims,
+            "n_images": images.shape[0], "estimator": estimator}
+
+
+def evaluate_classifier(model, images: torch.Tensor, labels: torch.Tensor, config: dict, *, n_slices: int = 4,
+                        batch_size: int = 16, seed: int = 0, n_bins: int = 10) -> dict:
+    """The diffusion classifier of a class-conditional ``model`` on uint8 ``images`` with true ``labels``:
+    each image dequantized into model space and classified by :func:`classify` (uniform prior). Returns
+    {"accuracy", "nll" (mean −ln p(true label | x)), "ece" (expected calibration error over ``n_bins``
+    confidence bins), "seconds_per_image", "n_images", "predictions" (N,), "log_posterior" (N, C)}."""
+    images = check_images(images, config)
+    labels = torch.as_tensor(labels).long()
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must have one entry per image, shape ({images.shape[0]},); got {tuple(labels.shape)}")
+    batch_size = check_positive_int("batch_size", batch_size)
+    param = next(model.parameters(), None)
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+    started, parts = time.perf_counter(), []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            generator = make_generator(device, step_seed(seed, start, 0))
+            y = preprocess(images[start:start + batch_size].to(device), config["data"], generator, dtype=dtype).y
+            with torch.no_grad():  # the fitted plan's denoising form takes no derivative
+                parts.append(classify(model, y, n_slices=n_slices, generator=generator)["log_posterior"].cpu())
+    finally:
+        model.train(was_training)
+    log_posterior = torch.cat(parts)
+    confidence, predictions = log_posterior.exp().max(dim=1)
+    correct = (predictions == labels).double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    bins = torch.bucketize(confidence.double(), edges[1:-1])
+    ece = sum(float((bins == b).double().mean() * (confidence.double()[bins == b].mean() - correct[bins == b].mean()).abs())
+              for b in range(n_bins) if bool((bins == b).any()))
+    return {"accuracy": float(correct.mean()), "nll": float(-log_posterior[torch.arange(len(labels)), labels].mean()),
+            "ece": ece, "seconds_per_image": (time.perf_counter() - started) / images.shape[0],
+            "n_images": images.shape[0], "predictions": predictions, "log_posterior": log_posterior}
