@@ -19,7 +19,8 @@ Each kind of extension has one registry, owned by the module that defines it: ``
 from .sdes.linear import SDE, SDES, VPSDE, VESDE, SubVPSDE, make_sde, register_sde
 from .model import PARAMETERIZATIONS, PluginReverseSDE
 from .training.losses import WEIGHTINGS, dsm, register_weighting
-from .likelihood.time_proposals import EstimatorPlan, FittedTime, ImportanceTime, TimeProposal, UniformTime
+from .likelihood.plans import EstimatorPlan
+from .likelihood.time_proposals import FittedTime, ImportanceTime, TimeProposal, UniformTime
 from .likelihood.elbo import elbo, fit_time_proposal
 from .likelihood.divergence import divergence
 from .likelihood.ode import log_prob_ode, sample_ode

@@ -2,13 +2,14 @@
 (on small networks and data its test defines), every `sdeflow` command line of a ```bash block is accepted
 by the command line's own parser, every relative link points to a file, and the README stays short."""
 
-import contextlib
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 import torch
+
+from training_helpers import one_thread
 
 import sdeflow
 from sdeflow import cli
@@ -30,16 +31,6 @@ def _name(path: Path) -> str:
 
 def _blocks(path: Path, language: str) -> list[str]:
     return [body for lang, body in _FENCE.findall(path.read_text(encoding="utf-8")) if lang == language]
-
-
-@contextlib.contextmanager
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---- what the prose around a page's python blocks assumes, per page ------------------------------------
@@ -86,7 +77,7 @@ def test_every_python_block_runs_as_written(page, index, tmp_path, monkeypatch):
     torch.manual_seed(0)
     namespace = NAMESPACES.get(page, lambda _: {})(tmp_path)
     source = _blocks(ROOT / page, "python")[index]
-    with _one_thread():
+    with one_thread():
         exec(compile(source, f"{page} (python block {index})", "exec"), namespace)
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from sdeflow.likelihood.time_proposals import (EstimatorPlan, FittedTime, ImportanceTime, IntegrandForms, UniformTime,
-                                               fit_proposal)
+from sdeflow.likelihood.plans import EstimatorPlan, IntegrandForms, fit_proposal
+from sdeflow.likelihood.time_proposals import FittedTime, ImportanceTime, UniformTime
 from oracle_helpers import SDES
 
 

@@ -66,6 +66,7 @@ from torch import nn
 
 from pin_api import ODE_TOLERANCE
 from pin_regression import figures
+from training_helpers import one_thread
 
 FIXED_OPERATIONS = 1e-10
 ADAPTIVE_SOLVE = 10 * ODE_TOLERANCE
@@ -184,18 +185,6 @@ def network_output_scaled(factor: float):
         yield
     finally:
         handle.remove()
-
-
-@contextlib.contextmanager
-def one_thread():
-    """The pins are written and compared with one torch thread: one reduction order, so that
-    --exact-pins can compare bits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import torch
 from scipy import integrate
 
 import sdeflow
-from sdeflow.likelihood.time_proposals import ImportanceTime, fit_proposal
+from sdeflow.likelihood.plans import fit_proposal
+from sdeflow.likelihood.time_proposals import ImportanceTime
 from sdeflow.nets.oracles import GaussianMixture
 from oracle_helpers import SDES, exact_model, gaussian
 from test_model import lambda_net

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..cli import CLIError, add_config_arguments, config_from_args, device, nonneg_int, positive_int
-from .sampling import add_model_arguments, open_model
+from .models import add_model_arguments, open_model
 from .train import add_data_arguments, load_images
 
 

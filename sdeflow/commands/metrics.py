@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from ..cli import CLIError, device, nonneg_int, positive_float, positive_int
-from .sampling import _checkpoint_arguments, _describe, _Progress, _sampler_arguments, open_model, sampler_settings_from_args
+from .models import _checkpoint_arguments, open_model
+from .sampling import _describe, _Progress, _sampler_arguments, sampler_settings_from_args
 from .train import add_data_arguments, load_images
 
 

@@ -7,7 +7,8 @@ likelihoods over data sets in nats or bits/dim with their standard errors and ta
 class-conditional model is, p(y | x) from its ELBOs (:mod:`~sdeflow.likelihood.classifier`). DDPM's discrete-time
 bound lives with DDPM's chain in :mod:`sdeflow.discrete`."""
 
-from .time_proposals import EstimatorPlan, FittedTime, ImportanceTime, TimeProposal, UniformTime
+from .plans import EstimatorPlan
+from .time_proposals import FittedTime, ImportanceTime, TimeProposal, UniformTime
 from .elbo import elbo, fit_time_proposal
 from .divergence import divergence
 from .ode import log_prob_ode, sample_ode

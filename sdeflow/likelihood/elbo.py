@@ -25,7 +25,8 @@ import torch
 
 from .divergence import DIVERGENCES, PROBES
 from .divergence import divergence as field_divergence
-from .time_proposals import T_MIN_FRACTION, EstimatorPlan, IntegrandForms, TimeProposal, fit_proposal, make_proposal
+from .plans import EstimatorPlan, IntegrandForms, fit_proposal
+from .time_proposals import T_MIN_FRACTION, TimeProposal, make_proposal
 from ..utils import check_choice, check_finite, check_positive_int, check_t_min, sum_except_batch
 
 __all__ = ["elbo", "elbo_integrand", "denoising_terms", "fit_time_proposal", "default_t_min",
@@ -102,7 +103,7 @@ def fit_time_proposal(model, x: torch.Tensor, *, n_bins: int = 32, max_examples:
                       divergence: str = "hutchinson", generator: torch.Generator | None = None) -> EstimatorPlan:
     """The ELBO's fitted time proposal on [t_min, T] (default t_min: :func:`default_t_min`), fitted to
     the denoising integrand h₀ and its control variate w on a pilot batch (at most ``max_examples`` of
-    x; one draw of t per bin and example) by :func:`~sdeflow.likelihood.time_proposals.fit_proposal`: per bin the
+    x; one draw of t per bin and example) by :func:`~sdeflow.likelihood.plans.fit_proposal`: per bin the
     coefficient c of h₀ + c·w of least variance, and q ∝ √E[(h₀ + c w)²]. Costs n_bins × examples
     forward passes, ``chunk_size`` at a time (default :func:`chunk_size_for`). With
     ``divergence="exact"`` (low-dimensional data only) the pilot also measures the Hutchinson form with
@@ -187,7 +188,7 @@ def elbo(model, x: torch.Tensor, *, n_slices: int = 1, time_sampling="fitted", p
     term is in closed form. ``time_sampling``: "uniform", "importance" (q ∝ g²/v) or any
     :class:`~sdeflow.likelihood.time_proposals.TimeProposal` take h in the Hutchinson form (divergence by
     ``divergence`` = "hutchinson" with a ``probe``, or "exact"; sdeflow-light's slice); a
-    :class:`~sdeflow.likelihood.time_proposals.EstimatorPlan` of :func:`fit_time_proposal` (lowest variance, one
+    :class:`~sdeflow.likelihood.plans.EstimatorPlan` of :func:`fit_time_proposal` (lowest variance, one
     forward pass per draw) draws from its fitted density and takes the denoising form h₀ + c·w with its
     bin's coefficient c (and the exact Hutchinson form in the bins it flags); "fitted" (the default) fits one on the first batch it sees for
     this model and reuses it while the model's weights are unchanged, so that a loop of ``elbo(model, x)``
