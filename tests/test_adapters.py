@@ -161,6 +161,36 @@ def test_discrete_network_is_called_at_integer_indices_on_the_steps():
     assert seen[1].tolist() == [pytest.approx(9.5)]
 
 
+def test_a_class_conditional_discrete_network_gets_its_labels():
+    """num_classes > 0: the network is called with class_labels= (diffusers' keyword); a null class only
+    where the network has one (null_class), else guidance and the unconditional model are refused."""
+    seen = []
+
+    def net(x, timestep, class_labels=None):
+        seen.append(class_labels)
+        return torch.zeros_like(x) + class_labels[:, None]
+
+    y, t = torch.zeros(2, 2, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64)
+    model = adapt_discrete(net, DiscreteVPSDE(), num_classes=4)
+    assert model.net.num_classes == 4 and not model.net.has_null_class
+    out = sdeflow.guided(model, torch.tensor([3, 1])).predicted_noise(y, t)
+    assert seen[-1].tolist() == [3, 1] and out[:, 0].tolist() == [3.0, 1.0]
+    for call, message in ((lambda: sdeflow.guided(model, 2, 1.0), "no null class"),
+                          (lambda: sdeflow.guided(model, None), "no null class"),
+                          (lambda: model.predicted_noise(y, t), "no null class"),
+                          (lambda: sdeflow.guided(model, 4), r"labels must lie in \[0, 3\]"),
+                          (lambda: sdeflow.guided(model, 5), r"labels must lie in \[0, 4\]")):
+        with pytest.raises(ValueError, match=message):
+            call()
+    with_null = adapt_discrete(net, DiscreteVPSDE(), num_classes=3, null_class=True)
+    guided = sdeflow.guided(with_null, 1, 2.0).predicted_noise(y, t)
+    assert seen[-1].tolist() == [1, 1, 3, 3] and guided[:, 0].tolist() == [3 * 1.0 - 2 * 3.0] * 2
+    with pytest.raises(ValueError, match="labels were given to an unconditional network"):
+        adapt_discrete(lambda x, timestep: x, DiscreteVPSDE()).net(y, t, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="null_class needs a class-conditional network"):
+        adapt_discrete(net, DiscreteVPSDE(), null_class=True)
+
+
 def test_ncsn_labels_index_the_decreasing_sigmas():
     labels = []
     sde = sdeflow.VESDE(0.01, 50.0)

@@ -179,6 +179,94 @@ def test_thresholded_ancestral_equals_diffusers_ddpm_thresholding(variance_type)
     assert float((expected - clipped).abs().max()) > 0.1  # thresholding is not clipping here
 
 
+def _class_unet(num_class_embeds):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                 num_class_embeds=num_class_embeds)
+    with torch.no_grad():  # a class table that matters as much as a trained one's
+        unet.class_embedding.weight.mul_(4.0)
+    return unet.double().eval()
+
+
+def _class_ddim_loop(unet, scheduler, x, n_steps, labels, guidance=0.0, null=None):
+    """diffusers' DDIM steps on unet(x, t, class_labels=labels), with classifier-free guidance toward the
+    null label ``null`` at scale ``guidance``: the loop of diffusers' class-conditional examples."""
+    scheduler.set_timesteps(n_steps)
+    with torch.no_grad():
+        for step in scheduler.timesteps:
+            eps = unet(x, step, class_labels=labels).sample
+            if guidance:
+                eps = (1 + guidance) * eps - guidance * unet(x, step, class_labels=torch.full_like(labels, null)).sample
+            x = scheduler.step(eps, step, x).prev_sample
+    return x
+
+
+def test_class_conditional_ddim_equals_diffusers_class_conditional_loop():
+    """A UNet2DModel with num_class_embeds, adapted: class-conditional, called with class_labels; at w = 0
+    sdeflow's DDIM equals diffusers' DDIM loop on the same noise and labels; with null_class=True its last
+    embedding is the null class, and guided sampling equals the guided loop; without it, guidance and
+    the unconditional model are refused."""
+    diffusers = pytest.importorskip("diffusers")
+    unet = _class_unet(4)
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True,
+                                        timestep_spacing="trailing")
+    labels = torch.tensor([2, 0])
+    settings = dict(n_steps=10, grid="uniform", t_min=0.0, lmbd=1.0)
+    model = adapt_diffusers(unet, scheduler)
+    assert model.net.num_classes == 4 and not model.net.has_null_class
+    expected = _class_ddim_loop(unet, scheduler, _x_T(), 10, labels)
+    ours = _sample(sdeflow.guided(model, labels), _x_T(), "ddim", **settings)
+    _assert_close(ours, expected, FLOAT32_AGREEMENT)
+    other = _class_ddim_loop(unet, scheduler, _x_T(), 10, torch.tensor([1, 3]))
+    assert float((other - expected).abs().max()) > 100 * FLOAT32_AGREEMENT * float(expected.abs().max())
+    for bad in (lambda: sdeflow.guided(model, 1, 2.0), lambda: sdeflow.guided(model, None)):
+        with pytest.raises(ValueError, match="no null class"):
+            bad()
+    with pytest.raises(ValueError, match="no null class"):
+        model.net(_x_T(), torch.full((2,), 0.5, dtype=torch.float64))
+
+    model = adapt_diffusers(unet, scheduler, null_class=True)
+    assert model.net.num_classes == 3 and model.net.has_null_class
+    expected = _class_ddim_loop(unet, scheduler, _x_T(), 10, labels, guidance=1.5, null=3)
+    _assert_close(_sample(sdeflow.guided(model, labels, 1.5), _x_T(), "ddim", **settings), expected,
+                  FLOAT32_AGREEMENT)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        sdeflow.guided(model, 4)
+
+
+def test_load_foreign_reads_a_class_conditional_unet_for_the_command_line(tmp_path, capsys):
+    diffusers = pytest.importorskip("diffusers")
+    from sdeflow import cli
+
+    unet = _class_unet(5).float()
+    unet.save_pretrained(tmp_path / "unet")
+    diffusers.DDIMScheduler(num_train_timesteps=1000).save_pretrained(tmp_path / "unet")
+    model, config = load_foreign(f"diffusers:{tmp_path / 'unet'}")
+    assert config["net"]["num_classes"] == 5 and model.net.num_classes == 5
+    base = ["sample", "--model", f"diffusers:{tmp_path / 'unet'}", "--n", "2", "--method", "ddim", "--n-steps", "2",
+            "--no-progress", "--out", str(tmp_path / "grid.png")]
+    assert cli.main(base + ["--class", "4"]) == 0 and "class 4, guidance 0" in capsys.readouterr().out
+    for extra, message in ((["--class", "5"], "--class must lie in [0, 4]"),
+                           (["--class", "1", "--guidance", "2"], "no null class")):
+        assert cli.main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+
+
+def test_load_foreign_reads_a_learned_range_unet(tmp_path):
+    """A folder whose scheduler has variance_type "learned_range" loads with its variance head (it raised
+    AttributeError reading the prediction type through the head)."""
+    diffusers = pytest.importorskip("diffusers")
+    _unet(6).float().save_pretrained(tmp_path / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type="learned_range").save_pretrained(tmp_path / "unet")
+    model, config = load_foreign(f"diffusers:{tmp_path / 'unet'}")
+    assert sdeflow.nets.has_variance_head(model) and config["prediction_type"] == "epsilon"
+    assert config["bound_start"] == pytest.approx(1 / 1000) and config["net"]["num_classes"] == 0
+
+
 def test_load_foreign_reads_a_saved_pipeline(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     unet = _unet().float()

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..data.transforms import ALPHA
 from ..model import PluginReverseSDE
+from ..nets.heads import has_variance_head
 from ..sdes.noise_levels import DiscreteVPSDE
 from ..sdes.linear import sde_config
 from .discrete import PREDICTION_TYPES, adapt_discrete
@@ -58,18 +59,38 @@ def sde_from_scheduler_config(scheduler) -> DiscreteVPSDE:
                          config.get("beta_end", 0.02), num_train_timesteps)
 
 
-def adapt_diffusers(unet: nn.Module, scheduler) -> PluginReverseSDE:
+def _num_class_embeds(unet: nn.Module) -> int:
+    """The class table of a diffusers UNet (``num_class_embeds``; 0 without one). ValueError for class
+    embeddings that are not a table of classes (``class_embed_type`` "timestep", "identity", ...)."""
+    config = getattr(unet, "config", None)
+    count = int(getattr(config, "num_class_embeds", None) or 0)
+    kind = getattr(config, "class_embed_type", None)
+    if kind is not None:
+        raise ValueError(f"the UNet's class_embed_type is {kind!r}: sdeflow reads class labels from a table of "
+                         f"classes (num_class_embeds) only")
+    return count
+
+
+def adapt_diffusers(unet: nn.Module, scheduler, *, null_class: bool = False) -> PluginReverseSDE:
     """The sdeflow model of ``unet(x, timestep)`` trained with ``scheduler`` (a diffusers scheduler or
     its config): ``adapt_discrete(unet, sde_from_scheduler_config(scheduler), prediction_type)``, with
     the learned variance kept when the scheduler's ``variance_type`` is "learned_range" (improved
-    DDPM's; diffusers' "learned", a log-variance, is read for its mean only)."""
+    DDPM's; diffusers' "learned", a log-variance, is read for its mean only).
+
+    A UNet with ``num_class_embeds`` K is class-conditional, called ``unet(x, timestep, class_labels=y)``:
+    K classes, or, with ``null_class=True`` (trained with label dropout to its last embedding), K − 1
+    classes and the null class K − 1 that guidance needs (:mod:`sdeflow.adapters.discrete`)."""
     config = _scheduler_config(scheduler)
+    embeds = _num_class_embeds(unet)
+    if null_class and embeds < 2:
+        raise ValueError(f"null_class needs a UNet with at least 2 class embeddings (num_class_embeds); it has {embeds}")
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"scheduler's prediction_type must be one of {', '.join(PREDICTION_TYPES)}; "
                          f"got {prediction_type!r}")
     learned = config.get("variance_type") == "learned_range"
-    return adapt_discrete(unet, sde_from_scheduler_config(config), prediction_type, learned_variance=learned)
+    return adapt_discrete(unet, sde_from_scheduler_config(config), prediction_type, learned_variance=learned,
+                          num_classes=embeds - int(bool(null_class)), null_class=bool(null_class))
 
 
 class PickledWeightsError(ValueError):
@@ -166,7 +187,7 @@ def load_diffusers(path: str, device=None, dtype=None, *,
     """``UNet2DModel.from_pretrained`` and the scheduler config of a folder written by ``save_pretrained``
     (a pipeline's or the UNet's own, with ``scheduler_config.json``) or a hub id, as (model, config):
     config is shaped like sdeflow's image model config, {"dataset": None, "net": {"in_channels",
-    "image_size", "source"}, "data": :data:`DATA_CONFIG`, "sde": its config, "parameterization",
+    "image_size", "source", "num_classes"}, "data": :data:`DATA_CONFIG`, "sde": its config, "parameterization",
     "prediction_type", "bound_start": t₁}.
 
     Weights are read from safetensors only: pickled weights (a ``.bin`` file) can run code when read,
@@ -193,13 +214,14 @@ def load_diffusers(path: str, device=None, dtype=None, *,
             raise PickledWeightsError(str(path), "it has no safetensors weights") from None
         raise ValueError(f"cannot load the diffusers model {path}: {_one_line(err)}") from None
     model = adapt_diffusers(unet, scheduler_config)
+    discrete = model.net.net if has_variance_head(model) else model.net  # the DiscreteTimeNet
     model = model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model
     size = unet.config.sample_size
     image_size = size if isinstance(size, int) else int(size[0])
     config = {"dataset": None,
               "net": {"in_channels": int(unet.config.in_channels), "image_size": image_size,
-                      "source": f"diffusers:{path}"},
+                      "source": f"diffusers:{path}", "num_classes": int(getattr(model.net, "num_classes", 0))},
               "data": dict(DATA_CONFIG), "sde": sde_config(model.sde) if model.sde.alphas_cumprod is None else None,
-              "parameterization": model.parameterization, "prediction_type": model.net.prediction_type,
-              "bound_start": model.net.first_trained_time()}
+              "parameterization": model.parameterization, "prediction_type": discrete.prediction_type,
+              "bound_start": discrete.first_trained_time()}
     return model.eval(), config

@@ -16,6 +16,12 @@ contributes its first C channels, the mean's; with ``learned_variance=True`` (im
 diffusers' "learned_range": the other C channels r give :math:`v = (r + 1)/2` between log β̃ and log β)
 the model keeps them as its variance head (:class:`sdeflow.nets.MeanAndVariance`), which the discrete
 bound and the ancestral sampler read as the "learned" variance.
+
+A class-conditional network (``num_classes`` C > 0) is called ``net(x, timestep, class_labels=labels)``,
+diffusers' keyword, with sdeflow's labels (:mod:`sdeflow.nets.classes`): 0..C−1, and C, the null class
+of classifier-free guidance, only where the network was trained with one (``null_class``: its C + 1-th
+embedding). Without a null class the model has its classes only: guidance, the unconditional model and
+an unlabelled call raise ValueError.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from torch import nn
 
 from ..model import MIN_STD, PluginReverseSDE
+from ..nets.classes import check_labels, null_label
 from ..nets.heads import MeanAndVariance
 from ..sdes.noise_levels import DiscreteVPSDE
 from ..utils import append_dims, check_choice
@@ -66,27 +73,47 @@ def noise_from_data(sde, y: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> 
 
 
 class DiscreteTimeNet(nn.Module):
-    """``net(y, t)`` for sdeflow from a network ``net(x, timestep)`` trained on ``sde``'s discrete steps
-    (timestep = diffusers' index Nt/T − 1, a float tensor (B,)); returns ε̂ for "epsilon" and "sample",
-    v̂ for "v_prediction" (see the module docstring). ``first_trained_time()`` is t₁ = T/N."""
+    """``net(y, t[, labels])`` for sdeflow from a network ``net(x, timestep)`` trained on ``sde``'s discrete
+    steps (timestep = diffusers' index Nt/T − 1, a float tensor (B,)); returns ε̂ for "epsilon" and
+    "sample", v̂ for "v_prediction" (see the module docstring). ``first_trained_time()`` is t₁ = T/N.
+    ``num_classes`` > 0: a class-conditional network, with a null class if ``null_class``."""
 
     def __init__(self, net: nn.Module, sde: DiscreteVPSDE, prediction_type: str = "epsilon",
-                 learned_variance: bool = False):
+                 learned_variance: bool = False, num_classes: int = 0, null_class: bool = False):
         super().__init__()
         self.learned_variance = bool(learned_variance)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         if not isinstance(sde, DiscreteVPSDE):
             raise ValueError(f"sde must be a sdeflow.sdes.noise_levels.DiscreteVPSDE; got {type(sde).__name__}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative int; got {num_classes!r}")
+        if null_class and not num_classes:
+            raise ValueError("null_class needs a class-conditional network (num_classes > 0)")
         self.net, self.sde, self.prediction_type = net, sde, prediction_type
+        self.num_classes, self.has_null_class = num_classes, bool(null_class)
 
     def first_trained_time(self) -> float:
         return self.sde.first_step_time()
 
-    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _call(self, y: torch.Tensor, step: torch.Tensor, labels):
+        if not self.num_classes:
+            if labels is not None:
+                check_labels(labels, 0, y.shape[0])  # raises: labels for an unconditional network
+            return self.net(y, step)
+        if labels is None and not self.has_null_class:
+            raise ValueError(f"this network has {self.num_classes} classes and no null class: give labels "
+                             f"(sdeflow.guided(model, k)); the unconditional model needs a null class")
+        labels = check_labels(labels, self.num_classes, y.shape[0], y.device)
+        if not self.has_null_class and bool((labels == null_label(self.num_classes)).any()):
+            raise ValueError(f"labels must lie in [0, {self.num_classes - 1}]: this network has no null class "
+                             f"(label {self.num_classes}), so no guidance and no unconditional model")
+        return self.net(y, step, class_labels=labels)
+
+    def forward(self, y: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
         step = self.sde.timestep(t.double())
         nearest = step.round()
         step = torch.where((step - nearest).abs() < _SNAP, nearest, step)
-        raw = self.net(y, step.to(y.dtype))
+        raw = self._call(y, step.to(y.dtype), labels)
         if not self.learned_variance:
             out = network_output(raw, y)
             return noise_from_data(self.sde, y, t, out) if self.prediction_type == "sample" else out
@@ -100,13 +127,14 @@ class DiscreteTimeNet(nn.Module):
 
 
 def adapt_discrete(net: nn.Module, sde: DiscreteVPSDE, prediction_type: str = "epsilon",
-                   learned_variance: bool = False) -> PluginReverseSDE:
+                   learned_variance: bool = False, num_classes: int = 0, null_class: bool = False) -> PluginReverseSDE:
     """The sdeflow model of a discrete-time network ``net(x, timestep)`` trained on ``sde``'s table,
     predicting ``prediction_type`` (one of ``PREDICTION_TYPES``): a
     :class:`~sdeflow.model.PluginReverseSDE` with every estimator and sampler of sdeflow. With
     ``learned_variance`` the network's 2C channels are the mean's and improved DDPM's learned range, kept
-    as the model's variance head (see the module docstring)."""
-    wrapped = DiscreteTimeNet(net, sde, prediction_type, learned_variance)
+    as the model's variance head; with ``num_classes`` > 0 it is class-conditional, with a null class if
+    ``null_class`` (see the module docstring)."""
+    wrapped = DiscreteTimeNet(net, sde, prediction_type, learned_variance, num_classes, null_class)
     if learned_variance:
         wrapped = MeanAndVariance(wrapped)
     return PluginReverseSDE(sde, wrapped, _PARAMETERIZATION[prediction_type])

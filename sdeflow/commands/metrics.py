@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ..cli import CLIError, device, nonneg_int, positive_float, positive_int
-from .models import _checkpoint_arguments, open_model
+from .models import _checkpoint_arguments, class_labels, open_model
 from .sampling import _describe, _Progress, _sampler_arguments, sampler_settings_from_args
 from .train import add_data_arguments, load_images
 
@@ -211,13 +211,15 @@ def _samples(args):
 
     if args.n_samples is None:
         raise CLIError("--n-samples N is needed to draw samples from a model")
-    model, config, label = open_model(args)
+    model, config, label = open_model(args, every_class=True)
     if config.get("dataset") not in (None, args.dataset):
         raise CLIError(f"the model was trained on {config.get('dataset')!r}, not --dataset {args.dataset}")
     settings = sampler_settings_from_args(args, config).validate(model.T)
+    labels = class_labels(args, model, args.n_samples, per_class=False)  # --class all: the classes in turn
     with _Progress(args, settings, settings.n_steps * math.ceil(args.n_samples / 256)) as progress:
         samples = images_lib.sample_images(model, config, args.n_samples, settings, seed=args.seed,
-                                           device=args.device, callback=progress)
+                                           device=args.device, callback=progress, labels=labels,
+                                           guidance=args.guidance if labels is not None else 0.0)
     source = f"{args.model or args.checkpoint} ({label})"
     return samples, source, {"sampler": _describe(settings, progress.nfe), "nfe": progress.nfe}
 

@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 
 from ..cli import CLIError, arg_type
-from .models import _checkpoint_arguments, _class_text, open_model
+from .models import _checkpoint_arguments, _class_text, class_labels, open_model
 from ..utils import check_positive_float, check_positive_int
 
 
@@ -272,8 +272,9 @@ def _load_conditional(args):
 
 
 # ---- handlers -------------------------------------------------------------------------------------
-def _save_samples(images, path: Path) -> None:
-    """uint8 images (N, C, H, W) as ``path`` (.npz, key "samples"), written atomically."""
+def _save_samples(images, path: Path, labels=None) -> None:
+    """uint8 images (N, C, H, W) as ``path`` (.npz, key "samples", and "labels" (N,) of a class-conditional
+    draw), written atomically."""
     import io
 
     import numpy as np
@@ -281,7 +282,10 @@ def _save_samples(images, path: Path) -> None:
     from ..storage.files import atomic_write_bytes
 
     buffer = io.BytesIO()
-    np.savez(buffer, samples=images.cpu().numpy())
+    arrays = {"samples": images.cpu().numpy()}
+    if labels is not None:
+        arrays["labels"] = labels.cpu().numpy()
+    np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -290,20 +294,25 @@ def run_sample(args) -> int:
     from ..plotting import save_image_grid
 
     out = _check_out(args.out, (".png", ".npz"))
-    model, config, label = open_model(args)
+    model, config, label = open_model(args, every_class=True)
     settings = sampler_settings_from_args(args, config).validate(model.T)
-    with _Progress(args, settings, settings.n_steps * math.ceil(args.n_samples / 256)) as progress:
-        images = images_lib.sample_images(model, config, args.n_samples, settings, seed=args.seed, device=args.device,
-                                          callback=progress)
+    labels = class_labels(args, model, args.n_samples, per_class=True)  # --class all: one row per class
+    n = args.n_samples if labels is None else len(labels)
+    with _Progress(args, settings, settings.n_steps * math.ceil(n / 256)) as progress:
+        images = images_lib.sample_images(model, config, n, settings, seed=args.seed, device=args.device,
+                                          callback=progress, labels=labels,
+                                          guidance=args.guidance if labels is not None else 0.0)
     grid = out.with_suffix(".png")
-    save_image_grid(images, grid, f"{config['dataset'] or 'image'} samples, {label}, "
+    save_image_grid(images, grid, f"{config['dataset'] or 'image'} samples, {label}"
+                                  f"{', one row per class' if labels is not None else ''}, "
                                   f"{settings.n_steps} {_method_text(settings)} steps, λ={settings.lmbd:g}, "
-                                  f"NFE {progress.nfe}{_clip_text(settings)}")
+                                  f"NFE {progress.nfe}{_clip_text(settings)}",
+                    ncols=None if labels is None else args.n_samples)
     written = str(out)
     if out.suffix.lower() == ".npz":
-        _save_samples(images, out)
+        _save_samples(images, out, labels)
         written = f"{out} and their grid to {grid}"
-    print(f"wrote {args.n_samples} samples to {written} ({_describe(settings, progress.nfe)}{_class_text(args)})")
+    print(f"wrote {n} samples to {written} ({_describe(settings, progress.nfe)}{_class_text(args)})")
     return 0
 
 

@@ -57,16 +57,24 @@ def image_model_config(dataset: str = "cifar10", preset: str = DEFAULT_PRESET, *
 
 @torch.no_grad()
 def sample_images(model, config: dict, n_samples: int, settings=None, *, seed: int = 0, device=None,
-                  batch_size: int = 256, callback=None) -> torch.Tensor:
+                  batch_size: int = 256, callback=None, labels=None, guidance: float = 0.0) -> torch.Tensor:
     """``n_samples`` images, uint8 (N, C, H, W): :func:`sdeflow.samplers.sample` with ``settings``
     (a :class:`~sdeflow.samplers.SamplerSettings`; None: its defaults) in batches of
     ``batch_size``, mapped back from model space. Deterministic given ``seed``. ``callback`` is
     the sampler's, called after every step of every batch (its "nfe" counts from 0 in each batch,
-    so at a batch's last step it is the evaluations per image)."""
-    from ..samplers import sample as sample_model
+    so at a batch's last step it is the evaluations per image). ``labels`` (N,): the class of each
+    image from a class-conditional ``model``, drawn with guidance scale ``guidance``
+    (:func:`sdeflow.samplers.guided`); None: the model as it is."""
+    from ..samplers import guided, sample as sample_model
 
     check_positive_int("n_samples", n_samples)
     check_positive_int("batch_size", batch_size)
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.shape != (n_samples,):
+            raise ValueError(f"labels must hold one class per sample, shape ({n_samples},); got {tuple(labels.shape)}")
+    elif guidance:
+        raise ValueError("guidance needs labels: the classes to guide toward")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -76,7 +84,8 @@ def sample_images(model, config: dict, n_samples: int, settings=None, *, seed: i
     try:
         for start in range(0, n_samples, batch_size):
             count = min(batch_size, n_samples - start)
-            y = sample_model(model, (count, c, s, s), settings, generator=gen, device=device, callback=callback)
+            drawn = model if labels is None else guided(model, labels[start:start + count].to(device), guidance)
+            y = sample_model(drawn, (count, c, s, s), settings, generator=gen, device=device, callback=callback)
             out.append(postprocess(y.float(), config["data"]).cpu())
     finally:
         model.train(was_training)

@@ -3,7 +3,8 @@
 A conditional network has ``num_classes`` C > 0 and takes ``forward(y, t, labels=None)``: labels (B,)
 integers in [0, C], the value C (:func:`null_label`) being the null class of the unconditional model
 that label dropout trains alongside; None means every example is null. :class:`ClassEmbedding` adds a
-learned vector per class to the time embedding. An unconditional network (C = 0) refuses labels.
+learned vector per class to the time embedding. An unconditional network (C = 0) refuses labels. A
+network trained without a null class (a foreign one) says so with ``has_null_class = False``.
 """
 
 from __future__ import annotations

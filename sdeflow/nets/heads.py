@@ -27,6 +27,7 @@ class MeanAndVariance(nn.Module):
         super().__init__()
         self.net = net
         self.num_classes = getattr(net, "num_classes", 0)  # a class-conditional network's labels pass through
+        self.has_null_class = getattr(net, "has_null_class", True)
 
     def both(self, y: torch.Tensor, t: torch.Tensor, labels=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean's output, v = (r + 1)/2), each shaped like y, from one evaluation of the network."""

@@ -39,6 +39,15 @@ class GuidedNet(nn.Module):
             raise ValueError(f"labels must be one int or one per example; got shape {tuple(labels.shape)}")
         self.net, self.labels = net, labels
         self.guidance = check_nonneg_float("guidance", guidance)
+        self.has_null_class = getattr(net, "has_null_class", True)
+        null = labels is None
+        if labels is not None:  # refused now, not at the first step
+            given = labels.shape[0] if isinstance(labels, torch.Tensor) and labels.ndim else 1
+            null = bool((check_labels(labels, self.num_classes, given) == null_label(self.num_classes)).any())
+        if not self.has_null_class and (null or self.guidance > 0):
+            raise ValueError(f"the model's network has no null class (its {self.num_classes} embeddings are all "
+                             f"classes): labels must lie in [0, {self.num_classes - 1}], and guidance > 0 and the "
+                             f"unconditional model need a null class")
 
     def extra_repr(self) -> str:
         return f"labels={self.labels!r}, guidance={self.guidance:g}"
