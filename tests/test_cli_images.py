@@ -4,12 +4,15 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 from sdeflow.training import objectives
 
 from sdeflow.storage import checkpoints as ckpt
+import sdeflow
 from sdeflow import cli
+from sdeflow.experiments.images import sample_images
 from sdeflow.engine import distributed
 
 from training_helpers import one_thread, single_thread, train_args, write_cifar_batches
@@ -330,6 +333,31 @@ def test_a_class_conditional_model_trains_and_samples_a_class_from_the_command_l
     base = ["sample", "--n", "2", "--method", "ddim", "--n-steps", "2", "--no-progress"]
     assert cli.main(base + ["--checkpoint", str(run), "--class", "3", "--guidance", "2", "--out", str(grid)]) == 0
     assert grid.read_bytes()[:4] == b"\x89PNG" and "class 3, guidance 2" in capsys.readouterr().out
+    # --class all: one row of --n per class, the labels beside the samples; each row is its class's draw
+    every = tmp_path / "every.npz"
+    assert cli.main(base + ["--checkpoint", str(run), "--class", "all", "--guidance", "1", "--out", str(every)]) == 0
+    assert "wrote 20 samples" in capsys.readouterr().out and every.with_suffix(".png").stat().st_size > 0
+    with np.load(every) as saved:
+        assert saved["samples"].shape == (20, 3, 32, 32)
+        assert saved["labels"].tolist() == [k for k in range(10) for _ in range(2)]
+        row3 = saved["samples"][6:8].astype(int)
+    one = tmp_path / "one.npz"
+    assert cli.main(base + ["--checkpoint", str(run), "--class", "3", "--guidance", "1", "--out", str(one),
+                            "--n", "20"]) == 0
+    with np.load(one) as saved:  # the same seed and positions: the same noise, class 3 at rows 6 and 7
+        assert np.abs(saved["samples"][6:8].astype(int) - row3).max() <= 1 and "labels" not in saved
+    model, config, _ = sdeflow.load_model(run)
+    seen = []
+    model.net.register_forward_pre_hook(lambda net, inputs: seen.append(inputs[2].clone()))
+    labels = torch.tensor([4, 1, 1, 7])
+    sample_images(model, config, 4, sdeflow.SamplerSettings(method="ddim", n_steps=2), labels=labels, guidance=2.0)
+    assert len(seen) == 2 and all(s.tolist() == [4, 1, 1, 7] + [10] * 4 for s in seen)  # the class, then the null
+    with pytest.raises(ValueError, match="labels must hold one class per sample"):
+        sample_images(model, config, 3, labels=labels)
+    capsys.readouterr()
+    assert cli.main(["inpaint", "--checkpoint", str(run), "--data-root", str(root), "--mask", "center",
+                     "--class", "all", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--class all" in capsys.readouterr().err
     # conditional likelihoods and the diffusion classifier on the test split's labelled images
     data = ["--dataset", "cifar10", "--data-root", str(root), "--limit", "4", "--no-progress"]
     out = tmp_path / "cond.json"
@@ -341,10 +369,11 @@ def test_a_class_conditional_model_trains_and_samples_a_class_from_the_command_l
     assert result["n_images"] == 4 and result["information_bound"] == pytest.approx(math.log2(10) / 3072)
     out = tmp_path / "classify.json"
     assert cli.main(["classify", "--checkpoint", str(run), "--dataset", "cifar10", "--data-root", str(root),
-                     "--limit", "4", "--n-slices", "1", "--json", str(out)]) == 0
-    assert "accuracy" in capsys.readouterr().out
+                     "--limit", "4", "--n-slices", "1", "--rounds", "3", "--json", str(out)]) == 0
+    assert "up to 3 rounds of 1 slices per class" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert 0 <= result["accuracy"] <= 1 and len(result["predictions"]) == 4 and result["nll"] >= 0
+    assert 32 * 4 * 10 / 4 + 10 <= result["evaluations_per_image"] <= 32 * 4 * 10 / 4 + 30  # the plan, then rounds
     assert cli.main(["classify", "--checkpoint", str(plain), "--dataset", "cifar10", "--data-root", str(root)]) == 2
     assert "the model is unconditional" in capsys.readouterr().err
     for extra, message in ((["--checkpoint", str(plain), "--class", "1"], "--class needs a class-conditional model"),

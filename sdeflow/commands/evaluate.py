@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import CLIError, add_config_arguments, config_from_args, device, nonneg_int, positive_int
+from ..cli import CLIError, add_config_arguments, config_from_args, device, nonneg_int, positive_float, positive_int
 from .models import add_model_arguments, open_model
 from .train import add_data_arguments, load_images
 
@@ -55,15 +55,22 @@ def register(subparsers) -> None:
     c = subparsers.add_parser(
         "classify", help="the diffusion classifier of a class-conditional checkpoint: accuracy and calibration",
         description="Classify every image of a split by Bayes from the ELBO of each class (the same draws for "
-                    "every class, one time plan fitted on the null class) and report the accuracy, the mean "
-                    "negative log-likelihood of the true labels, the expected calibration error and the cost "
-                    "per image.")
+                    "every class, one time plan fitted to the differences between classes) and report the "
+                    "accuracy, the mean negative log-likelihood of the true labels, the expected calibration "
+                    "error and the cost per image. With --rounds R, each image drops after every round the "
+                    "classes clearly below its leader (adaptive allocation).")
     add_model_arguments(c)
     c.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw trained weights")
     c.add_argument("--seed", type=nonneg_int, default=0, help="seed of every random choice (default: 0)")
     c.add_argument("--device", type=device, default="cpu", help="cpu or cuda (default: cpu)")
     add_data_arguments(c, split_default="test")
-    c.add_argument("--n-slices", type=positive_int, default=4, help="ELBO time draws per image and class (default: 4)")
+    c.add_argument("--n-slices", type=positive_int, default=4,
+                   help="ELBO time draws per image and class in each round (default: 4)")
+    c.add_argument("--rounds", type=positive_int, default=1,
+                   help="rounds of --n-slices draws; after each, an image drops the classes whose paired difference "
+                        "to its leader lies --z standard errors below zero (default: 1, no dropping)")
+    c.add_argument("--z", type=positive_float, default=3.0,
+                   help="standard errors below the leader at which --rounds drops a class (default: 3)")
     c.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default: 16)")
     c.add_argument("--limit", type=positive_int, help="classify only the first N images of the split")
     c.add_argument("--json", metavar="FILE", help="also write the figures and every image's prediction as JSON")
@@ -194,13 +201,16 @@ def run_classify(args) -> int:
     if config.get("dataset") not in (None, args.dataset):
         raise CLIError(f"the checkpoint was trained on {config.get('dataset')!r}, not --dataset {args.dataset}")
     images, labels = _labelled(args, model)
-    result = evaluate_classifier(model, images, labels, config, n_slices=args.n_slices, batch_size=args.batch_size,
-                                 seed=args.seed)
+    result = evaluate_classifier(model, images, labels, config, n_slices=args.n_slices, rounds=args.rounds, z=args.z,
+                                 batch_size=args.batch_size, seed=args.seed)
+    rounds = f"up to {args.rounds} rounds of {args.n_slices}" if args.rounds > 1 else f"{args.n_slices}"
     print(f"{args.split}: accuracy {result['accuracy']:.2%}, NLL {result['nll']:.4f} nats, ECE {result['ece']:.4f} "
-          f"({result['n_images']} images, {args.n_slices} slices per class, {result['seconds_per_image']:.2f} s "
-          f"per image; {label})")
+          f"({result['n_images']} images, {rounds} slices per class, {result['evaluations_per_image']:.0f} network "
+          f"evaluations and {result['seconds_per_image']:.2f} s per image; {label})")
     if args.json:
-        _write_json(args.json, {key: result[key] for key in ("accuracy", "nll", "ece", "seconds_per_image", "n_images")}
+        keys = ("accuracy", "nll", "ece", "seconds_per_image", "evaluations_per_image", "n_images")
+        _write_json(args.json, {key: result[key] for key in keys}
                     | {"predictions": result["predictions"].tolist(), "labels": labels.tolist(),
-                       "n_slices": args.n_slices, "split": args.split, "seed": args.seed})
+                       "n_slices": args.n_slices, "rounds": args.rounds, "z": args.z, "split": args.split,
+                       "seed": args.seed})
     return 0

@@ -14,8 +14,8 @@ from .divergence import divergence
 from .ode import log_prob_ode, sample_ode
 from .settings import LikelihoodSettings
 from .evaluation import evaluate_bpd, log_likelihood
-from .classifier import class_elbos, classify
+from .classifier import class_elbos, classify, fit_class_plan
 
 __all__ = ["TimeProposal", "UniformTime", "ImportanceTime", "FittedTime", "EstimatorPlan", "elbo", "fit_time_proposal", "divergence",
            "log_prob_ode", "sample_ode", "LikelihoodSettings", "log_likelihood", "evaluate_bpd",
-           "class_elbos", "classify"]
+           "class_elbos", "classify", "fit_class_plan"]

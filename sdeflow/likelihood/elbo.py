@@ -63,7 +63,8 @@ def elbo_integrand(model, y: torch.Tensor, t: torch.Tensor, *, probe: str = "rad
     return -0.5 * sum_except_batch(a ** 2) - g * div_a + a[0].numel() * model.sde.f_coef(t).to(a.dtype)
 
 
-def denoising_terms(model, x: torch.Tensor, t: torch.Tensor, generator=None, chunk_size: int | None = None):
+def denoising_terms(model, x: torch.Tensor, t: torch.Tensor, generator=None, chunk_size: int | None = None,
+                    noise: torch.Tensor | None = None):
     r"""(h₀, w), float64 of shape (B,), at y_t = m x + std ε: the ELBO's integrand in denoising form
     and its control variate,
 
@@ -73,12 +74,14 @@ def denoising_terms(model, x: torch.Tensor, t: torch.Tensor, generator=None, chu
     w has mean zero exactly (E‖ε‖² = D). h₀ + w = −½ρ(‖ε̂‖² − 2ε̂·ε) + Df, whose noise vanishes with
     ε̂: the quiet form at small t, where the data's dequantisation noise makes ε unpredictable; h₀ is
     the quiet one at large t, where ε̂ ≈ ε. Each sum is formed on its own (no difference of large
-    numbers). ``chunk_size`` examples per network call."""
+    numbers). ``chunk_size`` examples per network call; ``noise``: the draws of ε (shaped like x), to pair
+    the terms of several models on the same draws (default: drawn from ``generator``)."""
     if chunk_size is not None and x.shape[0] > chunk_size:
-        parts = [denoising_terms(model, x[i:i + chunk_size], t[i:i + chunk_size], generator)
+        parts = [denoising_terms(model, x[i:i + chunk_size], t[i:i + chunk_size], generator,
+                                 noise=None if noise is None else noise[i:i + chunk_size])
                  for i in range(0, x.shape[0], chunk_size)]
         return torch.cat([h for h, _ in parts]), torch.cat([w for _, w in parts])
-    y, noise, _, _ = model.sde.sample(x, t, return_noise=True, generator=generator)
+    y, noise, _, _ = model.sde.sample(x, t, return_noise=True, generator=generator, noise=noise)
     eps = model.predicted_noise(y, t)
     rho = (model.sde.g2(t) / model.sde.var(t)).double()
     s_eps = sum_except_batch(eps ** 2).double()

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from .elbo import elbo, fit_time_proposal
+from .plans import EstimatorPlan
 from ..engine.distributed import all_gather_objects, world_info
 from ..engine.state import STREAM_EVAL, STREAM_PILOT, make_generator, step_seed
 from .settings import BOUNDS, DEQUANTIZATIONS, LikelihoodSettings
@@ -67,13 +68,14 @@ class ElboEstimator:
     proposal is fitted once, in :meth:`prepare`, on the pilot batch. Takes no derivative in its fitted,
     Hutchinson form (the denoising form)."""
 
-    def __init__(self, model, settings: LikelihoodSettings, bins=None):
-        self.model, self.settings, self.proposal = model, settings, settings.time_sampling
+    def __init__(self, model, settings: LikelihoodSettings, bins=None, plan: EstimatorPlan | None = None):
+        self.model, self.settings = model, settings
+        self.proposal = plan if plan is not None else settings.time_sampling
         self.needs_grad = (settings.time_sampling, settings.divergence) != ("fitted", "hutchinson")
 
     def prepare(self, pilot: Callable) -> None:
         s = self.settings
-        if s.time_sampling != "fitted":
+        if s.time_sampling != "fitted" or isinstance(self.proposal, EstimatorPlan):  # none, or given
             return
         y, generator = pilot()
         try:
@@ -339,7 +341,8 @@ class ImageSpace:
 
 
 def evaluate_bpd(model, images: torch.Tensor, config: dict, settings: LikelihoodSettings | None = None, *,
-                 batch_size: int = 64, seed: int = 0, device=None, progress: bool = False) -> dict:
+                 batch_size: int = 64, seed: int = 0, device=None, progress: bool = False,
+                 plan: EstimatorPlan | None = None) -> dict:
     r"""Bits per dimension of uint8 ``images`` (N, C, H, W) under ``model`` of model configuration
     ``config``, estimated as ``settings`` say (default :class:`LikelihoodSettings`).
 
@@ -362,8 +365,13 @@ def evaluate_bpd(model, images: torch.Tensor, config: dict, settings: Likelihood
     scores the pixels' bins themselves (no dequantization, no t_min), bpd = −log P(x)/(D ln 2); the
     "analytic" variance must be given as its value (:func:`analytic_variance`).
 
+    ``plan``: the ELBO's fitted time plan to use instead of fitting one (``time_sampling="fitted"`` only):
+    two models evaluated with one plan and one seed see the same draws (dequantization, t, ε), so the
+    per-image difference of their bits/dim is paired.
+
     Returns {"bpd": mean, "bpd_se": sd/√n, "n_images", "seconds", "bpd_per_image": (N,), "estimator",
-    "tail_share", "tail_count", "kurtosis", "heavy_tailed", "nfe" (ODE)}, the last six as in
+    "tail_share", "tail_count", "kurtosis", "heavy_tailed", "nfe" (ODE), "plan" (the fitted ELBO's
+    :class:`~sdeflow.likelihood.plans.EstimatorPlan`, else None)}, "tail_share" to "nfe" as in
     :func:`log_likelihood`; the same on every rank, reproducible for a given seed and batch size.
     """
     from ..adapters import bound_start
@@ -381,11 +389,17 @@ def evaluate_bpd(model, images: torch.Tensor, config: dict, settings: Likelihood
     bins = PixelBins(data["transform"], data["alpha"]) if settings.bound == "discrete" else None
     # a float64 model is evaluated in float64 throughout
     space = ImageSpace(images, data, settings.dequantization, bins, dtype, device)
-    estimator = ESTIMATORS[settings.bound](model, settings, bins)
+    if plan is not None and (settings.bound, settings.time_sampling) != ("elbo", "fitted"):
+        raise ValueError(f"plan is the fitted ELBO's: it needs bound='elbo' and time_sampling='fitted'; got "
+                         f"bound={settings.bound!r}, time_sampling={settings.time_sampling!r}")
+    if plan is not None and not isinstance(plan, EstimatorPlan):
+        raise ValueError(f"plan must be an EstimatorPlan (fit_time_proposal); got {type(plan).__name__}")
+    estimator = ESTIMATORS[settings.bound](model, settings, bins, **({"plan": plan} if plan is not None else {}))
     evaluated = _evaluate(model, images.shape[0], space.batch, estimator, batch_size, seed, device, progress)
     bpd = space.bits_per_dim(evaluated["log_prob"], evaluated["logdet"])
     how = ", DDPM's discretized Gaussian decoder" if bins is not None else f", {settings.dequantization} dequantization"
     summary = _summary(bpd, evaluated, settings.describe(model.T, fit_examples=min(images.shape[0],
                                                                                   settings.fit_examples)) + how)
     return {"bpd": summary.pop("mean"), "bpd_se": summary.pop("se"), "n_images": summary.pop("n"),
-            "bpd_per_image": bpd, **summary}
+            "bpd_per_image": bpd, **summary,
+            "plan": estimator.proposal if isinstance(getattr(estimator, "proposal", None), EstimatorPlan) else None}
