@@ -68,6 +68,26 @@ def test_gaussian_mixture_moments_match_its_law():
     assert torch.allclose(logp, mix.log_prob(x[:1000]), atol=1e-5)
 
 
+@pytest.mark.parametrize("name, mixture", [("8gaussians", toy.EIGHT_GAUSSIANS), ("gaussian_mixture", toy.GAUSSIAN_MIXTURE)])
+def test_the_mixtures_are_labelled_by_their_components(name, mixture):
+    """return_labels: the same points as without, and each label's points follow its component's law
+    (the class of ClassConditionalScoreNet), in the shares of the mixture's weights."""
+    x, labels = sample_toy(name, 40000, _gen(2), return_labels=True)
+    assert DATASETS[name].num_classes == len(mixture.weights) and labels.dtype == torch.long
+    assert torch.equal(x, sample_toy(name, 40000, _gen(2)))
+    shares = torch.bincount(labels, minlength=len(mixture.weights)).double() / len(labels)
+    assert torch.allclose(shares, mixture.weights, atol=0.01)
+    for k in range(len(mixture.weights)):
+        points = x[labels == k].double()
+        assert torch.allclose(points.mean(0), mixture.means[k], atol=0.03)
+        assert torch.allclose(points.std(0), mixture.stds[k], rtol=0.05)
+
+
+def test_an_unlabelled_toy_set_refuses_labels():
+    with pytest.raises(ValueError, match="'swissroll' has no labels; the labelled toy sets are 8gaussians, gaussian_mixture"):
+        sample_toy("swissroll", 4, return_labels=True)
+
+
 def test_swissroll_lies_on_the_spiral():
     x = sample_toy("swissroll", 5000, _gen(6))
     radius = x.norm(dim=1)

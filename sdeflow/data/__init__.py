@@ -38,8 +38,8 @@ class Dataset:
         log_prob: the exact log-density, ``log_prob(x) -> (n,)`` float64, or None.
         mirror_symmetric: image sets: a horizontally flipped example is as likely as the example
             (photographs, not digits), so training may flip images at random.
-        num_classes: image sets with labels: how many classes (``load(..., return_labels=True)``
-            then also returns them); 0: no labels.
+        num_classes: data sets with labels: how many classes (``load(..., return_labels=True)``, for a
+            toy set ``sample(..., return_labels=True)``, then also returns them); 0: no labels.
     """
 
     name: str
@@ -93,10 +93,16 @@ def _toy_dataset(name: str):
     return DATASETS[name]
 
 
-def sample_toy(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw n points of the toy data set ``name`` (a toy entry of :data:`DATASETS`),
-    (n, *shape) float32."""
-    return _toy_dataset(name).sample(n, generator=generator)
+def sample_toy(name: str, n: int, generator: torch.Generator | None = None, return_labels: bool = False):
+    """Draw n points of the toy data set ``name`` (a toy entry of :data:`DATASETS`), (n, *shape) float32;
+    with ``return_labels`` (a labelled set: ``num_classes`` > 0) also their classes, (n,) long."""
+    dataset = _toy_dataset(name)
+    if not return_labels:
+        return dataset.sample(n, generator=generator)
+    if not dataset.num_classes:
+        labelled = ", ".join(k for k, entry in DATASETS.items() if entry.kind == "toy" and entry.num_classes)
+        raise ValueError(f"dataset {name!r} has no labels; the labelled toy sets are {labelled}")
+    return dataset.sample(n, generator=generator, return_labels=True)
 
 
 def toy_log_prob(name: str, x: torch.Tensor) -> torch.Tensor | None:
@@ -110,11 +116,11 @@ for _entry in (
             sample=_toy.swissroll),
     Dataset("moons", "toy", (2,), "two interleaving noisy half circles", sample=_toy.moons),
     Dataset("8gaussians", "toy", (2,), "eight Gaussians on a circle of radius 2 (exact density)",
-            sample=_toy.eight_gaussians, log_prob=_toy.eight_gaussians_log_prob),
+            sample=_toy.eight_gaussians, log_prob=_toy.eight_gaussians_log_prob, num_classes=8),
     Dataset("checkerboard", "toy", (2,), "uniform on the eight black squares of a 4x4 board (exact density)",
             sample=_toy.checkerboard, log_prob=_toy.checkerboard_log_prob),
     Dataset("gaussian_mixture", "toy", (2,), "an anisotropic four-component Gaussian mixture (exact density)",
-            sample=_toy.gaussian_mixture, log_prob=_toy.gaussian_mixture_log_prob),
+            sample=_toy.gaussian_mixture, log_prob=_toy.gaussian_mixture_log_prob, num_classes=4),
     Dataset("cifar10", "image", (3, 32, 32), "CIFAR-10, 50,000 + 10,000 32x32 colour images",
             load=_images.load_cifar10, mirror_symmetric=True, num_classes=10),
     Dataset("mnist", "image", (1, 28, 28), "MNIST, 60,000 + 10,000 28x28 grey-scale digits",

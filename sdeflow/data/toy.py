@@ -10,6 +10,9 @@ All sit roughly in [-3, 3]², the scale at which the VP SDE's prior N(0, I) is a
 - :func:`gaussian_mixture`: an anisotropic four-component mixture, exact via
   :class:`sdeflow.nets.oracles.GaussianMixture`.
 
+The two mixtures are labelled: ``return_labels=True`` also returns each point's component, the class
+whose exact conditional score :class:`sdeflow.nets.oracles.ClassConditionalScoreNet` gives.
+
 Each is registered in :data:`sdeflow.data.DATASETS` (the one data-set registry, with its exact
 log-density where known); :func:`sample_toy` and :func:`toy_log_prob` look a toy set up there by name.
 """
@@ -81,10 +84,10 @@ GAUSSIAN_MIXTURE = GaussianMixture(
 )
 
 
-def eight_gaussians(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def eight_gaussians(n: int, generator: torch.Generator | None = None, return_labels: bool = False):
     r"""Draw from :data:`EIGHT_GAUSSIANS`, :math:`\tfrac18\sum_k N(2(\cos\tfrac{k\pi}4, \sin\tfrac{k\pi}4), 0.2^2 I)`.
-    (n, 2) float32."""
-    return EIGHT_GAUSSIANS.sample(check_positive_int("n", n), generator=generator)
+    (n, 2) float32; with ``return_labels`` also each point's component k, (n,) long."""
+    return EIGHT_GAUSSIANS.sample(check_positive_int("n", n), generator=generator, return_labels=return_labels)
 
 
 def eight_gaussians_log_prob(x: torch.Tensor) -> torch.Tensor:
@@ -92,9 +95,10 @@ def eight_gaussians_log_prob(x: torch.Tensor) -> torch.Tensor:
     return EIGHT_GAUSSIANS.log_prob(_check_points(x))
 
 
-def gaussian_mixture(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    r"""Draw from :data:`GAUSSIAN_MIXTURE`, :math:`\sum_k w_k N(\mu_k, \mathrm{diag}(s_k^2))`. (n, 2) float32."""
-    return GAUSSIAN_MIXTURE.sample(check_positive_int("n", n), generator=generator)
+def gaussian_mixture(n: int, generator: torch.Generator | None = None, return_labels: bool = False):
+    r"""Draw from :data:`GAUSSIAN_MIXTURE`, :math:`\sum_k w_k N(\mu_k, \mathrm{diag}(s_k^2))`. (n, 2) float32;
+    with ``return_labels`` also each point's component k, (n,) long."""
+    return GAUSSIAN_MIXTURE.sample(check_positive_int("n", n), generator=generator, return_labels=return_labels)
 
 
 def gaussian_mixture_log_prob(x: torch.Tensor) -> torch.Tensor:

@@ -40,10 +40,14 @@ class GaussianMixture:
     def dim(self) -> int:
         return self.means.shape[1]
 
-    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32,
+               return_labels: bool = False):
+        """(n, D) draws; with ``return_labels`` also the component k of each, (n,) long: the class labels of
+        a mixture whose components are the classes (:class:`ClassConditionalScoreNet`)."""
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-        return (self.means[comp] + self.stds[comp] * z).to(dtype)
+        x = (self.means[comp] + self.stds[comp] * z).to(dtype)
+        return (x, comp) if return_labels else x
 
     def _components(self, y: torch.Tensor, mean_weight, var):
         """Per-component log-density and score of p_t at y: (B, K) and (B, K, D)."""
