@@ -21,12 +21,13 @@ import time
 
 import torch
 
+from ..adapters import bound_start
 from ..data.transforms import check_images, preprocess
 from ..engine.state import make_generator, step_seed
 from ..samplers.guidance import guided
 from ..utils import check_positive_float, check_positive_int, check_t_min
 from .elbo import chunk_size_for, decoder_log_weight, default_t_min, denoising_terms
-from .evaluation import evaluate_bpd
+from .evaluation import evaluate_bpd, quantization_time
 from .plans import EstimatorPlan, _control_coefficients, fit_proposal
 from .statistics import mean_se
 from .time_proposals import make_proposal
@@ -57,7 +58,7 @@ def fit_class_plan(model, x: torch.Tensor, *, n_bins: int = PLAN_BINS, max_examp
                    t_min: float | None = None, generator: torch.Generator | None = None) -> EstimatorPlan:
     r"""The diffusion classifier's time plan: a :class:`~sdeflow.likelihood.plans.EstimatorPlan` whose
     density is fitted to the *differences* between classes, :math:`q \propto \sqrt{E[(h_{0,y} -
-    ar h_0)^2]}` per bin (h₀ of every class on the same draws, h̄₀ their mean over classes), and whose
+    \bar h_0)^2]}` per bin (h₀ of every class on the same draws, h̄₀ their mean over classes), and whose
     control coefficients are those of the classes' mean (:func:`fit_time_proposal`'s rule). The control
     variate w is the same for every class on paired draws, so it cancels in the differences; the
     density puts the draws where the classes disagree (intermediate noise), not where each ELBO is
@@ -83,7 +84,7 @@ def fit_class_plan(model, x: torch.Tensor, *, n_bins: int = PLAN_BINS, max_examp
     return EstimatorPlan(plan.proposal, control)
 
 
-def _round(model, x, active, plan, n_slices, generator, t_min):
+def _round(model, x, active, plan, n_slices, generator):
     """One round of paired draws: (n_slices, B, C) path-term estimates h/q of the classes ``active``
     (B, C) (NaN elsewhere), every class of an image on the same n_slices (t, ε), t stratified over q."""
     batch, num_classes = active.shape
@@ -132,8 +133,10 @@ def class_elbos(model, x: torch.Tensor, *, n_slices: int = 4, time_sampling=None
     with the denoising form of ``time_sampling``'s plan (None: :func:`fit_class_plan` on x), every class
     of an image on the same draws. ``rounds`` > 1: adaptive allocation, ``n_slices`` paired draws per
     round, after each of which an image drops the classes whose paired difference to its leader is
-    below zero by more than ``z`` standard errors (:func:`_prune`); a dropped class keeps the ELBO of
-    its draws so far (each is then unbiased given the rounds it took part in)."""
+    below zero by more than ``z`` standard errors (:func:`_prune`). Every class's ELBO is the leader's
+    mean plus the class's mean paired difference to the leader over the rounds it took part in (with one
+    round: its own mean); the rounds' stopping depends on the draws, so with ``rounds`` > 1 the estimates
+    are for ranking and Bayes, not unbiased likelihoods."""
     num_classes = _num_classes(model)
     n_slices, rounds = check_positive_int("n_slices", n_slices), check_positive_int("rounds", rounds)
     z = check_positive_float("z", z)
@@ -149,7 +152,7 @@ def class_elbos(model, x: torch.Tensor, *, n_slices: int = 4, time_sampling=None
     draws, evaluations = [], torch.zeros(x.shape[0], dtype=torch.long)
     for index in range(rounds):
         evaluations += n_slices * active.sum(1).cpu()
-        draws.append(_round(model, x, active, plan, n_slices, generator, t_min))
+        draws.append(_round(model, x, active, plan, n_slices, generator))
         if index + 1 < rounds:
             active = _prune(torch.cat(draws), active, z)
             if bool((active.sum(1) == 1).all()):
@@ -229,7 +232,8 @@ def evaluate_classifier(model, images: torch.Tensor, labels: torch.Tensor, confi
     """The diffusion classifier of a class-conditional ``model`` on uint8 ``images`` with true ``labels``:
     each image dequantized into model space and classified by :func:`classify` (uniform prior; ``rounds``
     of ``n_slices`` paired draws with adaptive allocation at ``z``), with one time ``plan`` for all
-    (default: :func:`fit_class_plan` on the first batch, its cost counted). Returns {"accuracy", "nll"
+    (default: :func:`fit_class_plan` on the first batch from t_σ, the start of ``sdeflow eval``'s
+    bound (:func:`~sdeflow.likelihood.evaluation.evaluate_bpd`), its cost counted). Returns {"accuracy", "nll"
     (mean −ln p(true label | x)), "ece" (expected calibration error over ``n_bins`` confidence bins),
     "seconds_per_image", "evaluations_per_image" (network evaluations, the plan's included), "n_images",
     "predictions" (N,), "log_posterior" (N, C)}."""
@@ -248,8 +252,9 @@ def evaluate_classifier(model, images: torch.Tensor, labels: torch.Tensor, confi
             generator = make_generator(device, step_seed(seed, start, 0))
             y = preprocess(images[start:start + batch_size].to(device), config["data"], generator, dtype=dtype).y
             with torch.no_grad():  # the denoising form takes no derivative
-                if plan is None:
-                    plan = fit_class_plan(model, y, generator=generator)
+                if plan is None:  # from t_σ, where sdeflow eval starts the images' bound
+                    t_min = max(quantization_time(model.sde, config["data"]), bound_start(model))
+                    plan = fit_class_plan(model, y, generator=generator, t_min=t_min)
                     evaluations += PLAN_BINS * min(PLAN_EXAMPLES, y.shape[0]) * _num_classes(model)
                 result = classify(model, y, n_slices=n_slices, rounds=rounds, z=z, time_sampling=plan,
                                   generator=generator)
