@@ -11,7 +11,7 @@ Expects the data split, the offline classifier and its reference statistics of b
 
     python benchmarks/class_conditional.py guidance 0,0.5,1,2,4 [--runs runs]
     python benchmarks/class_conditional.py classify 100 4 8 3 [--runs runs] [--run mn_cond]  # images, slices/round, rounds, z
-    python benchmarks/class_conditional.py cifar [--runs runs]
+    python benchmarks/class_conditional.py cifar [--every-class] [--runs runs]
 """
 import json, sys, time
 import torch
@@ -32,7 +32,7 @@ if mode == "cifar":
     model, config, step = sdeflow.load_model(f"{RUNS}/cifar_cond")
     images, labels = get_dataset("cifar10").load(f"{RUNS}/cifar_likelihood/data", "test", return_labels=True)
     started = time.perf_counter()
-    result = conditional_bpd(model, images, labels, config, batch_size=64, seed=0)
+    result = conditional_bpd(model, images, labels, config, batch_size=64, seed=0, every_class="--every-class" in sys.argv)
     print(json.dumps(result | {"step": step, "seconds": time.perf_counter() - started}), flush=True)
     sys.exit(0)
 root = f"{RUNS}/samples_mnist/data"

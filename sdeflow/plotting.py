@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from pathlib import Path
 
 import torch
@@ -64,8 +65,8 @@ def save_image_grid(images: torch.Tensor, path, title: str = "", ncols: int | No
     ax.imshow(array[..., 0] if c == 1 else array, cmap="gray" if c == 1 else None, vmin=0, vmax=255,
               interpolation="nearest")
     ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=8)
+    if title:  # wrapped to the grid's width (about 12 characters of 8-point text per inch)
+        ax.set_title("\n".join(textwrap.wrap(title, width=max(40, int(ncols * 0.6 * 12)))), fontsize=8)
     return save_figure(fig, path, bbox_inches="tight")
 
 

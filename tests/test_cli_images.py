@@ -367,6 +367,13 @@ def test_a_class_conditional_model_trains_and_samples_a_class_from_the_command_l
     assert "bits/dim of p(x | y)" in text and "I(x; y) per dimension" in text
     result = json.loads(out.read_text())
     assert result["n_images"] == 4 and result["information_bound"] == pytest.approx(math.log2(10) / 3072)
+    assert cli.main(["eval", "--checkpoint", str(run), *data, "--class-conditional", "--every-class",
+                     "--time-sampling", "importance", "--n-slices", "1", "--json", str(out)]) == 0
+    assert "bits/dim of the mixture of the classes" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["mixture_information"] <= result["information_bound"] and 0 <= result["accuracy"] <= 1
+    assert cli.main(["eval", "--checkpoint", str(run), *data, "--every-class"]) == 2
+    assert "--every-class goes with --class-conditional" in capsys.readouterr().err
     out = tmp_path / "classify.json"
     assert cli.main(["classify", "--checkpoint", str(run), "--dataset", "cifar10", "--data-root", str(root),
                      "--limit", "4", "--n-slices", "1", "--rounds", "3", "--json", str(out)]) == 0

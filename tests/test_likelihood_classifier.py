@@ -176,6 +176,26 @@ def test_conditional_bpd_with_the_fitted_elbo_pairs_its_draws_through_one_plan()
         sdeflow.evaluate_bpd(model, images, config, sdeflow.LikelihoodSettings(bound="ode"), plan=first["plan"])
 
 
+def test_conditional_bpd_of_every_class_gives_the_mixture_and_its_information():
+    """every_class: every image under every class on one plan and seed; the conditional bits/dim is the
+    column of the true label, the mixture's is −log₂ Σ p̂(y) 2^{−D b_y}/D, whose information lies below
+    H(p̂)/D ≤ log₂ C / D for any bounds, and the accuracy is that of the smallest bits/dim."""
+    from sdeflow.likelihood.classifier import conditional_bpd
+    from sdeflow.likelihood.statistics import mean_se
+
+    model, config, images, labels = _tiny_conditional()
+    result = conditional_bpd(model, images, labels, config, seed=3, every_class=True)
+    first = sdeflow.evaluate_bpd(sdeflow.guided(model, None), images, config, seed=3)
+    columns = torch.stack([sdeflow.evaluate_bpd(sdeflow.guided(model, k), images, config, seed=3,
+                                                plan=first["plan"])["bpd_per_image"].double() for k in range(3)], 1)
+    assert result["unconditional"] == pytest.approx(mean_se(first["bpd_per_image"].double()))
+    assert result["conditional"] == pytest.approx(mean_se(columns[torch.arange(9), labels]))
+    mixture = -torch.logsumexp((math.log2(1 / 3) - 64 * columns) * math.log(2), 1) / (64 * math.log(2))
+    assert result["mixture"] == pytest.approx(mean_se(mixture))
+    assert result["mixture_information"][0] <= result["information_bound"] + 1e-12
+    assert result["accuracy"] == pytest.approx(float((columns.argmin(1) == labels).double().mean()))
+
+
 def test_evaluate_classifier_reports_accuracy_likelihood_and_calibration():
     from sdeflow.likelihood.classifier import evaluate_classifier
 

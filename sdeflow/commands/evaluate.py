@@ -49,6 +49,10 @@ def register(subparsers) -> None:
                    help="a class-conditional model: bits/dim of p(x | y) at the images' true labels and of p(x) "
                         "(the null class) on the same images, and their paired difference, the mutual "
                         "information I(x; y) per dimension")
+    p.add_argument("--every-class", action="store_true",
+                   help="with --class-conditional: also score every image under every class (C + 1 evaluations "
+                        "instead of 2): the bits/dim of the mixture of the classes, I(x; y) against it, and the "
+                        "diffusion classifier's accuracy")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=run_eval)
 
@@ -88,6 +92,8 @@ def run_eval(args) -> int:
         raise CLIError("--per-image writes to the --json file: give --json FILE too")
     if args.json and not Path(args.json).parent.is_dir():
         raise CLIError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    if args.every_class and not args.class_conditional:
+        raise CLIError("--every-class goes with --class-conditional")
     rank, world, dev = init_distributed(args.device)
     args.device = dev
     model, config, label = open_model(args)
@@ -176,19 +182,27 @@ def _run_conditional(args, model, config, settings, rank: int) -> int:
 
     images, labels = _labelled(args, model)
     result = conditional_bpd(model, images, labels, config, settings, batch_size=args.batch_size, seed=args.seed,
-                             device=args.device)
+                             device=args.device, every_class=args.every_class)
     if rank != 0:
         return 0
     (cond, cond_se), (uncond, uncond_se), (info, info_se) = (result[k] for k in ("conditional", "unconditional",
                                                                                  "information"))
     print(f"{args.split} bits/dim of p(x | y): {cond:.4f} ± {cond_se:.4f}; of p(x): {uncond:.4f} ± {uncond_se:.4f} "
           f"({result['n_images']} images, {result['estimator']})")
-    print(f"I(x; y) per dimension: {info:.5f} ± {info_se:.5f} bits (paired; at most {result['information_bound']:.5f})")
+    print(f"I(x; y) per dimension: {info:.5f} ± {info_se:.5f} bits (paired; at most {result['information_bound']:.5f} "
+          f"if the null class is the mixture of the classes)")
+    summary = {"bpd_conditional": cond, "bpd_conditional_se": cond_se, "bpd_unconditional": uncond,
+               "bpd_unconditional_se": uncond_se, "information": info, "information_se": info_se,
+               "information_bound": result["information_bound"], "n_images": result["n_images"],
+               "estimator": result["estimator"], "split": args.split, "seed": args.seed}
+    if args.every_class:
+        (mix, mix_se), (mix_info, mix_info_se) = result["mixture"], result["mixture_information"]
+        print(f"bits/dim of the mixture of the classes: {mix:.4f} ± {mix_se:.4f}; I(x; y) against it: {mix_info:.5f} "
+              f"± {mix_info_se:.5f} bits per dimension; diffusion classifier accuracy {result['accuracy']:.2%}")
+        summary.update(bpd_mixture=mix, bpd_mixture_se=mix_se, mixture_information=mix_info,
+                       mixture_information_se=mix_info_se, accuracy=result["accuracy"])
     if args.json:
-        _write_json(args.json, {"bpd_conditional": cond, "bpd_conditional_se": cond_se, "bpd_unconditional": uncond,
-                                "bpd_unconditional_se": uncond_se, "information": info, "information_se": info_se,
-                                "information_bound": result["information_bound"], "n_images": result["n_images"],
-                                "estimator": result["estimator"], "split": args.split, "seed": args.seed})
+        _write_json(args.json, summary)
     return 0
 
 

@@ -196,34 +196,58 @@ def _by_class(labels: torch.Tensor, num_classes: int):
 
 
 def conditional_bpd(model, images: torch.Tensor, labels: torch.Tensor, config: dict, settings=None, *,
-                    batch_size: int = 64, seed: int = 0, device=None) -> dict:
-    """Bits/dim of uint8 ``images`` under a class-conditional ``model`` at their true ``labels``,
+                    batch_size: int = 64, seed: int = 0, device=None, every_class: bool = False) -> dict:
+    r"""Bits/dim of uint8 ``images`` under a class-conditional ``model`` at their true ``labels``,
     −log₂ p(x | y)/D, and under its null class, −log₂ p(x)/D, on the same images with the same draws
-    (:func:`~sdeflow.likelihood.evaluation.evaluate_bpd` per class with one seed and, for the fitted ELBO,
-    one time plan: the null class's, fitted on the first class's images). Their per-image difference
-    estimates the mutual information I(x; y)/D in bits, which lies in [0, log₂ C / D]: returned with its
-    paired standard error. Returns {"conditional", "unconditional", "information": (mean, se) each,
-    "information_bound": log₂ C / D, "n_images", "estimator"}."""
+    (:func:`~sdeflow.likelihood.evaluation.evaluate_bpd` with one seed and, for the fitted ELBO, one time
+    plan: the null class's, fitted on the first images it scores). Their per-image difference, with its
+    paired standard error, estimates the mutual information I(x; y)/D in bits, which lies in
+    [0, log₂ C / D] when the null class is the mixture of the classes, :math:`p(x) = \sum_y p(y)\,p(x \mid y)`;
+    a null class trained on a share p_uncond of the batches is usually a worse model than that, and the
+    difference then also holds its deficit.
+
+    ``every_class``: also every class's bits/dim of every image (C + 1 evaluations instead of 2), and from
+    them the mixture's, :math:`-\log_2 \sum_y \hat p(y)\,2^{-D\,b_y}/D` with p̂(y) the labels' frequencies,
+    and the information against it (at most log₂ C / D up to the bounds' noise: the model's own I(x; y))
+    and the diffusion classifier's accuracy on the images. Returns {"conditional", "unconditional",
+    "information": (mean, se) each, "information_bound": log₂ C / D, "n_images", "estimator"} and with
+    ``every_class`` "mixture", "mixture_information" (mean, se) and "accuracy"."""
     num_classes = _num_classes(model)
     labels = torch.as_tensor(labels).long()
     if labels.shape != (images.shape[0],):
         raise ValueError(f"labels must have one entry per image, shape ({images.shape[0]},); got {tuple(labels.shape)}")
     if bool(((labels < 0) | (labels >= num_classes)).any()):
         raise ValueError(f"labels must lie in [0, {num_classes - 1}]")
-    per_image = {"conditional": torch.zeros(images.shape[0], dtype=torch.float64),
-                 "unconditional": torch.zeros(images.shape[0], dtype=torch.float64)}
-    estimator, plan = "", None
-    for label, index in _by_class(labels, num_classes):
-        for name, conditioned in (("unconditional", guided(model, None)), ("conditional", guided(model, label))):
-            result = evaluate_bpd(conditioned, images[index], config, settings, batch_size=batch_size, seed=seed,
-                                  device=device, plan=plan)
-            per_image[name][index] = result["bpd_per_image"].double().cpu()
-            estimator, plan = result["estimator"], result["plan"]
-    information = per_image["unconditional"] - per_image["conditional"]
+    plan = None
+
+    def score(label, index):
+        nonlocal plan
+        result = evaluate_bpd(guided(model, label), images[index], config, settings, batch_size=batch_size, seed=seed,
+                              device=device, plan=plan)
+        plan = result["plan"]
+        return result["bpd_per_image"].double().cpu(), result["estimator"]
+
+    everything = torch.arange(images.shape[0])
+    if every_class:  # every image under every class: the conditional at its label, and the mixture
+        unconditional, estimator = score(None, everything)
+        by_class = torch.stack([score(label, everything)[0] for label in range(num_classes)], dim=1)
+        conditional = by_class[everything, labels]
+    else:  # each class's images under their class only
+        unconditional, conditional = (torch.zeros(images.shape[0], dtype=torch.float64) for _ in range(2))
+        for label, index in _by_class(labels, num_classes):
+            unconditional[index], estimator = score(None, index)
+            conditional[index] = score(label, index)[0]
     dims = int(torch.tensor(images.shape[1:]).prod())
-    return {"conditional": mean_se(per_image["conditional"]), "unconditional": mean_se(per_image["unconditional"]),
-            "information": mean_se(information), "information_bound": math.log2(num_classes) / dims,
-            "n_images": images.shape[0], "estimator": estimator}
+    result = {"conditional": mean_se(conditional), "unconditional": mean_se(unconditional),
+              "information": mean_se(unconditional - conditional), "information_bound": math.log2(num_classes) / dims,
+              "n_images": images.shape[0], "estimator": estimator}
+    if every_class:
+        log2_prior = torch.log2(torch.bincount(labels, minlength=num_classes).double() / labels.numel())
+        # log₂ p_mix(x) = log₂ Σ_y p(y) 2^{−D b_y}, in bits per dimension
+        mixture = -torch.logsumexp((log2_prior - dims * by_class) * math.log(2), dim=1) / (dims * math.log(2))
+        result.update(mixture=mean_se(mixture), mixture_information=mean_se(mixture - conditional),
+                      accuracy=float((by_class.argmin(1) == labels).double().mean()))
+    return result
 
 
 def evaluate_classifier(model, images: torch.Tensor, labels: torch.Tensor, config: dict, *, n_slices: int = 4,
