@@ -128,7 +128,7 @@ def test_eval_ode_reports_nfe(tmp_path, capsys, monkeypatch, trained):
     """Plumbing only (the ODE likelihood itself is tested in test_training and test_model): a 2-step
     model is stiff near t = 0, so its adaptive solve costs thousands of evaluations."""
     root, run = trained
-    from sdeflow.likelihood import evaluation
+    from sdeflow.likelihood import estimators
 
     starts = []
 
@@ -137,7 +137,7 @@ def test_eval_ode_reports_nfe(tmp_path, capsys, monkeypatch, trained):
         starts.append(t_min)
         return model.sde.prior_log_prob(x), {"nfe": 7}
 
-    monkeypatch.setattr(evaluation, "log_prob_ode", cheap_ode)
+    monkeypatch.setattr(estimators, "log_prob_ode", cheap_ode)  # the ODE estimator's solve
     out = tmp_path / "ode.json"
     argv = ["eval", "--checkpoint", run / "ckpt-00000002.pt", "--dataset", "cifar10", "--data-root", root,
             "--bound", "ode", "--rtol", "1e-3", "--atol", "1e-3", "--limit", "2", "--json", out, "--no-progress"]

@@ -55,7 +55,10 @@ def register(subparsers) -> None:
                         "diffusion classifier's accuracy")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=run_eval)
+    _register_classify(subparsers)
 
+
+def _register_classify(subparsers) -> None:
     c = subparsers.add_parser(
         "classify", help="the diffusion classifier of a class-conditional checkpoint: accuracy and calibration",
         description="Classify every image of a split by Bayes from the ELBO of each class (the same draws for "

@@ -44,12 +44,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .elbo import elbo, fit_time_proposal
+from .estimators import (ESTIMATORS, DiscreteEstimator, ElboEstimator, EvaluationError, OdeEstimator,
+                         make_estimator)
 from .plans import EstimatorPlan
 from ..engine.distributed import all_gather_objects, world_info
 from ..engine.state import STREAM_EVAL, STREAM_PILOT, make_generator, step_seed
 from .settings import BOUNDS, DEQUANTIZATIONS, LikelihoodSettings
-from .ode import log_prob_ode
 from .statistics import mean_se, tail_diagnostics
 from ..sdes.linear import noise_level_time
 from ..utils import check_positive_int, model_device_dtype
@@ -58,97 +58,6 @@ __all__ = ["LikelihoodSettings", "BOUNDS", "DEQUANTIZATIONS", "quantization_time
            "log_likelihood", "evaluate_bpd", "analytic_variance", "ImageSpace", "ESTIMATORS", "ElboEstimator",
            "OdeEstimator", "DiscreteEstimator"]
 
-class EvaluationError(RuntimeError):
-    """The model gave non-finite likelihoods (it has diverged)."""
-
-
-# ---- one estimator per bound ------------------------------------------------------------------------
-class ElboEstimator:
-    """The ELBO of :func:`~sdeflow.likelihood.elbo.elbo` per example; with ``time_sampling="fitted"`` its
-    proposal is fitted once, in :meth:`prepare`, on the pilot batch. Takes no derivative in its fitted,
-    Hutchinson form (the denoising form)."""
-
-    def __init__(self, model, settings: LikelihoodSettings, bins=None, plan: EstimatorPlan | None = None):
-        self.model, self.settings = model, settings
-        self.proposal = plan if plan is not None else settings.time_sampling
-        self.needs_grad = (settings.time_sampling, settings.divergence) != ("fitted", "hutchinson")
-
-    def prepare(self, pilot: Callable) -> None:
-        s = self.settings
-        if s.time_sampling != "fitted" or isinstance(self.proposal, EstimatorPlan):  # none, or given
-            return
-        y, generator = pilot()
-        try:
-            self.proposal = fit_time_proposal(self.model, y, max_examples=y.shape[0], t_min=s.t_min,
-                                              divergence=s.divergence, generator=generator)
-        except ValueError as err:  # the pilot's integrands were not finite: not the caller's input
-            raise EvaluationError(f"the ELBO's time proposal could not be fitted ({err}); the model gives "
-                                  f"non-finite values and has probably diverged") from None
-
-    def estimate(self, y: torch.Tensor, generator) -> tuple[torch.Tensor, int | None]:
-        s = self.settings
-        return elbo(self.model, y, n_slices=s.n_slices, time_sampling=self.proposal, divergence=s.divergence,
-                    probe=s.probe, generator=generator, t_min=s.t_min), None
-
-
-class OdeEstimator:
-    """The probability-flow ODE's log-likelihood (:func:`~sdeflow.likelihood.ode.log_prob_ode`), its
-    network evaluations counted; the Hutchinson probe is drawn per example, so that the examples' errors
-    are independent."""
-    needs_grad = True
-
-    def __init__(self, model, settings: LikelihoodSettings, bins=None):
-        self.model, self.settings = model, settings
-
-    def prepare(self, pilot: Callable) -> None:
-        pass
-
-    def estimate(self, y: torch.Tensor, generator) -> tuple[torch.Tensor, int | None]:
-        s = self.settings
-        try:
-            logp, info = log_prob_ode(self.model, y, rtol=s.rtol, atol=s.atol, solver=s.solver,
-                                      divergence=s.divergence, probe=s.probe, t_min=s.t_min, generator=generator)
-        except AssertionError as err:  # torchdiffeq's step-size underflow: the dynamics are too stiff
-            raise EvaluationError(f"the ODE solver failed ({err}); the model's probability flow is too stiff "
-                                  f"for rtol={s.rtol}, atol={s.atol}") from None
-        return logp, info["nfe"]
-
-
-class DiscreteEstimator:
-    """DDPM's discrete-time bound (:func:`sdeflow.discrete.discrete_bound`) on a ``chain_steps`` chain,
-    decoding with the pixel ``bins`` (images) or a Gaussian (None); with sampled steps drawn from a
-    fitted proposal, that proposal is fitted once, in :meth:`prepare`, on the pilot batch."""
-    needs_grad = False
-
-    def __init__(self, model, settings: LikelihoodSettings, bins=None):
-        from ..discrete import check_variance, forward_chain
-
-        check_variance(settings.variance)  # "analytic" by name: its value is needed here
-        self.model, self.settings, self.bins, self.proposal = model, settings, bins, None
-        self.chain = forward_chain(model.sde, chain_steps=settings.chain_steps)
-
-    def prepare(self, pilot: Callable) -> None:
-        from ..discrete import fit_step_proposal
-
-        s = self.settings
-        if s.sampled_steps is not None and s.step_sampling == "fitted" and self.chain.chain_steps > 1:
-            y, generator = pilot()
-            self.proposal = fit_step_proposal(self.model, y, self.chain, s.variance, bins=self.bins,
-                                              generator=generator)
-
-    def estimate(self, y: torch.Tensor, generator) -> tuple[torch.Tensor, int | None]:
-        from ..discrete import discrete_bound
-
-        bound = discrete_bound(self.model, y, self.chain, self.settings.variance, bins=self.bins,
-                               n_sampled_steps=self.settings.sampled_steps, step_proposal=self.proposal,
-                               generator=generator)
-        return bound.log_prob, bound.nfe
-
-
-#: bound → its estimator: ``Estimator(model, settings, bins)`` with ``needs_grad``, ``prepare(pilot)``
-#: (``pilot() -> (the first fit_examples examples, their generator)``) and ``estimate(y, generator) ->
-#: (per-example log-likelihoods (B,), network evaluations or None)``.
-ESTIMATORS = {"elbo": ElboEstimator, "ode": OdeEstimator, "discrete": DiscreteEstimator}
 
 
 # ---- the one loop -------------------------------------------------------------------------------------
@@ -389,17 +298,12 @@ def evaluate_bpd(model, images: torch.Tensor, config: dict, settings: Likelihood
     bins = PixelBins(data["transform"], data["alpha"]) if settings.bound == "discrete" else None
     # a float64 model is evaluated in float64 throughout
     space = ImageSpace(images, data, settings.dequantization, bins, dtype, device)
-    if plan is not None and (settings.bound, settings.time_sampling) != ("elbo", "fitted"):
-        raise ValueError(f"plan is the fitted ELBO's: it needs bound='elbo' and time_sampling='fitted'; got "
-                         f"bound={settings.bound!r}, time_sampling={settings.time_sampling!r}")
-    if plan is not None and not isinstance(plan, EstimatorPlan):
-        raise ValueError(f"plan must be an EstimatorPlan (fit_time_proposal); got {type(plan).__name__}")
-    estimator = ESTIMATORS[settings.bound](model, settings, bins, **({"plan": plan} if plan is not None else {}))
+    estimator = make_estimator(model, settings, bins, plan)
     evaluated = _evaluate(model, images.shape[0], space.batch, estimator, batch_size, seed, device, progress)
     bpd = space.bits_per_dim(evaluated["log_prob"], evaluated["logdet"])
     how = ", DDPM's discretized Gaussian decoder" if bins is not None else f", {settings.dequantization} dequantization"
     summary = _summary(bpd, evaluated, settings.describe(model.T, fit_examples=min(images.shape[0],
                                                                                   settings.fit_examples)) + how)
+    plan = getattr(estimator, "proposal", None)
     return {"bpd": summary.pop("mean"), "bpd_se": summary.pop("se"), "n_images": summary.pop("n"),
-            "bpd_per_image": bpd, **summary,
-            "plan": estimator.proposal if isinstance(getattr(estimator, "proposal", None), EstimatorPlan) else None}
+            "bpd_per_image": bpd, **summary, "plan": plan if isinstance(plan, EstimatorPlan) else None}
